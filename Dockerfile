@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t verigate .
+# Run:   docker run -p 8080:8080 -v verigate-data:/data \
+#          -e VERIGATE_APP_KEY=... -e VERIGATE_APP_SECRET=... -e VERIGATE__API__TOKEN=... verigate
+
+FROM rust:1-slim-bookworm AS chef
+RUN cargo install --locked cargo-chef
+WORKDIR /app
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /app/recipe.json recipe.json
+# Dependencies are built in their own layer, reused until Cargo.lock changes.
+RUN cargo chef cook --release --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin verigate
+
+FROM debian:bookworm-slim AS runtime
+RUN useradd --system --uid 10001 --home-dir /data verigate \
+    && mkdir -p /data /etc/verigate \
+    && chown verigate /data
+COPY --from=builder --chown=root:root --chmod=755 /app/target/release/verigate /usr/local/bin/verigate
+COPY --chown=root:root config/policy.toml /etc/verigate/policy.toml
+ENV VERIGATE__SERVER__LISTEN=0.0.0.0:8080 \
+    VERIGATE__STORE__PATH=/data/verigate.sled \
+    VERIGATE__POLICY__PATH=/etc/verigate/policy.toml \
+    VERIGATE__LOG__FORMAT=json
+USER verigate
+WORKDIR /data
+VOLUME ["/data"]
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/verigate"]
+CMD ["serve"]

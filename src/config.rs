@@ -1,0 +1,377 @@
+//! Service settings: built-in defaults (`config/default.toml`, compiled in), then an
+//! optional file, then `VERIGATE__SECTION__KEY` environment variables, then the
+//! single-app shortcut `VERIGATE_APP_KEY` / `VERIGATE_APP_SECRET`.
+//!
+//! Every problem is reported at start, naming the setting, so a bad deployment fails
+//! before it answers Sinch wrongly.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer};
+
+use crate::signature::{decode_secret, AppCredentials, Keyring};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+const ENV_PREFIX: &str = "VERIGATE";
+const APP_KEY_VAR: &str = "VERIGATE_APP_KEY";
+const APP_SECRET_VAR: &str = "VERIGATE_APP_SECRET";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub apps: Vec<AppSettings>,
+    pub store: StoreSettings,
+    pub policy: PolicySettings,
+    pub api: ApiSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub callback_path: String,
+    #[serde(default)]
+    pub public_callback_path: Option<String>,
+    pub body_limit: usize,
+    pub workers: usize,
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Zero disables the freshness check.
+    #[serde(deserialize_with = "duration")]
+    pub max_clock_skew: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppSettings {
+    pub key: String,
+    pub secret: SecretString,
+    #[serde(default)]
+    pub basic_auth: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySettings {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSettings {
+    #[serde(default)]
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads settings from the process environment and an optional file.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, SettingsError> {
+        Self::load_from(file, std::env::vars().collect())
+    }
+
+    /// Loads settings with an explicit environment, so tests never touch the real one.
+    pub fn load_from(
+        file: Option<&std::path::Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).required(true));
+        }
+        let mut settings: Settings = builder
+            .add_source(
+                Environment::with_prefix(ENV_PREFIX)
+                    .separator("__")
+                    .source(Some(env.clone())),
+            )
+            .build()?
+            .try_deserialize()?;
+        match (env.get(APP_KEY_VAR), env.get(APP_SECRET_VAR)) {
+            (Some(key), Some(secret)) => settings.apps.push(AppSettings {
+                key: key.clone(),
+                secret: SecretString::from(secret.clone()),
+                basic_auth: false,
+            }),
+            (Some(_), None) => {
+                return Err(invalid(
+                    APP_SECRET_VAR,
+                    format!("is required when {APP_KEY_VAR} is set"),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    APP_KEY_VAR,
+                    format!("is required when {APP_SECRET_VAR} is set"),
+                ))
+            }
+            (None, None) => {}
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        self.listen_addr()?;
+        for (key, path) in [
+            ("server.callback_path", Some(&self.server.callback_path)),
+            (
+                "server.public_callback_path",
+                self.server.public_callback_path.as_ref(),
+            ),
+        ] {
+            if let Some(path) = path.filter(|p| !p.starts_with('/') || p.contains(['?', '#', ' ']))
+            {
+                return Err(invalid(
+                    key,
+                    format!("`{path}` must be a path starting with `/`, without query"),
+                ));
+            }
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.server.body_limit) {
+            return Err(invalid(
+                "server.body_limit",
+                "must be between 1024 and 16777216 bytes",
+            ));
+        }
+        let mut keys = std::collections::HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            if app.key.trim().is_empty() {
+                return Err(invalid(format!("apps[{i}].key"), "must not be empty"));
+            }
+            if !keys.insert(app.key.as_str()) {
+                return Err(invalid(
+                    format!("apps[{i}].key"),
+                    format!("`{}` is listed twice", app.key),
+                ));
+            }
+            decode_secret(app.secret.expose_secret()).map_err(|_| {
+                invalid(
+                    format!("apps[{i}].secret"),
+                    "is not base64 (copy it from the Sinch dashboard)",
+                )
+            })?;
+        }
+        if let Some(token) = &self.api.token {
+            if token.expose_secret().len() < 16 {
+                return Err(invalid("api.token", "must be at least 16 characters"));
+            }
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(invalid(
+                "log.level",
+                format!("`{}` is not a level or filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, SettingsError> {
+        self.server.listen.parse().map_err(|_| {
+            invalid(
+                "server.listen",
+                format!("`{}` is not an address:port", self.server.listen),
+            )
+        })
+    }
+
+    /// The keyring of configured apps, plus warnings about secrets worth a second look.
+    pub fn keyring(&self) -> Result<(Keyring, Vec<String>), SettingsError> {
+        let mut warnings = Vec::new();
+        let mut apps = Vec::with_capacity(self.apps.len());
+        for (i, app) in self.apps.iter().enumerate() {
+            let secret = app.secret.expose_secret();
+            let bad = || invalid(format!("apps[{i}].secret"), "is not base64");
+            if !decode_secret(secret).map_err(|_| bad())?.canonical {
+                warnings.push(format!(
+                    "apps[{i}] (key {}): the secret is not canonical base64; accepted leniently, check for a copy-paste error",
+                    app.key
+                ));
+            }
+            apps.push(AppCredentials::new(&app.key, secret, app.basic_auth).map_err(|_| bad())?);
+        }
+        Ok((Keyring::new(apps), warnings))
+    }
+
+    /// `None` when the freshness check is disabled.
+    pub fn max_clock_skew(&self) -> Option<Duration> {
+        Some(self.auth.max_clock_skew).filter(|d| !d.is_zero())
+    }
+
+    /// The path Sinch signs: the public one when a proxy rewrites paths.
+    pub fn signed_path(&self) -> &str {
+        self.server
+            .public_callback_path
+            .as_deref()
+            .unwrap_or(&self.server.callback_path)
+    }
+}
+
+/// A duration given as seconds (`600`) or with a unit (`"10m"`, `"90s"`).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Seconds(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Seconds(s) => Ok(Duration::from_secs(s)),
+        Raw::Text(t) => match t.trim().parse::<u64>() {
+            Ok(s) => Ok(Duration::from_secs(s)),
+            Err(_) => humantime::parse_duration(t.trim())
+                .map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration ({e})"))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn built_in_defaults_load_and_are_what_the_docs_say() {
+        let s = Settings::load_from(None, env(&[])).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.server.callback_path, "/sinch/verification");
+        assert_eq!(s.server.body_limit, 64 * 1024);
+        assert_eq!(s.max_clock_skew(), Some(Duration::from_secs(600)));
+        assert!(s.apps.is_empty());
+        assert!(s.api.token.is_none());
+        assert_eq!(s.signed_path(), "/sinch/verification");
+    }
+
+    #[test]
+    fn environment_overrides_nested_keys_with_string_values() {
+        let s = Settings::load_from(
+            None,
+            env(&[
+                ("VERIGATE__SERVER__LISTEN", "0.0.0.0:9000"),
+                ("VERIGATE__SERVER__BODY_LIMIT", "2048"),
+                ("VERIGATE__SERVER__PUBLIC_CALLBACK_PATH", "/public/cb"),
+                ("VERIGATE__AUTH__MAX_CLOCK_SKEW", "0"),
+                ("VERIGATE__API__TOKEN", "0123456789abcdef"),
+                ("VERIGATE_APP_KEY", "key-1"),
+                ("VERIGATE_APP_SECRET", "BeIukql3pTKJ8RGL5zo0DA=="),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.server.listen, "0.0.0.0:9000");
+        assert_eq!(s.server.body_limit, 2048);
+        assert_eq!(s.signed_path(), "/public/cb");
+        assert_eq!(s.max_clock_skew(), None);
+        assert_eq!(s.apps.len(), 1);
+        assert_eq!(s.apps[0].key, "key-1");
+    }
+
+    #[test]
+    fn a_file_adds_apps_and_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("verigate.toml");
+        std::fs::write(
+            &path,
+            "[auth]\nmax_clock_skew = \"90s\"\n[[apps]]\nkey = \"a\"\nsecret = \"c2VjcmV0\"\n[[apps]]\nkey = \"b\"\nsecret = \"9876543210\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&path), env(&[])).unwrap();
+        assert_eq!(s.max_clock_skew(), Some(Duration::from_secs(90)));
+        let (keyring, warnings) = s.keyring().unwrap();
+        assert!(keyring.get("a").is_some() && keyring.get("b").is_some());
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(warnings[0].contains("apps[1]"));
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_setting() {
+        let cases = [
+            (
+                vec![("VERIGATE__SERVER__LISTEN", "nowhere")],
+                "server.listen",
+            ),
+            (
+                vec![("VERIGATE__SERVER__CALLBACK_PATH", "sinch")],
+                "server.callback_path",
+            ),
+            (
+                vec![("VERIGATE__SERVER__BODY_LIMIT", "ten")],
+                "server.body_limit",
+            ),
+            (
+                vec![("VERIGATE__AUTH__MAX_CLOCK_SKEW", "soon")],
+                "max_clock_skew",
+            ),
+            (vec![("VERIGATE__API__TOKEN", "short")], "api.token"),
+            (vec![("VERIGATE__LOG__FORMAT", "xml")], "xml"),
+            (vec![("VERIGATE__SERVER__NOPE", "1")], "nope"),
+            (vec![("VERIGATE_APP_KEY", "k")], "VERIGATE_APP_SECRET"),
+            (
+                vec![("VERIGATE_APP_KEY", "k"), ("VERIGATE_APP_SECRET", "!!")],
+                "apps[0].secret",
+            ),
+        ];
+        for (vars, needle) in cases {
+            let err = Settings::load_from(None, env(&vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{vars:?} gave: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let err = Settings::load_from(Some(std::path::Path::new("/nonexistent/v.toml")), env(&[]));
+        assert!(err.is_err());
+    }
+}

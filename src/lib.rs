@@ -1,0 +1,14 @@
+//! verigate: receives Sinch Verification callbacks, authenticates them, answers
+//! allow/deny for verification requests, and records every event durably.
+
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod policy;
+pub mod routes;
+pub mod signature;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,300 @@
+//! `POST <callback_path>`: every Verification callback Sinch sends.
+//!
+//! Steps: read the body (bounded) → authenticate → parse → for a request event, decide →
+//! record durably → answer. Nothing is stored for a callback that fails authentication
+//! or parsing, and nothing is acknowledged before it is on disk. A request event always
+//! gets an allow/deny answer: when deciding or storing fails, the policy's `on_error`.
+
+use std::time::Duration;
+
+use actix_web::{
+    http::header::{self, HeaderMap},
+    web::{self, Bytes, BytesMut},
+    HttpRequest, HttpResponse,
+};
+use futures_util::StreamExt;
+use tracing_actix_web::RootSpan;
+
+use crate::{
+    clock::Clock,
+    error::{ApiError, ErrorCode},
+    events::{Action, CallbackResponse, VerificationEvent, VerificationRequestEvent},
+    metrics::{outcome, Metrics},
+    policy::{Policy, PolicyDecision},
+    signature::{Freshness, Keyring, SignedRequest},
+    store::{DecisionRecord, IncomingEvent, RecordOutcome, Store},
+    telemetry::MaskedNumber,
+};
+
+/// What the callback endpoint needs, shared by all workers.
+pub struct CallbackState {
+    pub keyring: Keyring,
+    /// Path Sinch signed when a proxy rewrites it; else the request path is used.
+    pub public_callback_path: Option<String>,
+    pub max_clock_skew: Option<Duration>,
+    pub body_limit: usize,
+    pub clock: Clock,
+    pub policy: std::sync::Arc<dyn Policy>,
+    pub store: Store,
+    pub metrics: std::sync::Arc<Metrics>,
+}
+
+pub async fn receive(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<CallbackState>,
+    span: RootSpan,
+) -> HttpResponse {
+    let received_at = state.clock.now();
+    let body = match read_body(&req, payload, state.body_limit).await {
+        Ok(body) => body,
+        Err(err) => return reject(&state, &span, None, err),
+    };
+    let headers = req.headers();
+    let signed = SignedRequest {
+        method: req.method().as_str(),
+        path: state.public_callback_path.as_deref().unwrap_or(req.path()),
+        content_type: header_bytes(headers, header::CONTENT_TYPE.as_str()),
+        timestamp: header_bytes(headers, "x-timestamp"),
+        authorization: header_bytes(headers, header::AUTHORIZATION.as_str()),
+        body: &body,
+    };
+    let freshness = Freshness {
+        now: received_at,
+        max_skew: state.max_clock_skew,
+    };
+    let app_key = match state.keyring.verify(&signed, freshness) {
+        Ok(key) => key,
+        Err(err) => {
+            state.metrics.auth_failure(err.code().as_str());
+            span.record("error_code", err.code().as_str());
+            tracing::warn!(reason = err.code().as_str(), "callback refused: {err}");
+            return ApiError::from(err).error_response_json();
+        }
+    };
+    span.record("app_key", app_key);
+    let event = match VerificationEvent::parse(&body) {
+        Ok(event) => event,
+        Err(err) => return reject(&state, &span, None, err.into()),
+    };
+    record_span_facts(&span, &event);
+    let incoming = IncomingEvent {
+        event: &event,
+        raw: &body,
+        app_key,
+        received_at,
+        decision: None,
+    };
+    match &event {
+        VerificationEvent::Request(request) => {
+            answer_request(&state, &span, incoming, request).await
+        }
+        _ => acknowledge(&state, &span, incoming).await,
+    }
+}
+
+/// Decides and records a request event; always answers allow or deny.
+async fn answer_request(
+    state: &CallbackState,
+    span: &RootSpan,
+    incoming: IncomingEvent<'_>,
+    request: &VerificationRequestEvent,
+) -> HttpResponse {
+    let event_type = Some(incoming.event.event_type());
+    match state.store.first_delivery(incoming).await {
+        Ok(Some(first)) => {
+            state.metrics.callback(event_type, outcome::DUPLICATE);
+            tracing::info!("duplicate request event: answered as the first time");
+            let answer = first
+                .answer
+                .unwrap_or_else(|| on_error_answer(state.policy.as_ref()));
+            return HttpResponse::Ok().json(answer);
+        }
+        Ok(None) => {}
+        Err(err) => return store_failed_answer(state, span, event_type, &err),
+    }
+    let (decision, on_error) = decide(state.policy.as_ref(), request);
+    let answer = CallbackResponse {
+        action: decision.action,
+        fields: decision.response.clone(),
+    };
+    let answer_json = serde_json::to_value(&answer).unwrap_or_default();
+    let record = DecisionRecord::new(
+        &decision,
+        on_error,
+        state.policy.version(),
+        state.clock.now(),
+        answer_json.clone(),
+    );
+    let stored = state
+        .store
+        .record(IncomingEvent {
+            decision: Some(&record),
+            ..incoming
+        })
+        .await;
+    match stored {
+        Ok(RecordOutcome::Stored { .. }) => {
+            let rule = match (&decision.rule, on_error) {
+                (Some(rule), _) => rule.as_str(),
+                (None, true) => "on_error",
+                (None, false) => "default",
+            };
+            state.metrics.callback(event_type, outcome::ACCEPTED);
+            state.metrics.decision(decision.action.as_str(), rule);
+            span.record("decision", decision.action.as_str());
+            span.record("rule", rule);
+            tracing::info!(decision = decision.action.as_str(), rule, reason = %decision.reason, "request event answered");
+            HttpResponse::Ok().json(answer_json)
+        }
+        // A concurrent delivery of the same event won the race: give its answer.
+        Ok(RecordOutcome::Duplicate(first)) => {
+            state.metrics.callback(event_type, outcome::DUPLICATE);
+            HttpResponse::Ok().json(first.answer.unwrap_or(answer_json))
+        }
+        Err(err) => store_failed_answer(state, span, event_type, &err),
+    }
+}
+
+fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
+    serde_json::json!(CallbackResponse::bare(policy.on_error()))
+}
+
+/// The policy's decision, or its `on_error` answer when it cannot decide.
+fn decide(policy: &dyn Policy, request: &VerificationRequestEvent) -> (PolicyDecision, bool) {
+    match policy.decide(request) {
+        Ok(decision) => (decision, false),
+        Err(err) => {
+            tracing::warn!(error.message = %err, "policy could not decide; answering on_error");
+            (
+                PolicyDecision {
+                    action: policy.on_error(),
+                    rule: None,
+                    reason: format!("on_error: {err}"),
+                    response: Default::default(),
+                },
+                true,
+            )
+        }
+    }
+}
+
+/// Sinch must get an allow/deny even when we cannot record: the `on_error` answer.
+fn store_failed_answer(
+    state: &CallbackState,
+    span: &RootSpan,
+    event_type: Option<&str>,
+    err: &dyn std::fmt::Display,
+) -> HttpResponse {
+    let action: Action = state.policy.on_error();
+    state.metrics.callback(event_type, outcome::STORE_ERROR);
+    state.metrics.decision(action.as_str(), "on_error");
+    span.record("decision", action.as_str());
+    span.record("rule", "on_error");
+    tracing::error!(error.message = %err, "recording a request event failed; answering on_error");
+    HttpResponse::Ok().json(CallbackResponse::bare(action))
+}
+
+/// Records a result, SMS-delivered or unknown event; an empty 200 once it is durable.
+async fn acknowledge(
+    state: &CallbackState,
+    span: &RootSpan,
+    incoming: IncomingEvent<'_>,
+) -> HttpResponse {
+    let event_type = incoming.event.event_type();
+    match state.store.record(incoming).await {
+        Ok(RecordOutcome::Stored { .. }) => {
+            state.metrics.callback(Some(event_type), outcome::ACCEPTED);
+            if let VerificationEvent::Unknown { .. } = incoming.event {
+                tracing::warn!("unknown event type: stored raw and acknowledged");
+            } else {
+                tracing::info!("event recorded");
+            }
+            HttpResponse::Ok().finish()
+        }
+        Ok(RecordOutcome::Duplicate(_)) => {
+            state.metrics.callback(Some(event_type), outcome::DUPLICATE);
+            tracing::info!("duplicate event: already recorded");
+            HttpResponse::Ok().finish()
+        }
+        Err(err) => {
+            state
+                .metrics
+                .callback(Some(event_type), outcome::STORE_ERROR);
+            span.record("error_code", ErrorCode::StoreUnavailable.as_str());
+            tracing::error!(error.message = %err, "recording an event failed; not acknowledged");
+            ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "the event could not be stored; retry later",
+            )
+            .error_response_json()
+        }
+    }
+}
+
+fn reject(
+    state: &CallbackState,
+    span: &RootSpan,
+    event_type: Option<&str>,
+    err: ApiError,
+) -> HttpResponse {
+    state.metrics.callback(event_type, outcome::BAD_REQUEST);
+    span.record("error_code", err.code.as_str());
+    tracing::warn!(
+        code = err.code.as_str(),
+        "callback refused: {}",
+        err.message
+    );
+    err.error_response_json()
+}
+
+fn record_span_facts(span: &RootSpan, event: &VerificationEvent) {
+    span.record("verification_id", event.id());
+    span.record("event", event.event_type());
+    if let Some(method) = event.method() {
+        span.record("method", method.as_str());
+    }
+    if let Some(number) = event.number() {
+        span.record("number", tracing::field::display(MaskedNumber(number)));
+    }
+}
+
+fn header_bytes<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
+    headers.get(name).map(|v| v.as_bytes())
+}
+
+/// Reads the body up to `limit` bytes; the signature is computed over these exact bytes.
+async fn read_body(
+    req: &HttpRequest,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!("the body exceeds {limit} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > limit) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(1024).min(limit));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                format!("reading the body failed: {e}"),
+            )
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}

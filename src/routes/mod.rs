@@ -1,0 +1,44 @@
+//! The route table, in one place.
+
+mod api_auth;
+mod callbacks;
+mod health;
+mod verifications;
+
+use actix_web::{web, HttpResponse};
+
+pub use api_auth::ApiCaller;
+pub use callbacks::CallbackState;
+
+use crate::error::{ApiError, ErrorCode};
+
+/// Registers every route; `callback_path` is where Sinch posts callbacks.
+pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.service(
+            web::resource(callback_path)
+                .route(web::post().to(callbacks::receive))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route("/v1/verifications/{id}", web::get().to(verifications::get))
+        .route("/healthz", web::get().to(health::healthz))
+        .route("/metrics", web::get().to(health::metrics))
+        .default_service(web::to(not_found));
+    }
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(ErrorCode::NotFound, "no such endpoint"))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "callbacks must be POSTed",
+    ))
+}
+
+/// The API token as handlers see it.
+pub fn api_token(token: Option<secrecy::SecretString>) -> api_auth::ApiToken {
+    api_auth::ApiToken(token)
+}

@@ -1,0 +1,115 @@
+//! Building and running the service: open the store, load the policy, bind the socket,
+//! and on shutdown let in-flight callbacks finish before the store's final flush.
+
+use std::{net::TcpListener, sync::Arc};
+
+use actix_web::{
+    dev::{Server, ServerHandle},
+    middleware::ErrorHandlers,
+    web, App, HttpServer,
+};
+use anyhow::Context;
+use tracing_actix_web::TracingLogger;
+
+use crate::{
+    clock::Clock,
+    config::Settings,
+    error::{json_error_fallback, ApiError, ErrorCode},
+    metrics::Metrics,
+    policy::{Policy, RulesPolicy},
+    routes::{self, CallbackState},
+    store::Store,
+    telemetry::CallbackRootSpan,
+};
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    store: Store,
+}
+
+impl Application {
+    /// Builds the service from settings, with the rules policy from `policy.path`.
+    pub fn build(settings: &Settings, clock: Clock) -> anyhow::Result<Self> {
+        let policy = RulesPolicy::load(&settings.policy.path)?;
+        tracing::info!(path = %settings.policy.path.display(), "policy loaded: {policy}");
+        Self::build_with_policy(settings, clock, Arc::new(policy))
+    }
+
+    /// Builds the service around any [`Policy`] implementation.
+    pub fn build_with_policy(
+        settings: &Settings,
+        clock: Clock,
+        policy: Arc<dyn Policy>,
+    ) -> anyhow::Result<Self> {
+        let (keyring, warnings) = settings.keyring()?;
+        for warning in warnings {
+            tracing::warn!("{warning}");
+        }
+        if keyring.is_empty() {
+            tracing::warn!("no Sinch app is configured: every callback will be refused (set VERIGATE_APP_KEY and VERIGATE_APP_SECRET)");
+        }
+        let metrics = Metrics::new();
+        let flush_metrics = Arc::clone(&metrics);
+        let store = Store::open(&settings.store.path, move |d| {
+            flush_metrics.observe_flush(d)
+        })?;
+        let listener = TcpListener::bind(settings.listen_addr()?)
+            .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
+        let port = listener.local_addr()?.port();
+        let state = web::Data::new(CallbackState {
+            keyring,
+            public_callback_path: settings.server.public_callback_path.clone(),
+            max_clock_skew: settings.max_clock_skew(),
+            body_limit: settings.server.body_limit,
+            clock,
+            policy,
+            store: store.clone(),
+            metrics,
+        });
+        let token = web::Data::new(routes::api_token(settings.api.token.clone()));
+        let callback_path = settings.server.callback_path.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .wrap(ErrorHandlers::new().default_handler(json_error_fallback))
+                .wrap(TracingLogger::<CallbackRootSpan>::new())
+                .app_data(state.clone())
+                .app_data(token.clone())
+                .app_data(web::PathConfig::default().error_handler(|e, _| bad_request(e)))
+                .app_data(web::QueryConfig::default().error_handler(|e, _| bad_request(e)))
+                .app_data(web::JsonConfig::default().error_handler(|e, _| bad_request(e)))
+                .configure(routes::configure(callback_path.clone()))
+        })
+        .shutdown_timeout(settings.server.shutdown_timeout.as_secs().max(1))
+        .listen(listener)?;
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        Ok(Self {
+            port,
+            server: server.run(),
+            store,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server (gracefully) when asked; SIGTERM and SIGINT do the same.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Serves until stopped, then flushes the store.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let served = self.server.await;
+        tracing::info!("server stopped; flushing the store");
+        self.store.shutdown()?;
+        Ok(served?)
+    }
+}
+
+fn bad_request(err: impl std::fmt::Display) -> actix_web::Error {
+    ApiError::new(ErrorCode::BadRequest, err.to_string()).into()
+}

@@ -1,0 +1,250 @@
+//! `VerificationRecord`: everything known about one verification, joined from its events.
+//!
+//! Events may arrive in any order (a result before its request, an SMS receipt after the
+//! result) or alone, so [`VerificationRecord::apply`] is a merge that gives the same record
+//! whatever the arrival order, except where a later final status supersedes an earlier one.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    events::{Action, Price, VerificationEvent},
+    policy::PolicyDecision,
+};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerificationRecord {
+    pub id: String,
+    /// The Sinch application whose key signed the first event.
+    pub app_key: String,
+    pub number: Option<String>,
+    pub method: Option<String>,
+    pub reference: Option<String>,
+    pub custom: Option<String>,
+    pub first_seen: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub request: Option<RequestPart>,
+    pub decision: Option<DecisionRecord>,
+    pub sms_delivery: Option<SmsDeliveryPart>,
+    pub result: Option<ResultPart>,
+    /// Accepted events for this id (duplicates excluded).
+    pub event_count: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestPart {
+    pub received_at: DateTime<Utc>,
+    pub price: Option<Price>,
+    pub rate: Option<Price>,
+    pub accept_language: Option<Vec<String>>,
+}
+
+/// The answer verigate gave, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub action: Action,
+    pub rule: Option<String>,
+    pub reason: String,
+    /// True when `action` is the policy's `on_error` answer, not a rule's or the default's.
+    pub on_error: bool,
+    pub policy_version: String,
+    pub decided_at: DateTime<Utc>,
+    /// The exact JSON body answered to Sinch.
+    pub answer: serde_json::Value,
+}
+
+impl DecisionRecord {
+    pub fn new(
+        decision: &PolicyDecision,
+        on_error: bool,
+        policy_version: &str,
+        decided_at: DateTime<Utc>,
+        answer: serde_json::Value,
+    ) -> Self {
+        Self {
+            action: decision.action,
+            rule: decision.rule.clone(),
+            reason: decision.reason.clone(),
+            on_error,
+            policy_version: policy_version.to_owned(),
+            decided_at,
+            answer,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SmsDeliveryPart {
+    pub result: String,
+    pub received_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultPart {
+    pub status: String,
+    pub reason: Option<String>,
+    pub source: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
+impl ResultPart {
+    fn is_final(&self) -> bool {
+        self.status != "PENDING"
+    }
+}
+
+impl VerificationRecord {
+    fn empty(id: &str, app_key: &str, at: DateTime<Utc>) -> Self {
+        Self {
+            id: id.to_owned(),
+            app_key: app_key.to_owned(),
+            number: None,
+            method: None,
+            reference: None,
+            custom: None,
+            first_seen: at,
+            updated_at: at,
+            request: None,
+            decision: None,
+            sms_delivery: None,
+            result: None,
+            event_count: 0,
+        }
+    }
+
+    /// Merges one accepted event (and the decision taken for it) into the record.
+    pub fn apply(
+        existing: Option<Self>,
+        event: &VerificationEvent,
+        app_key: &str,
+        received_at: DateTime<Utc>,
+        decision: Option<&DecisionRecord>,
+    ) -> Self {
+        let mut record = existing.unwrap_or_else(|| Self::empty(event.id(), app_key, received_at));
+        record.event_count = record.event_count.saturating_add(1);
+        record.updated_at = record.updated_at.max(received_at);
+        fill(&mut record.number, event.number());
+        fill(&mut record.method, event.method().map(|m| m.as_str()));
+        fill(&mut record.reference, event.reference());
+        match event {
+            VerificationEvent::Request(e) => {
+                fill(&mut record.custom, e.custom.as_deref());
+                record.request = Some(RequestPart {
+                    received_at,
+                    price: e.price.clone(),
+                    rate: e.rate.clone(),
+                    accept_language: e.accept_language.clone(),
+                });
+                if let Some(d) = decision {
+                    record.decision = Some(d.clone());
+                }
+            }
+            VerificationEvent::Result(e) => {
+                fill(&mut record.custom, e.custom.as_deref());
+                let incoming = ResultPart {
+                    status: e.status.clone(),
+                    reason: e.reason.clone(),
+                    source: e.source.clone(),
+                    received_at,
+                };
+                // A late PENDING never hides a final status that already arrived.
+                let keep_existing = record
+                    .result
+                    .as_ref()
+                    .is_some_and(|r| r.is_final() && !incoming.is_final());
+                if !keep_existing {
+                    record.result = Some(incoming);
+                }
+            }
+            VerificationEvent::SmsDelivered(e) => {
+                fill(&mut record.custom, e.custom.as_deref());
+                record.sms_delivery = Some(SmsDeliveryPart {
+                    result: e.sms_result.clone(),
+                    received_at,
+                });
+            }
+            VerificationEvent::Unknown { .. } => {}
+        }
+        record
+    }
+}
+
+/// Sets a field the first time a value for it is seen; later events do not rewrite it.
+fn fill(slot: &mut Option<String>, value: Option<&str>) {
+    if slot.is_none() {
+        *slot = value.filter(|v| !v.is_empty()).map(str::to_owned);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn event(json: &str) -> VerificationEvent {
+        VerificationEvent::parse(json.as_bytes()).unwrap()
+    }
+
+    fn t(secs: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + secs, 0).unwrap()
+    }
+
+    const REQUEST: &str = r#"{"id":"v","event":"VerificationRequestEvent","method":"sms","identity":{"type":"number","endpoint":"+46700000001"},"reference":"ref-1","price":{"amount":0.05,"currencyId":"EUR"}}"#;
+    const PENDING: &str =
+        r#"{"id":"v","event":"VerificationResultEvent","method":"sms","status":"PENDING"}"#;
+    const SUCCESS: &str = r#"{"id":"v","event":"VerificationResultEvent","method":"sms","identity":{"type":"number","endpoint":"+46700000001"},"status":"SUCCESSFUL","source":"manual"}"#;
+    const DELIVERED: &str =
+        r#"{"id":"v","event":"VerificationSmsDeliveredEvent","smsResult":"Successful"}"#;
+
+    fn fold(events: &[(&str, i64)]) -> VerificationRecord {
+        events
+            .iter()
+            .fold(None, |rec, (json, at)| {
+                Some(VerificationRecord::apply(
+                    rec,
+                    &event(json),
+                    "app",
+                    t(*at),
+                    None,
+                ))
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn request_result_and_delivery_join_into_one_record() {
+        let r = fold(&[(REQUEST, 0), (DELIVERED, 2), (SUCCESS, 30)]);
+        assert_eq!(r.number.as_deref(), Some("+46700000001"));
+        assert_eq!(r.reference.as_deref(), Some("ref-1"));
+        assert_eq!(r.method.as_deref(), Some("sms"));
+        assert_eq!(
+            r.request.as_ref().unwrap().price.as_ref().unwrap().amount,
+            Some(0.05)
+        );
+        assert_eq!(r.sms_delivery.as_ref().unwrap().result, "Successful");
+        assert_eq!(r.result.as_ref().unwrap().status, "SUCCESSFUL");
+        assert_eq!(
+            (r.first_seen, r.updated_at, r.event_count),
+            (t(0), t(30), 3)
+        );
+    }
+
+    #[test]
+    fn arrival_order_does_not_change_the_joined_facts() {
+        let in_order = fold(&[(REQUEST, 0), (PENDING, 1), (SUCCESS, 2)]);
+        let shuffled = fold(&[(SUCCESS, 0), (REQUEST, 1), (PENDING, 2)]);
+        assert_eq!(
+            in_order.result.unwrap().status,
+            shuffled.result.unwrap().status
+        );
+        assert_eq!(in_order.number, shuffled.number);
+        assert_eq!(in_order.reference, shuffled.reference);
+    }
+
+    #[test]
+    fn a_result_without_request_still_makes_a_record() {
+        let r = fold(&[(PENDING, 5)]);
+        assert!(r.request.is_none() && r.number.is_none());
+        assert_eq!(r.result.unwrap().status, "PENDING");
+    }
+}

@@ -1,0 +1,144 @@
+//! Logging: one subscriber for the process (pretty or JSON), one root span per request,
+//! and [`MaskedNumber`] so phone numbers never reach a log in full.
+
+use std::fmt;
+
+use actix_web::{
+    body::MessageBody,
+    dev::{ServiceRequest, ServiceResponse},
+    Error,
+};
+use tracing::{Span, Subscriber};
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
+use tracing_subscriber::{fmt::MakeWriter, layer::SubscriberExt, EnvFilter, Registry};
+
+use crate::config::LogFormat;
+
+/// Builds the subscriber; `sink` lets tests silence or capture output. `colour` only
+/// applies to the pretty format (turn it off when the sink is not a terminal).
+pub fn subscriber<W>(
+    level: &str,
+    format: LogFormat,
+    colour: bool,
+    sink: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = Registry::default().with(filter);
+    match format {
+        LogFormat::Json => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(false)
+                    .with_writer(sink),
+            ),
+        ),
+        LogFormat::Pretty => Box::new(
+            registry.with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(colour)
+                    .with_writer(sink),
+            ),
+        ),
+    }
+}
+
+/// Installs the subscriber for the process. Call once.
+pub fn init(subscriber: Box<dyn Subscriber + Send + Sync>) -> anyhow::Result<()> {
+    tracing::subscriber::set_global_default(subscriber)?;
+    Ok(())
+}
+
+/// The root span of every request: the HTTP fields tracing-actix-web records, plus the
+/// callback facts handlers fill in as they learn them.
+pub struct CallbackRootSpan;
+
+impl RootSpanBuilder for CallbackRootSpan {
+    fn on_request_start(request: &ServiceRequest) -> Span {
+        tracing_actix_web::root_span!(
+            request,
+            verification_id = tracing::field::Empty,
+            event = tracing::field::Empty,
+            method = tracing::field::Empty,
+            number = tracing::field::Empty,
+            app_key = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            rule = tracing::field::Empty,
+            error_code = tracing::field::Empty,
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(span: Span, outcome: &Result<ServiceResponse<B>, Error>) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}
+
+/// Displays a phone number with only its country calling code and last two digits,
+/// e.g. `+46*******01`. Numbers are personal data: logs get this, never the number.
+pub struct MaskedNumber<'a>(pub &'a str);
+
+impl fmt::Display for MaskedNumber<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let digits: Vec<char> = self.0.chars().filter(char::is_ascii_digit).collect();
+        if digits.len() < 6 {
+            return f.write_str("+***");
+        }
+        let keep_front = calling_code_len(&digits);
+        let keep_back = 2;
+        f.write_str("+")?;
+        for (i, c) in digits.iter().enumerate() {
+            if i < keep_front || i >= digits.len() - keep_back {
+                write!(f, "{c}")?;
+            } else {
+                f.write_str("*")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Length of the ITU-T E.164 country calling code that starts `digits` (1 to 3 digits).
+fn calling_code_len(digits: &[char]) -> usize {
+    let two: String = digits.iter().take(2).collect();
+    match digits.first() {
+        Some('1') | Some('7') => 1,
+        _ => match two.as_str() {
+            "20" | "27" | "30" | "31" | "32" | "33" | "34" | "36" | "39" | "40" | "41" | "43"
+            | "44" | "45" | "46" | "47" | "48" | "49" | "51" | "52" | "53" | "54" | "55" | "56"
+            | "57" | "58" | "60" | "61" | "62" | "63" | "64" | "65" | "66" | "81" | "82" | "84"
+            | "86" | "90" | "91" | "92" | "93" | "94" | "95" | "98" => 2,
+            _ => 3,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_only_calling_code_and_last_two_digits() {
+        assert_eq!(MaskedNumber("+46700000001").to_string(), "+46*******01");
+        assert_eq!(MaskedNumber("+12125550123").to_string(), "+1********23");
+        assert_eq!(MaskedNumber("+8825551234").to_string(), "+882*****34");
+        assert_eq!(MaskedNumber("+123").to_string(), "+***");
+        assert_eq!(MaskedNumber("not a number").to_string(), "+***");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_masked_number_shows_only_calling_code_and_last_two(n in "\\+[1-9][0-9]{7,14}") {
+            let masked = MaskedNumber(&n).to_string();
+            proptest::prop_assert_eq!(masked.len(), n.len());
+            let hidden = masked.chars().filter(|c| *c == '*').count();
+            // At most a 3-digit calling code and 2 trailing digits stay visible.
+            proptest::prop_assert!(hidden >= n.len() - 1 - 5);
+            proptest::prop_assert!(masked.ends_with(&n[n.len() - 2..]));
+            proptest::prop_assert!(masked[1..].trim_start_matches(|c: char| c.is_ascii_digit()).starts_with('*'));
+        }
+    }
+}

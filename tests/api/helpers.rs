@@ -1,0 +1,374 @@
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use actix_web::dev::ServerHandle;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::Value;
+use tempfile::TempDir;
+use verigate::{
+    clock::Clock,
+    config::{AppSettings, Settings},
+    policy::Policy,
+    signature::{AppCredentials, SignedRequest},
+    startup::Application,
+};
+
+pub const APP_KEY: &str = "5F5C418A-0F91-4BBC-8234-A9BF5EDDAD97";
+pub const APP_SECRET: &str = "JViE5vDor0Sw3WllZka15Q==";
+pub const API_TOKEN: &str = "test-api-token-0123456789";
+pub const JSON: &str = "application/json; charset=utf-8";
+
+/// Silent unless TEST_LOG is set, so failures are readable.
+fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = verigate::telemetry::init(verigate::telemetry::subscriber(
+                "info",
+                verigate::config::LogFormat::Pretty,
+                false,
+                std::io::stdout,
+            ));
+        }
+    });
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub signer: AppCredentials,
+    now: Arc<Mutex<DateTime<Utc>>>,
+    handle: ServerHandle,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+    // Kept last so the folder outlives the server.
+    pub data_dir: Arc<TempDir>,
+}
+
+/// The environment an operator would set for a fresh folder (also used for the binary).
+pub fn test_env(data_dir: &TempDir) -> Vec<(String, String)> {
+    let policy = data_dir.path().join("policy.toml");
+    if !policy.exists() {
+        std::fs::write(&policy, include_str!("../../config/policy.toml")).unwrap();
+    }
+    [
+        ("VERIGATE__SERVER__LISTEN", "127.0.0.1:0".to_string()),
+        ("VERIGATE__SERVER__WORKERS", "2".to_string()),
+        ("VERIGATE__SERVER__SHUTDOWN_TIMEOUT", "5".to_string()),
+        (
+            "VERIGATE__STORE__PATH",
+            data_dir.path().join("db").display().to_string(),
+        ),
+        ("VERIGATE__POLICY__PATH", policy.display().to_string()),
+        ("VERIGATE__API__TOKEN", API_TOKEN.to_string()),
+        ("VERIGATE_APP_KEY", APP_KEY.to_string()),
+        ("VERIGATE_APP_SECRET", APP_SECRET.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Settings from [`test_env`] plus `extra_env`.
+pub fn test_settings(data_dir: &TempDir, extra_env: &[(&str, &str)]) -> Settings {
+    let mut env: HashMap<String, String> = test_env(data_dir).into_iter().collect();
+    for (k, v) in extra_env {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Settings::load_from(None, env).unwrap()
+}
+
+/// The service on an existing data folder (e.g. one a killed process left behind).
+pub async fn spawn_app_on(dir: Arc<TempDir>) -> TestApp {
+    let settings = test_settings(&dir, &[]);
+    start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut settings = test_settings(&dir, &[]);
+    customise(&mut settings);
+    start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
+}
+
+/// The service with another decision engine plugged in instead of the rules file.
+pub async fn spawn_app_with_policy(policy: Arc<dyn Policy>) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let settings = test_settings(&dir, &[]);
+    start_with(
+        settings,
+        dir,
+        Arc::new(Mutex::new(Utc::now())),
+        Some(policy),
+    )
+    .await
+}
+
+async fn start(
+    settings: Settings,
+    data_dir: Arc<TempDir>,
+    now: Arc<Mutex<DateTime<Utc>>>,
+) -> TestApp {
+    start_with(settings, data_dir, now, None).await
+}
+
+async fn start_with(
+    settings: Settings,
+    data_dir: Arc<TempDir>,
+    now: Arc<Mutex<DateTime<Utc>>>,
+    policy: Option<Arc<dyn Policy>>,
+) -> TestApp {
+    init_tracing();
+    let clock_now = Arc::clone(&now);
+    let clock = Clock::from_fn(move || *clock_now.lock().unwrap());
+    // A restarted app may find the previous one still releasing the database lock.
+    let mut attempts = 0;
+    let app = loop {
+        let built = match &policy {
+            Some(policy) => {
+                Application::build_with_policy(&settings, clock.clone(), Arc::clone(policy))
+            }
+            None => Application::build(&settings, clock.clone()),
+        };
+        match built {
+            Ok(app) => break app,
+            Err(e) if attempts < 50 => {
+                attempts += 1;
+                tracing::debug!("retrying start: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the app did not start: {e:?}"),
+        }
+    };
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    let running = tokio::spawn(app.run_until_stopped());
+    let signer = AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap();
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        settings,
+        signer,
+        now,
+        handle,
+        running,
+        data_dir,
+    }
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.text)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?} (status {})", self.text, self.status))
+    }
+
+    /// The `code` of a JSON error body, checking the shape on the way.
+    pub fn error_code(&self) -> String {
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{}: {}",
+            self.content_type,
+            self.text
+        );
+        let body = self.json();
+        assert!(body["error"]["message"].is_string(), "{body}");
+        body["error"]["code"].as_str().unwrap().to_owned()
+    }
+}
+
+async fn reply(response: reqwest::Response) -> Reply {
+    Reply {
+        status: response.status().as_u16(),
+        content_type: response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default(),
+        text: response.text().await.unwrap(),
+    }
+}
+
+pub fn timestamp(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Nanos, true)
+}
+
+impl TestApp {
+    pub fn now(&self) -> DateTime<Utc> {
+        *self.now.lock().unwrap()
+    }
+
+    pub fn set_now(&self, at: DateTime<Utc>) {
+        *self.now.lock().unwrap() = at;
+    }
+
+    pub fn callback_url(&self) -> String {
+        format!("{}{}", self.address, self.settings.server.callback_path)
+    }
+
+    /// The headers Sinch would send for `body`, signed over `path` at the app's clock.
+    pub fn signed_headers(
+        &self,
+        signer: &AppCredentials,
+        body: &[u8],
+        path: &str,
+    ) -> Vec<(String, String)> {
+        signed_headers_at(signer, body, path, &timestamp(self.now()))
+    }
+
+    /// Posts a correctly signed callback.
+    pub async fn post_callback(&self, body: &str) -> Reply {
+        let headers = self.signed_headers(
+            &self.signer,
+            body.as_bytes(),
+            &self.settings.server.callback_path,
+        );
+        self.post_raw(&self.callback_url(), &headers, body.as_bytes().to_vec())
+            .await
+    }
+
+    /// Posts with exactly these headers and body bytes.
+    pub async fn post_raw(&self, url: &str, headers: &[(String, String)], body: Vec<u8>) -> Reply {
+        let mut request = self.client.post(url).body(body);
+        for (name, value) in headers {
+            request = request.header(name.as_str(), value.as_str());
+        }
+        reply(request.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut request = self.client.get(format!("{}{path}", self.address));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        reply(request.send().await.unwrap()).await
+    }
+
+    /// The stored record of a verification, or `None` on 404.
+    pub async fn record(&self, id: &str) -> Option<Value> {
+        let reply = self
+            .get(&format!("/v1/verifications/{id}"), Some(API_TOKEN))
+            .await;
+        match reply.status {
+            200 => Some(reply.json()),
+            404 => None,
+            other => panic!("GET record answered {other}: {}", reply.text),
+        }
+    }
+
+    /// The value of one Prometheus sample, 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.get("/metrics", None).await.text;
+        text.lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// Stops the server gracefully and waits for the store to be flushed.
+    pub async fn stop(self) -> (Settings, Arc<TempDir>, Arc<Mutex<DateTime<Utc>>>) {
+        self.handle.stop(true).await;
+        self.running.await.unwrap().unwrap();
+        (self.settings, self.data_dir, self.now)
+    }
+
+    /// Stops and starts again on the same data folder, with the same settings.
+    pub async fn restart(self) -> TestApp {
+        let (settings, dir, now) = self.stop().await;
+        start(settings, dir, now).await
+    }
+
+    /// Stops and starts again on the same folder with changed settings.
+    pub async fn restart_with(self, customise: impl FnOnce(&mut Settings)) -> TestApp {
+        let (mut settings, dir, now) = self.stop().await;
+        customise(&mut settings);
+        start(settings, dir, now).await
+    }
+}
+
+/// Sinch's headers for `body` with any `x-timestamp` value, even one that is not a time.
+pub fn signed_headers_at(
+    signer: &AppCredentials,
+    body: &[u8],
+    path: &str,
+    ts: &str,
+) -> Vec<(String, String)> {
+    let authorization = signer.authorization(&SignedRequest {
+        method: "POST",
+        path,
+        content_type: Some(JSON.as_bytes()),
+        timestamp: Some(ts.as_bytes()),
+        authorization: None,
+        body,
+    });
+    vec![
+        ("authorization".into(), authorization),
+        ("content-type".into(), JSON.into()),
+        ("x-timestamp".into(), ts.into()),
+    ]
+}
+
+pub fn extra_app(key: &str, secret: &str) -> AppSettings {
+    serde_json::from_value(serde_json::json!({ "key": key, "secret": secret })).unwrap()
+}
+
+pub fn request_event(id: &str, method: &str, number: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "event": "VerificationRequestEvent",
+        "method": method,
+        "identity": { "type": "number", "endpoint": number },
+        "price": { "amount": 0.0127, "currencyId": "USD" },
+        "reference": format!("ref-{id}"),
+        "custom": "order 42"
+    })
+    .to_string()
+}
+
+pub fn result_event(id: &str, status: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "event": "VerificationResultEvent",
+        "method": "sms",
+        "identity": { "type": "number", "endpoint": "+46700000001" },
+        "status": status,
+        "reason": if status == "SUCCESSFUL" { Value::Null } else { Value::from("Expired") },
+        "source": "manual"
+    })
+    .to_string()
+}
+
+pub fn sms_delivered_event(id: &str) -> String {
+    serde_json::json!({
+        "id": id,
+        "event": "VerificationSmsDeliveredEvent",
+        "method": "sms",
+        "identity": { "type": "number", "endpoint": "+46700000001" },
+        "smsResult": "Successful"
+    })
+    .to_string()
+}
+
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name),
+    )
+    .unwrap()
+}

@@ -1,0 +1,11 @@
+//! Black-box tests: the real service on a random loopback port, a real sled database in a
+//! temp folder, callbacks signed with Sinch's scheme. One binary, so one link step.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod authentication;
+mod callbacks;
+mod crash;
+mod durability;
+mod errors;
+mod helpers;
+mod policy_plugin;
