@@ -19,6 +19,8 @@ COPY . .
 RUN cargo build --release --locked --bin verigate
 
 FROM debian:bookworm-slim AS runtime
+LABEL org.opencontainers.image.title="verigate" \
+      org.opencontainers.image.description="Receiver for Sinch Verification callbacks"
 RUN useradd --system --uid 10001 --home-dir /data verigate \
     && mkdir -p /data /etc/verigate \
     && chown verigate /data
@@ -32,5 +34,7 @@ USER verigate
 WORKDIR /data
 VOLUME ["/data"]
 EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["/usr/local/bin/verigate", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/verigate"]
 CMD ["serve"]

@@ -86,6 +86,8 @@ pub struct StoreSettings {
 #[serde(deny_unknown_fields)]
 pub struct PolicySettings {
     pub path: PathBuf,
+    #[serde(deserialize_with = "duration")]
+    pub decision_deadline: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -172,6 +174,14 @@ impl Settings {
                     format!("`{path}` must be a path starting with `/`, without query"),
                 ));
             }
+        }
+        if self.policy.decision_deadline.is_zero()
+            || self.policy.decision_deadline > Duration::from_secs(10)
+        {
+            return Err(invalid(
+                "policy.decision_deadline",
+                "must be between 1 ms and 10 s",
+            ));
         }
         if !(1024..=16 * 1024 * 1024).contains(&self.server.body_limit) {
             return Err(invalid(
@@ -291,6 +301,7 @@ mod tests {
         assert!(s.apps.is_empty());
         assert!(s.api.token.is_none());
         assert_eq!(s.signed_path(), "/sinch/verification");
+        assert_eq!(s.policy.decision_deadline, Duration::from_millis(500));
     }
 
     #[test]
@@ -353,6 +364,10 @@ mod tests {
                 "max_clock_skew",
             ),
             (vec![("VERIGATE__API__TOKEN", "short")], "api.token"),
+            (
+                vec![("VERIGATE__POLICY__DECISION_DEADLINE", "0")],
+                "policy.decision_deadline",
+            ),
             (vec![("VERIGATE__LOG__FORMAT", "xml")], "xml"),
             (vec![("VERIGATE__SERVER__NOPE", "1")], "nope"),
             (vec![("VERIGATE_APP_KEY", "k")], "VERIGATE_APP_SECRET"),

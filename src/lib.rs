@@ -1,6 +1,8 @@
 //! verigate: receives Sinch Verification callbacks, authenticates them, answers
 //! allow/deny for verification requests, and records every event durably.
 
+pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod error;

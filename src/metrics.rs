@@ -1,12 +1,12 @@
 //! Every Prometheus metric verigate exports, in one place. Label values come from small
-//! fixed sets (event types, error codes, policy rule names), never from request data,
-//! so cardinality stays bounded.
+//! fixed sets (event types, error codes, route patterns, policy rule names), never from
+//! request data, so cardinality stays bounded. docs/operations.md explains each metric.
 
 use std::sync::Arc;
 
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -29,6 +29,23 @@ pub struct DecisionLabels {
     pub rule: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The matched route pattern (e.g. `/v1/verifications/{id}`), or `unmatched`.
+    pub route: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub version: String,
+}
+
 /// Outcome labels of `verigate_callbacks_total`.
 pub mod outcome {
     pub const ACCEPTED: &str = "accepted";
@@ -38,48 +55,106 @@ pub mod outcome {
     pub const STORE_ERROR: &str = "store_error";
 }
 
+/// Seconds; Sinch waits for request-event answers, so the interesting range is sub-second.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
 pub struct Metrics {
     registry: Registry,
     callbacks: Family<CallbackLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    deadline_exceeded: Counter,
+    requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
     flush_seconds: Histogram,
+    store_size_bytes: Gauge,
+    store_open: Gauge,
+    policy_loads: Family<OutcomeLabels, Counter>,
+    policy_info: Family<VersionLabels, Gauge>,
 }
 
 impl Metrics {
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("verigate");
+        let mut r = Registry::with_prefix("verigate");
         let callbacks = Family::<CallbackLabels, Counter>::default();
-        registry.register(
+        r.register(
             "callbacks",
-            "Callbacks received, by event type and outcome (duplicates are not accepted twice)",
+            "Callbacks received, by event type and outcome (a duplicate is not accepted twice)",
             callbacks.clone(),
         );
         let auth_failures = Family::<ReasonLabels, Counter>::default();
-        registry.register(
+        r.register(
             "auth_failures",
             "Callbacks refused with 401, by reason code",
             auth_failures.clone(),
         );
         let decisions = Family::<DecisionLabels, Counter>::default();
-        registry.register(
+        r.register(
             "decisions",
             "Request-event answers, by action and deciding rule",
             decisions.clone(),
         );
-        let flush_seconds =
-            Histogram::new([0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0]);
-        registry.register(
+        let deadline_exceeded = Counter::default();
+        r.register(
+            "decision_deadline_exceeded",
+            "Request events answered on_error because the policy missed the decision deadline",
+            deadline_exceeded.clone(),
+        );
+        let requests = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        r.register(
+            "http_request_duration_seconds",
+            "Time from request received to response ready, by route and status",
+            requests.clone(),
+        );
+        let flush_seconds = latency_histogram();
+        r.register(
             "store_flush_seconds",
             "Duration of one group flush of the store",
             flush_seconds.clone(),
         );
+        let store_size_bytes = Gauge::default();
+        r.register(
+            "store_size_bytes",
+            "Bytes the store occupies on disk",
+            store_size_bytes.clone(),
+        );
+        let store_open = Gauge::default();
+        r.register(
+            "store_open",
+            "1 once the store is open, else 0",
+            store_open.clone(),
+        );
+        let policy_loads = Family::<OutcomeLabels, Counter>::default();
+        r.register(
+            "policy_loads",
+            "Policy loads and reloads, by outcome (ok/failed)",
+            policy_loads.clone(),
+        );
+        let policy_info = Family::<VersionLabels, Gauge>::default();
+        r.register(
+            "policy_info",
+            "1 for the version of the policy in force",
+            policy_info.clone(),
+        );
         Arc::new(Self {
-            registry,
+            registry: r,
             callbacks,
             auth_failures,
             decisions,
+            deadline_exceeded,
+            requests,
             flush_seconds,
+            store_size_bytes,
+            store_open,
+            policy_loads,
+            policy_info,
         })
     }
 
@@ -112,12 +187,48 @@ impl Metrics {
             .inc();
     }
 
+    pub fn deadline_exceeded(&self) {
+        self.deadline_exceeded.inc();
+    }
+
+    pub fn observe_request(&self, route: &str, status: u16, elapsed: std::time::Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_owned(),
+                status: status.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
     pub fn observe_flush(&self, elapsed: std::time::Duration) {
         self.flush_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub fn policy_loaded(&self, version: &str) {
+        self.policy_loads
+            .get_or_create(&OutcomeLabels { outcome: "ok" })
+            .inc();
+        self.policy_info.clear();
+        self.policy_info
+            .get_or_create(&VersionLabels {
+                version: version.to_owned(),
+            })
+            .set(1);
+    }
+
+    pub fn policy_load_failed(&self) {
+        self.policy_loads
+            .get_or_create(&OutcomeLabels { outcome: "failed" })
+            .inc();
+    }
+
+    /// The Prometheus text exposition; `store_size` is sampled by the caller at scrape time.
+    pub fn render(&self, store_size: Option<u64>) -> String {
+        self.store_open.set(i64::from(store_size.is_some()));
+        if let Some(size) = store_size {
+            self.store_size_bytes
+                .set(i64::try_from(size).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);

@@ -1,14 +1,21 @@
-//! Building and running the service: open the store, load the policy, bind the socket,
-//! and on shutdown let in-flight callbacks finish before the store's final flush.
+//! Building and running the service: load the policy, bind the socket, start answering,
+//! open the store in the background (readiness turns green when it is open), and on
+//! shutdown let in-flight callbacks finish before the store's final flush.
 
-use std::{net::TcpListener, sync::Arc};
+use std::{
+    net::TcpListener,
+    sync::{atomic::AtomicBool, Arc},
+    thread::JoinHandle,
+    time::Instant,
+};
 
 use actix_web::{
-    dev::{Server, ServerHandle},
+    dev::{Server, ServerHandle, Service},
     middleware::ErrorHandlers,
     web, App, HttpServer,
 };
 use anyhow::Context;
+use futures_util::FutureExt;
 use tracing_actix_web::TracingLogger;
 
 use crate::{
@@ -18,14 +25,16 @@ use crate::{
     metrics::Metrics,
     policy::{Policy, RulesPolicy},
     routes::{self, CallbackState},
-    store::Store,
+    store::StoreSlot,
     telemetry::CallbackRootSpan,
 };
 
 pub struct Application {
     port: u16,
     server: Server,
-    store: Store,
+    store: StoreSlot,
+    stop_opening: Arc<AtomicBool>,
+    opener: Option<JoinHandle<()>>,
 }
 
 impl Application {
@@ -50,28 +59,53 @@ impl Application {
             tracing::warn!("no Sinch app is configured: every callback will be refused (set VERIGATE_APP_KEY and VERIGATE_APP_SECRET)");
         }
         let metrics = Metrics::new();
-        let flush_metrics = Arc::clone(&metrics);
-        let store = Store::open(&settings.store.path, move |d| {
-            flush_metrics.observe_flush(d)
-        })?;
+        metrics.policy_loaded(policy.version());
         let listener = TcpListener::bind(settings.listen_addr()?)
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
         let port = listener.local_addr()?.port();
+
+        let store = StoreSlot::default();
+        let stop_opening = Arc::new(AtomicBool::new(false));
+        let flush_metrics = Arc::clone(&metrics);
+        let opener = store.open_in_background(
+            settings.store.path.clone(),
+            Arc::clone(&stop_opening),
+            move |d| flush_metrics.observe_flush(d),
+        )?;
+
         let state = web::Data::new(CallbackState {
             keyring,
             public_callback_path: settings.server.public_callback_path.clone(),
             max_clock_skew: settings.max_clock_skew(),
             body_limit: settings.server.body_limit,
+            decision_deadline: settings.policy.decision_deadline,
             clock,
             policy,
             store: store.clone(),
-            metrics,
+            metrics: Arc::clone(&metrics),
         });
         let token = web::Data::new(routes::api_token(settings.api.token.clone()));
         let callback_path = settings.server.callback_path.clone();
         let mut server = HttpServer::new(move || {
+            let metrics = Arc::clone(&metrics);
             App::new()
                 .wrap(ErrorHandlers::new().default_handler(json_error_fallback))
+                .wrap_fn(move |req, srv| {
+                    // Timed outside the error handlers, so rejected requests count too.
+                    let route = req.match_pattern().unwrap_or_else(|| "unmatched".into());
+                    let started = Instant::now();
+                    let metrics = Arc::clone(&metrics);
+                    srv.call(req).map(move |res| {
+                        if let Ok(res) = &res {
+                            metrics.observe_request(
+                                &route,
+                                res.status().as_u16(),
+                                started.elapsed(),
+                            );
+                        }
+                        res
+                    })
+                })
                 .wrap(TracingLogger::<CallbackRootSpan>::new())
                 .app_data(state.clone())
                 .app_data(token.clone())
@@ -89,6 +123,8 @@ impl Application {
             port,
             server: server.run(),
             store,
+            stop_opening,
+            opener: Some(opener),
         })
     }
 
@@ -102,10 +138,17 @@ impl Application {
     }
 
     /// Serves until stopped, then flushes the store.
-    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
         let served = self.server.await;
         tracing::info!("server stopped; flushing the store");
-        self.store.shutdown()?;
+        self.stop_opening
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(opener) = self.opener.take() {
+            let _ = tokio::task::spawn_blocking(move || opener.join()).await;
+        }
+        if let Some(store) = self.store.get() {
+            store.shutdown()?;
+        }
         Ok(served?)
     }
 }

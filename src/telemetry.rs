@@ -32,6 +32,7 @@ where
             registry.with(
                 tracing_subscriber::fmt::layer()
                     .json()
+                    .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(false)
                     .with_writer(sink),
@@ -101,6 +102,28 @@ impl fmt::Display for MaskedNumber<'_> {
     }
 }
 
+/// Replaces every run of six or more digits (with an optional leading `+`) by `+***`, for
+/// log messages that may quote request data (parser errors quote the offending value).
+pub fn redact_numbers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        let digits = run.chars().filter(char::is_ascii_digit).count();
+        out.push_str(if digits >= 6 { "+***" } else { run.as_str() });
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() || (c == '+' && run.is_empty()) {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 /// Length of the ITU-T E.164 country calling code that starts `digits` (1 to 3 digits).
 fn calling_code_len(digits: &[char]) -> usize {
     let two: String = digits.iter().take(2).collect();
@@ -127,6 +150,20 @@ mod tests {
         assert_eq!(MaskedNumber("+8825551234").to_string(), "+882*****34");
         assert_eq!(MaskedNumber("+123").to_string(), "+***");
         assert_eq!(MaskedNumber("not a number").to_string(), "+***");
+    }
+
+    #[test]
+    fn long_digit_runs_are_redacted_from_messages() {
+        assert_eq!(
+            redact_numbers(
+                "invalid type: integer `46700000001`, expected a string at line 1 column 80"
+            ),
+            "invalid type: integer `+***`, expected a string at line 1 column 80"
+        );
+        assert_eq!(
+            redact_numbers("number \"+46700000001\" 12345 +1"),
+            "number \"+***\" 12345 +1"
+        );
     }
 
     proptest::proptest! {

@@ -1,11 +1,15 @@
 //! `POST <callback_path>`: every Verification callback Sinch sends.
 //!
-//! Steps: read the body (bounded) → authenticate → parse → for a request event, decide →
-//! record durably → answer. Nothing is stored for a callback that fails authentication
-//! or parsing, and nothing is acknowledged before it is on disk. A request event always
-//! gets an allow/deny answer: when deciding or storing fails, the policy's `on_error`.
+//! Steps: read the body (bounded) → authenticate → parse → for a request event, decide
+//! (within the decision deadline) → record durably → answer. Nothing is stored for a
+//! callback that fails authentication or parsing, and nothing is acknowledged before it is
+//! on disk. A request event always gets an allow/deny answer: when deciding or storing
+//! fails, or the policy misses the deadline, the policy's `on_error`.
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use actix_web::{
     http::header::{self, HeaderMap},
@@ -22,8 +26,8 @@ use crate::{
     metrics::{outcome, Metrics},
     policy::{Policy, PolicyDecision},
     signature::{Freshness, Keyring, SignedRequest},
-    store::{DecisionRecord, IncomingEvent, RecordOutcome, Store},
-    telemetry::MaskedNumber,
+    store::{DecisionRecord, IncomingEvent, RecordOutcome, Store, StoreSlot},
+    telemetry::{redact_numbers, MaskedNumber},
 };
 
 /// What the callback endpoint needs, shared by all workers.
@@ -33,10 +37,12 @@ pub struct CallbackState {
     pub public_callback_path: Option<String>,
     pub max_clock_skew: Option<Duration>,
     pub body_limit: usize,
+    /// How long the policy may take before `on_error` is answered instead.
+    pub decision_deadline: Duration,
     pub clock: Clock,
-    pub policy: std::sync::Arc<dyn Policy>,
-    pub store: Store,
-    pub metrics: std::sync::Arc<Metrics>,
+    pub policy: Arc<dyn Policy>,
+    pub store: StoreSlot,
+    pub metrics: Arc<Metrics>,
 }
 
 pub async fn receive(
@@ -85,23 +91,40 @@ pub async fn receive(
         received_at,
         decision: None,
     };
-    match &event {
-        VerificationEvent::Request(request) => {
-            answer_request(&state, &span, incoming, request).await
+    match (&event, state.store.get()) {
+        (VerificationEvent::Request(request), Some(store)) => {
+            answer_request(&state, store, &span, incoming, request).await
         }
-        _ => acknowledge(&state, &span, incoming).await,
+        (_, Some(store)) => acknowledge(&state, store, &span, incoming).await,
+        (VerificationEvent::Request(_), None) => store_failed_answer(
+            &state,
+            &span,
+            Some(event.event_type()),
+            &"the store is not open yet",
+        ),
+        (_, None) => {
+            state
+                .metrics
+                .callback(Some(event.event_type()), outcome::STORE_ERROR);
+            ApiError::new(
+                ErrorCode::StoreUnavailable,
+                "the store is not open yet; retry later",
+            )
+            .error_response_json()
+        }
     }
 }
 
 /// Decides and records a request event; always answers allow or deny.
 async fn answer_request(
     state: &CallbackState,
+    store: &Store,
     span: &RootSpan,
     incoming: IncomingEvent<'_>,
     request: &VerificationRequestEvent,
 ) -> HttpResponse {
     let event_type = Some(incoming.event.event_type());
-    match state.store.first_delivery(incoming).await {
+    match store.first_delivery(incoming).await {
         Ok(Some(first)) => {
             state.metrics.callback(event_type, outcome::DUPLICATE);
             tracing::info!("duplicate request event: answered as the first time");
@@ -113,7 +136,7 @@ async fn answer_request(
         Ok(None) => {}
         Err(err) => return store_failed_answer(state, span, event_type, &err),
     }
-    let (decision, on_error) = decide(state.policy.as_ref(), request);
+    let (decision, on_error) = decide(state, request).await;
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
@@ -126,8 +149,7 @@ async fn answer_request(
         state.clock.now(),
         answer_json.clone(),
     );
-    let stored = state
-        .store
+    let stored = store
         .record(IncomingEvent {
             decision: Some(&record),
             ..incoming
@@ -160,23 +182,48 @@ fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
     serde_json::json!(CallbackResponse::bare(policy.on_error()))
 }
 
-/// The policy's decision, or its `on_error` answer when it cannot decide.
-fn decide(policy: &dyn Policy, request: &VerificationRequestEvent) -> (PolicyDecision, bool) {
-    match policy.decide(request) {
-        Ok(decision) => (decision, false),
-        Err(err) => {
-            tracing::warn!(error.message = %err, "policy could not decide; answering on_error");
-            (
-                PolicyDecision {
-                    action: policy.on_error(),
-                    rule: None,
-                    reason: format!("on_error: {err}"),
-                    response: Default::default(),
-                },
-                true,
+/// The policy's decision, or its `on_error` answer when it fails, panics or misses the
+/// decision deadline. The policy runs on the blocking pool so that a slow one (say, one
+/// that calls a scoring service) cannot hold up this worker past the deadline.
+async fn decide(
+    state: &CallbackState,
+    request: &VerificationRequestEvent,
+) -> (PolicyDecision, bool) {
+    let policy = Arc::clone(&state.policy);
+    let owned = request.clone();
+    let started = Instant::now();
+    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned));
+    let failure = match tokio::time::timeout(state.decision_deadline, &mut decision).await {
+        Ok(Ok(Ok(decision))) => return (decision, false),
+        Ok(Ok(Err(err))) => err.to_string(),
+        Ok(Err(join)) => format!("the policy failed: {join}"),
+        Err(_) => {
+            state.metrics.deadline_exceeded();
+            let deadline = state.decision_deadline;
+            tokio::spawn(async move {
+                if let Ok(Ok(late)) = decision.await {
+                    tracing::warn!(
+                        late_decision = late.action.as_str(),
+                        late_rule = late.rule.as_deref().unwrap_or("default"),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "late policy decision, after on_error was answered"
+                    );
+                }
+            });
+            format!(
+                "the policy did not decide within the {} ms deadline",
+                deadline.as_millis()
             )
         }
-    }
+    };
+    tracing::warn!(error.message = %failure, "answering on_error");
+    let decision = PolicyDecision {
+        action: state.policy.on_error(),
+        rule: None,
+        reason: format!("on_error: {failure}"),
+        response: Default::default(),
+    };
+    (decision, true)
 }
 
 /// Sinch must get an allow/deny even when we cannot record: the `on_error` answer.
@@ -198,11 +245,12 @@ fn store_failed_answer(
 /// Records a result, SMS-delivered or unknown event; an empty 200 once it is durable.
 async fn acknowledge(
     state: &CallbackState,
+    store: &Store,
     span: &RootSpan,
     incoming: IncomingEvent<'_>,
 ) -> HttpResponse {
     let event_type = incoming.event.event_type();
-    match state.store.record(incoming).await {
+    match store.record(incoming).await {
         Ok(RecordOutcome::Stored { .. }) => {
             state.metrics.callback(Some(event_type), outcome::ACCEPTED);
             if let VerificationEvent::Unknown { .. } = incoming.event {
@@ -240,10 +288,11 @@ fn reject(
 ) -> HttpResponse {
     state.metrics.callback(event_type, outcome::BAD_REQUEST);
     span.record("error_code", err.code.as_str());
+    // Parser messages can quote body values; a phone number must not reach the log.
     tracing::warn!(
         code = err.code.as_str(),
         "callback refused: {}",
-        err.message
+        redact_numbers(&err.message)
     );
     err.error_response_json()
 }

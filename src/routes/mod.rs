@@ -22,6 +22,7 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
         )
         .route("/v1/verifications/{id}", web::get().to(verifications::get))
         .route("/healthz", web::get().to(health::healthz))
+        .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))
         .default_service(web::to(not_found));
     }

@@ -11,7 +11,10 @@ pub async fn get(
     id: web::Path<String>,
     state: web::Data<CallbackState>,
 ) -> Result<HttpResponse, ApiError> {
-    let store = state.store.clone();
+    let store =
+        state.store.get().cloned().ok_or_else(|| {
+            ApiError::new(ErrorCode::StoreUnavailable, "the store is not open yet")
+        })?;
     let id = id.into_inner();
     let lookup_id = id.clone();
     let record = web::block(move || store.get(&lookup_id))

@@ -341,6 +341,66 @@ impl Store {
     }
 }
 
+/// The store once it has opened. verigate answers HTTP before that (liveness, readiness,
+/// `on_error` answers), because opening can wait on a lock a previous process still holds.
+#[derive(Clone, Default)]
+pub struct StoreSlot {
+    store: Arc<std::sync::OnceLock<Store>>,
+    /// Why the store is not open yet, for the readiness check.
+    waiting_on: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl StoreSlot {
+    pub fn get(&self) -> Option<&Store> {
+        self.store.get()
+    }
+
+    /// Why the store is not open yet (`None` once open or before the first attempt).
+    pub fn waiting_on(&self) -> Option<String> {
+        self.waiting_on.lock().ok().and_then(|w| w.clone())
+    }
+
+    /// Opens the store on a background thread, retrying until it opens or `stop` is set.
+    pub fn open_in_background(
+        &self,
+        path: std::path::PathBuf,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+        on_flush: impl Fn(Duration) + Clone + Send + 'static,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let slot = self.clone();
+        std::thread::Builder::new()
+            .name("verigate-store-open".into())
+            .spawn(move || {
+                let mut attempt: u32 = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    match Store::open(&path, on_flush.clone()) {
+                        Ok(store) => {
+                            tracing::info!(path = %path.display(), "store open");
+                            let _ = slot.store.set(store);
+                            if let Ok(mut w) = slot.waiting_on.lock() {
+                                *w = None;
+                            }
+                            return;
+                        }
+                        Err(err) => {
+                            // Log the first failure and then every ~30 s, not every retry.
+                            if attempt % 60 == 0 {
+                                tracing::error!(error.message = %err, "store not open yet; retrying");
+                            }
+                            if let Ok(mut w) = slot.waiting_on.lock() {
+                                *w = Some(err.to_string());
+                            }
+                            attempt = attempt.wrapping_add(1);
+                            std::thread::sleep(STORE_OPEN_RETRY);
+                        }
+                    }
+                }
+            })
+    }
+}
+
+const STORE_OPEN_RETRY: Duration = Duration::from_millis(500);
+
 fn ids_with_prefix(tree: &Tree, value: &str) -> Result<Vec<String>, StoreError> {
     let prefix = keys::index(value, "");
     tree.scan_prefix(&prefix)

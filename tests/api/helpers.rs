@@ -13,7 +13,7 @@ use verigate::{
     clock::Clock,
     config::{AppSettings, Settings},
     policy::Policy,
-    signature::{AppCredentials, SignedRequest},
+    signature::AppCredentials,
     startup::Application,
 };
 
@@ -99,10 +99,12 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
 }
 
-/// The service with another decision engine plugged in instead of the rules file.
-pub async fn spawn_app_with_policy(policy: Arc<dyn Policy>) -> TestApp {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let settings = test_settings(&dir, &[]);
+/// The service with these settings and another decision engine.
+pub async fn spawn_configured_app_with_policy(
+    settings: Settings,
+    dir: Arc<TempDir>,
+    policy: Arc<dyn Policy>,
+) -> TestApp {
     start_with(
         settings,
         dir,
@@ -110,6 +112,13 @@ pub async fn spawn_app_with_policy(policy: Arc<dyn Policy>) -> TestApp {
         Some(policy),
     )
     .await
+}
+
+/// The service with another decision engine plugged in instead of the rules file.
+pub async fn spawn_app_with_policy(policy: Arc<dyn Policy>) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let settings = test_settings(&dir, &[]);
+    spawn_configured_app_with_policy(settings, dir, policy).await
 }
 
 async fn start(
@@ -129,30 +138,16 @@ async fn start_with(
     init_tracing();
     let clock_now = Arc::clone(&now);
     let clock = Clock::from_fn(move || *clock_now.lock().unwrap());
-    // A restarted app may find the previous one still releasing the database lock.
-    let mut attempts = 0;
-    let app = loop {
-        let built = match &policy {
-            Some(policy) => {
-                Application::build_with_policy(&settings, clock.clone(), Arc::clone(policy))
-            }
-            None => Application::build(&settings, clock.clone()),
-        };
-        match built {
-            Ok(app) => break app,
-            Err(e) if attempts < 50 => {
-                attempts += 1;
-                tracing::debug!("retrying start: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("the app did not start: {e:?}"),
-        }
-    };
+    let app = match &policy {
+        Some(policy) => Application::build_with_policy(&settings, clock, Arc::clone(policy)),
+        None => Application::build(&settings, clock),
+    }
+    .unwrap_or_else(|e| panic!("the app did not start: {e:?}"));
     let address = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
     let running = tokio::spawn(app.run_until_stopped());
     let signer = AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap();
-    TestApp {
+    let app = TestApp {
         address,
         client: reqwest::Client::new(),
         settings,
@@ -161,7 +156,9 @@ async fn start_with(
         handle,
         running,
         data_dir,
-    }
+    };
+    app.wait_until_ready().await;
+    app
 }
 
 pub struct Reply {
@@ -207,6 +204,20 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 }
 
 impl TestApp {
+    /// Waits for the store to open (a restarted app may wait for the old one's lock).
+    pub async fn wait_until_ready(&self) {
+        for _ in 0..100 {
+            if self.get("/readyz", None).await.status == 200 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "not ready after 10 s: {}",
+            self.get("/readyz", None).await.text
+        );
+    }
+
     pub fn now(&self) -> DateTime<Utc> {
         *self.now.lock().unwrap()
     }
@@ -308,19 +319,10 @@ pub fn signed_headers_at(
     path: &str,
     ts: &str,
 ) -> Vec<(String, String)> {
-    let authorization = signer.authorization(&SignedRequest {
-        method: "POST",
-        path,
-        content_type: Some(JSON.as_bytes()),
-        timestamp: Some(ts.as_bytes()),
-        authorization: None,
-        body,
-    });
-    vec![
-        ("authorization".into(), authorization),
-        ("content-type".into(), JSON.into()),
-        ("x-timestamp".into(), ts.into()),
-    ]
+    verigate::client::signed_headers(signer, path, body, JSON, ts)
+        .into_iter()
+        .map(|(name, value)| (name.to_owned(), value))
+        .collect()
 }
 
 pub fn extra_app(key: &str, secret: &str) -> AppSettings {
@@ -371,4 +373,110 @@ pub fn fixture(name: &str) -> String {
             .join(name),
     )
     .unwrap()
+}
+
+/// The real `verigate` binary as a child process, JSON logs captured.
+pub struct RunningBinary {
+    child: std::process::Child,
+    pub base: String,
+    pub client: reqwest::Client,
+    signer: AppCredentials,
+    log: std::sync::mpsc::Receiver<String>,
+    reader: std::thread::JoinHandle<()>,
+    early_lines: Vec<String>,
+}
+
+impl RunningBinary {
+    /// Starts the binary on `dir` and waits until it is ready.
+    pub async fn start(dir: &TempDir, extra_env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_verigate"))
+            .envs(test_env(dir))
+            .env("VERIGATE__LOG__FORMAT", "json")
+            .envs(extra_env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, log) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+                .for_each(|line| drop(tx.send(line)))
+        });
+        let mut early_lines = Vec::new();
+        let port = loop {
+            let line = log
+                .recv_timeout(Duration::from_secs(20))
+                .expect("verigate never said it listens");
+            early_lines.push(line.clone());
+            if line.contains("verigate listening") {
+                break serde_json::from_str::<Value>(&line).unwrap()["port"]
+                    .as_u64()
+                    .unwrap();
+            }
+        };
+        let binary = Self {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+            signer: AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap(),
+            log,
+            reader,
+            early_lines,
+        };
+        for _ in 0..100 {
+            if binary
+                .client
+                .get(format!("{}/readyz", binary.base))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                == 200
+            {
+                return binary;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("verigate did not become ready");
+    }
+
+    /// Posts a correctly signed callback; returns the status.
+    pub async fn post_callback(&self, body: String) -> u16 {
+        let ts = timestamp(Utc::now());
+        let mut request = self
+            .client
+            .post(format!("{}/sinch/verification", self.base));
+        for (name, value) in
+            signed_headers_at(&self.signer, body.as_bytes(), "/sinch/verification", &ts)
+        {
+            request = request.header(name, value);
+        }
+        request.body(body).send().await.unwrap().status().as_u16()
+    }
+
+    /// SIGKILL: no chance to flush anything on the way out.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, wait for a clean exit, and return every log line it wrote.
+    pub fn terminate(mut self) -> Vec<String> {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(
+            self.child.wait().unwrap().success(),
+            "unclean exit after SIGTERM"
+        );
+        self.reader.join().unwrap();
+        self.early_lines.extend(self.log.try_iter());
+        self.early_lines
+    }
 }

@@ -8,4 +8,5 @@ mod crash;
 mod durability;
 mod errors;
 mod helpers;
+mod operations;
 mod policy_plugin;
