@@ -10,7 +10,7 @@ use std::time::Instant;
 use chrono::Utc;
 use verigate::{
     events::VerificationEvent,
-    store::{Durability, IncomingEvent, Store},
+    store::{Durability, IncomingEvent, Store, StoreOptions},
 };
 
 const EVENTS: usize = 3_000;
@@ -26,7 +26,11 @@ fn body(i: usize) -> Vec<u8> {
 /// Events/s with `concurrency` writers, each awaiting durability of every event.
 async fn durable_writes(durability: Durability, concurrency: usize) -> f64 {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_with(&dir.path().join("db"), durability, |_| {}).unwrap();
+    let options = StoreOptions {
+        durability,
+        ..StoreOptions::default()
+    };
+    let store = Store::open_with(&dir.path().join("db"), options, |_| {}).unwrap();
     let started = Instant::now();
     let per_task = EVENTS / concurrency;
     let tasks: Vec<_> = (0..concurrency)

@@ -1,6 +1,10 @@
 //! The command line: `serve` (default), `sign`, `trigger`, `healthcheck`.
 
-use std::{io::Read, path::PathBuf, process::ExitCode};
+use std::{
+    io::{Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -9,8 +13,10 @@ use crate::{
     client::{self, Sample, SampleKind},
     clock::Clock,
     config::Settings,
+    routes::analytics::ExportFormat,
     signature::AppCredentials,
     startup::Application,
+    store::Store,
 };
 
 /// Receives Sinch Verification callbacks: authenticates, decides allow/deny, records.
@@ -70,6 +76,21 @@ pub enum Command {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Write stored verifications to standard output (or a file) while the service is
+    /// stopped; a running service serves the same through GET /v1/export.
+    Export {
+        /// Start of the range: an RFC 3339 time, or a duration back from now ("7d").
+        #[arg(long)]
+        since: String,
+        /// End of the range (exclusive), same forms; default: now.
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value = "ndjson")]
+        format: ExportFormatArg,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Exit 0 if verigate answers ready, 1 otherwise (container health checks).
     Healthcheck {
         /// Default: /readyz on this configuration's listen address.
@@ -78,8 +99,59 @@ pub enum Command {
     },
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormatArg {
+    Ndjson,
+    Csv,
+}
+
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Export {
+            since,
+            until,
+            format,
+            output,
+        } => {
+            let now = chrono::Utc::now();
+            let since = time_arg("--since", &since, now)?;
+            let until = until
+                .map(|u| time_arg("--until", &u, now))
+                .transpose()?
+                .unwrap_or(now);
+            let format = match format {
+                ExportFormatArg::Ndjson => ExportFormat::Ndjson,
+                ExportFormatArg::Csv => ExportFormat::Csv,
+            };
+            let store = Store::open_with(&settings.store.path, settings.store_options(), |_| {})
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "{e}\n(is verigate running on this store? then use GET /v1/export)"
+                    )
+                })?;
+            let mut out: Box<dyn Write> = match &output {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path)
+                        .with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+            };
+            out.write_all(&format.header())?;
+            let mut after = None;
+            let mut bytes = 0;
+            loop {
+                let (chunk, next) = format.chunk(&store, since, until, after.as_ref(), 1000)?;
+                bytes += chunk.len();
+                out.write_all(&chunk)?;
+                match next {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+            out.flush()?;
+            eprintln!("exported {bytes} bytes of verifications first seen in [{since}, {until})");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve => {
             let app = Application::build(&settings, Clock::system())?;
             tracing::info!(port = app.port(), path = %settings.server.callback_path, "verigate listening");
@@ -222,6 +294,21 @@ fn read_body(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
     } else {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
     }
+}
+
+/// An RFC 3339 time, or a duration back from `now` ("7d", "36h").
+fn time_arg(
+    flag: &str,
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(value) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    let ago = humantime::parse_duration(value).map_err(|_| {
+        anyhow::anyhow!("{flag} `{value}` is neither an RFC 3339 time nor a duration like 7d")
+    })?;
+    Ok(now - chrono::Duration::from_std(ago)?)
 }
 
 fn new_id() -> String {

@@ -80,6 +80,14 @@ pub struct AppSettings {
 #[serde(deny_unknown_fields)]
 pub struct StoreSettings {
     pub path: PathBuf,
+    /// Zero keeps everything.
+    #[serde(deserialize_with = "duration")]
+    pub retention: Duration,
+    #[serde(deserialize_with = "duration")]
+    pub retention_check_interval: Duration,
+    pub hash_numbers: bool,
+    #[serde(default)]
+    pub number_hash_key: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +103,8 @@ pub struct PolicySettings {
 pub struct ApiSettings {
     #[serde(default)]
     pub token: Option<SecretString>,
+    #[serde(default)]
+    pub read_token: Option<SecretString>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -207,10 +217,34 @@ impl Settings {
                 )
             })?;
         }
-        if let Some(token) = &self.api.token {
-            if token.expose_secret().len() < 16 {
-                return Err(invalid("api.token", "must be at least 16 characters"));
+        for (key, token) in [
+            ("api.token", &self.api.token),
+            ("api.read_token", &self.api.read_token),
+        ] {
+            if token.as_ref().is_some_and(|t| t.expose_secret().len() < 16) {
+                return Err(invalid(key, "must be at least 16 characters"));
             }
+        }
+        match (&self.store.number_hash_key, self.store.hash_numbers) {
+            (None, true) => {
+                return Err(invalid(
+                    "store.number_hash_key",
+                    "is required when store.hash_numbers = true",
+                ))
+            }
+            (Some(k), true) if k.expose_secret().len() < 16 => {
+                return Err(invalid(
+                    "store.number_hash_key",
+                    "must be at least 16 characters",
+                ))
+            }
+            _ => {}
+        }
+        if self.store.retention_check_interval.is_zero() {
+            return Err(invalid(
+                "store.retention_check_interval",
+                "must be more than 0",
+            ));
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
@@ -246,6 +280,25 @@ impl Settings {
             apps.push(AppCredentials::new(&app.key, secret, app.basic_auth).map_err(|_| bad())?);
         }
         Ok((Keyring::new(apps), warnings))
+    }
+
+    /// How the store is to keep numbers and make writes durable.
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        let numbers = match (&self.store.number_hash_key, self.store.hash_numbers) {
+            (Some(key), true) => {
+                crate::store::NumberPrivacy::hashed(key.expose_secret().as_bytes())
+            }
+            _ => crate::store::NumberPrivacy::Plain,
+        };
+        crate::store::StoreOptions {
+            numbers,
+            ..Default::default()
+        }
+    }
+
+    /// `None` when records are kept forever.
+    pub fn retention(&self) -> Option<Duration> {
+        Some(self.store.retention).filter(|d| !d.is_zero())
     }
 
     /// `None` when the freshness check is disabled.
@@ -302,6 +355,8 @@ mod tests {
         assert!(s.api.token.is_none());
         assert_eq!(s.signed_path(), "/sinch/verification");
         assert_eq!(s.policy.decision_deadline, Duration::from_millis(500));
+        assert_eq!(s.retention(), Some(Duration::from_secs(90 * 86400)));
+        assert!(!s.store.hash_numbers);
     }
 
     #[test]
@@ -364,6 +419,14 @@ mod tests {
                 "max_clock_skew",
             ),
             (vec![("VERIGATE__API__TOKEN", "short")], "api.token"),
+            (
+                vec![("VERIGATE__API__READ_TOKEN", "short")],
+                "api.read_token",
+            ),
+            (
+                vec![("VERIGATE__STORE__HASH_NUMBERS", "true")],
+                "store.number_hash_key",
+            ),
             (
                 vec![("VERIGATE__POLICY__DECISION_DEADLINE", "0")],
                 "policy.decision_deadline",

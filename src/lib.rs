@@ -1,6 +1,7 @@
 //! verigate: receives Sinch Verification callbacks, authenticates them, answers
 //! allow/deny for verification requests, and records every event durably.
 
+pub mod analytics;
 pub mod cli;
 pub mod client;
 pub mod clock;
@@ -8,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod metrics;
+pub mod phone;
 pub mod policy;
 pub mod routes;
 pub mod signature;

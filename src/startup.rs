@@ -25,7 +25,7 @@ use crate::{
     metrics::Metrics,
     policy::{Policy, RulesPolicy},
     routes::{self, CallbackState},
-    store::StoreSlot,
+    store::{retention, StoreSlot},
     telemetry::CallbackRootSpan,
 };
 
@@ -35,6 +35,7 @@ pub struct Application {
     store: StoreSlot,
     stop_opening: Arc<AtomicBool>,
     opener: Option<JoinHandle<()>>,
+    retention: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Application {
@@ -69,10 +70,19 @@ impl Application {
         let flush_metrics = Arc::clone(&metrics);
         let opener = store.open_in_background(
             settings.store.path.clone(),
+            settings.store_options(),
             Arc::clone(&stop_opening),
             move |d| flush_metrics.observe_flush(d),
         )?;
 
+        let retention = settings.retention().map(|keep| {
+            tokio::spawn(retention::run(
+                store.clone(),
+                clock.clone(),
+                keep,
+                settings.store.retention_check_interval,
+            ))
+        });
         let state = web::Data::new(CallbackState {
             keyring,
             public_callback_path: settings.server.public_callback_path.clone(),
@@ -84,7 +94,10 @@ impl Application {
             store: store.clone(),
             metrics: Arc::clone(&metrics),
         });
-        let token = web::Data::new(routes::api_token(settings.api.token.clone()));
+        let token = web::Data::new(routes::api_token(
+            settings.api.token.clone(),
+            settings.api.read_token.clone(),
+        ));
         let callback_path = settings.server.callback_path.clone();
         let mut server = HttpServer::new(move || {
             let metrics = Arc::clone(&metrics);
@@ -125,6 +138,7 @@ impl Application {
             store,
             stop_opening,
             opener: Some(opener),
+            retention,
         })
     }
 
@@ -141,6 +155,9 @@ impl Application {
     pub async fn run_until_stopped(mut self) -> anyhow::Result<()> {
         let served = self.server.await;
         tracing::info!("server stopped; flushing the store");
+        if let Some(retention) = self.retention.take() {
+            retention.abort();
+        }
         self.stop_opening
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(opener) = self.opener.take() {

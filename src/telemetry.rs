@@ -6,7 +6,7 @@ use std::fmt;
 use actix_web::{
     body::MessageBody,
     dev::{ServiceRequest, ServiceResponse},
-    Error,
+    Error, HttpMessage,
 };
 use tracing::{Span, Subscriber};
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
@@ -59,9 +59,38 @@ pub fn init(subscriber: Box<dyn Subscriber + Send + Sync>) -> anyhow::Result<()>
 pub struct CallbackRootSpan;
 
 impl RootSpanBuilder for CallbackRootSpan {
+    /// The fields tracing-actix-web's `root_span!` records, except that `http.target` is
+    /// the path only: query strings (`?number=…`) carry personal data.
     fn on_request_start(request: &ServiceRequest) -> Span {
-        tracing_actix_web::root_span!(
-            request,
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
+        let method = request.method().as_str();
+        let request_id = request
+            .extensions()
+            .get::<tracing_actix_web::RequestId>()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        let user_agent = request
+            .headers()
+            .get("user-agent")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        tracing::info_span!(
+            "HTTP request",
+            http.method = %method,
+            http.route = %route,
+            http.target = %request.path(),
+            http.user_agent = %user_agent,
+            http.client_ip = %request.connection_info().realip_remote_addr().unwrap_or(""),
+            http.status_code = tracing::field::Empty,
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            request_id = %request_id,
+            exception.message = tracing::field::Empty,
+            exception.details = tracing::field::Empty,
             verification_id = tracing::field::Empty,
             event = tracing::field::Empty,
             method = tracing::field::Empty,

@@ -9,11 +9,17 @@ use subtle::ConstantTimeEq;
 
 use crate::error::{ApiError, ErrorCode};
 
-/// The configured API token, shared with handlers as app data.
+/// The configured API tokens, shared with handlers as app data.
 #[derive(Clone)]
-pub struct ApiToken(pub Option<SecretString>);
+pub struct ApiToken {
+    /// May do anything.
+    pub admin: Option<SecretString>,
+    /// May only read (analytics jobs).
+    pub read: Option<SecretString>,
+}
 
-/// Proof that a request carried the API token; take it as a handler argument.
+/// Proof that a request carried an API token (either one: every endpoint so far only
+/// reads); take it as a handler argument.
 pub struct ApiCaller;
 
 impl FromRequest for ApiCaller {
@@ -26,15 +32,18 @@ impl FromRequest for ApiCaller {
 }
 
 fn authenticate(req: &HttpRequest) -> Result<ApiCaller, ApiError> {
-    let expected = req
-        .app_data::<web::Data<ApiToken>>()
-        .and_then(|t| t.0.clone())
-        .ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::ApiDisabled,
-                "the query API is disabled: set api.token",
-            )
-        })?;
+    let tokens = req.app_data::<web::Data<ApiToken>>();
+    let configured: Vec<&SecretString> = tokens
+        .iter()
+        .flat_map(|t| [t.admin.as_ref(), t.read.as_ref()])
+        .flatten()
+        .collect();
+    if configured.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::ApiDisabled,
+            "the query API is disabled: set api.token",
+        ));
+    }
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -49,12 +58,16 @@ fn authenticate(req: &HttpRequest) -> Result<ApiCaller, ApiError> {
                 "send `Authorization: Bearer <api token>`",
             )
         })?;
-    if bool::from(
-        given
-            .trim()
-            .as_bytes()
-            .ct_eq(expected.expose_secret().as_bytes()),
-    ) {
+    // Compare with every token, so timing does not tell which one nearly matched.
+    let matched = configured
+        .iter()
+        .fold(subtle::Choice::from(0), |acc, token| {
+            acc | given
+                .trim()
+                .as_bytes()
+                .ct_eq(token.expose_secret().as_bytes())
+        });
+    if bool::from(matched) {
         Ok(ApiCaller)
     } else {
         Err(ApiError::new(

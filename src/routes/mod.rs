@@ -1,5 +1,6 @@
 //! The route table, in one place.
 
+pub mod analytics;
 mod api_auth;
 mod callbacks;
 mod health;
@@ -20,7 +21,11 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
                 .route(web::post().to(callbacks::receive))
                 .default_service(web::to(method_not_allowed)),
         )
+        .route("/v1/verifications", web::get().to(analytics::list))
         .route("/v1/verifications/{id}", web::get().to(verifications::get))
+        .route("/v1/export", web::get().to(analytics::export))
+        .route("/v1/stats", web::get().to(analytics::stats))
+        .route("/v1/events", web::get().to(analytics::events))
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))
@@ -39,7 +44,10 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
     ))
 }
 
-/// The API token as handlers see it.
-pub fn api_token(token: Option<secrecy::SecretString>) -> api_auth::ApiToken {
-    api_auth::ApiToken(token)
+/// The API tokens as handlers see them.
+pub fn api_token(
+    admin: Option<secrecy::SecretString>,
+    read: Option<secrecy::SecretString>,
+) -> api_auth::ApiToken {
+    api_auth::ApiToken { admin, read }
 }

@@ -5,18 +5,31 @@
 //! an event only after that. Writes are idempotent on event identity, so a duplicate
 //! delivery changes nothing and gets the answer given the first time.
 //!
-//! Keyspaces (one sled tree each): `records` (id → record JSON), `events` (seq → raw
-//! event), `dedup` (event identity → first answer), and the indexes `by_number`,
+//! Keyspaces (one sled tree each): `records` (id → record JSON), `events` (time, seq →
+//! raw event), `dedup` (event identity → first answer), and the indexes `by_number`,
 //! `by_reference`, `by_time`. This is the whole interface the rest of verigate uses; a
 //! shared backend for replicated deployments would implement the same methods.
+//!
+//! Reads see a stable order: every write takes a strictly increasing (time, seq) key
+//! under a lock and is "in flight" until committed; range reads stop before the oldest
+//! write in flight, so a page boundary never moves and pagination has no gaps.
 
 mod durability;
 mod keys;
 mod record;
+pub mod retention;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    collections::BTreeSet,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use chrono::{DateTime, Utc};
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine};
+use chrono::{DateTime, TimeZone, Utc};
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -26,7 +39,9 @@ use sled::{
 };
 
 pub use durability::FlushError;
-pub use record::{DecisionRecord, RequestPart, ResultPart, SmsDeliveryPart, VerificationRecord};
+pub use record::{
+    DecisionRecord, RecordStamp, RequestPart, ResultPart, SmsDeliveryPart, VerificationRecord,
+};
 
 use crate::events::VerificationEvent;
 use durability::GroupCommit;
@@ -41,6 +56,8 @@ pub enum StoreError {
     Corrupt(#[from] serde_json::Error),
     #[error(transparent)]
     Flush(#[from] FlushError),
+    #[error("the cursor is not one this service issued")]
+    BadCursor,
 }
 
 /// One accepted event as it is appended to the raw event log.
@@ -101,6 +118,50 @@ struct Trees {
     by_time: Tree,
 }
 
+/// How phone numbers are kept. Hashed: a keyed HMAC of the number replaces it in the
+/// record, the indexes and the stored raw body; country and prefix are kept.
+#[derive(Clone, Default)]
+pub enum NumberPrivacy {
+    #[default]
+    Plain,
+    Hashed(Hmac<sha2::Sha256>),
+}
+
+impl NumberPrivacy {
+    pub fn hashed(key: &[u8]) -> Self {
+        // HMAC accepts keys of any length.
+        Hmac::new_from_slice(key).map_or(Self::Plain, Self::Hashed)
+    }
+
+    /// The form a number takes in the store (and in queries by number).
+    pub fn protect<'a>(&self, number: &'a str) -> Cow<'a, str> {
+        match self {
+            Self::Plain => Cow::Borrowed(number),
+            Self::Hashed(mac) => {
+                let mut mac = mac.clone();
+                mac.update(number.as_bytes());
+                Cow::Owned(format!("hmac-sha256:{}", hex(&mac.finalize().into_bytes())))
+            }
+        }
+    }
+
+    /// The raw body as stored: unchanged, or with `identity.endpoint` replaced by its hash.
+    fn protect_body<'a>(&self, raw: &'a [u8]) -> Cow<'a, [u8]> {
+        if matches!(self, Self::Plain) {
+            return Cow::Borrowed(raw);
+        }
+        let Ok(mut body) = serde_json::from_slice::<serde_json::Value>(raw) else {
+            return Cow::Borrowed(raw);
+        };
+        if let Some(endpoint) = body.pointer_mut("/identity/endpoint") {
+            if let Some(number) = endpoint.as_str() {
+                *endpoint = self.protect(number).into_owned().into();
+            }
+        }
+        Cow::Owned(serde_json::to_vec(&body).unwrap_or_else(|_| raw.to_vec()))
+    }
+}
+
 /// How a write is made durable before `record` returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -111,10 +172,25 @@ pub enum Durability {
     FlushPerWrite,
 }
 
+/// Options fixed when the store opens.
+#[derive(Clone, Default)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    pub numbers: NumberPrivacy,
+}
+
+/// Hands out the (time, seq) order of writes and tracks which are still in flight.
+#[derive(Default)]
+struct WriteOrder {
+    last_millis: i64,
+    in_flight: BTreeSet<(i64, u64)>,
+}
+
 struct Inner {
     db: sled::Db,
     trees: Trees,
-    durability: Durability,
+    options: StoreOptions,
+    order: Mutex<WriteOrder>,
     commit: GroupCommit,
 }
 
@@ -124,18 +200,66 @@ pub struct Store {
     inner: Arc<Inner>,
 }
 
+/// A position in a time-ordered listing, opaque to clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor(Vec<u8>);
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        URL_SAFE_NO_PAD.encode(&self.0)
+    }
+
+    pub fn decode(text: &str) -> Result<Self, StoreError> {
+        let bytes = URL_SAFE_NO_PAD
+            .decode(text)
+            .map_err(|_| StoreError::BadCursor)?;
+        if bytes.len() < 16 {
+            return Err(StoreError::BadCursor);
+        }
+        Ok(Self(bytes))
+    }
+
+    /// The first key after this position.
+    fn successor(&self) -> Vec<u8> {
+        let mut key = self.0.clone();
+        key.push(0);
+        key
+    }
+}
+
+/// One page of a listing; `next` is set when more may follow.
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}
+
+/// Releases a write's place in the order when it is done, however it ends.
+struct InFlight<'a> {
+    order: &'a Mutex<WriteOrder>,
+    key: (i64, u64),
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut order) = self.order.lock() {
+            order.in_flight.remove(&self.key);
+        }
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store; `on_flush` observes each group flush's duration.
     pub fn open(
         path: &Path,
         on_flush: impl Fn(Duration) + Send + 'static,
     ) -> Result<Self, StoreError> {
-        Self::open_with(path, Durability::GroupCommit, on_flush)
+        Self::open_with(path, StoreOptions::default(), on_flush)
     }
 
     pub fn open_with(
         path: &Path,
-        durability: Durability,
+        options: StoreOptions,
         on_flush: impl Fn(Duration) + Send + 'static,
     ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
@@ -154,6 +278,15 @@ impl Store {
             by_reference: tree("by_reference")?,
             by_time: tree("by_time")?,
         };
+        // Continue the order after whatever is stored, even if the clock went back.
+        let last_millis = [&trees.by_time, &trees.events]
+            .iter()
+            .filter_map(|t| t.last().ok().flatten())
+            .filter_map(|(key, _)| key.get(..8).map(|b| b.to_vec()))
+            .filter_map(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(|b| i64::try_from(u64::from_be_bytes(b)).unwrap_or(i64::MAX))
+            .max()
+            .unwrap_or(0);
         let flusher_db = db.clone();
         let commit = GroupCommit::start(
             move || flusher_db.flush().map(|_| ()).map_err(|e| e.to_string()),
@@ -163,7 +296,11 @@ impl Store {
             inner: Arc::new(Inner {
                 db,
                 trees,
-                durability,
+                options,
+                order: Mutex::new(WriteOrder {
+                    last_millis,
+                    in_flight: BTreeSet::new(),
+                }),
                 commit,
             }),
         })
@@ -172,7 +309,7 @@ impl Store {
     /// Records an event durably; see the module docs for the guarantees.
     pub async fn record(&self, incoming: IncomingEvent<'_>) -> Result<RecordOutcome, StoreError> {
         let outcome = self.write(incoming)?;
-        match (&outcome, self.inner.durability) {
+        match (&outcome, self.inner.options.durability) {
             (RecordOutcome::Stored { .. }, Durability::GroupCommit) => {
                 self.inner.commit.durable().await?
             }
@@ -203,23 +340,65 @@ impl Store {
         Ok(Some(serde_json::from_slice(&bytes)?))
     }
 
+    /// The next write's place in the order, registered as in flight.
+    fn reserve(
+        &self,
+        received_at: DateTime<Utc>,
+    ) -> Result<(InFlight<'_>, DateTime<Utc>, u64), StoreError> {
+        let mut order = self
+            .inner
+            .order
+            .lock()
+            .map_err(|_| FlushError("order lock poisoned".into()))?;
+        let seq = self.inner.db.generate_id()?;
+        let millis = received_at.timestamp_millis().max(order.last_millis);
+        order.last_millis = millis;
+        order.in_flight.insert((millis, seq));
+        let at = Utc
+            .timestamp_millis_opt(millis)
+            .single()
+            .unwrap_or(received_at);
+        let guard = InFlight {
+            order: &self.inner.order,
+            key: (millis, seq),
+        };
+        Ok((guard, at, seq))
+    }
+
+    /// Keys below this are committed: the (time, seq) of the oldest write in flight.
+    fn visible_before(&self) -> Option<[u8; 16]> {
+        let order = self.inner.order.lock().ok()?;
+        let &(millis, seq) = order.in_flight.first()?;
+        let at = Utc.timestamp_millis_opt(millis).single()?;
+        Some(keys::event(at, seq))
+    }
+
     fn write(&self, incoming: IncomingEvent<'_>) -> Result<RecordOutcome, StoreError> {
         let t = &self.inner.trees;
+        let numbers = &self.inner.options.numbers;
         let identity = incoming.identity();
-        let seq = self.inner.db.generate_id()?;
+        let (_in_flight, ordered_at, seq) = self.reserve(incoming.received_at)?;
+        let body = numbers.protect_body(incoming.raw);
         let stored_event = serde_json::to_vec(&StoredEvent {
             seq,
             received_at: incoming.received_at,
             app_key: incoming.app_key.to_owned(),
             event: incoming.event.event_type().to_owned(),
             id: incoming.event.id().to_owned(),
-            body: RawValue::from_string(String::from_utf8_lossy(incoming.raw).into_owned())?,
+            body: RawValue::from_string(String::from_utf8_lossy(&body).into_owned())?,
         })?;
         let first = serde_json::to_vec(&FirstDelivery {
             seq,
             answer: incoming.decision.map(|d| d.answer.clone()),
         })?;
         let id = incoming.event.id();
+        let stamp = RecordStamp {
+            app_key: incoming.app_key,
+            seq,
+            ordered_at,
+            received_at: incoming.received_at,
+        };
+        let event_key = keys::event(ordered_at, seq);
 
         // Pure closure: sled may run it more than once on conflict.
         let result = (
@@ -244,19 +423,28 @@ impl Store {
                         ),
                         None => None,
                     };
-                    let after = VerificationRecord::apply(
-                        before.clone(),
-                        incoming.event,
-                        incoming.app_key,
-                        incoming.received_at,
-                        incoming.decision,
-                    );
-                    if before.is_none() {
-                        by_time.insert(keys::time_index(after.first_seen, id), &[])?;
-                    }
                     let had = |f: fn(&VerificationRecord) -> &Option<String>| {
                         before.as_ref().and_then(|b| f(b).as_ref()).is_some()
                     };
+                    // Parsing a number costs microseconds: only when the record lacks it.
+                    let number = match (had(|r| &r.number), incoming.event.number()) {
+                        (false, Some(n)) => {
+                            Some((numbers.protect(n).into_owned(), crate::phone::facts(n)))
+                        }
+                        _ => None,
+                    };
+                    let after = VerificationRecord::apply(
+                        before.clone(),
+                        incoming.event,
+                        stamp,
+                        number
+                            .as_ref()
+                            .map(|(stored, facts)| (stored.as_str(), facts)),
+                        incoming.decision,
+                    );
+                    if before.is_none() {
+                        by_time.insert(keys::time_index(after.first_seen, after.seq, id), &[])?;
+                    }
                     if let (false, Some(number)) = (had(|r| &r.number), &after.number) {
                         by_number.insert(keys::index(number, id), &[])?;
                     }
@@ -266,7 +454,7 @@ impl Store {
                     let encoded =
                         serde_json::to_vec(&after).map_err(ConflictableTransactionError::Abort)?;
                     records.insert(id.as_bytes(), encoded)?;
-                    events.insert(&keys::event(seq), stored_event.as_slice())?;
+                    events.insert(&event_key, stored_event.as_slice())?;
                     dedup.insert(identity.as_slice(), first.as_slice())?;
                     Ok(RecordOutcome::Stored { seq })
                 },
@@ -287,7 +475,12 @@ impl Store {
             .transpose()
     }
 
-    /// Ids of the verifications for a number, oldest index entry first.
+    /// How numbers are stored, so queries by number can be put in the same form.
+    pub fn numbers(&self) -> &NumberPrivacy {
+        &self.inner.options.numbers
+    }
+
+    /// Ids of the verifications for a number (as stored), in index order.
     pub fn ids_by_number(&self, number: &str) -> Result<Vec<String>, StoreError> {
         ids_with_prefix(&self.inner.trees.by_number, number)
     }
@@ -303,28 +496,160 @@ impl Store {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<String>, StoreError> {
-        let start = keys::time_index(since, "");
-        let end = keys::time_index(until, "");
         self.inner
             .trees
             .by_time
-            .range(start..end)
-            .map(|entry| {
-                let (key, _) = entry?;
-                Ok(String::from_utf8_lossy(key.get(8..).unwrap_or_default()).into_owned())
-            })
+            .range(keys::time_floor(since)..keys::time_floor(until))
+            .map(|entry| Ok(keys::id_of_time_index(&entry?.0)))
             .collect()
     }
 
-    /// Raw events with sequence number ≥ `from_seq`, oldest first, at most `limit`.
-    pub fn events_from(&self, from_seq: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
-        self.inner
-            .trees
-            .events
-            .range(keys::event(from_seq)..)
-            .take(limit)
-            .map(|entry| Ok(serde_json::from_slice(&entry?.1)?))
-            .collect()
+    /// The key range `[since, until)` after `cursor`, cut at the oldest write in flight.
+    fn bounds(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        after: Option<&Cursor>,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let mut start = keys::time_floor(since).to_vec();
+        if let Some(cursor) = after {
+            start = start.max(cursor.successor());
+        }
+        let mut end = keys::time_floor(until).to_vec();
+        if let Some(visible) = self.visible_before() {
+            end = end.min(visible.to_vec());
+        }
+        (start, end)
+    }
+
+    /// Records first seen in `[since, until)` after `cursor`, in time order, at most
+    /// `limit` of them matching `keep`, and a cursor when more may follow. Reads at most
+    /// `scan_budget` records, so a sparse filter over a long range returns a short page
+    /// with a cursor rather than a long wait.
+    pub fn records_between(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        after: Option<&Cursor>,
+        limit: usize,
+        scan_budget: usize,
+        keep: impl Fn(&VerificationRecord) -> bool,
+    ) -> Result<Page<VerificationRecord>, StoreError> {
+        let range = self.bounds(since, until, after);
+        page(
+            &self.inner.trees.by_time,
+            range,
+            limit,
+            scan_budget,
+            |key, _| Ok(self.get(&keys::id_of_time_index(key))?.filter(|r| keep(r))),
+        )
+    }
+
+    /// Like [`Store::records_between`] without a filter, but returns each record's stored
+    /// JSON as is: exports copy bytes instead of decoding and re-encoding every record.
+    pub fn record_bytes_between(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<sled::IVec>, StoreError> {
+        let range = self.bounds(since, until, after);
+        let records = &self.inner.trees.records;
+        page(
+            &self.inner.trees.by_time,
+            range,
+            limit,
+            usize::MAX,
+            |key, _| Ok(records.get(keys::id_of_time_index(key))?),
+        )
+    }
+
+    /// The records with these ids (missing ones skipped), in time order, after `cursor`.
+    pub fn records_by_ids(
+        &self,
+        ids: &[String],
+        after: Option<&Cursor>,
+        limit: usize,
+        keep: impl Fn(&VerificationRecord) -> bool,
+    ) -> Result<Page<VerificationRecord>, StoreError> {
+        let visible = self.visible_before();
+        let mut keyed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.get(id)? {
+                let key = keys::time_index(record.first_seen, record.seq, &record.id);
+                let after_cursor = after.is_none_or(|c| key.as_slice() > c.0.as_slice());
+                let committed = visible.is_none_or(|v| key.as_slice() < v.as_slice());
+                if after_cursor && committed && keep(&record) {
+                    keyed.push((key, record));
+                }
+            }
+        }
+        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        let more = keyed.len() > limit;
+        keyed.truncate(limit);
+        let next = more
+            .then(|| keyed.last().map(|(k, _)| Cursor(k.clone())))
+            .flatten();
+        Ok(Page {
+            items: keyed.into_iter().map(|(_, r)| r).collect(),
+            next,
+        })
+    }
+
+    /// Raw events received in `[since, until)` after `cursor`, oldest first.
+    pub fn events_between(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Page<StoredEvent>, StoreError> {
+        let range = self.bounds(since, until, after);
+        page(
+            &self.inner.trees.events,
+            range,
+            limit,
+            usize::MAX,
+            |_, value| Ok(Some(serde_json::from_slice(value)?)),
+        )
+    }
+
+    /// Deletes up to `batch` records first seen before `cutoff` (with their index and
+    /// dedup entries) and up to `batch` raw events received before it. Returns how many
+    /// of each went; call again until both are zero.
+    pub fn delete_before(
+        &self,
+        cutoff: DateTime<Utc>,
+        batch: usize,
+    ) -> Result<(usize, usize), StoreError> {
+        let t = &self.inner.trees;
+        let end = keys::time_floor(cutoff);
+        let mut records = 0;
+        for entry in t.by_time.range(..end).take(batch) {
+            let (key, _) = entry?;
+            let id = keys::id_of_time_index(&key);
+            if let Some(record) = self.get(&id)? {
+                if let Some(number) = &record.number {
+                    t.by_number.remove(keys::index(number, &id))?;
+                }
+                if let Some(reference) = &record.reference {
+                    t.by_reference.remove(keys::index(reference, &id))?;
+                }
+            }
+            for dedup in t.dedup.scan_prefix(keys::dedup_prefix(&id)).keys() {
+                t.dedup.remove(dedup?)?;
+            }
+            t.records.remove(id.as_bytes())?;
+            t.by_time.remove(key)?;
+            records += 1;
+        }
+        let mut events = 0;
+        for key in t.events.range(..end).keys().take(batch) {
+            t.events.remove(key?)?;
+            events += 1;
+        }
+        Ok((records, events))
     }
 
     /// Bytes the database occupies on disk.
@@ -364,6 +689,7 @@ impl StoreSlot {
     pub fn open_in_background(
         &self,
         path: std::path::PathBuf,
+        options: StoreOptions,
         stop: Arc<std::sync::atomic::AtomicBool>,
         on_flush: impl Fn(Duration) + Clone + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -373,7 +699,7 @@ impl StoreSlot {
             .spawn(move || {
                 let mut attempt: u32 = 0;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    match Store::open(&path, on_flush.clone()) {
+                    match Store::open_with(&path, options.clone(), on_flush.clone()) {
                         Ok(store) => {
                             tracing::info!(path = %path.display(), "store open");
                             let _ = slot.store.set(store);
@@ -400,6 +726,33 @@ impl StoreSlot {
 }
 
 const STORE_OPEN_RETRY: Duration = Duration::from_millis(500);
+
+/// Walks `tree` over `range`, turning entries into items (`None` skips one), until
+/// `limit` items or `budget` entries were read; the cursor then points at the last entry
+/// read, so the next page starts right after it.
+fn page<T>(
+    tree: &Tree,
+    (start, end): (Vec<u8>, Vec<u8>),
+    limit: usize,
+    budget: usize,
+    mut item: impl FnMut(&[u8], &[u8]) -> Result<Option<T>, StoreError>,
+) -> Result<Page<T>, StoreError> {
+    let mut items = Vec::new();
+    if start >= end {
+        return Ok(Page { items, next: None });
+    }
+    for (read, entry) in tree.range(start..end).enumerate() {
+        let (key, value) = entry?;
+        items.extend(item(&key, &value)?);
+        if items.len() == limit || read + 1 == budget {
+            return Ok(Page {
+                items,
+                next: Some(Cursor(key.to_vec())),
+            });
+        }
+    }
+    Ok(Page { items, next: None })
+}
 
 fn ids_with_prefix(tree: &Tree, value: &str) -> Result<Vec<String>, StoreError> {
     let prefix = keys::index(value, "");
@@ -473,11 +826,19 @@ mod tests {
             matches!(put(&store, &first, 1).await, RecordOutcome::Duplicate(d) if d.seq == seq)
         );
         put(&store, r#"{"id":"z","event":"Mystery","x":[1,2]}"#, 2).await;
-        let events = store.events_from(0, 10).unwrap();
+        let all = store.events_between(at(-1), at(100), None, 10).unwrap();
+        assert!(all.next.is_none());
+        let events = all.items;
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].body.get(), first);
         assert_eq!(events[1].event, "Mystery");
         assert!(events[0].seq < events[1].seq);
-        assert_eq!(store.events_from(events[1].seq, 10).unwrap().len(), 1);
+        let page = store.events_between(at(-1), at(100), None, 1).unwrap();
+        assert_eq!(page.items.len(), 1);
+        let rest = store
+            .events_between(at(-1), at(100), page.next.as_ref(), 10)
+            .unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].event, "Mystery");
     }
 }

@@ -9,15 +9,23 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     events::{Action, Price, VerificationEvent},
+    phone::NumberFacts,
     policy::PolicyDecision,
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VerificationRecord {
     pub id: String,
+    /// Creation order; with `first_seen` it places the record in the time index.
+    pub seq: u64,
     /// The Sinch application whose key signed the first event.
     pub app_key: String,
+    /// E.164, or `hmac-sha256:<hex>` when the store keeps only keyed hashes of numbers.
     pub number: Option<String>,
+    /// ISO 3166-1 alpha-2 of the number, when it belongs to a territory.
+    pub country: Option<String>,
+    /// `+`, calling code and three digits (kept even when the number is hashed).
+    pub prefix: Option<String>,
     pub method: Option<String>,
     pub reference: Option<String>,
     pub custom: Option<String>,
@@ -29,6 +37,17 @@ pub struct VerificationRecord {
     pub result: Option<ResultPart>,
     /// Accepted events for this id (duplicates excluded).
     pub event_count: u32,
+}
+
+/// Where and when an event is recorded.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordStamp<'a> {
+    pub app_key: &'a str,
+    /// The write's sequence number (a new record keeps it as its creation order).
+    pub seq: u64,
+    /// Non-decreasing write time: a new record's `first_seen`.
+    pub ordered_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,11 +113,14 @@ impl ResultPart {
 }
 
 impl VerificationRecord {
-    fn empty(id: &str, app_key: &str, at: DateTime<Utc>) -> Self {
+    fn empty(id: &str, seq: u64, app_key: &str, at: DateTime<Utc>) -> Self {
         Self {
             id: id.to_owned(),
+            seq,
             app_key: app_key.to_owned(),
             number: None,
+            country: None,
+            prefix: None,
             method: None,
             reference: None,
             custom: None,
@@ -112,18 +134,33 @@ impl VerificationRecord {
         }
     }
 
-    /// Merges one accepted event (and the decision taken for it) into the record.
+    /// Merges one accepted event (and the decision taken for it) into the record. A new
+    /// record is placed at `(ordered_at, seq)`; `number` is the event's number as it is to
+    /// be stored, with its facts.
     pub fn apply(
         existing: Option<Self>,
         event: &VerificationEvent,
-        app_key: &str,
-        received_at: DateTime<Utc>,
+        stamp: RecordStamp<'_>,
+        number: Option<(&str, &NumberFacts)>,
         decision: Option<&DecisionRecord>,
     ) -> Self {
-        let mut record = existing.unwrap_or_else(|| Self::empty(event.id(), app_key, received_at));
+        let RecordStamp {
+            app_key,
+            seq,
+            ordered_at,
+            received_at,
+        } = stamp;
+        let mut record =
+            existing.unwrap_or_else(|| Self::empty(event.id(), seq, app_key, ordered_at));
         record.event_count = record.event_count.saturating_add(1);
         record.updated_at = record.updated_at.max(received_at);
-        fill(&mut record.number, event.number());
+        if record.number.is_none() {
+            if let Some((stored, facts)) = number {
+                record.number = Some(stored.to_owned());
+                record.country.clone_from(&facts.country);
+                record.prefix.clone_from(&facts.prefix);
+            }
+        }
         fill(&mut record.method, event.method().map(|m| m.as_str()));
         fill(&mut record.reference, event.reference());
         match event {
@@ -199,14 +236,18 @@ mod tests {
     fn fold(events: &[(&str, i64)]) -> VerificationRecord {
         events
             .iter()
-            .fold(None, |rec, (json, at)| {
-                Some(VerificationRecord::apply(
-                    rec,
-                    &event(json),
-                    "app",
-                    t(*at),
-                    None,
-                ))
+            .enumerate()
+            .fold(None, |rec, (seq, (json, at))| {
+                let event = event(json);
+                let facts = event.number().map(crate::phone::facts);
+                let number = event.number().zip(facts.as_ref());
+                let stamp = RecordStamp {
+                    app_key: "app",
+                    seq: seq as u64,
+                    ordered_at: t(*at),
+                    received_at: t(*at),
+                };
+                Some(VerificationRecord::apply(rec, &event, stamp, number, None))
             })
             .unwrap()
     }
@@ -215,6 +256,8 @@ mod tests {
     fn request_result_and_delivery_join_into_one_record() {
         let r = fold(&[(REQUEST, 0), (DELIVERED, 2), (SUCCESS, 30)]);
         assert_eq!(r.number.as_deref(), Some("+46700000001"));
+        assert_eq!(r.country.as_deref(), Some("SE"));
+        assert_eq!(r.prefix.as_deref(), Some("+46700"));
         assert_eq!(r.reference.as_deref(), Some("ref-1"));
         assert_eq!(r.method.as_deref(), Some("sms"));
         assert_eq!(

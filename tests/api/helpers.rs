@@ -251,6 +251,11 @@ impl TestApp {
             .await
     }
 
+    /// Like `post_callback`, for callers that build bodies on the fly.
+    pub async fn post_callback_owned(&self, body: String) -> Reply {
+        self.post_callback(&body).await
+    }
+
     /// Posts with exactly these headers and body bytes.
     pub async fn post_raw(&self, url: &str, headers: &[(String, String)], body: Vec<u8>) -> Reply {
         let mut request = self.client.post(url).body(body);

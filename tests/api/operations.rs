@@ -318,13 +318,19 @@ async fn logs_are_json_and_never_carry_secrets_or_full_numbers() {
             .await
             .unwrap();
     }
-    binary
-        .client
-        .get(format!("{}/v1/verifications/log-1", binary.base))
-        .bearer_auth(API_TOKEN)
-        .send()
-        .await
-        .unwrap();
+    for path in [
+        "/v1/verifications/log-1",
+        "/v1/verifications?number=%2B46701234567",
+    ] {
+        let reply = binary
+            .client
+            .get(format!("{}{path}", binary.base))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(reply.status(), 200, "{path}");
+    }
     let lines = binary.terminate();
 
     let all = lines.join("\n");

@@ -1,0 +1,253 @@
+use super::*;
+use crate::{
+    events::{Action, Price},
+    store::{DecisionRecord, RequestPart, ResultPart},
+};
+use chrono::TimeZone;
+
+fn t(day: u32, hour: u32) -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, day, hour, 0, 0).unwrap()
+}
+
+fn record(
+    id: &str,
+    country: &str,
+    method: &str,
+    action: Option<Action>,
+    status: Option<&str>,
+    price: f64,
+    at: DateTime<Utc>,
+) -> VerificationRecord {
+    VerificationRecord {
+        id: id.into(),
+        seq: 0,
+        app_key: "app".into(),
+        number: Some("+46700000001".into()),
+        country: Some(country.into()),
+        prefix: Some("+46700".into()),
+        method: Some(method.into()),
+        reference: Some(format!("ref-{id}")),
+        custom: None,
+        first_seen: at,
+        updated_at: at,
+        request: action.map(|_| RequestPart {
+            received_at: at,
+            price: Some(Price {
+                currency_id: Some("EUR".into()),
+                amount: Some(price),
+            }),
+            rate: None,
+            accept_language: None,
+        }),
+        decision: action.map(|action| DecisionRecord {
+            action,
+            rule: (action == Action::Deny).then(|| "premium".into()),
+            reason: "r".into(),
+            on_error: false,
+            policy_version: "v1".into(),
+            decided_at: at,
+            answer: serde_json::json!({"action": action.as_str()}),
+        }),
+        sms_delivery: None,
+        result: status.map(|s| ResultPart {
+            status: s.into(),
+            reason: None,
+            source: None,
+            received_at: at,
+        }),
+        event_count: 1,
+    }
+}
+
+fn data_set() -> Vec<VerificationRecord> {
+    vec![
+        record(
+            "a",
+            "SE",
+            "sms",
+            Some(Action::Allow),
+            Some("SUCCESSFUL"),
+            0.05,
+            t(1, 10),
+        ),
+        record(
+            "b",
+            "SE",
+            "sms",
+            Some(Action::Allow),
+            Some("FAIL"),
+            0.05,
+            t(1, 11),
+        ),
+        record(
+            "c",
+            "SE",
+            "flashcall",
+            Some(Action::Allow),
+            Some("SUCCESSFUL"),
+            0.01,
+            t(2, 9),
+        ),
+        record(
+            "d",
+            "GB",
+            "sms",
+            Some(Action::Deny),
+            Some("DENIED"),
+            0.07,
+            t(2, 10),
+        ),
+        record("e", "GB", "sms", Some(Action::Allow), None, 0.07, t(2, 11)),
+        record("f", "GB", "sms", None, Some("SUCCESSFUL"), 0.0, t(2, 12)),
+    ]
+}
+
+#[test]
+fn stats_add_up_on_a_known_data_set() {
+    let mut all = StatsBuilder::new(vec![]);
+    data_set().iter().for_each(|r| all.add(r));
+    let total = &all.finish()[0];
+    assert_eq!(
+        (
+            total.verifications,
+            total.requests,
+            total.allowed,
+            total.denied
+        ),
+        (6, 5, 4, 1)
+    );
+    assert_eq!(total.successful_allowed, 2);
+    assert_eq!(total.conversion_rate, Some(0.5));
+    assert!(
+        (total.price["EUR"] - 0.18).abs() < 1e-9,
+        "{:?}",
+        total.price
+    );
+    assert_eq!(total.results["SUCCESSFUL"], 3);
+    assert_eq!(total.results["NONE"], 1);
+
+    let mut by = StatsBuilder::new(vec![GroupBy::Country, GroupBy::Day]);
+    data_set().iter().for_each(|r| by.add(r));
+    let groups = by.finish();
+    let keys: Vec<_> = groups
+        .iter()
+        .map(|g| (g.group["country"].as_str(), g.group["day"].as_str()))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("GB", "2026-11-02"),
+            ("SE", "2026-11-01"),
+            ("SE", "2026-11-02")
+        ]
+    );
+    assert_eq!(
+        (
+            groups[0].allowed,
+            groups[0].denied,
+            groups[0].conversion_rate
+        ),
+        (1, 1, Some(0.0))
+    );
+    assert_eq!(
+        (groups[1].allowed, groups[1].conversion_rate),
+        (2, Some(0.5))
+    );
+    assert_eq!(groups[2].conversion_rate, Some(1.0));
+}
+
+#[test]
+fn a_group_with_nothing_allowed_has_no_conversion_rate() {
+    let mut by = StatsBuilder::new(vec![GroupBy::Rule]);
+    data_set().iter().for_each(|r| by.add(r));
+    let groups = by.finish();
+    let premium = groups
+        .iter()
+        .find(|g| g.group["rule"] == "premium")
+        .unwrap();
+    assert_eq!(premium.conversion_rate, None);
+    assert!(groups.iter().any(|g| g.group["rule"] == "none"));
+}
+
+fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn filters_keep_exactly_the_matching_records() {
+    let data = data_set();
+    let run = |pairs: &[(&str, &str)]| -> Vec<String> {
+        let values = params(pairs);
+        let p = Params::new(&values, LIST_PARAMS).unwrap();
+        let f = VerificationFilter::from_params(&p).unwrap();
+        let stored = f.number.clone();
+        data.iter()
+            .filter(|r| f.matches(r, stored.as_deref()))
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    assert_eq!(run(&[("country", "gb")]), ["d", "e", "f"]);
+    assert_eq!(run(&[("status", "successful")]), ["a", "c", "f"]);
+    assert_eq!(run(&[("method", "FlashCall")]), ["c"]);
+    assert_eq!(run(&[("action", "deny")]), ["d"]);
+    assert_eq!(run(&[("rule", "default")]), ["a", "b", "c", "e"]);
+    assert_eq!(run(&[("status", "none")]), ["e"]);
+    assert_eq!(
+        run(&[
+            ("country", "SE"),
+            ("status", "SUCCESSFUL"),
+            ("method", "sms")
+        ]),
+        ["a"]
+    );
+    assert_eq!(run(&[("reference", "ref-b")]), ["b"]);
+    assert_eq!(
+        run(&[("number", "+46700000001"), ("action", "allow")]),
+        ["a", "b", "c", "e"]
+    );
+    assert!(run(&[("number", "+46700000002")]).is_empty());
+}
+
+#[test]
+fn bad_parameters_name_themselves() {
+    let cases: &[(&[(&str, &str)], &str)] = &[
+        (&[("status", "WON")], "`status`"),
+        (&[("method", "pigeon")], "`method`"),
+        (&[("country", "Sweden")], "`country`"),
+        (&[("action", "maybe")], "`action`"),
+        (&[("number", "0700")], "`number`"),
+        (&[("since", "yesterday")], "`since`"),
+        (&[("limit", "0")], "`limit`"),
+        (&[("limit", "5000")], "`limit`"),
+        (
+            &[
+                ("since", "2026-11-02T00:00:00Z"),
+                ("until", "2026-11-01T00:00:00Z"),
+            ],
+            "`until`",
+        ),
+        (&[("colour", "red")], "`colour`"),
+        (&[("rule", "")], "`rule`"),
+    ];
+    for (pairs, name) in cases {
+        let values = params(pairs);
+        let err = Params::new(&values, LIST_PARAMS)
+            .and_then(|p| {
+                VerificationFilter::from_params(&p)
+                    .and(p.range())
+                    .and(p.limit())
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains(name), "{pairs:?}: {err}");
+    }
+}
+
+#[test]
+fn csv_rows_have_one_value_per_column() {
+    for r in data_set() {
+        assert_eq!(csv_row(&r).len(), CSV_COLUMNS.len());
+    }
+}
