@@ -65,6 +65,7 @@ async fn load(store: &Store, n: u64) {
             rule: None,
             reason: "bench".into(),
             response: Default::default(),
+            explanation: Default::default(),
         },
         false,
         "bench",

@@ -13,6 +13,7 @@ use crate::{
     client::{self, Sample, SampleKind},
     clock::Clock,
     config::Settings,
+    policy::{tools, RulesPolicy},
     routes::analytics::ExportFormat,
     signature::AppCredentials,
     startup::Application,
@@ -76,6 +77,9 @@ pub enum Command {
         #[arg(long)]
         key: Option<String>,
     },
+    /// Check, test and replay policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Write stored verifications to standard output (or a file) while the service is
     /// stopped; a running service serves the same through GET /v1/export.
     Export {
@@ -99,6 +103,32 @@ pub enum Command {
     },
 }
 
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy, summarise it, and warn about rules that can never match.
+    Check { file: PathBuf },
+    /// Run table-driven cases (a TOML file of [[case]]s) against a policy; exit 1 on a failure.
+    Test { file: PathBuf, cases: PathBuf },
+    /// Evaluate a candidate policy against stored request events and report what would
+    /// change, with each verification's real outcome.
+    Replay {
+        file: PathBuf,
+        /// How far back: a duration ("7d") or an RFC 3339 time.
+        #[arg(long)]
+        since: String,
+        /// A running verigate to read from (GET /v1/export); default: open the store
+        /// directly (the service must be stopped).
+        #[arg(long)]
+        url: Option<String>,
+        /// API token for --url.
+        #[arg(long, env = "VERIGATE_API_TOKEN")]
+        token: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormatArg {
     Ndjson,
@@ -107,6 +137,7 @@ pub enum ExportFormatArg {
 
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Policy(command) => run_policy(command, &settings).await,
         Command::Export {
             since,
             until,
@@ -260,6 +291,131 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             })
         }
     }
+}
+
+async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        PolicyCommand::Check { file } => match RulesPolicy::load(&file) {
+            Ok(policy) => {
+                print!("{}", policy.summary());
+                let warnings = policy.warnings();
+                for warning in &warnings {
+                    println!("warning: {warning}");
+                }
+                println!("{}: ok ({} warnings)", file.display(), warnings.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(err) => {
+                eprintln!("{err}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        PolicyCommand::Test { file, cases } => {
+            let text = std::fs::read_to_string(&cases)
+                .with_context(|| format!("cannot read {}", cases.display()))?;
+            let results =
+                tools::run_cases(&file, &text, chrono::Utc::now()).map_err(anyhow::Error::msg)?;
+            let failed = results.iter().filter(|r| !r.passed).count();
+            for r in &results {
+                println!(
+                    "{} {}: {}",
+                    if r.passed { "ok  " } else { "FAIL" },
+                    r.name,
+                    r.detail
+                );
+            }
+            println!("{} passed, {failed} failed", results.len() - failed);
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        PolicyCommand::Replay {
+            file,
+            since,
+            url,
+            token,
+            json,
+        } => {
+            let candidate = RulesPolicy::load(&file)?;
+            let now = chrono::Utc::now();
+            let since = time_arg("--since", &since, now)?;
+            let records = match url {
+                Some(url) => fetch_records(&url, token.as_deref(), since).await?,
+                None => {
+                    let store =
+                        Store::open_with(&settings.store.path, settings.store_options(), |_| {})
+                            .map_err(|e| {
+                                anyhow::anyhow!(
+                                    "{e}\n(is verigate running on this store? then pass --url)"
+                                )
+                            })?;
+                    let mut records = Vec::new();
+                    let mut after = None;
+                    loop {
+                        let page = store.records_between(
+                            since,
+                            now,
+                            after.as_ref(),
+                            1000,
+                            1000,
+                            |_| true,
+                        )?;
+                        records.extend(page.items);
+                        match page.next {
+                            Some(next) => after = Some(next),
+                            None => break records,
+                        }
+                    }
+                }
+            };
+            let report = tools::replay(&candidate, records);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Every record first seen since `since`, from a running service's export.
+async fn fetch_records(
+    base: &str,
+    token: Option<&str>,
+    since: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Vec<crate::store::VerificationRecord>> {
+    let url = format!(
+        "{}/v1/export?format=ndjson&since={}",
+        base.trim_end_matches('/'),
+        since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let mut request = awc::Client::default().get(&url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request
+        .send()
+        .await
+        .map_err(|e| anyhow::anyhow!("GET {url} failed: {e}"))?;
+    let body = response
+        .body()
+        .limit(usize::MAX)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading {url} failed: {e}"))?;
+    if !response.status().is_success() {
+        anyhow::bail!(
+            "GET {url}: {} {}",
+            response.status(),
+            String::from_utf8_lossy(&body)
+        );
+    }
+    body.split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).context("a line of the export is not a record"))
+        .collect()
 }
 
 /// The app to sign with: the one named, else the first configured.

@@ -34,6 +34,8 @@ pub enum ErrorCode {
     // 400 / 404 / 405 / 413 / 415: the caller sent something we cannot use.
     MalformedJson,
     InvalidEvent,
+    InvalidPolicy,
+    Forbidden,
     BadRequest,
     NotFound,
     MethodNotAllowed,
@@ -60,6 +62,8 @@ impl ErrorCode {
             | InvalidToken
             | ApiDisabled => StatusCode::UNAUTHORIZED,
             MalformedJson | InvalidEvent | BadRequest => StatusCode::BAD_REQUEST,
+            InvalidPolicy => StatusCode::UNPROCESSABLE_ENTITY,
+            Forbidden => StatusCode::FORBIDDEN,
             NotFound => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -86,6 +90,8 @@ impl ErrorCode {
             ApiDisabled => "api_disabled",
             MalformedJson => "malformed_json",
             InvalidEvent => "invalid_event",
+            InvalidPolicy => "invalid_policy",
+            Forbidden => "forbidden",
             BadRequest => "bad_request",
             NotFound => "not_found",
             MethodNotAllowed => "method_not_allowed",

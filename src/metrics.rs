@@ -76,6 +76,7 @@ pub struct Metrics {
     store_open: Gauge,
     policy_loads: Family<OutcomeLabels, Counter>,
     policy_info: Family<VersionLabels, Gauge>,
+    counter_keys: Gauge,
 }
 
 impl Metrics {
@@ -143,7 +144,14 @@ impl Metrics {
             "1 for the version of the policy in force",
             policy_info.clone(),
         );
+        let counter_keys = Gauge::default();
+        r.register(
+            "rate_limit_keys",
+            "Keys held by the policy's rate_limit, distinct_numbers and spend counters",
+            counter_keys.clone(),
+        );
         Arc::new(Self {
+            counter_keys,
             registry: r,
             callbacks,
             auth_failures,
@@ -222,8 +230,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition; `store_size` is sampled by the caller at scrape time.
-    pub fn render(&self, store_size: Option<u64>) -> String {
+    /// The Prometheus text exposition; `store_size` and `counter_keys` are sampled by the
+    /// caller at scrape time.
+    pub fn render(&self, store_size: Option<u64>, counter_keys: usize) -> String {
+        self.counter_keys
+            .set(i64::try_from(counter_keys).unwrap_or(i64::MAX));
         self.store_open.set(i64::from(store_size.is_some()));
         if let Some(size) = store_size {
             self.store_size_bytes

@@ -23,7 +23,7 @@ use crate::{
     config::Settings,
     error::{json_error_fallback, ApiError, ErrorCode},
     metrics::Metrics,
-    policy::{Policy, RulesPolicy},
+    policy::{reload, Policy, RulesPolicy},
     routes::{self, CallbackState},
     store::{retention, StoreSlot},
     telemetry::CallbackRootSpan,
@@ -36,14 +36,29 @@ pub struct Application {
     stop_opening: Arc<AtomicBool>,
     opener: Option<JoinHandle<()>>,
     retention: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<Metrics>,
+    /// Kept alive while the service runs: dropping it stops watching the policy file.
+    watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl Application {
-    /// Builds the service from settings, with the rules policy from `policy.path`.
+    /// Builds the service from settings, with the rules policy from `policy.path`,
+    /// reloaded when the file changes, on SIGHUP and on `POST /v1/policy/reload`.
     pub fn build(settings: &Settings, clock: Clock) -> anyhow::Result<Self> {
         let policy = RulesPolicy::load(&settings.policy.path)?;
         tracing::info!(path = %settings.policy.path.display(), "policy loaded: {policy}");
-        Self::build_with_policy(settings, clock, Arc::new(policy))
+        for warning in policy.warnings() {
+            tracing::warn!("policy: {warning}");
+        }
+        let policy: Arc<dyn Policy> = Arc::new(policy);
+        let mut app = Self::build_with_policy(settings, clock, Arc::clone(&policy))?;
+        app.watcher = Some(reload::watch(
+            &settings.policy.path,
+            Arc::clone(&policy),
+            Arc::clone(&app.metrics),
+        )?);
+        reload::on_sighup(policy, Arc::clone(&app.metrics))?;
+        Ok(app)
     }
 
     /// Builds the service around any [`Policy`] implementation.
@@ -60,7 +75,8 @@ impl Application {
             tracing::warn!("no Sinch app is configured: every callback will be refused (set VERIGATE_APP_KEY and VERIGATE_APP_SECRET)");
         }
         let metrics = Metrics::new();
-        metrics.policy_loaded(policy.version());
+        metrics.policy_loaded(&policy.version());
+        let app_metrics = Arc::clone(&metrics);
         let listener = TcpListener::bind(settings.listen_addr()?)
             .with_context(|| format!("cannot listen on {}", settings.server.listen))?;
         let port = listener.local_addr()?.port();
@@ -139,6 +155,8 @@ impl Application {
             stop_opening,
             opener: Some(opener),
             retention,
+            metrics: app_metrics,
+            watcher: None,
         })
     }
 

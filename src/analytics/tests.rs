@@ -47,6 +47,7 @@ fn record(
             policy_version: "v1".into(),
             decided_at: at,
             answer: serde_json::json!({"action": action.as_str()}),
+            explanation: Default::default(),
         }),
         sms_delivery: None,
         result: status.map(|s| ResultPart {

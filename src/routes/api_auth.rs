@@ -31,6 +31,42 @@ impl FromRequest for ApiCaller {
     }
 }
 
+/// Proof that a request carried the admin token (`api.token`): needed to change things.
+pub struct AdminCaller;
+
+impl FromRequest for AdminCaller {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        ready(authenticate(req).and_then(|_| {
+            let admin = req
+                .app_data::<web::Data<ApiToken>>()
+                .and_then(|t| t.admin.as_ref())
+                .map(|t| t.expose_secret().as_bytes().to_vec());
+            let given = bearer(req).unwrap_or_default();
+            match admin {
+                Some(admin) if bool::from(given.as_bytes().ct_eq(&admin)) => Ok(AdminCaller),
+                _ => Err(ApiError::new(
+                    ErrorCode::Forbidden,
+                    "this needs the admin token (api.token)",
+                )),
+            }
+        }))
+    }
+}
+
+fn bearer(req: &HttpRequest) -> Option<String> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|v| v.trim().to_owned())
+}
+
 fn authenticate(req: &HttpRequest) -> Result<ApiCaller, ApiError> {
     let tokens = req.app_data::<web::Data<ApiToken>>();
     let configured: Vec<&SecretString> = tokens

@@ -24,7 +24,7 @@ use crate::{
     error::{ApiError, ErrorCode},
     events::{Action, CallbackResponse, VerificationEvent, VerificationRequestEvent},
     metrics::{outcome, Metrics},
-    policy::{Policy, PolicyDecision},
+    policy::{Outcome, Policy, PolicyDecision},
     signature::{Freshness, Keyring, SignedRequest},
     store::{DecisionRecord, IncomingEvent, RecordOutcome, Store, StoreSlot},
     telemetry::{redact_numbers, MaskedNumber},
@@ -145,7 +145,7 @@ async fn answer_request(
     let record = DecisionRecord::new(
         &decision,
         on_error,
-        state.policy.version(),
+        &state.policy.version(),
         state.clock.now(),
         answer_json.clone(),
     );
@@ -192,7 +192,8 @@ async fn decide(
     let policy = Arc::clone(&state.policy);
     let owned = request.clone();
     let started = Instant::now();
-    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned));
+    let now = state.clock.now();
+    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned, now));
     let failure = match tokio::time::timeout(state.decision_deadline, &mut decision).await {
         Ok(Ok(Ok(decision))) => return (decision, false),
         Ok(Ok(Err(err))) => err.to_string(),
@@ -222,6 +223,7 @@ async fn decide(
         rule: None,
         reason: format!("on_error: {failure}"),
         response: Default::default(),
+        explanation: Default::default(),
     };
     (decision, true)
 }
@@ -253,6 +255,9 @@ async fn acknowledge(
     match store.record(incoming).await {
         Ok(RecordOutcome::Stored { .. }) => {
             state.metrics.callback(Some(event_type), outcome::ACCEPTED);
+            if let VerificationEvent::Result(result) = incoming.event {
+                report_outcome(state, store, &result.id, &result.status);
+            }
             if let VerificationEvent::Unknown { .. } = incoming.event {
                 tracing::warn!("unknown event type: stored raw and acknowledged");
             } else {
@@ -276,6 +281,22 @@ async fn acknowledge(
                 "the event could not be stored; retry later",
             )
             .error_response_json()
+        }
+    }
+}
+
+/// Tells the policy how a verification it decided on ended (final statuses only).
+fn report_outcome(state: &CallbackState, store: &Store, id: &str, status: &str) {
+    if status == "PENDING" {
+        return;
+    }
+    if let Ok(Some(record)) = store.get(id) {
+        if let Some(decision) = &record.decision {
+            state.policy.observe_outcome(Outcome {
+                rule: decision.rule.as_deref(),
+                shadow: &decision.explanation.shadow,
+                status,
+            });
         }
     }
 }

@@ -4,11 +4,12 @@ pub mod analytics;
 mod api_auth;
 mod callbacks;
 mod health;
+mod policy;
 mod verifications;
 
 use actix_web::{web, HttpResponse};
 
-pub use api_auth::ApiCaller;
+pub use api_auth::{AdminCaller, ApiCaller};
 pub use callbacks::CallbackState;
 
 use crate::error::{ApiError, ErrorCode};
@@ -26,6 +27,8 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
         .route("/v1/export", web::get().to(analytics::export))
         .route("/v1/stats", web::get().to(analytics::stats))
         .route("/v1/events", web::get().to(analytics::events))
+        .route("/v1/policy", web::get().to(policy::describe))
+        .route("/v1/policy/reload", web::post().to(policy::reload_now))
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))

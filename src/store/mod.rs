@@ -145,6 +145,20 @@ impl NumberPrivacy {
         }
     }
 
+    /// The decision as stored: counter keys derived from the number are hashed too.
+    fn protect_decision<'a>(&self, decision: &'a DecisionRecord) -> Cow<'a, DecisionRecord> {
+        if matches!(self, Self::Plain) || decision.explanation.counters.is_empty() {
+            return Cow::Borrowed(decision);
+        }
+        let mut owned = decision.clone();
+        for reading in &mut owned.explanation.counters {
+            if reading.key.starts_with('+') {
+                reading.key = self.protect(&reading.key).into_owned();
+            }
+        }
+        Cow::Owned(owned)
+    }
+
     /// The raw body as stored: unchanged, or with `identity.endpoint` replaced by its hash.
     fn protect_body<'a>(&self, raw: &'a [u8]) -> Cow<'a, [u8]> {
         if matches!(self, Self::Plain) {
@@ -392,6 +406,8 @@ impl Store {
             answer: incoming.decision.map(|d| d.answer.clone()),
         })?;
         let id = incoming.event.id();
+        // Counter keys in the explanation can be the number (or most of it).
+        let decision = incoming.decision.map(|d| numbers.protect_decision(d));
         let stamp = RecordStamp {
             app_key: incoming.app_key,
             seq,
@@ -440,7 +456,7 @@ impl Store {
                         number
                             .as_ref()
                             .map(|(stored, facts)| (stored.as_str(), facts)),
-                        incoming.decision,
+                        decision.as_deref(),
                     );
                     if before.is_none() {
                         by_time.insert(keys::time_index(after.first_seen, after.seq, id), &[])?;

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     events::{Action, Price, VerificationEvent},
     phone::NumberFacts,
-    policy::PolicyDecision,
+    policy::{Explanation, PolicyDecision},
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +70,9 @@ pub struct DecisionRecord {
     pub decided_at: DateTime<Utc>,
     /// The exact JSON body answered to Sinch.
     pub answer: serde_json::Value,
+    /// Shadow matches, facts and counters behind the decision.
+    #[serde(default)]
+    pub explanation: Explanation,
 }
 
 impl DecisionRecord {
@@ -88,6 +91,7 @@ impl DecisionRecord {
             policy_version: policy_version.to_owned(),
             decided_at,
             answer,
+            explanation: decision.explanation.clone(),
         }
     }
 }

@@ -25,12 +25,18 @@ async fn request_events_for_every_method_are_allowed_with_that_methods_fields_on
     ];
     for (i, (method, expected)) in cases.iter().enumerate() {
         let id = format!("req-{i}");
+        let number = format!("+4670000001{i}");
         let reply = app
-            .post_callback(&request_event(&id, method, "+46700000001"))
+            .post_callback(&request_event(&id, method, &number))
             .await;
         assert_eq!(reply.status, 200, "{method}: {}", reply.text);
         assert!(reply.content_type.starts_with("application/json"));
-        assert_eq!(reply.json(), *expected, "{method}");
+        assert_eq!(
+            reply.json(),
+            *expected,
+            "{method}: {:?}",
+            app.record(&id).await
+        );
         let record = app.record(&id).await.expect("record stored");
         assert_eq!(record["decision"]["action"], "allow");
         assert_eq!(record["decision"]["answer"], *expected);
@@ -50,7 +56,12 @@ async fn a_high_risk_prefix_is_denied_and_the_record_says_which_rule() {
         record["decision"]["rule"],
         "high-risk-international-networks"
     );
-    assert_eq!(record["decision"]["reason"], "prefix +882");
+    assert_eq!(
+        record["decision"]["reason"],
+        "rule `high-risk-international-networks` matched prefix +882"
+    );
+    assert_eq!(record["decision"]["explanation"]["matched_prefix"], "+882");
+    assert_eq!(record["decision"]["explanation"]["country"], "unknown");
     assert_eq!(record["decision"]["on_error"], false);
     assert_eq!(
         record["decision"]["policy_version"].as_str().unwrap().len(),

@@ -53,6 +53,12 @@ pub struct TestApp {
 pub fn test_env(data_dir: &TempDir) -> Vec<(String, String)> {
     let policy = data_dir.path().join("policy.toml");
     if !policy.exists() {
+        std::fs::create_dir_all(data_dir.path().join("lists")).unwrap();
+        std::fs::write(
+            data_dir.path().join("lists/high-risk-prefixes.txt"),
+            include_str!("../../config/lists/high-risk-prefixes.txt"),
+        )
+        .unwrap();
         std::fs::write(&policy, include_str!("../../config/policy.toml")).unwrap();
     }
     [
@@ -187,7 +193,7 @@ impl Reply {
     }
 }
 
-async fn reply(response: reqwest::Response) -> Reply {
+pub async fn reply(response: reqwest::Response) -> Reply {
     Reply {
         status: response.status().as_u16(),
         content_type: response
@@ -461,6 +467,10 @@ impl RunningBinary {
             request = request.header(name, value);
         }
         request.body(body).send().await.unwrap().status().as_u16()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no chance to flush anything on the way out.

@@ -10,4 +10,5 @@ mod durability;
 mod errors;
 mod helpers;
 mod operations;
+mod policy;
 mod policy_plugin;

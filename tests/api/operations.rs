@@ -109,34 +109,43 @@ async fn readiness_is_false_until_the_store_opens_and_callbacks_are_answered_mea
 struct SlowPolicy(Duration);
 
 impl Policy for SlowPolicy {
-    fn decide(&self, _: &VerificationRequestEvent) -> Result<PolicyDecision, PolicyError> {
+    fn decide(
+        &self,
+        _: &VerificationRequestEvent,
+        _: chrono::DateTime<chrono::Utc>,
+    ) -> Result<PolicyDecision, PolicyError> {
         std::thread::sleep(self.0);
         Ok(PolicyDecision {
             action: Action::Allow,
             rule: Some("slow-allow".into()),
             reason: "took its time".into(),
             response: Default::default(),
+            explanation: Default::default(),
         })
     }
     fn on_error(&self) -> Action {
         Action::Deny
     }
-    fn version(&self) -> &str {
-        "slow-1"
+    fn version(&self) -> String {
+        "slow-1".into()
     }
 }
 
 struct PanickingPolicy;
 
 impl Policy for PanickingPolicy {
-    fn decide(&self, _: &VerificationRequestEvent) -> Result<PolicyDecision, PolicyError> {
+    fn decide(
+        &self,
+        _: &VerificationRequestEvent,
+        _: chrono::DateTime<chrono::Utc>,
+    ) -> Result<PolicyDecision, PolicyError> {
         panic!("a bug in a plugged-in policy")
     }
     fn on_error(&self) -> Action {
         Action::Deny
     }
-    fn version(&self) -> &str {
-        "panics-1"
+    fn version(&self) -> String {
+        "panics-1".into()
     }
 }
 

@@ -14,7 +14,11 @@ use crate::helpers::*;
 struct AllowEurope;
 
 impl Policy for AllowEurope {
-    fn decide(&self, req: &VerificationRequestEvent) -> Result<PolicyDecision, PolicyError> {
+    fn decide(
+        &self,
+        req: &VerificationRequestEvent,
+        _now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<PolicyDecision, PolicyError> {
         let european = ["+3", "+4"]
             .iter()
             .any(|p| req.identity.endpoint.starts_with(p));
@@ -27,6 +31,7 @@ impl Policy for AllowEurope {
             rule: Some("europe-only".into()),
             reason: "served region".into(),
             response: Default::default(),
+            explanation: Default::default(),
         })
     }
 
@@ -34,8 +39,8 @@ impl Policy for AllowEurope {
         Action::Deny
     }
 
-    fn version(&self) -> &str {
-        "europe-only-1"
+    fn version(&self) -> String {
+        "europe-only-1".into()
     }
 }
 

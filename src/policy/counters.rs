@@ -1,0 +1,246 @@
+//! Sliding-window counters for `rate_limit`, `distinct_numbers` and `spend`.
+//!
+//! They live outside the policy snapshot, keyed by rule name, condition and key value, so
+//! a reload keeps them (renaming a rule or changing its key starts afresh). The map is
+//! split into shards, each behind its own lock, so concurrent decisions rarely meet.
+//! A window is ten sub-buckets: counts are exact to a tenth of the window.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash, Hasher},
+    sync::Mutex,
+};
+
+const SHARDS: usize = 64;
+const BUCKETS: usize = 10;
+
+/// Which counter: the rule, the condition (e.g. `rate_limit:range:4`), the key value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub rule: String,
+    pub condition: String,
+    pub value: String,
+}
+
+#[derive(Debug)]
+enum Window {
+    /// Counts or sums (per currency: one window per currency key) in sub-buckets.
+    Buckets {
+        width_ms: i64,
+        /// Start of the newest bucket, in ms.
+        head_ms: i64,
+        values: [f64; BUCKETS],
+        head: usize,
+    },
+    /// Distinct numbers and when each was last seen.
+    Distinct {
+        window_ms: i64,
+        seen: HashMap<String, i64>,
+    },
+}
+
+impl Window {
+    fn buckets(window_ms: i64, now_ms: i64) -> Self {
+        let width_ms = (window_ms / BUCKETS as i64).max(1);
+        Window::Buckets {
+            width_ms,
+            head_ms: now_ms - now_ms.rem_euclid(width_ms),
+            values: [0.0; BUCKETS],
+            head: 0,
+        }
+    }
+
+    /// Moves the window to `now`, dropping what fell out of it.
+    fn advance(&mut self, now_ms: i64) {
+        match self {
+            Window::Buckets {
+                width_ms,
+                head_ms,
+                values,
+                head,
+            } => {
+                let steps = (now_ms - *head_ms).div_euclid(*width_ms);
+                if steps <= 0 {
+                    return;
+                }
+                for _ in 0..steps.min(BUCKETS as i64) {
+                    *head = (*head + 1) % BUCKETS;
+                    values[*head] = 0.0;
+                }
+                *head_ms += steps * *width_ms;
+            }
+            Window::Distinct { window_ms, seen } => {
+                let cutoff = now_ms - *window_ms;
+                seen.retain(|_, at| *at > cutoff);
+            }
+        }
+    }
+
+    fn total(&self) -> f64 {
+        match self {
+            Window::Buckets { values, .. } => values.iter().sum(),
+            Window::Distinct { seen, .. } => seen.len() as f64,
+        }
+    }
+
+    fn idle_since(&self) -> i64 {
+        match self {
+            Window::Buckets { head_ms, .. } => *head_ms,
+            Window::Distinct { seen, .. } => seen.values().copied().max().unwrap_or(i64::MIN),
+        }
+    }
+
+    fn span_ms(&self) -> i64 {
+        match self {
+            Window::Buckets { width_ms, .. } => width_ms * BUCKETS as i64,
+            Window::Distinct { window_ms, .. } => *window_ms,
+        }
+    }
+}
+
+pub struct Counters {
+    shards: Vec<Mutex<HashMap<CounterKey, Window>>>,
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+}
+
+impl Counters {
+    fn shard(&self, key: &CounterKey) -> &Mutex<HashMap<CounterKey, Window>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    fn with<R>(
+        &self,
+        key: &CounterKey,
+        fresh: impl FnOnce() -> Window,
+        now_ms: i64,
+        f: impl FnOnce(&mut Window) -> R,
+    ) -> R {
+        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        let window = shard.entry(key.clone()).or_insert_with(fresh);
+        window.advance(now_ms);
+        f(window)
+    }
+
+    /// Adds `amount` to a count or sum over `window_ms`; returns the new total.
+    pub fn add(&self, key: &CounterKey, window_ms: i64, now_ms: i64, amount: f64) -> f64 {
+        self.with(
+            key,
+            || Window::buckets(window_ms, now_ms),
+            now_ms,
+            |w| {
+                if let Window::Buckets { values, head, .. } = w {
+                    values[*head] += amount;
+                }
+                w.total()
+            },
+        )
+    }
+
+    /// The current total of a count or sum, without adding.
+    pub fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> f64 {
+        self.with(
+            key,
+            || Window::buckets(window_ms, now_ms),
+            now_ms,
+            |w| w.total(),
+        )
+    }
+
+    /// Records `number` as seen; returns how many distinct numbers the window holds.
+    pub fn see(&self, key: &CounterKey, window_ms: i64, now_ms: i64, number: &str) -> usize {
+        self.with(
+            key,
+            || Window::Distinct {
+                window_ms,
+                seen: HashMap::new(),
+            },
+            now_ms,
+            |w| {
+                if let Window::Distinct { seen, .. } = w {
+                    seen.insert(number.to_owned(), now_ms);
+                    seen.len()
+                } else {
+                    0
+                }
+            },
+        )
+    }
+
+    /// Drops windows idle for longer than their span, from one shard (call often; each
+    /// call moves on to the next shard).
+    pub fn sweep(&self, shard: usize, now_ms: i64) {
+        let mut map = self.shards[shard % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, w| now_ms - w.idle_since() <= w.span_ms());
+    }
+
+    /// Keys held, for the `verigate_rate_limit_keys` gauge.
+    pub fn keys(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(v: &str) -> CounterKey {
+        CounterKey {
+            rule: "r".into(),
+            condition: "rate_limit:number".into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn counts_leave_the_window_after_it_passes() {
+        let c = Counters::default();
+        let minute = 60_000;
+        for i in 0..5 {
+            assert_eq!(
+                c.add(&key("a"), 10 * minute, i * minute, 1.0),
+                (i + 1) as f64
+            );
+        }
+        assert_eq!(c.total(&key("a"), 10 * minute, 9 * minute), 5.0);
+        // At 12 minutes the window is (2, 12] minutes, to the minute: t=3 and t=4 remain.
+        assert_eq!(c.total(&key("a"), 10 * minute, 12 * minute), 2.0);
+        assert_eq!(c.total(&key("a"), 10 * minute, 30 * minute), 0.0);
+        assert_eq!(c.total(&key("b"), 10 * minute, 30 * minute), 0.0);
+    }
+
+    #[test]
+    fn distinct_numbers_count_each_number_once() {
+        let c = Counters::default();
+        let k = key("range");
+        assert_eq!(c.see(&k, 1000, 0, "+1"), 1);
+        assert_eq!(c.see(&k, 1000, 10, "+1"), 1);
+        assert_eq!(c.see(&k, 1000, 20, "+2"), 2);
+        assert_eq!(c.see(&k, 1000, 1015, "+3"), 2); // +1 last seen at 10 has left
+    }
+
+    #[test]
+    fn sweeping_drops_idle_windows() {
+        let c = Counters::default();
+        for shard in 0..SHARDS {
+            c.add(&key(&shard.to_string()), 1000, 0, 1.0);
+        }
+        let held = c.keys();
+        assert!(held > 0);
+        (0..SHARDS).for_each(|s| c.sweep(s, 5000));
+        assert_eq!(c.keys(), 0);
+    }
+}

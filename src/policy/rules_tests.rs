@@ -1,0 +1,456 @@
+use super::*;
+use crate::events::{Identity, Price};
+use chrono::TimeZone;
+
+fn request(number: &str, method: &str) -> VerificationRequestEvent {
+    VerificationRequestEvent {
+        id: "v1".into(),
+        method: VerificationMethod::parse(method),
+        identity: Identity {
+            kind: Some("number".into()),
+            endpoint: number.into(),
+        },
+        price: Some(Price {
+            currency_id: Some("EUR".into()),
+            amount: Some(0.05),
+        }),
+        rate: None,
+        reference: Some("order-1234".into()),
+        custom: Some("web signup".into()),
+        accept_language: None,
+    }
+}
+
+fn at(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+const NOON: &str = "2026-11-23T12:00:00Z"; // a Monday
+
+fn policy(rules: &str) -> RulesPolicy {
+    RulesPolicy::parse(&format!("default = \"allow\"\n{rules}"), "t.toml")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The deciding rule's name, or `default`.
+fn decide(p: &RulesPolicy, r: &VerificationRequestEvent, now: &str) -> String {
+    let d = p.decide(r, at(now)).unwrap();
+    d.rule.unwrap_or_else(|| "default".into())
+}
+
+fn sample() -> RulesPolicy {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    RulesPolicy::load(&dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn the_sample_policy_loads_and_has_no_warnings() {
+    let p = sample();
+    assert_eq!(p.on_error(), Action::Deny);
+    assert_eq!(p.version().len(), 12);
+    assert!(p.warnings().is_empty(), "{:?}", p.warnings());
+}
+
+#[test]
+fn method_condition() {
+    let p = policy("[[rule]]\nname = \"no-callout\"\naction = \"deny\"\nmethod = [\"callout\", \"flashCall\"]\n");
+    assert_eq!(
+        decide(&p, &request("+46700000001", "callout"), NOON),
+        "no-callout"
+    );
+    assert_eq!(
+        decide(&p, &request("+46700000001", "flashcall"), NOON),
+        "no-callout"
+    );
+    assert_eq!(decide(&p, &request("+46700000001", "sms"), NOON), "default");
+}
+
+#[test]
+fn country_and_country_not_in_resolve_shared_codes_and_unknown() {
+    let p = policy(
+        "[lists]\nserved = [\"SE\", \"US\"]\n[[rule]]\nname = \"jamaica\"\naction = \"deny\"\ncountry = \"JM\"\n\
+         [[rule]]\nname = \"unserved\"\naction = \"deny\"\ncountry_not_in = \"@served\"\n",
+    );
+    assert_eq!(decide(&p, &request("+18765550123", "sms"), NOON), "jamaica"); // +1, not US
+    assert_eq!(decide(&p, &request("+14155552671", "sms"), NOON), "default");
+    assert_eq!(decide(&p, &request("+46700000001", "sms"), NOON), "default");
+    assert_eq!(
+        decide(&p, &request("+4915112345678", "sms"), NOON),
+        "unserved"
+    );
+    assert_eq!(
+        decide(&p, &request("+88212345678", "sms"), NOON),
+        "unserved"
+    ); // unknown is not served
+    let d = p.decide(&request("+88212345678", "sms"), at(NOON)).unwrap();
+    assert_eq!(d.explanation.country.as_deref(), Some("unknown"));
+}
+
+#[test]
+fn prefix_and_number_conditions_with_list_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("lists")).unwrap();
+    std::fs::write(
+        dir.path().join("lists/irsf.txt"),
+        "# premium ranges\n+882\n+8831  # trailing comment\n\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "default = \"allow\"\n[lists]\nirsf = { file = \"lists/irsf.txt\" }\nvip = [\"+8825550000\"]\n\
+         [[rule]]\nname = \"vip\"\naction = \"allow\"\nnumber = \"@vip\"\n\
+         [[rule]]\nname = \"irsf\"\naction = \"deny\"\nprefix = [\"@irsf\", \"+979\"]\n",
+    )
+    .unwrap();
+    let p = RulesPolicy::load(&dir.path().join("policy.toml")).unwrap();
+    assert_eq!(decide(&p, &request("+8825550000", "sms"), NOON), "vip");
+    assert_eq!(decide(&p, &request("+8825550001", "sms"), NOON), "irsf");
+    let d = p.decide(&request("+88312345678", "sms"), at(NOON)).unwrap();
+    assert_eq!(d.explanation.matched_prefix.as_deref(), Some("+8831"));
+    assert_eq!(decide(&p, &request("+97912345678", "sms"), NOON), "irsf");
+    assert_eq!(decide(&p, &request("+88412345678", "sms"), NOON), "default");
+}
+
+#[test]
+fn price_above_compares_in_the_events_currency() {
+    let p = policy(
+        "[[rule]]\nname = \"pricey\"\naction = \"deny\"\nprice_above = { EUR = 0.04, USD = 1.0 }\n",
+    );
+    assert_eq!(decide(&p, &request("+46700000001", "sms"), NOON), "pricey"); // 0.05 EUR
+    let mut usd = request("+46700000001", "sms");
+    usd.price = Some(Price {
+        currency_id: Some("USD".into()),
+        amount: Some(0.5),
+    });
+    assert_eq!(decide(&p, &usd, NOON), "default");
+    let mut gbp = usd.clone();
+    gbp.price = Some(Price {
+        currency_id: Some("GBP".into()),
+        amount: Some(9.0),
+    });
+    assert_eq!(decide(&p, &gbp, NOON), "default"); // currency not listed: no match
+    gbp.price = None;
+    assert_eq!(decide(&p, &gbp, NOON), "default");
+}
+
+#[test]
+fn reference_custom_and_accept_language_patterns() {
+    let p = policy(
+        "[[rule]]\nname = \"test-orders\"\naction = \"allow\"\nreference = \"^test-\"\n\
+         [[rule]]\nname = \"api\"\naction = \"deny\"\ncustom = \"(?i)API\"\n\
+         [[rule]]\nname = \"spanish\"\naction = \"deny\"\naccept_language = [\"es-ES\"]\n",
+    );
+    let mut r = request("+46700000001", "sms");
+    assert_eq!(decide(&p, &r, NOON), "default");
+    r.reference = Some("test-1".into());
+    assert_eq!(decide(&p, &r, NOON), "test-orders");
+    r.reference = None;
+    r.custom = Some("via api".into());
+    assert_eq!(decide(&p, &r, NOON), "api");
+    r.custom = None;
+    r.accept_language = Some(vec!["ES-es".into()]);
+    assert_eq!(decide(&p, &r, NOON), "spanish");
+}
+
+#[test]
+fn time_windows_use_the_zone_days_and_wrap_midnight() {
+    let p = policy(
+        "[[rule]]\nname = \"night\"\naction = \"deny\"\n\
+         time = { tz = \"Europe/Berlin\", days = [\"mon-fri\"], between = [\"22:00\", \"06:00\"] }\n",
+    );
+    let r = request("+46700000001", "sms");
+    // Berlin is UTC+1 in November.
+    assert_eq!(decide(&p, &r, "2026-11-23T21:30:00Z"), "night"); // Mon 22:30
+    assert_eq!(decide(&p, &r, "2026-11-24T04:59:00Z"), "night"); // Tue 05:59
+    assert_eq!(decide(&p, &r, "2026-11-24T05:00:00Z"), "default"); // Tue 06:00
+    assert_eq!(decide(&p, &r, "2026-11-23T20:59:00Z"), "default"); // Mon 21:59
+    assert_eq!(decide(&p, &r, "2026-11-28T23:00:00Z"), "default"); // Sun 00:00: not a weekday
+    let weekend = policy("[[rule]]\nname = \"weekend\"\naction = \"deny\"\ntime = { tz = \"UTC\", days = [\"sat\", \"sun\"] }\n");
+    assert_eq!(decide(&weekend, &r, "2026-11-28T12:00:00Z"), "weekend");
+    assert_eq!(decide(&weekend, &r, NOON), "default");
+}
+
+#[test]
+fn rate_limits_count_per_key_within_a_sliding_window() {
+    let p = policy(
+        "[[rule]]\nname = \"per-number\"\naction = \"deny\"\nrate_limit = { key = \"number\", max = 3, window = \"10m\" }\n\
+         [[rule]]\nname = \"per-range\"\naction = \"deny\"\nrate_limit = { key = \"range:3\", max = 5, window = \"1h\" }\n",
+    );
+    let start = at(NOON);
+    let go = |n: &str, mins: i64| {
+        p.decide(&request(n, "sms"), start + chrono::Duration::minutes(mins))
+            .unwrap()
+            .rule
+            .unwrap_or_else(|| "default".into())
+    };
+    assert_eq!(go("+46700000001", 0), "default");
+    assert_eq!(go("+46700000001", 1), "default");
+    assert_eq!(go("+46700000001", 2), "default");
+    // 4th in 10 min. per-range is not evaluated once an earlier rule decided, so this
+    // request does not count toward it.
+    assert_eq!(go("+46700000001", 3), "per-number");
+    assert_eq!(go("+46700000002", 4), "default"); // range +46700000: 4th
+    assert_eq!(go("+46700000003", 5), "default"); // 5th
+    assert_eq!(go("+46700000004", 5), "per-range"); // 6th in the 1k range
+    assert_eq!(go("+46700001001", 5), "default"); // another range
+                                                  // Past the window the number is free again (the range counter still holds).
+    assert_eq!(go("+46700000001", 14), "per-range");
+    let d = p
+        .decide(
+            &request("+46700000001", "sms"),
+            start + chrono::Duration::minutes(75),
+        )
+        .unwrap();
+    assert_eq!(d.rule, None, "{:?}", d.explanation.counters);
+    assert!(d
+        .explanation
+        .counters
+        .iter()
+        .any(|c| c.condition == "rate_limit" && c.max == 3.0));
+}
+
+#[test]
+fn distinct_numbers_catch_range_walking() {
+    let p = policy("[[rule]]\nname = \"walk\"\naction = \"deny\"\ndistinct_numbers = { per = \"range:2\", max = 3, window = \"1h\" }\n");
+    let r = |n: &str| decide(&p, &request(n, "sms"), NOON);
+    assert_eq!(r("+46700000011"), "default");
+    assert_eq!(r("+46700000011"), "default"); // same number again: still 1
+    assert_eq!(r("+46700000012"), "default");
+    assert_eq!(r("+46700000013"), "default");
+    assert_eq!(r("+46700000014"), "walk"); // 4 distinct in +467000000xx
+}
+
+#[test]
+fn spend_caps_count_only_allowed_attempts() {
+    let p = policy(
+        "[[rule]]\nname = \"blocked\"\naction = \"deny\"\nnumber = [\"+46700000099\"]\n\
+         [[rule]]\nname = \"cap\"\naction = \"deny\"\nspend = { per = \"country\", max = { EUR = 0.12 }, window = \"1h\" }\n",
+    );
+    let r = |n: &str| decide(&p, &request(n, "sms"), NOON);
+    assert_eq!(r("+46700000001"), "default"); // 0.05
+    for _ in 0..5 {
+        assert_eq!(r("+46700000099"), "blocked"); // denied: not charged
+    }
+    assert_eq!(r("+46700000002"), "default"); // 0.10
+    assert_eq!(r("+46700000003"), "cap"); // 0.15 > 0.12
+    assert_eq!(r("+4915112345678"), "default"); // other country
+}
+
+#[test]
+fn shadow_rules_are_recorded_but_never_decide_and_keep_their_own_counters() {
+    let p = policy(
+        "[[rule]]\nname = \"would-block\"\naction = \"deny\"\nmode = \"shadow\"\nrate_limit = { key = \"global\", max = 1, window = \"1h\" }\n\
+         [[rule]]\nname = \"swedish\"\naction = \"allow\"\ncountry = \"SE\"\n",
+    );
+    let first = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    assert!(first.explanation.shadow.is_empty());
+    let second = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    assert_eq!(second.rule.as_deref(), Some("swedish"));
+    assert_eq!(second.action, Action::Allow);
+    assert_eq!(
+        second.explanation.shadow,
+        vec![ShadowMatch {
+            rule: "would-block".into(),
+            would: Action::Deny
+        }]
+    );
+}
+
+#[test]
+fn a_shadow_rule_after_the_deciding_rule_is_still_evaluated() {
+    let p = policy(
+        "[[rule]]\nname = \"first\"\naction = \"allow\"\n\
+         [[rule]]\nname = \"late-shadow\"\naction = \"deny\"\nmode = \"shadow\"\nmethod = \"sms\"\n",
+    );
+    let d = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    assert_eq!(d.rule.as_deref(), Some("first"));
+    assert_eq!(d.explanation.shadow.len(), 1);
+}
+
+#[test]
+fn explanations_carry_facts_version_and_time() {
+    let p = sample();
+    let d = p.decide(&request("+88212345678", "sms"), at(NOON)).unwrap();
+    assert_eq!(d.action, Action::Deny);
+    assert_eq!(d.explanation.policy_version, p.version());
+    assert_eq!(d.explanation.country.as_deref(), Some("unknown"));
+    assert!(d.explanation.eval_ns > 0);
+}
+
+#[test]
+fn allow_answers_carry_the_rule_or_policy_fields_for_the_method() {
+    let p = RulesPolicy::parse(
+        "default = \"allow\"\n[response.flashCall]\ndialTimeout = 10\n\
+         [[rule]]\nname = \"de\"\naction = \"allow\"\ncountry = \"DE\"\n[rule.response.sms]\nexpiry = \"00:05:00\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let flash = p
+        .decide(&request("+46700000001", "flashcall"), at(NOON))
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&flash.response).unwrap(),
+        serde_json::json!({"flashCall": {"dialTimeout": 10}})
+    );
+    let de = p
+        .decide(&request("+4915112345678", "sms"), at(NOON))
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&de.response).unwrap(),
+        serde_json::json!({"sms": {"expiry": "00:05:00"}})
+    );
+}
+
+#[test]
+fn numbers_that_are_not_e164_cannot_be_decided() {
+    let p = sample();
+    for bad in [
+        "",
+        "+",
+        "hello",
+        "+46 70",
+        "0046700000000",
+        "+1234567890123456",
+    ] {
+        assert!(p.decide(&request(bad, "sms"), at(NOON)).is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn load_errors_point_at_file_line_and_column() {
+    let cases = [
+        ("default = \"maybe\"\n", "t.toml:1:11", "unknown variant"),
+        ("default = \"allow\"\nprefixx = 1\n", "t.toml:2:1", "unknown field"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\nprefix = [\"+12a\"]\n", "t.toml:5:10", "E.164"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\n", "t.toml:5:1", "duplicate rule name"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\ncountry = \"UK1\"\n", "t.toml:5:11", "ISO 3166"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\nprefix = \"@nope\"\n", "t.toml:5:10", "no list named"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\nrate_limit = { key = \"street\", max = 1, window = \"1m\" }\n", "t.toml:5:14", "not a key"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\nrate_limit = { key = \"number\", max = 1, window = \"soon\" }\n", "t.toml:5:14", "window"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\ntime = { tz = \"Mars/Olympus\" }\n", "t.toml:5:8", "IANA"),
+        ("default = \"allow\"\n[[rule]]\nname = \"a\"\naction = \"deny\"\nreference = \"(\"\n", "t.toml:5:13", "does not compile"),
+        ("default = \"allow\"\n[response.flashCall]\ndialTimeout = 5000\n", "t.toml:1:1", "outside 5..=120"),
+        ("version = 2\ndefault = \"allow\"\n", "t.toml:1:11", "not supported"),
+    ];
+    for (text, location, needle) in cases {
+        let err = RulesPolicy::parse(text, "t.toml")
+            .err()
+            .unwrap_or_else(|| panic!("{text:?} loaded"))
+            .to_string();
+        assert!(err.starts_with(location), "{text:?} gave {err}");
+        assert!(err.contains(needle), "{text:?} gave {err}");
+    }
+}
+
+#[test]
+fn list_file_errors_point_at_the_list_file_line() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("l.txt"), "+882\n+883 +884\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "default = \"allow\"\n[lists]\nl = { file = \"l.txt\" }\n",
+    )
+    .unwrap();
+    let err = RulesPolicy::load(&dir.path().join("p.toml"))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("l.txt:2:1"), "{err}");
+}
+
+#[test]
+fn the_version_covers_list_files_too() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("l.txt"), "+882\n").unwrap();
+    std::fs::write(
+        dir.path().join("p.toml"),
+        "default = \"allow\"\n[lists]\nl = { file = \"l.txt\" }\n",
+    )
+    .unwrap();
+    let p = RulesPolicy::load(&dir.path().join("p.toml")).unwrap();
+    let before = p.version();
+    std::fs::write(dir.path().join("l.txt"), "+883\n").unwrap();
+    assert_ne!(p.reload().unwrap(), before);
+}
+
+#[test]
+fn a_broken_reload_keeps_the_old_policy_and_counters_survive_a_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.toml");
+    let text = "default = \"allow\"\n[[rule]]\nname = \"rl\"\naction = \"deny\"\nrate_limit = { key = \"number\", max = 1, window = \"1h\" }\n";
+    std::fs::write(&path, text).unwrap();
+    let p = RulesPolicy::load(&path).unwrap();
+    let r = request("+46700000001", "sms");
+    assert_eq!(decide(&p, &r, NOON), "default");
+    let v1 = p.version();
+    std::fs::write(&path, "default = \"allow\"\n[[rule]]\nname = ").unwrap();
+    let err = p.reload().unwrap_err().to_string();
+    assert!(err.contains("p.toml:3:"), "{err}");
+    assert_eq!(p.version(), v1);
+    assert_eq!(
+        p.describe()["last_reload_error"]
+            .as_str()
+            .map(|e| e.contains("p.toml:3:")),
+        Some(true)
+    );
+    // Same rule, new note: the counter (1 request so far) carries over.
+    std::fs::write(&path, format!("{text}note = \"edited\"\n")).unwrap();
+    assert_ne!(p.reload().unwrap(), v1);
+    assert_eq!(decide(&p, &r, NOON), "rl");
+    assert!(p.describe()["last_reload_error"].is_null());
+}
+
+#[test]
+fn per_rule_hits_and_outcomes_are_kept() {
+    let p = policy("[[rule]]\nname = \"se\"\naction = \"allow\"\ncountry = \"SE\"\n");
+    let d = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    p.observe_outcome(Outcome {
+        rule: d.rule.as_deref(),
+        shadow: &d.explanation.shadow,
+        status: "SUCCESSFUL",
+    });
+    let described = p.describe();
+    assert_eq!(described["rules"][0]["hits"], 1);
+    assert_eq!(described["rules"][0]["outcomes"]["SUCCESSFUL"], 1);
+}
+
+#[test]
+fn check_warns_about_rules_that_can_never_decide() {
+    let p = policy(
+        "[[rule]]\nname = \"sat\"\naction = \"deny\"\nprefix = [\"+882\"]\n\
+         [[rule]]\nname = \"sat-narrow\"\naction = \"allow\"\nprefix = [\"+88212\"]\n\
+         [[rule]]\nname = \"odd\"\naction = \"deny\"\ncountry = \"SE\"\ncountry_not_in = [\"SE\", \"NO\"]\n\
+         [[rule]]\nname = \"everything\"\naction = \"allow\"\n\
+         [[rule]]\nname = \"after\"\naction = \"deny\"\nmethod = \"sms\"\n",
+    );
+    let w = p.warnings().join("\n");
+    assert!(w.contains("`sat-narrow` can never decide"), "{w}");
+    assert!(w.contains("`odd` can never match"), "{w}");
+    assert!(w.contains("`after` can never decide"), "{w}");
+}
+
+#[test]
+fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
+    // Many prefix rules, a number rule, a country rule and unanchored ones, in an order
+    // where an early unanchored rule and late anchored ones interleave.
+    let mut text =
+        String::from("[[rule]]\nname = \"callout-off\"\naction = \"deny\"\nmethod = \"callout\"\n");
+    for i in 0..50 {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"p{i}\"\naction = \"deny\"\nprefix = [\"+467{i:02}\"]\n"
+        ));
+    }
+    text.push_str("[[rule]]\nname = \"vip\"\naction = \"allow\"\nnumber = [\"+46710000001\"]\n");
+    text.push_str("[[rule]]\nname = \"de\"\naction = \"deny\"\ncountry = \"DE\"\n");
+    let p = policy(&text);
+    for (n, m, expected) in [
+        ("+46710000001", "sms", "p10"),
+        ("+46799000001", "sms", "default"),
+        ("+46712345678", "callout", "callout-off"),
+        ("+4915112345678", "sms", "de"),
+        ("+46749000000", "sms", "p49"),
+    ] {
+        assert_eq!(decide(&p, &request(n, m), NOON), expected, "{n}");
+    }
+    let _ = Utc.timestamp_opt(0, 0);
+}

@@ -1,0 +1,270 @@
+//! What `verigate policy test` and `verigate policy replay` compute: table-driven cases
+//! against a policy file, and a candidate policy replayed over stored verifications with
+//! their real outcomes. Pure functions; the command line only reads files and prints.
+
+use std::{collections::BTreeMap, fmt, path::Path};
+
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Policy, RulesPolicy};
+use crate::{
+    events::{Action, Identity, Price, VerificationMethod, VerificationRequestEvent},
+    store::VerificationRecord,
+};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CasesFile {
+    #[serde(rename = "case")]
+    cases: Vec<Case>,
+}
+
+/// One expectation: this request, at this time, after this many earlier requests for
+/// the same number, gets this action (from this rule).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    pub number: String,
+    #[serde(default = "sms")]
+    pub method: String,
+    #[serde(default)]
+    pub price: Option<f64>,
+    #[serde(default = "eur")]
+    pub currency: String,
+    #[serde(default)]
+    pub at: Option<DateTime<Utc>>,
+    /// Requests for the same number in the minutes before (they feed rate limits).
+    #[serde(default)]
+    pub prior: u32,
+    #[serde(default)]
+    pub reference: Option<String>,
+    #[serde(default)]
+    pub custom: Option<String>,
+    #[serde(default)]
+    pub accept_language: Option<Vec<String>>,
+    pub expect: Action,
+    /// The deciding rule, or `default`.
+    #[serde(default)]
+    pub rule: Option<String>,
+}
+
+fn sms() -> String {
+    "sms".into()
+}
+
+fn eur() -> String {
+    "EUR".into()
+}
+
+impl Case {
+    fn request(&self, id: String) -> VerificationRequestEvent {
+        VerificationRequestEvent {
+            id,
+            method: VerificationMethod::parse(&self.method),
+            identity: Identity {
+                kind: Some("number".into()),
+                endpoint: self.number.clone(),
+            },
+            price: self.price.map(|amount| Price {
+                currency_id: Some(self.currency.clone()),
+                amount: Some(amount),
+            }),
+            rate: None,
+            reference: self.reference.clone(),
+            custom: self.custom.clone(),
+            accept_language: self.accept_language.clone(),
+        }
+    }
+}
+
+/// How one case went.
+#[derive(Debug)]
+pub struct CaseResult {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// Runs every case in `cases_toml` against a fresh load of the policy at `policy_path`
+/// (fresh counters per case, so cases do not affect each other).
+pub fn run_cases(
+    policy_path: &Path,
+    cases_toml: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<CaseResult>, String> {
+    let file: CasesFile = toml::from_str(cases_toml).map_err(|e| format!("cases: {e}"))?;
+    let mut results = Vec::new();
+    for case in file.cases {
+        let policy = RulesPolicy::load(policy_path).map_err(|e| e.to_string())?;
+        let at = case.at.unwrap_or(now);
+        for i in 0..case.prior {
+            let earlier = at - Duration::minutes(i64::from(case.prior - i));
+            let _ = policy.decide(&case.request(format!("prior-{i}")), earlier);
+        }
+        let outcome = policy.decide(&case.request("case".into()), at);
+        let (passed, detail) = match outcome {
+            Err(err) => (false, format!("no decision: {err}")),
+            Ok(d) => {
+                let rule = d.rule.unwrap_or_else(|| "default".into());
+                let rule_ok = case.rule.as_ref().is_none_or(|r| *r == rule);
+                let passed = d.action == case.expect && rule_ok;
+                let wanted = match &case.rule {
+                    Some(r) => format!("{} by {r}", case.expect),
+                    None => case.expect.to_string(),
+                };
+                (
+                    passed,
+                    format!("got {} by {rule}, expected {wanted}", d.action),
+                )
+            }
+        };
+        results.push(CaseResult {
+            name: case.name,
+            passed,
+            detail,
+        });
+    }
+    Ok(results)
+}
+
+/// Verifications whose answer would change, grouped, with their real outcomes.
+#[derive(Debug, Default, Serialize)]
+pub struct ReplayReport {
+    pub replayed: usize,
+    pub unchanged: usize,
+    /// Records whose number is stored hashed: conditions on it cannot be replayed.
+    pub skipped_hashed: usize,
+    /// `allow → deny`, by the candidate's deciding rule: final statuses of those verifications.
+    pub newly_denied: BTreeMap<String, BTreeMap<String, u64>>,
+    /// `deny → allow`, by the rule that denied them before.
+    pub newly_allowed: BTreeMap<String, BTreeMap<String, u64>>,
+}
+
+/// Replays stored request events through `candidate` in the order they arrived, with its
+/// counters starting empty, and compares with what was answered.
+pub fn replay(
+    candidate: &RulesPolicy,
+    records: impl IntoIterator<Item = VerificationRecord>,
+) -> ReplayReport {
+    let mut requests: Vec<(DateTime<Utc>, VerificationRecord)> = records
+        .into_iter()
+        .filter_map(|r| Some((r.request.as_ref()?.received_at, r)))
+        .filter(|(_, r)| r.decision.is_some())
+        .collect();
+    requests.sort_by_key(|(at, _)| *at);
+    let mut report = ReplayReport::default();
+    for (at, record) in requests {
+        let (Some(number), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
+            continue;
+        };
+        if number.starts_with("hmac-") {
+            report.skipped_hashed += 1;
+            continue;
+        }
+        let request = VerificationRequestEvent {
+            id: record.id.clone(),
+            method: VerificationMethod::parse(record.method.as_deref().unwrap_or("sms")),
+            identity: Identity {
+                kind: Some("number".into()),
+                endpoint: number.to_owned(),
+            },
+            price: record.request.as_ref().and_then(|r| r.price.clone()),
+            rate: record.request.as_ref().and_then(|r| r.rate.clone()),
+            reference: record.reference.clone(),
+            custom: record.custom.clone(),
+            accept_language: record
+                .request
+                .as_ref()
+                .and_then(|r| r.accept_language.clone()),
+        };
+        let Ok(new) = candidate.decide(&request, at) else {
+            continue;
+        };
+        report.replayed += 1;
+        let status = record
+            .result
+            .as_ref()
+            .map_or("NONE", |r| r.status.as_str())
+            .to_owned();
+        let label = |rule: Option<&String>, on_error: bool| match (rule, on_error) {
+            (_, true) => "on_error".to_owned(),
+            (Some(r), _) => r.clone(),
+            (None, _) => "default".to_owned(),
+        };
+        match (old.action, new.action) {
+            (Action::Allow, Action::Deny) => {
+                *report
+                    .newly_denied
+                    .entry(label(new.rule.as_ref(), false))
+                    .or_default()
+                    .entry(status)
+                    .or_default() += 1
+            }
+            (Action::Deny, Action::Allow) => {
+                *report
+                    .newly_allowed
+                    .entry(label(old.rule.as_ref(), old.on_error))
+                    .or_default()
+                    .entry(status)
+                    .or_default() += 1
+            }
+            _ => report.unchanged += 1,
+        }
+    }
+    report
+}
+
+impl fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let total = |m: &BTreeMap<String, BTreeMap<String, u64>>| {
+            m.values().flat_map(|s| s.values()).sum::<u64>()
+        };
+        writeln!(
+            f,
+            "replayed {} request events: {} unchanged",
+            self.replayed, self.unchanged
+        )?;
+        if self.skipped_hashed > 0 {
+            writeln!(
+                f,
+                "skipped {} with hashed numbers (store.hash_numbers)",
+                self.skipped_hashed
+            )?;
+        }
+        for (title, groups, note) in [
+            (
+                "allow → deny",
+                &self.newly_denied,
+                "by the candidate's rule",
+            ),
+            (
+                "deny → allow",
+                &self.newly_allowed,
+                "by the rule that denied them",
+            ),
+        ] {
+            writeln!(f, "{title}: {} ({note})", total(groups))?;
+            for (rule, statuses) in groups {
+                let mix: Vec<String> = statuses.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                writeln!(
+                    f,
+                    "  {rule}: {} [{}]",
+                    statuses.values().sum::<u64>(),
+                    mix.join(", ")
+                )?;
+            }
+        }
+        if let Some(lost) = self
+            .newly_denied
+            .values()
+            .filter_map(|s| s.get("SUCCESSFUL"))
+            .copied()
+            .reduce(|a, b| a + b)
+        {
+            writeln!(f, "{lost} newly denied verifications had succeeded: real users the candidate would turn away")?;
+        }
+        Ok(())
+    }
+}
