@@ -166,7 +166,7 @@ async fn answer_request(
             state.metrics.decision(decision.action.as_str(), rule);
             span.record("decision", decision.action.as_str());
             span.record("rule", rule);
-            tracing::info!(decision = decision.action.as_str(), rule, reason = %decision.reason, "request event answered");
+            log_decision(&decision, rule);
             HttpResponse::Ok().json(answer_json)
         }
         // A concurrent delivery of the same event won the race: give its answer.
@@ -176,6 +176,27 @@ async fn answer_request(
         }
         Err(err) => store_failed_answer(state, span, event_type, &err),
     }
+}
+
+/// One line per decision with its explanation (the number itself stays out).
+fn log_decision(decision: &PolicyDecision, rule: &str) {
+    let e = &decision.explanation;
+    let shadow: Vec<String> = e
+        .shadow
+        .iter()
+        .map(|m| format!("{}:{}", m.rule, m.would))
+        .collect();
+    tracing::info!(
+        decision = decision.action.as_str(),
+        rule,
+        reason = %decision.reason,
+        shadow = %shadow.join(","),
+        country = e.country.as_deref().unwrap_or(""),
+        matched_prefix = e.matched_prefix.as_deref().unwrap_or(""),
+        policy_version = %e.policy_version,
+        eval_ns = e.eval_ns,
+        "request event answered"
+    );
 }
 
 fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {

@@ -347,7 +347,15 @@ async fn logs_are_json_and_never_carry_secrets_or_full_numbers() {
         all.contains("+46*******67"),
         "the masked number should appear in:\n{all}"
     );
-    assert!(all.contains("request event answered"));
+    let decision = lines
+        .iter()
+        .find(|l| l.contains("request event answered"))
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .expect("a decision line");
+    assert_eq!(decision["country"], "SE", "{decision}");
+    assert_eq!(decision["rule"], "default");
+    assert!(decision["eval_ns"].as_u64().unwrap() > 0);
+    assert_eq!(decision["policy_version"].as_str().unwrap().len(), 12);
     for secret in [&number[1..], APP_SECRET, API_TOKEN] {
         assert!(!all.contains(secret), "`{secret}` leaked into the logs");
     }
