@@ -103,10 +103,19 @@ fn data_set() -> Vec<VerificationRecord> {
     ]
 }
 
+/// Stats read records as the store keeps them: JSON bytes.
+fn add_all(stats: &mut StatsBuilder) {
+    for record in data_set() {
+        stats
+            .add_stored(&serde_json::to_vec(&record).unwrap())
+            .unwrap();
+    }
+}
+
 #[test]
 fn stats_add_up_on_a_known_data_set() {
     let mut all = StatsBuilder::new(vec![]);
-    data_set().iter().for_each(|r| all.add(r));
+    add_all(&mut all);
     let total = &all.finish()[0];
     assert_eq!(
         (
@@ -128,7 +137,7 @@ fn stats_add_up_on_a_known_data_set() {
     assert_eq!(total.results["NONE"], 1);
 
     let mut by = StatsBuilder::new(vec![GroupBy::Country, GroupBy::Day]);
-    data_set().iter().for_each(|r| by.add(r));
+    add_all(&mut by);
     let groups = by.finish();
     let keys: Vec<_> = groups
         .iter()
@@ -160,7 +169,7 @@ fn stats_add_up_on_a_known_data_set() {
 #[test]
 fn a_group_with_nothing_allowed_has_no_conversion_rate() {
     let mut by = StatsBuilder::new(vec![GroupBy::Rule]);
-    data_set().iter().for_each(|r| by.add(r));
+    add_all(&mut by);
     let groups = by.finish();
     let premium = groups
         .iter()

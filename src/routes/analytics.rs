@@ -269,8 +269,10 @@ pub fn compute_stats(
     let mut stats = StatsBuilder::new(group_by);
     let mut after = None;
     loop {
-        let page = store.records_between(since, until, after.as_ref(), CHUNK, CHUNK, |_| true)?;
-        page.items.iter().for_each(|r| stats.add(r));
+        let page = store.record_bytes_between(since, until, after.as_ref(), CHUNK)?;
+        for stored in &page.items {
+            stats.add_stored(stored)?;
+        }
         match page.next {
             Some(next) => after = Some(next),
             None => return Ok(stats.finish()),
