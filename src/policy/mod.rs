@@ -6,8 +6,10 @@
 //! decides, shadow rules are evaluated and recorded but never decide, and the file can be
 //! reloaded while requests are being answered.
 
+mod compiled;
 pub mod counters;
 pub mod country;
+mod file;
 pub mod reload;
 mod rules;
 pub mod tools;
@@ -16,7 +18,9 @@ pub mod trie;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use rules::{normalise_number, PolicyLoadError, RulesPolicy};
+pub use compiled::normalise_number;
+pub use file::PolicyLoadError;
+pub use rules::RulesPolicy;
 
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 

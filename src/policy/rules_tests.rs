@@ -1,5 +1,5 @@
 use super::*;
-use crate::events::{Identity, Price};
+use crate::events::{Identity, Price, VerificationMethod};
 use chrono::TimeZone;
 
 fn request(number: &str, method: &str) -> VerificationRequestEvent {

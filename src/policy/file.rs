@@ -1,0 +1,621 @@
+//! Reading a policy: the TOML schema (with spans, so every error has a file, line and
+//! column), list files, and validation and compilation into an immutable [`Snapshot`].
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    ops::Range,
+    path::Path,
+    sync::Arc,
+};
+
+use chrono::{NaiveTime, Utc, Weekday};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::{
+    compiled::{Conditions, CounterSpec, Limiter, Rule, RuleStats, Snapshot, TimeWindow},
+    trie::DigitTrie,
+};
+use crate::events::{Action, ResponseFields, VerificationMethod};
+
+/// Why a policy was refused, with its location.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PolicyLoadError {
+    #[error("cannot read {path}: {message}")]
+    Read { path: String, message: String },
+    #[error("{path}:{line}:{column}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+// ---------------------------------------------------------------------------------------
+// File schema
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PolicyFile {
+    /// Format version; only 1 exists.
+    #[serde(default)]
+    pub(super) version: Option<Spanned<u32>>,
+    pub(super) default: Action,
+    #[serde(default = "deny")]
+    pub(super) on_error: Action,
+    #[serde(default)]
+    pub(super) response: ResponseFields,
+    #[serde(default)]
+    pub(super) lists: BTreeMap<String, Spanned<ListFile>>,
+    #[serde(default, rename = "rule")]
+    pub(super) rules: Vec<Spanned<RuleFile>>,
+}
+
+pub(super) fn deny() -> Action {
+    Action::Deny
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum ListFile {
+    Inline(Vec<String>),
+    File { file: String },
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Mode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(super) enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub(super) fn items(&self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RuleFile {
+    pub(super) name: String,
+    pub(super) action: Action,
+    #[serde(default)]
+    pub(super) mode: Mode,
+    #[serde(default)]
+    pub(super) response: Option<ResponseFields>,
+    #[serde(default)]
+    pub(super) note: Option<String>,
+    pub(super) method: Option<Spanned<OneOrMany>>,
+    pub(super) country: Option<Spanned<OneOrMany>>,
+    pub(super) country_not_in: Option<Spanned<OneOrMany>>,
+    pub(super) prefix: Option<Spanned<OneOrMany>>,
+    pub(super) number: Option<Spanned<OneOrMany>>,
+    pub(super) price_above: Option<Spanned<BTreeMap<String, f64>>>,
+    pub(super) reference: Option<Spanned<String>>,
+    pub(super) custom: Option<Spanned<String>>,
+    pub(super) accept_language: Option<Spanned<OneOrMany>>,
+    pub(super) time: Option<Spanned<TimeFile>>,
+    pub(super) rate_limit: Option<Spanned<RateLimitFile>>,
+    pub(super) distinct_numbers: Option<Spanned<DistinctFile>>,
+    pub(super) spend: Option<Spanned<SpendFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct TimeFile {
+    pub(super) tz: String,
+    #[serde(default)]
+    pub(super) days: Vec<String>,
+    #[serde(default)]
+    pub(super) between: Option<[String; 2]>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RateLimitFile {
+    pub(super) key: String,
+    pub(super) max: u32,
+    pub(super) window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DistinctFile {
+    pub(super) per: String,
+    pub(super) max: u32,
+    pub(super) window: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SpendFile {
+    pub(super) per: String,
+    pub(super) max: BTreeMap<String, f64>,
+    pub(super) window: String,
+}
+
+// ---------------------------------------------------------------------------------------
+// Loading
+
+/// Reads the policy and its list files and compiles them.
+pub(super) fn load(
+    path: &Path,
+    stats: &HashMap<String, Arc<RuleStats>>,
+) -> Result<Snapshot, PolicyLoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PolicyLoadError::Read {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    compile(&text, &path.display().to_string(), Some(&base), stats)
+}
+
+pub(super) struct Located<'a> {
+    pub(super) text: &'a str,
+    pub(super) origin: &'a str,
+}
+
+impl Located<'_> {
+    pub(super) fn error(
+        &self,
+        span: Option<Range<usize>>,
+        message: impl Into<String>,
+    ) -> PolicyLoadError {
+        let (line, column) = line_column(self.text, span.map_or(0, |s| s.start));
+        PolicyLoadError::Invalid {
+            path: self.origin.to_owned(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+pub(super) fn compile(
+    text: &str,
+    origin: &str,
+    base: Option<&Path>,
+    stats: &HashMap<String, Arc<RuleStats>>,
+) -> Result<Snapshot, PolicyLoadError> {
+    let at = Located { text, origin };
+    let file: PolicyFile = toml::from_str(text).map_err(|e| at.error(e.span(), e.message()))?;
+    if let Some(v) = &file.version {
+        if *v.get_ref() != 1 {
+            return Err(at.error(
+                Some(v.span()),
+                format!(
+                    "policy format version {} is not supported (use 1)",
+                    v.get_ref()
+                ),
+            ));
+        }
+    }
+    validate_response(&file.response).map_err(|m| at.error(None, m))?;
+
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    let mut lists: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, list) in &file.lists {
+        let entries = match list.get_ref() {
+            ListFile::Inline(items) => items.clone(),
+            ListFile::File { file: rel } => {
+                let path = base.unwrap_or(Path::new(".")).join(rel);
+                let content = std::fs::read_to_string(&path).map_err(|e| {
+                    at.error(
+                        Some(list.span()),
+                        format!("list `{name}`: cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                hasher.update(content.as_bytes());
+                let mut items = Vec::new();
+                for (i, line) in content.lines().enumerate() {
+                    let entry = line.split('#').next().unwrap_or("").trim();
+                    if entry.contains(char::is_whitespace) {
+                        return Err(PolicyLoadError::Invalid {
+                            path: path.display().to_string(),
+                            line: i + 1,
+                            column: 1,
+                            message: format!("`{entry}`: one entry per line"),
+                        });
+                    }
+                    if !entry.is_empty() {
+                        items.push(entry.to_owned());
+                    }
+                }
+                items
+            }
+        };
+        lists.insert(name.clone(), entries);
+    }
+    let version: String = hasher
+        .finalize()
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+
+    let mut rules = Vec::with_capacity(file.rules.len());
+    let mut by_name = HashMap::new();
+    for spanned in &file.rules {
+        let span = spanned.span();
+        let rule = spanned.get_ref();
+        if by_name.insert(rule.name.clone(), rules.len()).is_some() {
+            return Err(at.error(Some(span), format!("duplicate rule name `{}`", rule.name)));
+        }
+        if rule.name.trim().is_empty() {
+            return Err(at.error(Some(span), "a rule needs a name"));
+        }
+        rules.push(compile_rule(rule, &lists).map_err(|(s, m)| {
+            at.error(
+                Some(s.unwrap_or(span.clone())),
+                format!("rule `{}`: {m}", rule.name),
+            )
+        })?);
+    }
+
+    let mut prefix_index: DigitTrie<Vec<u32>> = DigitTrie::default();
+    let mut prefix_lists: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    let mut number_index: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut country_index: HashMap<String, Vec<u32>> = HashMap::new();
+    let mut unanchored = Vec::new();
+    for (i, (rule, spanned)) in rules.iter().zip(&file.rules).enumerate() {
+        let i = i as u32;
+        let c = &rule.conditions;
+        if c.numbers.is_some() {
+            for n in resolve(spanned.get_ref().number.as_ref(), &lists) {
+                number_index.entry(n).or_default().push(i);
+            }
+        } else if c.prefixes.is_some() {
+            for p in resolve(spanned.get_ref().prefix.as_ref(), &lists) {
+                prefix_lists.entry(p).or_default().push(i);
+            }
+        } else if let Some(countries) = &c.countries {
+            for country in countries {
+                country_index.entry(country.clone()).or_default().push(i);
+            }
+        } else {
+            unanchored.push(i);
+        }
+    }
+    for (prefix, ids) in prefix_lists {
+        prefix_index.insert(&prefix, ids);
+    }
+    let stats = rules
+        .iter()
+        .map(|r| stats.get(&r.name).cloned().unwrap_or_default())
+        .collect();
+    Ok(Snapshot {
+        default: file.default,
+        on_error: file.on_error,
+        response: file.response,
+        rules,
+        stats,
+        by_name,
+        prefix_index,
+        number_index,
+        country_index,
+        unanchored,
+        version,
+        loaded_at: Utc::now(),
+        lists: lists.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
+    })
+}
+
+/// Entries of a condition, with `@list` references expanded.
+pub(super) fn resolve(
+    field: Option<&Spanned<OneOrMany>>,
+    lists: &BTreeMap<String, Vec<String>>,
+) -> Vec<String> {
+    let Some(field) = field else {
+        return Vec::new();
+    };
+    field
+        .get_ref()
+        .items()
+        .into_iter()
+        .flat_map(|item| match item.strip_prefix('@') {
+            Some(name) => lists.get(name).cloned().unwrap_or_default(),
+            None => vec![item],
+        })
+        .collect()
+}
+
+pub(super) type RuleError = (Option<Range<usize>>, String);
+
+pub(super) fn compile_rule(
+    rule: &RuleFile,
+    lists: &BTreeMap<String, Vec<String>>,
+) -> Result<Rule, RuleError> {
+    let mut summary = Vec::new();
+    let mut c = Conditions::default();
+    let entries = |field: &Option<Spanned<OneOrMany>>,
+                   what: &str|
+     -> Result<Option<Vec<String>>, RuleError> {
+        let Some(f) = field else { return Ok(None) };
+        for item in f.get_ref().items() {
+            if let Some(name) = item.strip_prefix('@') {
+                if !lists.contains_key(name) {
+                    return Err((
+                        Some(f.span()),
+                        format!("{what}: no list named `{name}` in [lists]"),
+                    ));
+                }
+            }
+        }
+        let items = resolve(Some(f), lists);
+        if items.is_empty() {
+            return Err((Some(f.span()), format!("{what}: the list is empty")));
+        }
+        Ok(Some(items))
+    };
+    let spanned_err =
+        |f: &Option<Spanned<OneOrMany>>, m: String| (f.as_ref().map(Spanned::span), m);
+
+    if let Some(methods) = entries(&rule.method, "method")? {
+        let parsed: Vec<VerificationMethod> = methods
+            .iter()
+            .map(|m| VerificationMethod::parse(m))
+            .collect();
+        if let Some(bad) = parsed
+            .iter()
+            .find(|m| matches!(m, VerificationMethod::Other(_)))
+        {
+            return Err(spanned_err(
+                &rule.method,
+                format!("method `{bad}` is not sms, flashcall, callout, whatsapp or seamless"),
+            ));
+        }
+        summary.push(format!("method in {methods:?}"));
+        c.methods = Some(parsed);
+    }
+    let country_set = |items: Vec<String>,
+                       field: &Option<Spanned<OneOrMany>>|
+     -> Result<HashSet<String>, RuleError> {
+        items
+            .into_iter()
+            .map(|c| {
+                let upper = c.to_ascii_uppercase();
+                if upper == "UNKNOWN" {
+                    Ok("unknown".to_owned())
+                } else if upper.len() == 2 && upper.bytes().all(|b| b.is_ascii_uppercase()) {
+                    Ok(upper)
+                } else {
+                    Err(spanned_err(
+                        field,
+                        format!("`{c}` is not an ISO 3166 alpha-2 country code (or `unknown`)"),
+                    ))
+                }
+            })
+            .collect()
+    };
+    if let Some(items) = entries(&rule.country, "country")? {
+        summary.push(format!("country in {} codes", items.len()));
+        c.countries = Some(country_set(items, &rule.country)?);
+    }
+    if let Some(items) = entries(&rule.country_not_in, "country_not_in")? {
+        summary.push(format!("country not in {} codes", items.len()));
+        c.countries_not_in = Some(country_set(items, &rule.country_not_in)?);
+    }
+    let e164 = |items: Vec<String>,
+                field: &Option<Spanned<OneOrMany>>,
+                min: usize,
+                what: &str|
+     -> Result<Vec<String>, RuleError> {
+        items
+            .into_iter()
+            .map(|v| {
+                let digits = v.strip_prefix('+').unwrap_or("");
+                if digits.len() >= min
+                    && digits.len() <= 15
+                    && digits.bytes().all(|b| b.is_ascii_digit())
+                    && !digits.starts_with('0')
+                {
+                    Ok(v)
+                } else {
+                    Err(spanned_err(
+                        field,
+                        format!(
+                            "{what} `{v}` must be `+` followed by digits (E.164, no leading 0)"
+                        ),
+                    ))
+                }
+            })
+            .collect()
+    };
+    if let Some(items) = entries(&rule.prefix, "prefix")? {
+        let items = e164(items, &rule.prefix, 1, "prefix")?;
+        summary.push(format!("prefix in {} prefixes", items.len()));
+        let mut trie = DigitTrie::default();
+        items.iter().for_each(|p| trie.insert(p, ()));
+        c.prefixes = Some(trie);
+    }
+    if let Some(items) = entries(&rule.number, "number")? {
+        let items = e164(items, &rule.number, 3, "number")?;
+        summary.push(format!("number in {} numbers", items.len()));
+        c.numbers = Some(items.into_iter().collect());
+    }
+    if let Some(price) = &rule.price_above {
+        if price.get_ref().is_empty()
+            || price.get_ref().values().any(|v| !v.is_finite() || *v < 0.0)
+        {
+            return Err((
+                Some(price.span()),
+                "price_above needs currencies with non-negative amounts, e.g. { EUR = 0.25 }"
+                    .into(),
+            ));
+        }
+        summary.push(format!("price above {:?}", price.get_ref()));
+        c.price_above = Some(
+            price
+                .get_ref()
+                .iter()
+                .map(|(k, v)| (k.to_ascii_uppercase(), *v))
+                .collect(),
+        );
+    }
+    let pattern =
+        |field: &Option<Spanned<String>>, what: &str| -> Result<Option<regex::Regex>, RuleError> {
+            field
+                .as_ref()
+                .map(|p| {
+                    regex::RegexBuilder::new(p.get_ref())
+                        .size_limit(1 << 20)
+                        .build()
+                        .map_err(|e| {
+                            (
+                                Some(p.span()),
+                                format!("{what} pattern does not compile: {e}"),
+                            )
+                        })
+                })
+                .transpose()
+        };
+    c.reference = pattern(&rule.reference, "reference")?;
+    c.custom = pattern(&rule.custom, "custom")?;
+    if let Some(r) = &rule.reference {
+        summary.push(format!("reference ~ /{}/", r.get_ref()));
+    }
+    if let Some(r) = &rule.custom {
+        summary.push(format!("custom ~ /{}/", r.get_ref()));
+    }
+    if let Some(langs) = entries(&rule.accept_language, "accept_language")? {
+        summary.push(format!("accept_language any of {langs:?}"));
+        c.accept_language = Some(langs.iter().map(|l| l.to_ascii_lowercase()).collect());
+    }
+    if let Some(time) = &rule.time {
+        c.time = Some(compile_time(time.get_ref()).map_err(|m| (Some(time.span()), m))?);
+        summary.push(format!(
+            "time {} {:?} {:?}",
+            time.get_ref().tz,
+            time.get_ref().days,
+            time.get_ref().between
+        ));
+    }
+
+    let mut limiters = Vec::new();
+    if let Some(r) = &rule.rate_limit {
+        let f = r.get_ref();
+        summary.push(format!("rate_limit {} > {} per {}", f.key, f.max, f.window));
+        let spec = CounterSpec::parse(&f.key, &f.window, r.span())?;
+        limiters.push(Limiter::Rate { spec, max: f.max });
+    }
+    if let Some(d) = &rule.distinct_numbers {
+        let f = d.get_ref();
+        summary.push(format!(
+            "distinct_numbers per {} > {} per {}",
+            f.per, f.max, f.window
+        ));
+        let spec = CounterSpec::parse(&f.per, &f.window, d.span())?;
+        limiters.push(Limiter::Distinct { spec, max: f.max });
+    }
+    if let Some(s) = &rule.spend {
+        let f = s.get_ref();
+        if f.max.is_empty() || f.max.values().any(|v| !v.is_finite() || *v <= 0.0) {
+            return Err((
+                Some(s.span()),
+                "spend.max needs positive amounts per currency, e.g. { EUR = 50 }".into(),
+            ));
+        }
+        summary.push(format!(
+            "spend per {} > {:?} per {}",
+            f.per, f.max, f.window
+        ));
+        let spec = CounterSpec::parse(&f.per, &f.window, s.span())?;
+        let max = f
+            .max
+            .iter()
+            .map(|(k, v)| (k.to_ascii_uppercase(), *v))
+            .collect();
+        limiters.push(Limiter::Spend { spec, max });
+    }
+    if let Some(response) = &rule.response {
+        validate_response(response).map_err(|m| (None, m))?;
+    }
+    Ok(Rule {
+        name: rule.name.clone(),
+        action: rule.action,
+        mode: rule.mode,
+        response: rule.response.clone(),
+        note: rule.note.clone(),
+        conditions: c,
+        limiters,
+        summary,
+    })
+}
+
+pub(super) fn compile_time(t: &TimeFile) -> Result<TimeWindow, String> {
+    let tz: chrono_tz::Tz =
+        t.tz.parse()
+            .map_err(|_| format!("`{}` is not an IANA time zone like Europe/Berlin", t.tz))?;
+    let mut days = [t.days.is_empty(); 7];
+    for spec in &t.days {
+        let day = |s: &str| -> Result<usize, String> {
+            s.parse::<Weekday>()
+                .map(|d| d.num_days_from_monday() as usize)
+                .map_err(|_| format!("`{s}` is not a day (mon … sun)"))
+        };
+        match spec.split_once('-') {
+            Some((from, to)) => {
+                let (from, to) = (day(from)?, day(to)?);
+                let mut d = from;
+                loop {
+                    days[d] = true;
+                    if d == to {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => days[day(spec)?] = true,
+        }
+    }
+    let between = t
+        .between
+        .as_ref()
+        .map(|[a, b]| {
+            let parse = |s: &str| {
+                NaiveTime::parse_from_str(s, "%H:%M")
+                    .map_err(|_| format!("`{s}` is not a time like 22:00"))
+            };
+            Ok::<_, String>((parse(a)?, parse(b)?))
+        })
+        .transpose()?;
+    Ok(TimeWindow { tz, days, between })
+}
+
+/// Sinch accepts flash-call timeouts of 5..=120 s only; refuse anything else at load time
+/// rather than have Sinch reject the answer (which denies the verification).
+pub(super) fn validate_response(fields: &ResponseFields) -> Result<(), String> {
+    if let Some(flash) = &fields.flash_call {
+        for (name, value) in [
+            ("dialTimeout", flash.dial_timeout),
+            ("interceptionTimeout", flash.interception_timeout),
+        ] {
+            if let Some(v) = value.filter(|v| !(5..=120).contains(v)) {
+                return Err(format!("flashCall.{name} = {v} is outside 5..=120 seconds"));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
