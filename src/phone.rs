@@ -21,12 +21,17 @@ pub struct NumberFacts {
 
 /// `+` and 2 to 15 digits, first digit not 0.
 pub fn is_e164(number: &str) -> bool {
-    let Some(digits) = number.strip_prefix('+') else {
-        return false;
-    };
-    (2..=15).contains(&digits.len())
+    e164_digits(number).is_some_and(|d| d.len() >= 2)
+}
+
+/// The digits of `+` followed by 1 to 15 digits, the first not 0 (a number or a prefix of
+/// one); `None` for anything else. The one place this rule is written.
+pub fn e164_digits(number: &str) -> Option<&str> {
+    let digits = number.strip_prefix('+')?;
+    let valid = (1..=15).contains(&digits.len())
         && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0')
+        && !digits.starts_with('0');
+    valid.then_some(digits)
 }
 
 pub fn facts(number: &str) -> NumberFacts {

@@ -204,11 +204,10 @@ pub(super) struct Snapshot {
 pub fn normalise_number(raw: &str) -> Option<String> {
     let raw = raw.trim();
     let digits = raw.strip_prefix('+').unwrap_or(raw);
-    let valid = !digits.is_empty()
-        && digits.len() <= 15
-        && digits.bytes().all(|b| b.is_ascii_digit())
-        && !digits.starts_with('0');
-    valid.then(|| format!("+{digits}"))
+    let number = format!("+{digits}");
+    crate::phone::e164_digits(&number)
+        .is_some()
+        .then_some(number)
 }
 
 /// The facts about one request that conditions read.

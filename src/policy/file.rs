@@ -418,12 +418,7 @@ pub(super) fn compile_rule(
         items
             .into_iter()
             .map(|v| {
-                let digits = v.strip_prefix('+').unwrap_or("");
-                if digits.len() >= min
-                    && digits.len() <= 15
-                    && digits.bytes().all(|b| b.is_ascii_digit())
-                    && !digits.starts_with('0')
-                {
+                if crate::phone::e164_digits(&v).is_some_and(|d| d.len() >= min) {
                     Ok(v)
                 } else {
                     Err(spanned_err(
