@@ -10,6 +10,10 @@
 //! `by_reference`, `by_time`. This is the whole interface the rest of verigate uses; a
 //! shared backend for replicated deployments would implement the same methods.
 //!
+//! Writes go through one writer thread (`writer.rs`) that applies whatever has queued up
+//! as one atomic transaction; the group-commit flusher (`durability.rs`) then makes them
+//! durable, many at a time.
+//!
 //! Reads see a stable order: every write takes a strictly increasing (time, seq) key
 //! under a lock and is "in flight" until committed; range reads stop before the oldest
 //! write in flight, so a page boundary never moves and pagination has no gaps.
@@ -18,6 +22,7 @@ mod durability;
 mod keys;
 mod record;
 pub mod retention;
+mod writer;
 
 use std::{
     borrow::Cow,
@@ -33,10 +38,7 @@ use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use sled::{
-    transaction::{ConflictableTransactionError, TransactionError},
-    Transactional, Tree,
-};
+use sled::Tree;
 
 pub use durability::FlushError;
 pub use record::{
@@ -45,6 +47,7 @@ pub use record::{
 
 use crate::events::VerificationEvent;
 use durability::GroupCommit;
+use writer::{WriteJob, Writer, WriterContext};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -109,6 +112,7 @@ pub enum RecordOutcome {
     Duplicate(FirstDelivery),
 }
 
+#[derive(Clone)]
 struct Trees {
     records: Tree,
     events: Tree,
@@ -201,10 +205,12 @@ struct WriteOrder {
 }
 
 struct Inner {
+    /// First, so that dropping the store writes what is queued before anything closes.
+    writer: Mutex<Writer>,
     db: sled::Db,
     trees: Trees,
     options: StoreOptions,
-    order: Mutex<WriteOrder>,
+    order: Arc<Mutex<WriteOrder>>,
     commit: GroupCommit,
 }
 
@@ -248,20 +254,6 @@ pub struct Page<T> {
     pub next: Option<Cursor>,
 }
 
-/// Releases a write's place in the order when it is done, however it ends.
-struct InFlight<'a> {
-    order: &'a Mutex<WriteOrder>,
-    key: (i64, u64),
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut order) = self.order.lock() {
-            order.in_flight.remove(&self.key);
-        }
-    }
-}
-
 impl Store {
     /// Opens (or creates) the store; `on_flush` observes each group flush's duration.
     pub fn open(
@@ -278,6 +270,9 @@ impl Store {
     ) -> Result<Self, StoreError> {
         let db = sled::Config::new()
             .path(path)
+            // verigate flushes when it acknowledges; sled's timer flush would only add I/O.
+            .flush_every_ms(None)
+            .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|source| StoreError::Open {
                 path: path.display().to_string(),
@@ -306,15 +301,26 @@ impl Store {
             move || flusher_db.flush().map(|_| ()).map_err(|e| e.to_string()),
             on_flush,
         );
+        let order = Arc::new(Mutex::new(WriteOrder {
+            last_millis,
+            in_flight: BTreeSet::new(),
+        }));
+        let writer = Writer::start(WriterContext {
+            db: db.clone(),
+            trees: trees.clone(),
+            order: Arc::clone(&order),
+            max_batch: match options.durability {
+                Durability::GroupCommit => writer::MAX_BATCH,
+                Durability::FlushPerWrite => 1,
+            },
+        });
         Ok(Self {
             inner: Arc::new(Inner {
+                writer: Mutex::new(writer),
                 db,
                 trees,
                 options,
-                order: Mutex::new(WriteOrder {
-                    last_millis,
-                    in_flight: BTreeSet::new(),
-                }),
+                order,
                 commit,
             }),
         })
@@ -322,7 +328,7 @@ impl Store {
 
     /// Records an event durably; see the module docs for the guarantees.
     pub async fn record(&self, incoming: IncomingEvent<'_>) -> Result<RecordOutcome, StoreError> {
-        let outcome = self.write(incoming)?;
+        let outcome = self.write(incoming).await?;
         match (&outcome, self.inner.options.durability) {
             (RecordOutcome::Stored { .. }, Durability::GroupCommit) => {
                 self.inner.commit.durable().await?
@@ -354,31 +360,6 @@ impl Store {
         Ok(Some(serde_json::from_slice(&bytes)?))
     }
 
-    /// The next write's place in the order, registered as in flight.
-    fn reserve(
-        &self,
-        received_at: DateTime<Utc>,
-    ) -> Result<(InFlight<'_>, DateTime<Utc>, u64), StoreError> {
-        let mut order = self
-            .inner
-            .order
-            .lock()
-            .map_err(|_| FlushError("order lock poisoned".into()))?;
-        let seq = self.inner.db.generate_id()?;
-        let millis = received_at.timestamp_millis().max(order.last_millis);
-        order.last_millis = millis;
-        order.in_flight.insert((millis, seq));
-        let at = Utc
-            .timestamp_millis_opt(millis)
-            .single()
-            .unwrap_or(received_at);
-        let guard = InFlight {
-            order: &self.inner.order,
-            key: (millis, seq),
-        };
-        Ok((guard, at, seq))
-    }
-
     /// Keys below this are committed: the (time, seq) of the oldest write in flight.
     fn visible_before(&self) -> Option<[u8; 16]> {
         let order = self.inner.order.lock().ok()?;
@@ -387,99 +368,34 @@ impl Store {
         Some(keys::event(at, seq))
     }
 
-    fn write(&self, incoming: IncomingEvent<'_>) -> Result<RecordOutcome, StoreError> {
-        let t = &self.inner.trees;
+    /// Hands the event to the writer thread and waits until it is applied (not yet
+    /// flushed).
+    async fn write(&self, incoming: IncomingEvent<'_>) -> Result<RecordOutcome, StoreError> {
         let numbers = &self.inner.options.numbers;
-        let identity = incoming.identity();
-        let (_in_flight, ordered_at, seq) = self.reserve(incoming.received_at)?;
-        let body = numbers.protect_body(incoming.raw);
-        let stored_event = serde_json::to_vec(&StoredEvent {
-            seq,
-            received_at: incoming.received_at,
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let job = WriteJob {
+            event: incoming.event.clone(),
+            identity: incoming.identity(),
+            body: numbers.protect_body(incoming.raw).into_owned(),
             app_key: incoming.app_key.to_owned(),
-            event: incoming.event.event_type().to_owned(),
-            id: incoming.event.id().to_owned(),
-            body: RawValue::from_string(String::from_utf8_lossy(&body).into_owned())?,
-        })?;
-        let first = serde_json::to_vec(&FirstDelivery {
-            seq,
-            answer: incoming.decision.map(|d| d.answer.clone()),
-        })?;
-        let id = incoming.event.id();
-        // Counter keys in the explanation can be the number (or most of it).
-        let decision = incoming.decision.map(|d| numbers.protect_decision(d));
-        let stamp = RecordStamp {
-            app_key: incoming.app_key,
-            seq,
-            ordered_at,
             received_at: incoming.received_at,
+            decision: incoming
+                .decision
+                .map(|d| numbers.protect_decision(d).into_owned()),
+            number: incoming
+                .event
+                .number()
+                .map(|n| (numbers.protect(n).into_owned(), n.to_owned())),
+            reply,
         };
-        let event_key = keys::event(ordered_at, seq);
-
-        // Pure closure: sled may run it more than once on conflict.
-        let result = (
-            &t.records,
-            &t.events,
-            &t.dedup,
-            &t.by_number,
-            &t.by_reference,
-            &t.by_time,
-        )
-            .transaction(
-                |(records, events, dedup, by_number, by_reference, by_time)| {
-                    if let Some(existing) = dedup.get(&identity)? {
-                        let first: FirstDelivery = serde_json::from_slice(&existing)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        return Ok(RecordOutcome::Duplicate(first));
-                    }
-                    let before = match records.get(id.as_bytes())? {
-                        Some(bytes) => Some(
-                            serde_json::from_slice::<VerificationRecord>(&bytes)
-                                .map_err(ConflictableTransactionError::Abort)?,
-                        ),
-                        None => None,
-                    };
-                    let had = |f: fn(&VerificationRecord) -> &Option<String>| {
-                        before.as_ref().and_then(|b| f(b).as_ref()).is_some()
-                    };
-                    // Parsing a number costs microseconds: only when the record lacks it.
-                    let number = match (had(|r| &r.number), incoming.event.number()) {
-                        (false, Some(n)) => {
-                            Some((numbers.protect(n).into_owned(), crate::phone::facts(n)))
-                        }
-                        _ => None,
-                    };
-                    let after = VerificationRecord::apply(
-                        before.clone(),
-                        incoming.event,
-                        stamp,
-                        number
-                            .as_ref()
-                            .map(|(stored, facts)| (stored.as_str(), facts)),
-                        decision.as_deref(),
-                    );
-                    if before.is_none() {
-                        by_time.insert(keys::time_index(after.first_seen, after.seq, id), &[])?;
-                    }
-                    if let (false, Some(number)) = (had(|r| &r.number), &after.number) {
-                        by_number.insert(keys::index(number, id), &[])?;
-                    }
-                    if let (false, Some(reference)) = (had(|r| &r.reference), &after.reference) {
-                        by_reference.insert(keys::index(reference, id), &[])?;
-                    }
-                    let encoded =
-                        serde_json::to_vec(&after).map_err(ConflictableTransactionError::Abort)?;
-                    records.insert(id.as_bytes(), encoded)?;
-                    events.insert(&event_key, stored_event.as_slice())?;
-                    dedup.insert(identity.as_slice(), first.as_slice())?;
-                    Ok(RecordOutcome::Stored { seq })
-                },
-            );
-        match result {
-            Ok(outcome) => Ok(outcome),
-            Err(TransactionError::Abort(e)) => Err(StoreError::Corrupt(e)),
-            Err(TransactionError::Storage(e)) => Err(StoreError::Io(e)),
-        }
+        self.inner
+            .writer
+            .lock()
+            .map_err(|_| FlushError("writer lock poisoned".into()))?
+            .submit(job)?;
+        outcome
+            .await
+            .map_err(|_| FlushError("the store writer stopped".into()))?
     }
 
     pub fn get(&self, id: &str) -> Result<Option<VerificationRecord>, StoreError> {
@@ -676,6 +592,9 @@ impl Store {
     /// Flushes everything and stops the flusher; the database closes when the last clone
     /// is dropped.
     pub fn shutdown(&self) -> Result<(), StoreError> {
+        if let Ok(mut writer) = self.inner.writer.lock() {
+            writer.stop();
+        }
         self.inner.commit.shutdown();
         self.inner.db.flush()?;
         Ok(())

@@ -1,0 +1,478 @@
+//! Load benchmark: verigate against a bare actix-web server, driven by one client in one
+//! run.
+//!
+//! `cargo bench --bench load` starts the real verigate binary on loopback (temp store,
+//! durable acks, the shipped sample policy, default logging) and a bare actix-web server
+//! that answers the same POST with 200 and does nothing else. The same keep-alive client
+//! sends both the same freshly signed, unique callbacks: request events for every method,
+//! SMS-delivered events and result events. It prints requests/s, latency percentiles, the
+//! ratio verigate / bare, verigate's peak RSS and its store size per million events.
+//!
+//! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
+//! list, default "16,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::BufRead,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::Utc;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use verigate::{
+    client::{sample_body, signed_headers, sinch_timestamp, Sample, SampleKind, CONTENT_TYPE},
+    signature::AppCredentials,
+};
+
+const ROLE: &str = "VERIGATE_LOAD_ROLE";
+const APP_KEY: &str = "5F5C418A-0F8D-4E8B-8B3C-1F5E6B7A9C10";
+const APP_SECRET: &str = "JL5OnlS2GkS7Jm8HKB4mLw==";
+const PATH: &str = "/sinch/verification";
+const METHODS: [&str; 5] = ["sms", "flashcall", "callout", "seamless", "whatsapp"];
+/// Countries with plausible mobile number shapes: (prefix, digits after it).
+const NUMBERING: [(&str, u32); 8] = [
+    ("+4670", 7),
+    ("+4915", 8),
+    ("+447", 9),
+    ("+3361", 7),
+    ("+1415", 7),
+    ("+3934", 7),
+    ("+91981", 5),
+    ("+55119", 8),
+];
+
+fn main() {
+    if std::env::var(ROLE).as_deref() == Ok("bare") {
+        return bare_server();
+    }
+    let callbacks: usize = knob("LOAD_CALLBACKS", 60_000);
+    let workers: usize = knob("LOAD_SERVER_WORKERS", 0);
+    let levels: Vec<usize> = std::env::var("LOAD_CONCURRENCY")
+        .unwrap_or_else(|_| "16,64".into())
+        .split(',')
+        .map(|c| c.trim().parse().expect("LOAD_CONCURRENCY: numbers"))
+        .collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "load: {callbacks} callbacks per server and level, {cores} cores, server workers {}",
+        if workers == 0 {
+            "= cores".to_string()
+        } else {
+            workers.to_string()
+        }
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for (round, &concurrency) in levels.iter().enumerate() {
+        // A fresh set per level: verigate must never see a callback twice.
+        let requests = Workload::generate(callbacks, round);
+        let bare = Server::bare(workers);
+        let bare_run = runtime.block_on(drive(bare.port, &requests, concurrency));
+        drop(bare);
+        let dir = tempfile::tempdir().unwrap();
+        let verigate = Server::verigate(dir.path(), workers);
+        let ours = runtime.block_on(drive(verigate.port, &requests, concurrency));
+        let peak_rss = verigate.peak_rss_kib();
+        drop(verigate);
+        let store_bytes = dir_size(dir.path());
+        println!("\nconcurrency {concurrency}");
+        bare_run.print("bare actix-web");
+        ours.print("verigate");
+        println!(
+            "  ratio verigate / bare: {:.2}  (throughput)",
+            ours.rate() / bare_run.rate()
+        );
+        println!(
+            "  verigate peak RSS {:.1} MiB; store {:.0} MB per million events",
+            peak_rss as f64 / 1024.0,
+            store_bytes as f64 / requests.len() as f64
+        );
+    }
+}
+
+fn knob(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name}: a number")))
+        .unwrap_or(default)
+}
+
+/// The server that does nothing but answer: the ceiling for any actix-web service on
+/// this machine with this client.
+fn bare_server() {
+    use actix_web::{web, App, HttpResponse, HttpServer};
+    let workers: usize = knob("LOAD_SERVER_WORKERS", 0);
+    actix_web::rt::System::new().block_on(async move {
+        let mut server = HttpServer::new(|| {
+            App::new().route(
+                PATH,
+                web::post().to(|_body: web::Bytes| async {
+                    HttpResponse::Ok()
+                        .content_type("application/json")
+                        .body(r#"{"action":"allow"}"#)
+                }),
+            )
+        })
+        .bind(("127.0.0.1", 0))
+        .unwrap();
+        if workers > 0 {
+            server = server.workers(workers);
+        }
+        println!("port {}", server.addrs()[0].port());
+        server.run().await.unwrap();
+    });
+}
+
+/// A server process under load; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn bare(workers: usize) -> Self {
+        let child = Command::new(std::env::current_exe().unwrap())
+            .env(ROLE, "bare")
+            .env("LOAD_SERVER_WORKERS", workers.to_string())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self::wait_for_port(child, |line| {
+            line.strip_prefix("port ").map(|p| p.parse().unwrap())
+        })
+    }
+
+    fn verigate(dir: &Path, workers: usize) -> Self {
+        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+        let child = Command::new(env!("CARGO_BIN_EXE_verigate"))
+            .env("VERIGATE__SERVER__LISTEN", "127.0.0.1:0")
+            .env("VERIGATE__SERVER__WORKERS", workers.to_string())
+            .env("VERIGATE__STORE__PATH", dir.join("db"))
+            .env("VERIGATE__POLICY__PATH", policy)
+            .env("VERIGATE__LOG__FORMAT", "json")
+            .env("VERIGATE_APP_KEY", APP_KEY)
+            .env("VERIGATE_APP_SECRET", APP_SECRET)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let server = Self::wait_for_port(child, |line| {
+            line.contains("verigate listening").then(|| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                v["port"].as_u64().unwrap() as u16
+            })
+        });
+        // Ready = store open and policy (with its country table) loaded.
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", server.port))
+                .and_then(|mut s| {
+                    use std::io::{Read, Write};
+                    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+                    let mut answer = String::new();
+                    s.read_to_string(&mut answer)?;
+                    Ok(answer.starts_with("HTTP/1.1 200"))
+                })
+                .unwrap_or(false)
+            {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("verigate did not become ready");
+    }
+
+    /// Reads the child's stdout until `port` finds the port, then drains it in the
+    /// background so the child never blocks on a full pipe.
+    fn wait_for_port(mut child: Child, port: impl Fn(&str) -> Option<u16>) -> Self {
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
+            if let Some(port) = port(&line) {
+                break port;
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Self { child, port }
+    }
+
+    /// Peak resident set size so far (Linux), in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SIGTERM, so verigate flushes and closes its store before the size is read.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn dir_size(path: &Path) -> u64 {
+    std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_size(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Which kind of callback a request carries, for per-kind latency.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Request,
+    Delivered,
+    Result,
+}
+
+/// Ready-to-send HTTP requests, each a unique, signed callback.
+struct Workload {
+    requests: Vec<(Kind, Vec<u8>)>,
+}
+
+impl Workload {
+    /// `callbacks` callbacks for about `callbacks / 2.2` verifications: every one gets a
+    /// request event and (later, as in life) a result; SMS ones also a delivery report.
+    fn generate(callbacks: usize, round: usize) -> Self {
+        let signer = AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap();
+        let timestamp = sinch_timestamp(Utc::now());
+        let mut random = 0x2545_f491_4f6c_dd1d_u64 ^ (round as u64).wrapping_mul(0x9e37_79b9);
+        let mut next = move || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
+        let lag = 40;
+        let mut pending: std::collections::VecDeque<(String, String, &str)> = Default::default();
+        let mut requests = Vec::with_capacity(callbacks);
+        let mut push = |kind: Kind, body: String| {
+            let headers = signed_headers(&signer, PATH, body.as_bytes(), CONTENT_TYPE, &timestamp);
+            let mut http = format!(
+                "POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: {}\r\n",
+                body.len()
+            );
+            for (name, value) in headers {
+                http.push_str(&format!("{name}: {value}\r\n"));
+            }
+            http.push_str("\r\n");
+            http.push_str(&body);
+            requests.push((kind, http.into_bytes()));
+        };
+        let mut verification = 0usize;
+        let mut emitted = 0usize;
+        while emitted < callbacks {
+            let id = format!("load-{round}-{verification:08}");
+            let (prefix, digits) = NUMBERING[(next() % NUMBERING.len() as u64) as usize];
+            let number = format!(
+                "{prefix}{:0width$}",
+                next() % 10u64.pow(digits),
+                width = digits as usize
+            );
+            let method = METHODS[verification % METHODS.len()];
+            let sample = |kind, status| Sample {
+                kind,
+                id: &id,
+                number: &number,
+                method,
+                status,
+            };
+            push(Kind::Request, sample_body(&sample(SampleKind::Request, "")));
+            emitted += 1;
+            if method == "sms" {
+                push(
+                    Kind::Delivered,
+                    sample_body(&sample(SampleKind::SmsDelivered, "")),
+                );
+                emitted += 1;
+            }
+            pending.push_back((id.clone(), number.clone(), method));
+            if pending.len() > lag || emitted >= callbacks {
+                if let Some((id, number, method)) = pending.pop_front() {
+                    let status = if next() % 10 < 8 {
+                        "SUCCESSFUL"
+                    } else {
+                        "FAIL"
+                    };
+                    push(
+                        Kind::Result,
+                        sample_body(&Sample {
+                            kind: SampleKind::Result,
+                            id: &id,
+                            number: &number,
+                            method,
+                            status,
+                        }),
+                    );
+                    emitted += 1;
+                }
+            }
+            verification += 1;
+        }
+        requests.truncate(callbacks);
+        Self { requests }
+    }
+
+    fn len(&self) -> usize {
+        self.requests.len()
+    }
+}
+
+/// What one server did under one load.
+struct Run {
+    elapsed: Duration,
+    /// (kind, latency) of every answered callback.
+    latencies: Vec<(Kind, Duration)>,
+    failures: usize,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.latencies.len() as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self, name: &str) {
+        let all: Vec<Duration> = self.latencies.iter().map(|(_, d)| *d).collect();
+        let requests: Vec<Duration> = self
+            .latencies
+            .iter()
+            .filter(|(k, _)| *k == Kind::Request)
+            .map(|(_, d)| *d)
+            .collect();
+        let [p50, p99, p999] = percentiles(all);
+        let [r50, r99, r999] = percentiles(requests);
+        println!(
+            "  {name:<15} {:>8.0} req/s  p50 {p50:>6.2} ms  p99 {p99:>6.2} ms  p999 {p999:>6.2} ms  \
+             | request events p50 {r50:.2} p99 {r99:.2} p999 {r999:.2} ms  | non-2xx {}",
+            self.rate(),
+            self.failures
+        );
+    }
+}
+
+fn percentiles(mut samples: Vec<Duration>) -> [f64; 3] {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len().max(1)) - 1;
+        samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    [at(0.50), at(0.99), at(0.999)]
+}
+
+/// Sends every request of `workload` over `concurrency` keep-alive connections.
+async fn drive(port: u16, workload: &Workload, concurrency: usize) -> Run {
+    let next = Arc::new(AtomicUsize::new(0));
+    let workload = Arc::new(
+        workload
+            .requests
+            .iter()
+            .map(|(k, r)| (*k, Arc::<[u8]>::from(r.as_slice())))
+            .collect::<Vec<_>>(),
+    );
+    let started = Instant::now();
+    let local = tokio::task::LocalSet::new();
+    let handles: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            let workload = Arc::clone(&workload);
+            local.spawn_local(async move {
+                let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let mut buffer = Vec::with_capacity(4096);
+                let mut latencies = Vec::new();
+                let mut failures = 0;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((kind, request)) = workload.get(i) else {
+                        break;
+                    };
+                    let sent = Instant::now();
+                    stream.write_all(request).await.unwrap();
+                    let status = read_response(&mut stream, &mut buffer).await;
+                    latencies.push((*kind, sent.elapsed()));
+                    if !(200..300).contains(&status) {
+                        failures += 1;
+                    }
+                }
+                (latencies, failures)
+            })
+        })
+        .collect();
+    let mut run = Run {
+        elapsed: Duration::ZERO,
+        latencies: Vec::with_capacity(workload.len()),
+        failures: 0,
+    };
+    local
+        .run_until(async {
+            for handle in handles {
+                let (latencies, failures) = handle.await.unwrap();
+                run.latencies.extend(latencies);
+                run.failures += failures;
+            }
+        })
+        .await;
+    run.elapsed = started.elapsed();
+    run
+}
+
+/// Reads one HTTP/1.1 response with a content-length; returns its status.
+async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> u16 {
+    buffer.clear();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(buffer, b"\r\n\r\n") {
+            let head = std::str::from_utf8(&buffer[..end])
+                .unwrap()
+                .to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            while buffer.len() < end + 4 + length {
+                let n = stream.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "server closed the connection");
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            return status;
+        }
+        let n = stream.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "server closed the connection");
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
