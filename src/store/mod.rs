@@ -188,6 +188,9 @@ pub enum Durability {
     GroupCommit,
     /// Each writer flushes on its own: the baseline group commit is measured against.
     FlushPerWrite,
+    /// Applied but never flushed by `record`: what durability costs, for benchmarks only.
+    /// No setting selects it; verigate never acknowledges an event this way.
+    Unflushed,
 }
 
 /// Options fixed when the store opens.
@@ -310,7 +313,7 @@ impl Store {
             trees: trees.clone(),
             order: Arc::clone(&order),
             max_batch: match options.durability {
-                Durability::GroupCommit => writer::MAX_BATCH,
+                Durability::GroupCommit | Durability::Unflushed => writer::MAX_BATCH,
                 Durability::FlushPerWrite => 1,
             },
         });
@@ -338,6 +341,7 @@ impl Store {
             (RecordOutcome::Duplicate(_), Durability::GroupCommit) => {
                 self.inner.commit.barrier().await?
             }
+            (_, Durability::Unflushed) => {}
             (_, Durability::FlushPerWrite) => {
                 let db = self.inner.db.clone();
                 tokio::task::spawn_blocking(move || db.flush())
@@ -775,5 +779,77 @@ mod tests {
             .unwrap();
         assert_eq!(rest.items.len(), 1);
         assert_eq!(rest.items[0].event, "Mystery");
+    }
+
+    /// Sends every body at once, so the writer gets them as one or a few batches.
+    async fn put_all(store: &Store, bodies: &[String]) -> Vec<Result<RecordOutcome, StoreError>> {
+        let events: Vec<_> = bodies
+            .iter()
+            .map(|b| VerificationEvent::parse(b.as_bytes()).unwrap())
+            .collect();
+        let writes = bodies.iter().zip(&events).map(|(body, event)| {
+            store.record(IncomingEvent {
+                event,
+                raw: body.as_bytes(),
+                app_key: "app",
+                received_at: at(0),
+                decision: None,
+            })
+        });
+        futures_util::future::join_all(writes).await
+    }
+
+    #[tokio::test]
+    async fn one_undecodable_record_fails_only_its_own_event_in_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), |_| {}).unwrap();
+        store
+            .inner
+            .trees
+            .records
+            .insert("broken", &b"not a record"[..])
+            .unwrap();
+        let mut bodies: Vec<String> = (0..40)
+            .map(|i| request(&format!("ok-{i}"), "+46700000001", "r"))
+            .collect();
+        bodies.insert(20, request("broken", "+46700000001", "r"));
+        let outcomes = put_all(&store, &bodies).await;
+        for (body, outcome) in bodies.iter().zip(&outcomes) {
+            if body.contains("\"broken\"") {
+                assert!(
+                    matches!(outcome, Err(StoreError::Corrupt(_))),
+                    "{outcome:?}"
+                );
+            } else {
+                assert!(
+                    matches!(outcome, Ok(RecordOutcome::Stored { .. })),
+                    "{outcome:?}"
+                );
+            }
+        }
+        assert_eq!(store.ids_by_number("+46700000001").unwrap().len(), 40);
+    }
+
+    #[tokio::test]
+    async fn events_of_one_verification_in_the_same_batch_join_and_dedupe() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), |_| {}).unwrap();
+        let result = r#"{"id":"j","event":"VerificationResultEvent","status":"SUCCESSFUL"}"#;
+        let bodies = vec![
+            request("j", "+46700000001", "r"),
+            result.to_owned(),
+            result.to_owned(),
+            request("j", "+46700000001", "r"),
+        ];
+        let outcomes = put_all(&store, &bodies).await;
+        let stored = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(RecordOutcome::Stored { .. })))
+            .count();
+        assert_eq!(stored, 2, "{outcomes:?}");
+        let record = store.get("j").unwrap().unwrap();
+        assert_eq!(record.event_count, 2);
+        assert!(record.request.is_some() && record.result.is_some());
+        assert_eq!(store.ids_by_number("+46700000001").unwrap(), ["j"]);
     }
 }

@@ -1,40 +1,155 @@
-//! A 2xx means "on disk": the real binary is killed with SIGKILL right after answering,
-//! with no chance to flush on the way out, and every acknowledged event must be there.
+//! A 2xx means "on disk": the real binary is killed with SIGKILL in the middle of a
+//! stream of concurrent callbacks, with no chance to flush on the way out, and every
+//! event that got a 2xx must be there after a restart on the same folder.
 
-use std::sync::Arc;
+use std::{
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use verigate::signature::AppCredentials;
+
+use chrono::Utc;
+use serde_json::Value;
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn events_acknowledged_before_a_kill_9_are_all_on_disk() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let binary = RunningBinary::start(&dir, &[]).await;
-    let ids: Vec<String> = (0..200).map(|i| format!("crash-{i}")).collect();
-    let mut acknowledged = Vec::new();
-    for chunk in ids.chunks(20) {
-        let replies = futures_util::future::join_all(chunk.iter().map(|id| {
-            let body = if id.ends_with('0') {
-                request_event(id, "sms", "+46700000001")
-            } else {
-                result_event(id, "SUCCESSFUL")
-            };
-            binary.post_callback(body)
-        }))
-        .await;
-        for (id, status) in chunk.iter().zip(replies) {
-            if status == 200 {
-                acknowledged.push(id.clone());
-            }
-        }
-    }
-    binary.kill();
-    assert_eq!(acknowledged.len(), ids.len());
+/// Concurrent clients, each sending one callback at a time.
+const CLIENTS: usize = 16;
 
-    let app = spawn_app_on(dir).await;
-    for id in &acknowledged {
-        assert!(
-            app.record(id).await.is_some(),
-            "{id} was acknowledged but lost"
-        );
+/// The callback with sequence number `n`: mostly results, every fifth a request event
+/// (which goes through the policy), so both write paths are interrupted.
+fn callback(round: usize, n: usize) -> (String, String) {
+    let id = format!("crash-{round}-{n}");
+    let body = if n % 5 == 0 {
+        request_event(&id, "sms", &format!("+4670{n:07}"))
+    } else {
+        result_event(&id, "SUCCESSFUL")
+    };
+    (id, body)
+}
+
+/// Sends callbacks from `CLIENTS` tasks until the server goes away; returns the ids that
+/// were answered 200. `kill` is called once `kill_after` callbacks have been answered.
+async fn stream_until_killed(
+    base: &str,
+    round: usize,
+    kill_after: usize,
+    kill: impl FnOnce(),
+) -> Vec<String> {
+    let signer = Arc::new(AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap());
+    let next = Arc::new(AtomicUsize::new(0));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let client = reqwest::Client::new();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (signer, next, acked, stopped, client) = (
+                Arc::clone(&signer),
+                Arc::clone(&next),
+                Arc::clone(&acked),
+                Arc::clone(&stopped),
+                client.clone(),
+            );
+            let url = format!("{base}/sinch/verification");
+            tokio::spawn(async move {
+                while !stopped.load(Ordering::SeqCst) {
+                    let (id, body) = callback(round, next.fetch_add(1, Ordering::SeqCst));
+                    let ts = timestamp(Utc::now());
+                    let mut request = client.post(&url);
+                    for (name, value) in
+                        signed_headers_at(&signer, body.as_bytes(), "/sinch/verification", &ts)
+                    {
+                        request = request.header(name, value);
+                    }
+                    match request.body(body).send().await {
+                        Ok(reply) if reply.status() == 200 => acked.lock().unwrap().push(id),
+                        Ok(reply) => panic!("{id}: unexpected {}", reply.status()),
+                        // The kill: connection refused or reset.
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    while acked.lock().unwrap().len() < kill_after {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
+    // Requests are in flight on every other connection at this moment.
+    kill();
+    stopped.store(true, Ordering::SeqCst);
+    for client in clients {
+        client.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    acked
+}
+
+/// Every verification id in the store, read back through the export.
+async fn stored_ids(binary: &RunningBinary) -> HashSet<String> {
+    let reply = binary
+        .client
+        .get(format!("{}/v1/export?format=ndjson", binary.base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    reply
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn events_acknowledged_before_a_kill_9_survive_at_every_kill_point() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut acknowledged = Vec::new();
+    // Each round restarts on what the previous kill left behind.
+    for (round, kill_after) in [150, 700, 1500].into_iter().enumerate() {
+        let binary = RunningBinary::start(&dir, &[]).await;
+        let pid = binary.pid();
+        let acked = stream_until_killed(&binary.base, round, kill_after, move || {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+        })
+        .await;
+        assert!(acked.len() >= kill_after);
+        acknowledged.extend(acked);
+        binary.kill();
+    }
+
+    let binary = RunningBinary::start(&dir, &[]).await;
+    let stored = stored_ids(&binary).await;
+    let lost: Vec<_> = acknowledged
+        .iter()
+        .filter(|id| !stored.contains(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged events lost, e.g. {:?}",
+        lost.len(),
+        acknowledged.len(),
+        &lost[..lost.len().min(5)]
+    );
+    // The restarted service takes new events as usual.
+    assert_eq!(
+        binary
+            .post_callback(result_event("after-crashes", "FAIL"))
+            .await,
+        200
+    );
 }

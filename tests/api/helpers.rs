@@ -88,12 +88,6 @@ pub fn test_settings(data_dir: &TempDir, extra_env: &[(&str, &str)]) -> Settings
     Settings::load_from(None, env).unwrap()
 }
 
-/// The service on an existing data folder (e.g. one a killed process left behind).
-pub async fn spawn_app_on(dir: Arc<TempDir>) -> TestApp {
-    let settings = test_settings(&dir, &[]);
-    start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
-}
-
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }

@@ -5,10 +5,12 @@
 mod analytics;
 mod authentication;
 mod callbacks;
+mod concurrency;
 mod crash;
 mod durability;
 mod errors;
 mod helpers;
+mod hostile;
 mod operations;
 mod policy;
 mod policy_plugin;

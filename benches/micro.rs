@@ -1,0 +1,136 @@
+//! Per-callback costs, each on its own: signature verification, event parsing, and a
+//! record write with and without the flush that makes it durable. (The policy decision
+//! has its own bench with a large rule set: `cargo bench --bench policy`.)
+//!
+//! `cargo bench --bench micro`
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Utc};
+use criterion::{black_box, BatchSize, Criterion};
+use verigate::{
+    client::{sample_body, signed_headers, sinch_timestamp, Sample, SampleKind, CONTENT_TYPE},
+    events::VerificationEvent,
+    signature::{AppCredentials, Freshness, Keyring, SignedRequest},
+    store::{Durability, IncomingEvent, Store, StoreOptions},
+};
+
+const KEY: &str = "669E367E-6BBA-48AB-AF15-266871C28135";
+const SECRET: &str = "BeIukql3pTKJ8RGL5zo0DA==";
+const PATH: &str = "/sinch/verification";
+
+fn body(kind: SampleKind, id: &str) -> String {
+    sample_body(&Sample {
+        kind,
+        id,
+        number: "+46700000001",
+        method: "sms",
+        status: "SUCCESSFUL",
+    })
+}
+
+fn signature(c: &mut Criterion) {
+    let app = AppCredentials::new(KEY, SECRET, false).unwrap();
+    let keyring = Keyring::new([app.clone()]);
+    let now: DateTime<Utc> = Utc::now();
+    let timestamp = sinch_timestamp(now);
+    let body = body(SampleKind::Request, "sig-1");
+    let headers = signed_headers(&app, PATH, body.as_bytes(), CONTENT_TYPE, &timestamp);
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_bytes())
+    };
+    let request = SignedRequest {
+        method: "POST",
+        path: PATH,
+        content_type: header("content-type"),
+        timestamp: header("x-timestamp"),
+        authorization: header("authorization"),
+        body: body.as_bytes(),
+    };
+    let freshness = Freshness {
+        now,
+        max_skew: Some(std::time::Duration::from_secs(600)),
+    };
+    assert!(keyring.verify(&request, freshness).is_ok());
+    c.bench_function("signature/verify a request event", |b| {
+        b.iter(|| keyring.verify(black_box(&request), freshness).is_ok())
+    });
+}
+
+fn parsing(c: &mut Criterion) {
+    for (name, kind) in [
+        ("request", SampleKind::Request),
+        ("result", SampleKind::Result),
+        ("sms-delivered", SampleKind::SmsDelivered),
+    ] {
+        let body = body(kind, "parse-1");
+        c.bench_function(&format!("events/parse {name}"), |b| {
+            b.iter(|| VerificationEvent::parse(black_box(body.as_bytes())).unwrap())
+        });
+    }
+}
+
+/// One result event written by one writer, awaiting what `durability` promises.
+fn record_writes(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("store/record");
+    group.sample_size(30);
+    for (name, durability) in [
+        (
+            "flushed (group commit, one writer)",
+            Durability::GroupCommit,
+        ),
+        ("applied, not flushed", Durability::Unflushed),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = runtime.block_on(async {
+            Store::open_with(
+                &dir.path().join("db"),
+                StoreOptions {
+                    durability,
+                    ..StoreOptions::default()
+                },
+                |_| {},
+            )
+            .unwrap()
+        });
+        let mut n = 0u64;
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    n += 1;
+                    body(SampleKind::Result, &format!("write-{n}")).into_bytes()
+                },
+                |raw| {
+                    let event = VerificationEvent::parse(&raw).unwrap();
+                    runtime
+                        .block_on(store.record(IncomingEvent {
+                            event: &event,
+                            raw: &raw,
+                            app_key: KEY,
+                            received_at: Utc::now(),
+                            decision: None,
+                        }))
+                        .unwrap()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+        store.shutdown().unwrap();
+    }
+    group.finish();
+}
+
+fn main() {
+    let mut criterion = Criterion::default().configure_from_args();
+    signature(&mut criterion);
+    parsing(&mut criterion);
+    record_writes(&mut criterion);
+    criterion.final_summary();
+}
