@@ -72,6 +72,50 @@ fn parsing(c: &mut Criterion) {
     }
 }
 
+/// The shipped sample policy, adaptive rules included: every allowed request is tracked
+/// for them, and a result is counted per key.
+fn sample_policy(c: &mut Criterion) {
+    use verigate::events::{Identity, Price, VerificationMethod, VerificationRequestEvent};
+    use verigate::policy::{Outcome, Policy, RulesPolicy};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = RulesPolicy::load(&path).unwrap();
+    let start = Utc::now();
+    let mut n = 0u64;
+    c.bench_function("policy/decide and observe the result, sample policy", |b| {
+        b.iter(|| {
+            n += 1;
+            let id = format!("bench-{n}");
+            let request = VerificationRequestEvent {
+                id: id.clone(),
+                method: VerificationMethod::parse("sms"),
+                identity: Identity {
+                    kind: Some("number".into()),
+                    endpoint: format!("+4670{:07}", n % 10_000_000),
+                },
+                price: Some(Price {
+                    currency_id: Some("EUR".into()),
+                    amount: Some(0.05),
+                }),
+                rate: None,
+                reference: None,
+                custom: None,
+                accept_language: None,
+            };
+            let now = start + chrono::Duration::milliseconds(n as i64);
+            let d = policy.decide(black_box(&request), now).unwrap();
+            policy.observe_outcome(Outcome {
+                id: &id,
+                rule: d.rule.as_deref(),
+                shadow: &d.explanation.shadow,
+                status: "SUCCESSFUL",
+                reason: None,
+                at: now,
+            });
+            d.action
+        })
+    });
+}
+
 /// One result event written by one writer, awaiting what `durability` promises.
 fn record_writes(c: &mut Criterion) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -131,6 +175,7 @@ fn main() {
     let mut criterion = Criterion::default().configure_from_args();
     signature(&mut criterion);
     parsing(&mut criterion);
+    sample_policy(&mut criterion);
     record_writes(&mut criterion);
     criterion.final_summary();
 }

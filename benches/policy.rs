@@ -16,22 +16,9 @@ use verigate::{
 
 const CODES: [&str; 10] = ["1", "44", "46", "49", "33", "225", "234", "63", "91", "880"];
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn digits(&mut self, n: usize) -> String {
-        (0..n)
-            .map(|_| char::from(b'0' + (self.next() % 10) as u8))
-            .collect()
-    }
-}
+#[path = "common/rng.rs"]
+mod rng;
+use rng::Rng;
 
 /// 1,000 rules of 10 prefixes each (4 to 8 digits), every tenth with a per-number rate
 /// limit, plus per-range, range-walking and spend rules that every request meets.

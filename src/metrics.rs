@@ -10,7 +10,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::events::{REQUEST_EVENT, RESULT_EVENT, SMS_DELIVERED_EVENT};
+use crate::{
+    events::{REQUEST_EVENT, RESULT_EVENT, SMS_DELIVERED_EVENT},
+    policy::adaptive::BlockChange,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallbackLabels {
@@ -34,6 +37,11 @@ pub struct RequestLabels {
     /// The matched route pattern (e.g. `/v1/verifications/{id}`), or `unmatched`.
     pub route: String,
     pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ChangeLabels {
+    pub change: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +85,10 @@ pub struct Metrics {
     policy_loads: Family<OutcomeLabels, Counter>,
     policy_info: Family<VersionLabels, Gauge>,
     counter_keys: Gauge,
+    blocks: Gauge,
+    block_changes: Family<ChangeLabels, Counter>,
+    /// Block changes already counted: the policy keeps totals, the counter gets deltas.
+    block_changes_seen: std::sync::Mutex<[u64; 4]>,
 }
 
 impl Metrics {
@@ -150,8 +162,23 @@ impl Metrics {
             "Keys held by the policy's rate_limit, distinct_numbers and spend counters",
             counter_keys.clone(),
         );
+        let blocks = Gauge::default();
+        r.register(
+            "policy_blocks",
+            "Keys in automatic quarantine now (adaptive rules)",
+            blocks.clone(),
+        );
+        let block_changes = Family::<ChangeLabels, Counter>::default();
+        r.register(
+            "policy_block_changes",
+            "Quarantine changes: blocked, expired, lifted, pinned",
+            block_changes.clone(),
+        );
         Arc::new(Self {
             counter_keys,
+            blocks,
+            block_changes,
+            block_changes_seen: std::sync::Mutex::new([0; 4]),
             registry: r,
             callbacks,
             auth_failures,
@@ -232,7 +259,24 @@ impl Metrics {
 
     /// The Prometheus text exposition; `store_size` and `counter_keys` are sampled by the
     /// caller at scrape time.
-    pub fn render(&self, store_size: Option<u64>, counter_keys: usize) -> String {
+    pub fn render(
+        &self,
+        store_size: Option<u64>,
+        counter_keys: usize,
+        (blocks, changes): (usize, [u64; 4]),
+    ) -> String {
+        self.blocks.set(i64::try_from(blocks).unwrap_or(i64::MAX));
+        if let Ok(mut seen) = self.block_changes_seen.lock() {
+            for (i, change) in BlockChange::ALL.into_iter().enumerate() {
+                let delta = changes[i].saturating_sub(seen[i]);
+                self.block_changes
+                    .get_or_create(&ChangeLabels {
+                        change: change.as_str(),
+                    })
+                    .inc_by(delta);
+                seen[i] = seen[i].max(changes[i]);
+            }
+        }
         self.counter_keys
             .set(i64::try_from(counter_keys).unwrap_or(i64::MAX));
         self.store_open.set(i64::from(store_size.is_some()));

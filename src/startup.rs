@@ -23,7 +23,7 @@ use crate::{
     config::Settings,
     error::{json_error_fallback, ApiError, ErrorCode},
     metrics::Metrics,
-    policy::{reload, Policy, RulesPolicy},
+    policy::{persist, reload, Policy, RulesPolicy},
     routes::{self, CallbackState},
     store::{retention, StoreSlot},
     telemetry::CallbackRootSpan,
@@ -36,6 +36,9 @@ pub struct Application {
     stop_opening: Arc<AtomicBool>,
     opener: Option<JoinHandle<()>>,
     retention: Option<tokio::task::JoinHandle<()>>,
+    /// Restores, then keeps saving, what the policy learned (quarantines).
+    policy_state: tokio::task::JoinHandle<()>,
+    policy: Arc<dyn Policy>,
     metrics: Arc<Metrics>,
     /// Kept alive while the service runs: dropping it stops watching the policy file.
     watcher: Option<notify::RecommendedWatcher>,
@@ -84,11 +87,13 @@ impl Application {
         let store = StoreSlot::default();
         let stop_opening = Arc::new(AtomicBool::new(false));
         let flush_metrics = Arc::clone(&metrics);
+        let (restoring, restore_clock) = (Arc::clone(&policy), clock.clone());
         let opener = store.open_in_background(
             settings.store.path.clone(),
             settings.store_options(),
             Arc::clone(&stop_opening),
             move |d| flush_metrics.observe_flush(d),
+            move |opened| persist::restore_on_open(opened, restoring.as_ref(), restore_clock.now()),
         )?;
 
         let retention = settings.retention().map(|keep| {
@@ -99,6 +104,8 @@ impl Application {
                 settings.store.retention_check_interval,
             ))
         });
+        let policy_state = tokio::spawn(persist::run(store.clone(), Arc::clone(&policy)));
+        let kept_policy = Arc::clone(&policy);
         let state = web::Data::new(CallbackState {
             keyring,
             public_callback_path: settings.server.public_callback_path.clone(),
@@ -155,6 +162,8 @@ impl Application {
             stop_opening,
             opener: Some(opener),
             retention,
+            policy_state,
+            policy: kept_policy,
             metrics: app_metrics,
             watcher: None,
         })
@@ -181,7 +190,12 @@ impl Application {
         if let Some(opener) = self.opener.take() {
             let _ = tokio::task::spawn_blocking(move || opener.join()).await;
         }
+        self.policy_state.abort();
         if let Some(store) = self.store.get() {
+            if let Err(err) = persist::save_if_changed(store, self.policy.as_ref(), &mut None).await
+            {
+                tracing::error!(error.message = %err, "saving the policy state failed");
+            }
             store.shutdown()?;
         }
         Ok(served?)

@@ -10,6 +10,7 @@ use std::{
 use chrono::{DateTime, Datelike, NaiveTime, Utc};
 
 use super::{
+    adaptive::BlockSpec,
     counters::CounterKey,
     file::{Mode, RuleError},
     trie::DigitTrie,
@@ -118,6 +119,48 @@ pub(super) enum Limiter {
         spec: CounterSpec,
         max: BTreeMap<String, f64>,
     },
+    /// Success ratio of the allowed verifications under the key, judged by the upper
+    /// bound of its Wilson interval.
+    Conversion {
+        spec: CounterSpec,
+        min_samples: u32,
+        threshold: Threshold,
+        z: f64,
+        complete_after_ms: i64,
+    },
+    /// Sinch-side `DENIED` results with reason Fraud or Blocked under the key.
+    SinchFraud {
+        spec: CounterSpec,
+        max: u32,
+    },
+}
+
+impl Limiter {
+    pub(super) fn spec(&self) -> &CounterSpec {
+        match self {
+            Limiter::Rate { spec, .. }
+            | Limiter::Distinct { spec, .. }
+            | Limiter::Spend { spec, .. }
+            | Limiter::Conversion { spec, .. }
+            | Limiter::SinchFraud { spec, .. } => spec,
+        }
+    }
+
+    /// Whether it learns from outcomes (and so needs allowed requests tracked).
+    pub(super) fn is_adaptive(&self) -> bool {
+        matches!(
+            self,
+            Limiter::Conversion { .. } | Limiter::SinchFraud { .. }
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Threshold {
+    /// Below this rate.
+    Below(f64),
+    /// Below this share of the number's country rate.
+    BelowBaseline(f64),
 }
 
 #[derive(Debug, Clone)]
@@ -165,6 +208,8 @@ pub(super) struct Rule {
     pub(super) note: Option<String>,
     pub(super) conditions: Conditions,
     pub(super) limiters: Vec<Limiter>,
+    /// Quarantine of the key of the first limiter when the rule trips.
+    pub(super) block: Option<BlockSpec>,
     /// The conditions as written, for `GET /v1/policy` and `policy check`.
     pub(super) summary: Vec<String>,
 }
@@ -192,6 +237,8 @@ pub(super) struct Snapshot {
     pub(super) country_index: HashMap<String, Vec<u32>>,
     /// Rules with no indexed condition: always candidates.
     pub(super) unanchored: Vec<u32>,
+    /// Rules that learn from outcomes: every allowed request is tracked for them.
+    pub(super) adaptive: Vec<usize>,
     pub(super) version: String,
     pub(super) loaded_at: DateTime<Utc>,
     pub(super) lists: BTreeMap<String, usize>,

@@ -184,6 +184,17 @@ impl Counters {
         map.retain(|_, w| now_ms - w.idle_since() <= w.span_ms());
     }
 
+    /// Forgets every counter of `rule` under key value `value` (a lifted quarantine starts
+    /// from fresh evidence).
+    pub fn forget(&self, rule: &str, value: &str) {
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|k, _| !(k.rule == rule && k.value == value));
+        }
+    }
+
     /// Keys held, for the `verigate_rate_limit_keys` gauge.
     pub fn keys(&self) -> usize {
         self.shards

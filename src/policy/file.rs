@@ -14,7 +14,10 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::{
-    compiled::{Conditions, CounterSpec, Limiter, Rule, RuleStats, Snapshot, TimeWindow},
+    adaptive::{z_for, BlockSpec},
+    compiled::{
+        Conditions, CounterSpec, Limiter, Rule, RuleStats, Snapshot, Threshold, TimeWindow,
+    },
     trie::DigitTrie,
 };
 use crate::events::{Action, ResponseFields, VerificationMethod};
@@ -112,6 +115,38 @@ pub(super) struct RuleFile {
     pub(super) rate_limit: Option<Spanned<RateLimitFile>>,
     pub(super) distinct_numbers: Option<Spanned<DistinctFile>>,
     pub(super) spend: Option<Spanned<SpendFile>>,
+    pub(super) conversion: Option<Spanned<ConversionFile>>,
+    pub(super) sinch_fraud: Option<Spanned<DistinctFile>>,
+    pub(super) block_for: Option<Spanned<String>>,
+    pub(super) max_block: Option<Spanned<String>>,
+    pub(super) probe: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ConversionFile {
+    pub(super) per: String,
+    pub(super) window: String,
+    #[serde(default = "default_min_samples")]
+    pub(super) min_samples: u32,
+    pub(super) below: Option<f64>,
+    pub(super) below_baseline: Option<f64>,
+    #[serde(default = "default_confidence")]
+    pub(super) confidence: f64,
+    #[serde(default = "default_complete_after")]
+    pub(super) complete_after: String,
+}
+
+fn default_min_samples() -> u32 {
+    20
+}
+
+fn default_confidence() -> f64 {
+    0.95
+}
+
+fn default_complete_after() -> String {
+    "10m".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -298,6 +333,12 @@ pub(super) fn compile(
         .iter()
         .map(|r| stats.get(&r.name).cloned().unwrap_or_default())
         .collect();
+    let adaptive = rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.limiters.iter().any(Limiter::is_adaptive))
+        .map(|(i, _)| i)
+        .collect();
     Ok(Snapshot {
         default: file.default,
         on_error: file.on_error,
@@ -309,6 +350,7 @@ pub(super) fn compile(
         number_index,
         country_index,
         unanchored,
+        adaptive,
         version,
         loaded_at: Utc::now(),
         lists: lists.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
@@ -501,7 +543,62 @@ pub(super) fn compile_rule(
         ));
     }
 
+    // Adaptive conditions first: a rule's quarantine is kept per its first limiter's key.
     let mut limiters = Vec::new();
+    if let Some(cv) = &rule.conversion {
+        let f = cv.get_ref();
+        let threshold = match (f.below, f.below_baseline) {
+            (Some(v), None) if v > 0.0 && v <= 1.0 => Threshold::Below(v),
+            (None, Some(v)) if v > 0.0 && v <= 1.0 => Threshold::BelowBaseline(v),
+            _ => {
+                return Err((
+                    Some(cv.span()),
+                    "conversion needs exactly one of below (a rate, e.g. 0.2) or below_baseline (a share of the country's rate, e.g. 0.5), between 0 and 1".into(),
+                ))
+            }
+        };
+        if !(0.5..1.0).contains(&f.confidence) || f.min_samples == 0 {
+            return Err((
+                Some(cv.span()),
+                "conversion.confidence must be from 0.5 to below 1 (e.g. 0.95) and min_samples at least 1".into(),
+            ));
+        }
+        let complete_after_ms = duration_ms(&f.complete_after).ok_or((
+            Some(cv.span()),
+            format!(
+                "complete_after `{}` is not a duration like 10m",
+                f.complete_after
+            ),
+        ))?;
+        summary.push(format!(
+            "conversion per {} over {} {} (min {} samples, {} confidence)",
+            f.per,
+            f.window,
+            match threshold {
+                Threshold::Below(v) => format!("below {v}"),
+                Threshold::BelowBaseline(v) => format!("below {v} x the country's rate"),
+            },
+            f.min_samples,
+            f.confidence
+        ));
+        let spec = CounterSpec::parse(&f.per, &f.window, cv.span())?;
+        limiters.push(Limiter::Conversion {
+            spec,
+            min_samples: f.min_samples,
+            threshold,
+            z: z_for(f.confidence),
+            complete_after_ms,
+        });
+    }
+    if let Some(sf) = &rule.sinch_fraud {
+        let f = sf.get_ref();
+        summary.push(format!(
+            "sinch_fraud per {} > {} per {}",
+            f.per, f.max, f.window
+        ));
+        let spec = CounterSpec::parse(&f.per, &f.window, sf.span())?;
+        limiters.push(Limiter::SinchFraud { spec, max: f.max });
+    }
     if let Some(r) = &rule.rate_limit {
         let f = r.get_ref();
         summary.push(format!("rate_limit {} > {} per {}", f.key, f.max, f.window));
@@ -540,6 +637,16 @@ pub(super) fn compile_rule(
     if let Some(response) = &rule.response {
         validate_response(response).map_err(|m| (None, m))?;
     }
+    let block = compile_block(rule, !limiters.is_empty())?;
+    if let Some(b) = &block {
+        summary.push(format!(
+            "quarantine {} (doubling, at most {}){}",
+            humantime::format_duration(std::time::Duration::from_millis(b.for_ms.unsigned_abs())),
+            humantime::format_duration(std::time::Duration::from_millis(b.max_ms.unsigned_abs())),
+            b.probe_every
+                .map_or_else(String::new, |n| format!(", probe 1 in {n}"))
+        ));
+    }
     Ok(Rule {
         name: rule.name.clone(),
         action: rule.action,
@@ -548,8 +655,72 @@ pub(super) fn compile_rule(
         note: rule.note.clone(),
         conditions: c,
         limiters,
+        block,
         summary,
     })
+}
+
+fn duration_ms(text: &str) -> Option<i64> {
+    humantime::parse_duration(text)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .and_then(|d| i64::try_from(d.as_millis()).ok())
+}
+
+/// `block_for`, `max_block` and `probe`: only on enforced deny rules with a counter.
+fn compile_block(rule: &RuleFile, has_limiter: bool) -> Result<Option<BlockSpec>, RuleError> {
+    let Some(block_for) = &rule.block_for else {
+        if let Some(extra) = rule
+            .max_block
+            .as_ref()
+            .map(Spanned::span)
+            .or(rule.probe.as_ref().map(Spanned::span))
+        {
+            return Err((Some(extra), "max_block and probe need block_for".into()));
+        }
+        return Ok(None);
+    };
+    let at = Some(block_for.span());
+    if rule.action != Action::Deny || rule.mode != Mode::Enforce || !has_limiter {
+        return Err((
+            at,
+            "block_for quarantines the key of an enforced deny rule with conversion, sinch_fraud, rate_limit, distinct_numbers or spend".into(),
+        ));
+    }
+    let for_ms = duration_ms(block_for.get_ref()).ok_or((
+        at.clone(),
+        format!(
+            "block_for `{}` is not a duration like 1h",
+            block_for.get_ref()
+        ),
+    ))?;
+    let max_ms = match &rule.max_block {
+        Some(m) => duration_ms(m.get_ref()).filter(|ms| *ms >= for_ms).ok_or((
+            Some(m.span()),
+            format!(
+                "max_block `{}` must be a duration of at least block_for",
+                m.get_ref()
+            ),
+        ))?,
+        None => for_ms.max(24 * 3_600_000),
+    };
+    let probe_every = match &rule.probe {
+        Some(p) if *p.get_ref() > 0.0 && *p.get_ref() <= 0.5 => {
+            Some((1.0 / p.get_ref()).round() as u64)
+        }
+        Some(p) => {
+            return Err((
+                Some(p.span()),
+                "probe is the share of a blocked key's requests let through, from above 0 to 0.5 (e.g. 0.05)".into(),
+            ))
+        }
+        None => None,
+    };
+    Ok(Some(BlockSpec {
+        for_ms,
+        max_ms,
+        probe_every,
+    }))
 }
 
 pub(super) fn compile_time(t: &TimeFile) -> Result<TimeWindow, String> {

@@ -6,10 +6,12 @@
 //! decides, shadow rules are evaluated and recorded but never decide, and the file can be
 //! reloaded while requests are being answered.
 
+pub mod adaptive;
 mod compiled;
 pub mod counters;
 pub mod country;
 mod file;
+pub mod persist;
 pub mod reload;
 mod rules;
 pub mod tools;
@@ -54,10 +56,36 @@ pub struct Explanation {
     /// Counter readings of the rules evaluated.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub counters: Vec<CounterReading>,
+    /// A quarantine that decided this request, let it through as a probe, or started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineNote>,
     #[serde(default)]
     pub policy_version: String,
     #[serde(default)]
     pub eval_ns: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineNote {
+    pub rule: String,
+    pub key: String,
+    /// `None`: pinned.
+    pub until: Option<DateTime<Utc>>,
+    /// `blocked` (already in quarantine), `tripped` (this request started it) or `probe`
+    /// (in quarantine, let through so recovery can be seen).
+    pub state: String,
+}
+
+/// A verification from the store, as adaptive rules relearn from it at start.
+#[derive(Debug, Clone)]
+pub struct PastVerification {
+    pub id: String,
+    /// The request as Sinch sent it, when the number is stored in clear.
+    pub request: Option<VerificationRequestEvent>,
+    /// When verigate allowed it (`None`: denied, or never asked).
+    pub allowed_at: Option<DateTime<Utc>>,
+    /// Final status, reason, and when it arrived.
+    pub result: Option<(String, Option<String>, DateTime<Utc>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,12 +112,15 @@ pub struct PolicyError(pub String);
 /// How a verification that a rule touched ended, reported back to the policy.
 #[derive(Debug, Clone, Copy)]
 pub struct Outcome<'a> {
+    pub id: &'a str,
     /// The deciding rule (`None`: the default).
     pub rule: Option<&'a str>,
     /// Shadow rules that matched.
     pub shadow: &'a [ShadowMatch],
-    /// The verification's final status (`SUCCESSFUL`, `FAIL`, …).
+    /// The verification's final status (`SUCCESSFUL`, `FAIL`, …) and its reason.
     pub status: &'a str,
+    pub reason: Option<&'a str>,
+    pub at: DateTime<Utc>,
 }
 
 /// Anything that can decide allow/deny. `decide` must be quick and must not block for
@@ -124,5 +155,45 @@ pub trait Policy: Send + Sync + 'static {
     /// Rate-limit and similar keys held in memory, for metrics.
     fn counter_keys(&self) -> usize {
         0
+    }
+
+    /// Keys in quarantine now (adaptive rules), oldest first.
+    fn blocks(&self, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
+        Vec::new()
+    }
+
+    /// Lifts every block on `key`; returns what was lifted.
+    fn lift_block(&self, _key: &str, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
+        Vec::new()
+    }
+
+    /// Makes every block on `key` permanent; returns what was pinned.
+    fn pin_block(&self, _key: &str, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
+        Vec::new()
+    }
+
+    /// Active blocks and the number of blocks, expiries, lifts and pins since start.
+    fn block_stats(&self) -> (usize, [u64; 4]) {
+        (0, [0; 4])
+    }
+
+    /// State to keep across restarts, with a number that changes whenever it does.
+    fn saved_state(&self) -> Option<(u64, serde_json::Value)> {
+        None
+    }
+
+    /// How far back adaptive rules need the store's history at start (`None`: not at all).
+    fn lookback(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// At start: takes back the saved state and relearns from stored verifications
+    /// (oldest first).
+    fn restore(
+        &self,
+        _saved: Option<serde_json::Value>,
+        _history: Vec<PastVerification>,
+        _now: DateTime<Utc>,
+    ) {
     }
 }

@@ -21,12 +21,17 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
 use super::{
-    compiled::{normalise_number, Facts, Limiter, Rule, RuleStats, Snapshot},
+    adaptive::{
+        conversion_counters, wilson_upper, Block, BlockCheck, OutcomeBook, Quarantine,
+        QuarantineState, Resolution, Tracked, TrackedKey,
+    },
+    compiled::{normalise_number, Facts, Limiter, Rule, RuleStats, Snapshot, Threshold},
     counters::{CounterKey, Counters},
     country::CountryTable,
     file::{compile, load, Mode, PolicyLoadError},
     trie::DigitTrie,
-    CounterReading, Explanation, Outcome, Policy, PolicyDecision, PolicyError, ShadowMatch,
+    CounterReading, Explanation, Outcome, PastVerification, Policy, PolicyDecision, PolicyError,
+    QuarantineNote, ShadowMatch,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 
@@ -39,6 +44,9 @@ pub struct RulesPolicy {
     stats: Mutex<HashMap<String, Arc<RuleStats>>>,
     last_error: Mutex<Option<String>>,
     decisions: AtomicUsize,
+    /// Allowed verifications awaiting their result, for adaptive rules.
+    book: OutcomeBook,
+    quarantine: Quarantine,
 }
 
 impl fmt::Display for RulesPolicy {
@@ -86,6 +94,8 @@ impl RulesPolicy {
             stats: Mutex::new(stats),
             last_error: Mutex::new(None),
             decisions: AtomicUsize::new(0),
+            book: OutcomeBook::default(),
+            quarantine: Quarantine::default(),
         }
     }
 
@@ -261,6 +271,10 @@ impl Policy for RulesPolicy {
             policy_version: s.version.clone(),
             ..Explanation::default()
         };
+        if !s.adaptive.is_empty() {
+            // Verifications that had their time without a result now count as failed.
+            self.book.expire(&self.counters, now_ms);
+        }
         let mut decided: Option<usize> = None;
         let mut matched_prefix = None;
         let mut spend_to_commit: Vec<(CounterKey, i64, f64)> = Vec::new();
@@ -273,6 +287,29 @@ impl Policy for RulesPolicy {
             let Some(prefix) = rule.conditions.matches(&facts) else {
                 continue;
             };
+            let quarantine_key = rule
+                .block
+                .as_ref()
+                .zip(rule.limiters.first())
+                .filter(|_| rule.mode == Mode::Enforce)
+                .map(|(spec, limiter)| {
+                    (spec, limiter.spec().counter(&rule.name, "", &facts).value)
+                });
+            if let Some((spec, key)) = &quarantine_key {
+                match self.quarantine.check(&rule.name, key, now_ms, spec) {
+                    BlockCheck::Free => {}
+                    BlockCheck::Blocked(block) => {
+                        s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
+                        explanation.quarantine = Some(note(&block, "blocked"));
+                        decided = Some(i);
+                        continue;
+                    }
+                    BlockCheck::Probe(block) => {
+                        explanation.quarantine = Some(note(&block, "probe"));
+                        continue;
+                    }
+                }
+            }
             let over = self.limits_exceeded(
                 rule,
                 &facts,
@@ -293,6 +330,25 @@ impl Policy for RulesPolicy {
                 Mode::Enforce => {
                     decided = Some(i);
                     matched_prefix = prefix;
+                    if let Some((spec, key)) = quarantine_key {
+                        let why = explanation
+                            .counters
+                            .iter()
+                            .filter(|r| r.rule == rule.name)
+                            .map(|r| {
+                                format!(
+                                    "{} {} = {:.3} (limit {:.3})",
+                                    r.condition, r.key, r.value, r.max
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        let evidence = self.book.evidence(&rule.name, &key);
+                        let block = self
+                            .quarantine
+                            .trip(&rule.name, &key, now_ms, spec, why, evidence);
+                        explanation.quarantine = Some(note(&block, "tripped"));
+                    }
                 }
             }
         }
@@ -303,6 +359,7 @@ impl Policy for RulesPolicy {
             for (key, window_ms, amount) in spend_to_commit {
                 self.counters.add(&key, window_ms, now_ms, amount);
             }
+            self.track(&s, &facts, now_ms);
         }
         let reason = match (rule, &matched_prefix) {
             (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
@@ -322,6 +379,7 @@ impl Policy for RulesPolicy {
         if n % 1024 == 0 {
             self.counters.sweep(n / 1024, now_ms);
         }
+
         Ok(PolicyDecision {
             action,
             rule: rule.map(|r| r.name.clone()),
@@ -389,6 +447,12 @@ impl Policy for RulesPolicy {
     }
 
     fn observe_outcome(&self, outcome: Outcome<'_>) {
+        if let Some(resolution) = Resolution::of(outcome.status, outcome.reason) {
+            let at_ms = outcome.at.timestamp_millis();
+            self.book.expire(&self.counters, at_ms);
+            self.book
+                .resolve(outcome.id, resolution, &self.counters, at_ms);
+        }
         let s = self.current.load();
         let names = outcome
             .rule
@@ -406,9 +470,168 @@ impl Policy for RulesPolicy {
     fn counter_keys(&self) -> usize {
         self.counters.keys()
     }
+
+    fn blocks(&self, now: DateTime<Utc>) -> Vec<Block> {
+        self.book.expire(&self.counters, now.timestamp_millis());
+        self.quarantine.list(now.timestamp_millis())
+    }
+
+    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
+        let lifted = self.quarantine.lift(key, now.timestamp_millis());
+        for block in &lifted {
+            // What tripped it is forgotten too: only fresh evidence can block it again.
+            self.counters.forget(&block.rule, &block.key);
+            self.book.forget(&block.rule, &block.key);
+        }
+        lifted
+    }
+
+    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
+        self.quarantine.pin(key, now.timestamp_millis())
+    }
+
+    fn block_stats(&self) -> (usize, [u64; 4]) {
+        self.quarantine.stats()
+    }
+
+    fn saved_state(&self) -> Option<(u64, serde_json::Value)> {
+        let state = serde_json::to_value(self.quarantine.export()).ok()?;
+        Some((self.quarantine.generation(), state))
+    }
+
+    fn lookback(&self) -> Option<std::time::Duration> {
+        let s = self.current.load();
+        s.adaptive
+            .iter()
+            .flat_map(|&i| &s.rules[i].limiters)
+            .map(|l| match l {
+                Limiter::Conversion {
+                    spec,
+                    complete_after_ms,
+                    ..
+                } => spec.window_ms + complete_after_ms,
+                other => other.spec().window_ms,
+            })
+            .max()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(std::time::Duration::from_millis)
+    }
+
+    fn restore(
+        &self,
+        saved: Option<serde_json::Value>,
+        history: Vec<PastVerification>,
+        now: DateTime<Utc>,
+    ) {
+        if let Some(state) = saved.and_then(|v| serde_json::from_value::<QuarantineState>(v).ok()) {
+            self.quarantine.restore(state, now.timestamp_millis());
+        }
+        // Replayed in time order, as they happened: allowed, then resolved.
+        let s = self.current.load();
+        let mut steps: Vec<(i64, usize, bool)> = Vec::new();
+        for (i, past) in history.iter().enumerate() {
+            if let (Some(at), Some(_)) = (past.allowed_at, &past.request) {
+                steps.push((at.timestamp_millis(), i, false));
+                if let Some((_, _, done)) = &past.result {
+                    steps.push((done.timestamp_millis(), i, true));
+                }
+            }
+        }
+        steps.sort_unstable();
+        for (at_ms, i, resolved) in steps {
+            let past = &history[i];
+            self.book.expire(&self.counters, at_ms);
+            match (&past.request, &past.result, resolved) {
+                (Some(request), _, false) => {
+                    let Some(number) = normalise_number(&request.identity.endpoint) else {
+                        continue;
+                    };
+                    let country = CountryTable::get().country_of(&number).unwrap_or("unknown");
+                    let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
+                    let facts = Facts {
+                        request,
+                        number,
+                        country,
+                        now: when,
+                    };
+                    self.track(&s, &facts, at_ms);
+                }
+                (_, Some((status, reason, _)), true) => {
+                    if let Some(resolution) = Resolution::of(status, reason.as_deref()) {
+                        self.book
+                            .resolve(&past.id, resolution, &self.counters, at_ms);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.book.expire(&self.counters, now.timestamp_millis());
+    }
+}
+
+fn note(block: &Block, state: &str) -> QuarantineNote {
+    QuarantineNote {
+        rule: block.rule.clone(),
+        key: block.key.clone(),
+        until: block.until,
+        state: state.to_owned(),
+    }
 }
 
 impl RulesPolicy {
+    /// Tracks an allowed request for every adaptive rule that applies to it, so its result
+    /// can be counted under that rule's key.
+    fn track(&self, s: &Snapshot, f: &Facts<'_>, now_ms: i64) {
+        let mut keys = Vec::new();
+        let mut complete_after_ms = 0;
+        for &i in &s.adaptive {
+            let rule = &s.rules[i];
+            if rule.conditions.matches(f).is_none() {
+                continue;
+            }
+            for limiter in &rule.limiters {
+                match limiter {
+                    Limiter::Conversion {
+                        spec,
+                        complete_after_ms: after,
+                        ..
+                    } => {
+                        complete_after_ms = complete_after_ms.max(*after);
+                        keys.push(TrackedKey::Conversion {
+                            rule: rule.name.clone(),
+                            spec: spec.text.clone(),
+                            value: spec.counter(&rule.name, "", f).value,
+                            country: f.country.to_owned(),
+                            window_ms: spec.window_ms,
+                        });
+                    }
+                    Limiter::SinchFraud { spec, .. } => keys.push(TrackedKey::SinchFraud {
+                        count: spec.counter(&rule.name, "sinch_fraud", f),
+                        window_ms: spec.window_ms,
+                    }),
+                    _ => {}
+                }
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        self.book.track(
+            &f.request.id,
+            Tracked {
+                keys,
+                allowed_ms: now_ms,
+                // Sinch's own default expiry is 10 minutes; sinch_fraud needs no wait.
+                complete_after_ms: if complete_after_ms > 0 {
+                    complete_after_ms
+                } else {
+                    600_000
+                },
+                number: f.number.clone(),
+            },
+        );
+    }
+
     /// Updates and checks a rule's counters; true when every limiter is over its max
     /// (a rule without limiters is always "over": its static conditions decide).
     fn limits_exceeded(
@@ -432,6 +655,51 @@ impl RulesPolicy {
                     let k = spec.counter(&rule.name, "distinct_numbers", f);
                     let value = self.counters.see(&k, spec.window_ms, now_ms, &f.number) as f64;
                     ("distinct_numbers", k.value, value, f64::from(*max))
+                }
+                Limiter::Conversion {
+                    spec,
+                    min_samples,
+                    threshold,
+                    z,
+                    ..
+                } => {
+                    let read = |spec_text: &str, value: &str| {
+                        let (ok, all) = conversion_counters(&rule.name, spec_text, value);
+                        (
+                            self.counters.total(&ok, spec.window_ms, now_ms),
+                            self.counters.total(&all, spec.window_ms, now_ms),
+                        )
+                    };
+                    let value = spec.counter(&rule.name, "", f).value;
+                    let (ok, all) = read(&spec.text, &value);
+                    let enough = all >= f64::from(*min_samples);
+                    let limit = match threshold {
+                        Threshold::Below(rate) => Some(*rate),
+                        Threshold::BelowBaseline(share) => {
+                            let (base_ok, base_all) = read("country", f.country);
+                            (base_all >= f64::from(*min_samples))
+                                .then(|| share * base_ok / base_all)
+                        }
+                    };
+                    let upper = wilson_upper(ok, all, *z);
+                    readings.push(CounterReading {
+                        rule: rule.name.clone(),
+                        condition: format!("conversion ({ok}/{all})"),
+                        key: value,
+                        value: upper,
+                        max: limit.unwrap_or(0.0),
+                    });
+                    // Low only when the sample is large enough and even its optimistic
+                    // bound is under the limit.
+                    if !(enough && limit.is_some_and(|l| upper < l)) {
+                        over = false;
+                    }
+                    continue;
+                }
+                Limiter::SinchFraud { spec, max } => {
+                    let k = spec.counter(&rule.name, "sinch_fraud", f);
+                    let value = self.counters.total(&k, spec.window_ms, now_ms);
+                    ("sinch_fraud", k.value, value, f64::from(*max))
                 }
                 Limiter::Spend { spec, max } => {
                     // No price, or a currency without a cap: this spend rule cannot hold.

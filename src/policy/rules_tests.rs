@@ -405,9 +405,12 @@ fn per_rule_hits_and_outcomes_are_kept() {
     let p = policy("[[rule]]\nname = \"se\"\naction = \"allow\"\ncountry = \"SE\"\n");
     let d = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
     p.observe_outcome(Outcome {
+        id: "v1",
         rule: d.rule.as_deref(),
         shadow: &d.explanation.shadow,
         status: "SUCCESSFUL",
+        reason: None,
+        at: at(NOON),
     });
     let described = p.describe();
     assert_eq!(described["rules"][0]["hits"], 1);
@@ -453,4 +456,307 @@ fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
         assert_eq!(decide(&p, &request(n, m), NOON), expected, "{n}");
     }
     let _ = Utc.timestamp_opt(0, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Adaptive rules: conversion, Sinch's fraud verdicts, quarantine
+
+const LOW_CONVERSION: &str = r#"
+[[rule]]
+name = "low-conversion"
+action = "deny"
+conversion = { per = "range:3", window = "6h", min_samples = 20, below = 0.3 }
+block_for = "1h"
+max_block = "4h"
+probe = 0.1
+"#;
+
+fn request_id(id: &str, number: &str) -> VerificationRequestEvent {
+    VerificationRequestEvent {
+        id: id.into(),
+        ..request(number, "sms")
+    }
+}
+
+/// Asks for a verification at `t` seconds after noon and, if allowed, reports `status`
+/// for it a minute later. Returns the decision.
+fn attempt(p: &RulesPolicy, id: &str, number: &str, t: i64, status: &str) -> PolicyDecision {
+    let now = at(NOON) + chrono::Duration::seconds(t);
+    let d = p.decide(&request_id(id, number), now).unwrap();
+    if d.action == Action::Allow {
+        p.observe_outcome(Outcome {
+            id,
+            rule: d.rule.as_deref(),
+            shadow: &d.explanation.shadow,
+            status,
+            reason: (status == "DENIED").then_some("Fraud"),
+            at: now + chrono::Duration::seconds(60),
+        });
+    }
+    d
+}
+
+fn quarantine_state(d: &PolicyDecision) -> Option<&str> {
+    d.explanation.quarantine.as_ref().map(|q| q.state.as_str())
+}
+
+#[test]
+fn a_range_that_never_converts_is_quarantined_only_once_the_sample_is_large_enough() {
+    let p = policy(LOW_CONVERSION);
+    // 19 failures: too few to judge, however bad they look.
+    for k in 0..19 {
+        let d = attempt(
+            &p,
+            &format!("a{k}"),
+            &format!("+22507123{k:03}"),
+            k * 100,
+            "FAIL",
+        );
+        assert_eq!(
+            d.action,
+            Action::Allow,
+            "attempt {k} denied on a small sample"
+        );
+    }
+    attempt(&p, "a19", "+22507123019", 1900, "FAIL");
+    let d = attempt(&p, "a20", "+22507123020", 2000, "FAIL");
+    assert_eq!(d.rule.as_deref(), Some("low-conversion"));
+    assert_eq!(quarantine_state(&d), Some("tripped"));
+    let reading = d
+        .explanation
+        .counters
+        .iter()
+        .find(|r| r.rule == "low-conversion")
+        .unwrap();
+    assert!(
+        reading.value < 0.3 && reading.condition.contains("0/20"),
+        "{reading:?}"
+    );
+    // The range stays blocked; the block names the verifications behind it.
+    let d = attempt(&p, "a21", "+22507123500", 2100, "FAIL");
+    assert_eq!(quarantine_state(&d), Some("blocked"));
+    let blocks = p.blocks(at(NOON) + chrono::Duration::seconds(2100));
+    assert_eq!(blocks.len(), 1);
+    assert_eq!(blocks[0].key, "+22507123");
+    assert_eq!(blocks[0].evidence.len(), 10);
+    // A neighbouring range is not.
+    assert_eq!(
+        attempt(&p, "b0", "+22507124000", 2200, "SUCCESSFUL").action,
+        Action::Allow
+    );
+}
+
+#[test]
+fn a_quarantine_lets_probes_through_escalates_when_it_trips_again_and_ends_when_the_range_converts()
+{
+    let p = policy(LOW_CONVERSION);
+    for k in 0..21 {
+        attempt(&p, &format!("a{k}"), &format!("+22507123{k:03}"), k, "FAIL");
+    }
+    // One in ten blocked requests is let through, and its outcome is counted.
+    let states: Vec<_> = (0..20)
+        .map(|k| {
+            let d = attempt(&p, &format!("p{k}"), "+22507123999", 100 + k, "FAIL");
+            quarantine_state(&d).map(str::to_owned)
+        })
+        .collect();
+    assert_eq!(
+        states
+            .iter()
+            .filter(|s| s.as_deref() == Some("probe"))
+            .count(),
+        2
+    );
+    // An hour later the block ends, the range is still failing: blocked again, twice as
+    // long.
+    let d = attempt(&p, "again", "+22507123998", 3700, "FAIL");
+    assert_eq!(quarantine_state(&d), Some("tripped"));
+    let blocks = p.blocks(at(NOON) + chrono::Duration::seconds(3700));
+    assert_eq!(blocks[0].strikes, 2);
+    let length = blocks[0].until.unwrap() - blocks[0].since;
+    assert_eq!(length, chrono::Duration::hours(2));
+    // Once the failures have left the window and the range converts, it is free.
+    let later = 3700 + 7 * 3600;
+    for k in 0..30 {
+        let d = attempt(
+            &p,
+            &format!("ok{k}"),
+            &format!("+22507123{k:03}"),
+            later + k,
+            "SUCCESSFUL",
+        );
+        assert_eq!(d.action, Action::Allow, "{k}");
+    }
+}
+
+#[test]
+fn unanswered_verifications_count_as_failed_once_they_had_time_to_complete() {
+    let p = policy(LOW_CONVERSION);
+    for k in 0..20 {
+        let now = at(NOON) + chrono::Duration::seconds(k);
+        let d = p.decide(
+            &request_id(&format!("s{k}"), &format!("+22507123{k:03}")),
+            now,
+        );
+        assert_eq!(d.unwrap().action, Action::Allow);
+    }
+    // Five minutes on, they may still be entered: no judgement yet.
+    let d = attempt(&p, "x1", "+22507123900", 300, "SUCCESSFUL");
+    assert_eq!(d.action, Action::Allow);
+    // Past ten minutes (the default complete_after) they are failures: 1 of 21.
+    let d = attempt(&p, "x2", "+22507123901", 700, "FAIL");
+    assert_eq!(d.rule.as_deref(), Some("low-conversion"));
+}
+
+#[test]
+fn below_baseline_compares_a_range_with_its_own_countrys_rate() {
+    let rule = r#"
+[[rule]]
+name = "below-country"
+action = "deny"
+conversion = { per = "range:3", window = "6h", min_samples = 20, below_baseline = 0.5 }
+"#;
+    // Verifications of one country: 100 spread over it, then 30 in one range, where
+    // one in ten ends as `rare` and the rest as the other status.
+    let traffic = |country_rare: &str, country_other: &str| {
+        let p = policy(rule);
+        for k in 0..100 {
+            let status = if k % 10 == 0 {
+                country_rare
+            } else {
+                country_other
+            };
+            attempt(&p, &format!("g{k}"), &format!("+46701{k:03}000"), k, status);
+        }
+        for k in 0..30 {
+            let status = if k % 10 == 0 { "SUCCESSFUL" } else { "FAIL" };
+            let number = format!("+46709999{k:03}");
+            attempt(&p, &format!("b{k}"), &number, 200 + k, status);
+        }
+        attempt(&p, "bad", "+46709999500", 300, "FAIL")
+    };
+    // A good country (90 %) with one bad range (10 %): the range is denied.
+    let d = traffic("FAIL", "SUCCESSFUL");
+    assert_eq!(d.rule.as_deref(), Some("below-country"));
+    // A country where everyone converts poorly: the same range is not singled out.
+    let d = traffic("SUCCESSFUL", "FAIL");
+    assert_eq!(d.action, Action::Allow);
+}
+
+#[test]
+fn sinch_fraud_verdicts_count_per_key() {
+    let p = policy(
+        r#"
+[[rule]]
+name = "sinch-says-fraud"
+action = "deny"
+sinch_fraud = { per = "range:3", max = 2, window = "1h" }
+block_for = "30m"
+"#,
+    );
+    for k in 0..3 {
+        let d = attempt(
+            &p,
+            &format!("f{k}"),
+            &format!("+88234567{k:03}"),
+            k,
+            "DENIED",
+        );
+        assert_eq!(d.action, Action::Allow);
+    }
+    let d = attempt(&p, "f3", "+88234567100", 10, "DENIED");
+    assert_eq!(d.rule.as_deref(), Some("sinch-says-fraud"));
+    assert_eq!(quarantine_state(&d), Some("tripped"));
+}
+
+#[test]
+fn lifting_a_block_forgets_its_evidence_and_pinning_keeps_it() {
+    let p = policy(LOW_CONVERSION);
+    for k in 0..21 {
+        attempt(&p, &format!("a{k}"), &format!("+22507123{k:03}"), k, "FAIL");
+    }
+    let now = at(NOON) + chrono::Duration::seconds(100);
+    assert_eq!(p.pin_block("+22507123", now).len(), 1);
+    assert_eq!(p.blocks(now + chrono::Duration::days(30))[0].until, None);
+    assert_eq!(p.lift_block("+22507123", now).len(), 1);
+    assert!(p.blocks(now).is_empty());
+    // Fresh evidence is needed to block it again.
+    let d = attempt(&p, "after", "+22507123777", 200, "FAIL");
+    assert_eq!(d.action, Action::Allow);
+    assert!(p.lift_block("+22507123", now).is_empty());
+}
+
+#[test]
+fn restoring_saved_blocks_and_replaying_history_gives_the_same_state() {
+    let live = policy(LOW_CONVERSION);
+    let mut history = Vec::new();
+    for k in 0..42 {
+        let id = format!("h{k}");
+        let number = format!("+2250712{:01}{k:03}", k % 2);
+        let status = if k % 2 == 0 { "FAIL" } else { "SUCCESSFUL" };
+        let now = at(NOON) + chrono::Duration::seconds(k * 10);
+        let d = attempt(&live, &id, &number, k * 10, status);
+        history.push(PastVerification {
+            id,
+            request: Some(request_id(&format!("h{k}"), &number)),
+            allowed_at: (d.action == Action::Allow).then_some(now),
+            result: (d.action == Action::Allow)
+                .then(|| (status.to_owned(), None, now + chrono::Duration::seconds(60))),
+        });
+    }
+    let now = at(NOON) + chrono::Duration::seconds(1000);
+    assert_eq!(live.blocks(now).len(), 1, "the failing range is blocked");
+    assert_eq!(live.blocks(now)[0].key, "+22507120");
+    let (_, saved) = live.saved_state().unwrap();
+
+    let restarted = policy(LOW_CONVERSION);
+    restarted.restore(Some(saved), history, now);
+    assert_eq!(restarted.blocks(now), live.blocks(now));
+    // The relearned counters give the same reading for the range that converts.
+    let reading = |p: &RulesPolicy| {
+        let d = p.decide(&request_id("probe", "+22507121999"), now).unwrap();
+        d.explanation
+            .counters
+            .iter()
+            .find(|r| r.rule == "low-conversion")
+            .map(|r| (r.condition.clone(), r.value))
+    };
+    assert_eq!(reading(&restarted), reading(&live));
+    assert!(
+        reading(&live).unwrap().0.contains("(21/21)"),
+        "{:?}",
+        reading(&live)
+    );
+}
+
+#[test]
+fn adaptive_settings_are_validated_at_load() {
+    for (rules, message) in [
+        (
+            "conversion = { per = \"range:3\", window = \"1h\", below = 0.2, below_baseline = 0.5 }",
+            "exactly one of below",
+        ),
+        (
+            "conversion = { per = \"range:3\", window = \"1h\", below = 1.5 }",
+            "exactly one of below",
+        ),
+        (
+            "conversion = { per = \"range:3\", window = \"1h\", below = 0.2, confidence = 1.0 }",
+            "confidence",
+        ),
+        ("rate_limit = { key = \"number\", max = 1, window = \"1m\" }\nprobe = 0.1", "need block_for"),
+        ("block_for = \"1h\"", "block_for quarantines"),
+        (
+            "rate_limit = { key = \"number\", max = 1, window = \"1m\" }\nblock_for = \"1h\"\nprobe = 0.9",
+            "probe is the share",
+        ),
+        (
+            "rate_limit = { key = \"number\", max = 1, window = \"1m\" }\nblock_for = \"2h\"\nmax_block = \"1h\"",
+            "max_block",
+        ),
+    ] {
+        let text = format!("default = \"allow\"\n[[rule]]\nname = \"r\"\naction = \"deny\"\n{rules}\n");
+        let err = RulesPolicy::parse(&text, "t.toml").err().unwrap_or_else(|| panic!("{rules} loaded"));
+        assert!(err.to_string().contains(message), "{rules}: {err}");
+    }
 }

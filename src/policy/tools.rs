@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt, path::Path};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Policy, RulesPolicy};
+use super::{PastVerification, Policy, RulesPolicy};
 use crate::{
     events::{Action, Identity, Price, VerificationMethod, VerificationRequestEvent},
     store::VerificationRecord,
@@ -142,6 +142,47 @@ pub struct ReplayReport {
     pub newly_allowed: BTreeMap<String, BTreeMap<String, u64>>,
 }
 
+/// The request event a stored record was made from; `None` without a number in clear.
+pub fn request_of(record: &VerificationRecord) -> Option<VerificationRequestEvent> {
+    let number = record
+        .number
+        .as_deref()
+        .filter(|n| !n.starts_with("hmac-"))?;
+    Some(VerificationRequestEvent {
+        id: record.id.clone(),
+        method: VerificationMethod::parse(record.method.as_deref().unwrap_or("sms")),
+        identity: Identity {
+            kind: Some("number".into()),
+            endpoint: number.to_owned(),
+        },
+        price: record.request.as_ref().and_then(|r| r.price.clone()),
+        rate: record.request.as_ref().and_then(|r| r.rate.clone()),
+        reference: record.reference.clone(),
+        custom: record.custom.clone(),
+        accept_language: record
+            .request
+            .as_ref()
+            .and_then(|r| r.accept_language.clone()),
+    })
+}
+
+/// A stored verification as adaptive rules relearn from it.
+pub fn past_verification(record: &VerificationRecord) -> PastVerification {
+    PastVerification {
+        id: record.id.clone(),
+        request: request_of(record),
+        allowed_at: record
+            .decision
+            .as_ref()
+            .filter(|d| d.action == Action::Allow)
+            .map(|d| d.decided_at),
+        result: record
+            .result
+            .as_ref()
+            .map(|r| (r.status.clone(), r.reason.clone(), r.received_at)),
+    }
+}
+
 /// Replays stored request events through `candidate` in the order they arrived, with its
 /// counters starting empty, and compares with what was answered.
 pub fn replay(
@@ -156,28 +197,12 @@ pub fn replay(
     requests.sort_by_key(|(at, _)| *at);
     let mut report = ReplayReport::default();
     for (at, record) in requests {
-        let (Some(number), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
+        let (Some(_), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
             continue;
         };
-        if number.starts_with("hmac-") {
+        let Some(request) = request_of(&record) else {
             report.skipped_hashed += 1;
             continue;
-        }
-        let request = VerificationRequestEvent {
-            id: record.id.clone(),
-            method: VerificationMethod::parse(record.method.as_deref().unwrap_or("sms")),
-            identity: Identity {
-                kind: Some("number".into()),
-                endpoint: number.to_owned(),
-            },
-            price: record.request.as_ref().and_then(|r| r.price.clone()),
-            rate: record.request.as_ref().and_then(|r| r.rate.clone()),
-            reference: record.reference.clone(),
-            custom: record.custom.clone(),
-            accept_language: record
-                .request
-                .as_ref()
-                .and_then(|r| r.accept_language.clone()),
         };
         let Ok(new) = candidate.decide(&request, at) else {
             continue;

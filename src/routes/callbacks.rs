@@ -16,13 +16,17 @@ use actix_web::{
     web::{self, Bytes, BytesMut},
     HttpRequest, HttpResponse,
 };
+use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use tracing_actix_web::RootSpan;
 
 use crate::{
     clock::Clock,
     error::{ApiError, ErrorCode},
-    events::{Action, CallbackResponse, VerificationEvent, VerificationRequestEvent},
+    events::{
+        Action, CallbackResponse, VerificationEvent, VerificationRequestEvent,
+        VerificationResultEvent,
+    },
     metrics::{outcome, Metrics},
     policy::{Outcome, Policy, PolicyDecision},
     signature::{Freshness, Keyring, SignedRequest},
@@ -277,7 +281,7 @@ async fn acknowledge(
         Ok(RecordOutcome::Stored { .. }) => {
             state.metrics.callback(Some(event_type), outcome::ACCEPTED);
             if let VerificationEvent::Result(result) = incoming.event {
-                report_outcome(state, store, &result.id, &result.status);
+                report_outcome(state, store, result, incoming.received_at);
             }
             if let VerificationEvent::Unknown { .. } = incoming.event {
                 tracing::warn!("unknown event type: stored raw and acknowledged");
@@ -307,16 +311,24 @@ async fn acknowledge(
 }
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
-fn report_outcome(state: &CallbackState, store: &Store, id: &str, status: &str) {
-    if status == "PENDING" {
+fn report_outcome(
+    state: &CallbackState,
+    store: &Store,
+    result: &VerificationResultEvent,
+    at: DateTime<Utc>,
+) {
+    if result.status == "PENDING" {
         return;
     }
-    if let Ok(Some(record)) = store.get(id) {
+    if let Ok(Some(record)) = store.get(&result.id) {
         if let Some(decision) = &record.decision {
             state.policy.observe_outcome(Outcome {
+                id: &result.id,
                 rule: decision.rule.as_deref(),
                 shadow: &decision.explanation.shadow,
-                status,
+                status: &result.status,
+                reason: result.reason.as_deref(),
+                at,
             });
         }
     }

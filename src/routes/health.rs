@@ -32,5 +32,9 @@ pub async fn metrics(state: web::Data<CallbackState>) -> HttpResponse {
     let size = state.store.get().and_then(|s| s.size_on_disk().ok());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(state.metrics.render(size, state.policy.counter_keys()))
+        .body(state.metrics.render(
+            size,
+            state.policy.counter_keys(),
+            state.policy.block_stats(),
+        ))
 }

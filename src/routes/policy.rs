@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::{AdminCaller, ApiCaller, CallbackState};
 use crate::{
     error::{ApiError, ErrorCode},
-    policy::reload,
+    policy::{adaptive::Block, persist, reload},
 };
 
 /// `GET /v1/policy`: version, load time, rules with hits and the outcomes of the
@@ -32,4 +32,59 @@ pub async fn reload_now(
             format!("{err}; the previous policy stays in force"),
         )),
     }
+}
+
+/// `GET /v1/policy/blocks`: keys in automatic quarantine, why, until when, and the
+/// verifications that tripped them.
+pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
+    let blocks = state.policy.blocks(state.clock.now());
+    HttpResponse::Ok().json(serde_json::json!({ "blocks": blocks }))
+}
+
+/// `DELETE /v1/policy/blocks/{key}` (admin token): lifts every block on the key.
+pub async fn lift(
+    _: AdminCaller,
+    state: web::Data<CallbackState>,
+    key: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let lifted = state.policy.lift_block(&key, state.clock.now());
+    changed(&state, "lifted", lifted, &key).await
+}
+
+/// `POST /v1/policy/blocks/{key}/pin` (admin token): makes every block on the key
+/// permanent, until lifted.
+pub async fn pin(
+    _: AdminCaller,
+    state: web::Data<CallbackState>,
+    key: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let pinned = state.policy.pin_block(&key, state.clock.now());
+    changed(&state, "pinned", pinned, &key).await
+}
+
+/// Answers a lift or pin, once the change is saved.
+async fn changed(
+    state: &CallbackState,
+    what: &str,
+    blocks: Vec<Block>,
+    key: &str,
+) -> Result<HttpResponse, ApiError> {
+    if blocks.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("no active block on `{key}`"),
+        ));
+    }
+    tracing::info!(
+        key,
+        change = what,
+        rules = blocks.len(),
+        "operator changed a quarantine"
+    );
+    if let Some(store) = state.store.get() {
+        persist::save_if_changed(store, state.policy.as_ref(), &mut None)
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::StoreUnavailable, e.to_string()))?;
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({ what: blocks })))
 }

@@ -120,6 +120,8 @@ struct Trees {
     by_number: Tree,
     by_reference: Tree,
     by_time: Tree,
+    /// Small named state other parts of verigate keep across restarts.
+    meta: Tree,
 }
 
 /// How phone numbers are kept. Hashed: a keyed HMAC of the number replaces it in the
@@ -289,6 +291,7 @@ impl Store {
             by_number: tree("by_number")?,
             by_reference: tree("by_reference")?,
             by_time: tree("by_time")?,
+            meta: tree("meta")?,
         };
         // Continue the order after whatever is stored, even if the clock went back.
         let last_millis = [&trees.by_time, &trees.events]
@@ -400,6 +403,17 @@ impl Store {
         outcome
             .await
             .map_err(|_| FlushError("the store writer stopped".into()))?
+    }
+
+    /// Keeps `value` under `name`, durably (e.g. the policy's quarantines).
+    pub async fn save_state(&self, name: &str, value: Vec<u8>) -> Result<(), StoreError> {
+        self.inner.trees.meta.insert(name, value)?;
+        self.inner.commit.durable().await?;
+        Ok(())
+    }
+
+    pub fn load_state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.inner.trees.meta.get(name)?.map(|v| v.to_vec()))
     }
 
     pub fn get(&self, id: &str) -> Result<Option<VerificationRecord>, StoreError> {
@@ -631,8 +645,10 @@ impl StoreSlot {
         options: StoreOptions,
         stop: Arc<std::sync::atomic::AtomicBool>,
         on_flush: impl Fn(Duration) + Clone + Send + 'static,
+        on_open: impl FnOnce(&Store) + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let slot = self.clone();
+        let mut on_open = Some(on_open);
         std::thread::Builder::new()
             .name("verigate-store-open".into())
             .spawn(move || {
@@ -641,6 +657,10 @@ impl StoreSlot {
                     match Store::open_with(&path, options.clone(), on_flush.clone()) {
                         Ok(store) => {
                             tracing::info!(path = %path.display(), "store open");
+                            // Before anyone can use it: e.g. the policy relearns from it.
+                            if let Some(on_open) = on_open.take() {
+                                on_open(&store);
+                            }
                             let _ = slot.store.set(store);
                             if let Ok(mut w) = slot.waiting_on.lock() {
                                 *w = None;

@@ -2,6 +2,7 @@
 //! temp folder, callbacks signed with Sinch's scheme. One binary, so one link step.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod adaptive;
 mod analytics;
 mod authentication;
 mod callbacks;

@@ -1,0 +1,588 @@
+//! Adaptive defence: what verigate learns from how the verifications it allowed ended,
+//! and the quarantines it puts keys (a number range, a prefix, a country) in when a rule
+//! built on that knowledge trips.
+//!
+//! Static lists catch known ranges; pumping moves to fresh ones within hours. verigate
+//! sees both the request and the result of every verification, so it can notice that a
+//! range keeps asking for codes nobody enters. [`OutcomeBook`] joins them: every allowed
+//! request is tracked by id until its result arrives (or until it has had time to
+//! complete, when it counts as failed), and each outcome is counted per key in sliding
+//! windows. [`Quarantine`] holds the blocks that tripped rules put in place, with
+//! escalation on repeat, a probe trickle, lifting and pinning. Both are pure given the
+//! time they are told, so tests drive them on a controlled clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::counters::{CounterKey, Counters};
+use crate::telemetry::MaskedNumber;
+
+/// Upper bound of the Wilson score interval for `ok` successes in `n` trials, at the
+/// normal quantile `z`. With few samples it stays high, so a small sample never looks
+/// like a low rate: 0 of 3 gives 0.56 at z = 1.645, 0 of 30 gives 0.08.
+pub fn wilson_upper(ok: f64, n: f64, z: f64) -> f64 {
+    if n <= 0.0 {
+        return 1.0;
+    }
+    let p = (ok / n).clamp(0.0, 1.0);
+    let z2 = z * z;
+    let centre = p + z2 / (2.0 * n);
+    let margin = z * ((p * (1.0 - p) + z2 / (4.0 * n)) / n).sqrt();
+    ((centre + margin) / (1.0 + z2 / n)).clamp(0.0, 1.0)
+}
+
+/// The one-sided normal quantile for a confidence level in (0.5, 1): 0.95 → 1.645.
+/// Abramowitz and Stegun 26.2.23, accurate to 4.5e-4, enough for a threshold.
+pub fn z_for(confidence: f64) -> f64 {
+    let p = (1.0 - confidence).clamp(1e-9, 0.5);
+    let t = (-2.0 * p.ln()).sqrt();
+    t - (2.515_517 + 0.802_853 * t + 0.010_328 * t * t)
+        / (1.0 + 1.432_788 * t + 0.189_269 * t * t + 0.001_308 * t * t * t)
+}
+
+/// How a final result counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolution {
+    /// The code was entered.
+    Success,
+    /// Failed, aborted, or never completed: the attempt cost money and nobody converted.
+    Failure,
+    /// Sinch itself denied it as fraud or blocked: a signal of its own.
+    SinchFraud,
+    /// Denied for another reason, or an error: neither the user's doing nor charged.
+    Excluded,
+}
+
+impl Resolution {
+    /// `None` for a status that is not final (`PENDING`).
+    pub fn of(status: &str, reason: Option<&str>) -> Option<Self> {
+        let reason = reason.unwrap_or_default();
+        Some(match status.to_ascii_uppercase().as_str() {
+            "PENDING" => return None,
+            "SUCCESSFUL" => Self::Success,
+            "FAIL" | "ABORTED" => Self::Failure,
+            "DENIED"
+                if reason.eq_ignore_ascii_case("fraud")
+                    || reason.eq_ignore_ascii_case("blocked") =>
+            {
+                Self::SinchFraud
+            }
+            _ => Self::Excluded,
+        })
+    }
+}
+
+/// Which counters one tracked verification feeds.
+#[derive(Debug, Clone)]
+pub enum TrackedKey {
+    /// Counts successes and finished attempts under the rule's key (`spec` is the key
+    /// as written, `value` the request's) and under the number's country (the baseline).
+    Conversion {
+        rule: String,
+        spec: String,
+        value: String,
+        country: String,
+        window_ms: i64,
+    },
+    SinchFraud {
+        count: CounterKey,
+        window_ms: i64,
+    },
+}
+
+/// The counters of a conversion key: (successes, finished attempts).
+pub fn conversion_counters(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
+    let key = |kind: &str| CounterKey {
+        rule: rule.to_owned(),
+        condition: format!("{kind}:{spec}"),
+        value: value.to_owned(),
+    };
+    (key("conversion_ok"), key("conversion_all"))
+}
+
+impl TrackedKey {
+    fn block_key(&self) -> (&str, &str) {
+        match self {
+            Self::Conversion { rule, value, .. } => (rule, value),
+            Self::SinchFraud { count, .. } => (&count.rule, &count.value),
+        }
+    }
+}
+
+/// An allowed verification waiting for its result.
+#[derive(Debug, Clone)]
+pub struct Tracked {
+    pub keys: Vec<TrackedKey>,
+    pub allowed_ms: i64,
+    /// After this long without a final result it counts as a failure.
+    pub complete_after_ms: i64,
+    pub number: String,
+}
+
+/// One verification behind a block, for the operator reviewing it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub id: String,
+    /// Calling code and last two digits only: the full record is one query away.
+    pub number: String,
+    pub outcome: String,
+}
+
+const EVIDENCE_PER_KEY: usize = 10;
+/// Bounds memory under a flood of fresh ids: beyond it the oldest half is dropped.
+const MAX_PENDING: usize = 1_000_000;
+
+/// Allowed verifications without a result, by id and in the order they were allowed
+/// (so expiring the overdue ones costs only those).
+#[derive(Default)]
+struct Pending {
+    by_id: HashMap<String, Tracked>,
+    order: VecDeque<(i64, String)>,
+}
+
+#[derive(Default)]
+pub struct OutcomeBook {
+    pending: Mutex<Pending>,
+    evidence: Mutex<HashMap<(String, String), VecDeque<Evidence>>>,
+}
+
+impl OutcomeBook {
+    /// Starts tracking an allowed verification.
+    pub fn track(&self, id: &str, tracked: Tracked) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        // Under a flood of ids that never report, the oldest are dropped uncounted.
+        while pending.order.len() >= MAX_PENDING {
+            if let Some((_, old)) = pending.order.pop_front() {
+                pending.by_id.remove(&old);
+            }
+        }
+        pending.order.push_back((tracked.allowed_ms, id.to_owned()));
+        pending.by_id.insert(id.to_owned(), tracked);
+    }
+
+    /// Counts the final result of a tracked verification; false when it was not tracked
+    /// (denied by verigate, from before the start, or already resolved).
+    pub fn resolve(
+        &self,
+        id: &str,
+        resolution: Resolution,
+        counters: &Counters,
+        now_ms: i64,
+    ) -> bool {
+        let tracked = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .remove(id);
+        match tracked {
+            Some(tracked) => {
+                self.count(id, &tracked, resolution, counters, now_ms);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Counts every tracked verification that has had its time to complete as failed.
+    pub fn expire(&self, counters: &Counters, now_ms: i64) {
+        let mut due = Vec::new();
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let Pending { by_id, order } = &mut *pending;
+            while let Some((allowed_ms, id)) = order.front() {
+                match by_id.get(id) {
+                    // Resolved already, or tracked again later under the same id.
+                    None => {}
+                    Some(t) if t.allowed_ms != *allowed_ms => {}
+                    Some(t) if now_ms - t.allowed_ms < t.complete_after_ms => break,
+                    Some(_) => {
+                        if let Some(t) = by_id.remove(id) {
+                            due.push((id.clone(), t));
+                        }
+                    }
+                }
+                order.pop_front();
+            }
+        }
+        for (id, tracked) in due {
+            self.count(&id, &tracked, Resolution::Failure, counters, now_ms);
+        }
+    }
+
+    fn count(
+        &self,
+        id: &str,
+        tracked: &Tracked,
+        resolution: Resolution,
+        counters: &Counters,
+        now_ms: i64,
+    ) {
+        for key in &tracked.keys {
+            match (key, resolution) {
+                (
+                    TrackedKey::Conversion {
+                        rule,
+                        spec,
+                        value,
+                        country,
+                        window_ms,
+                    },
+                    Resolution::Success | Resolution::Failure,
+                ) => {
+                    let success = f64::from(u8::from(resolution == Resolution::Success));
+                    for (ok, all) in [
+                        conversion_counters(rule, spec, value),
+                        conversion_counters(rule, "country", country),
+                    ] {
+                        counters.add(&ok, *window_ms, now_ms, success);
+                        counters.add(&all, *window_ms, now_ms, 1.0);
+                    }
+                }
+                (TrackedKey::SinchFraud { count, window_ms }, Resolution::SinchFraud) => {
+                    counters.add(count, *window_ms, now_ms, 1.0);
+                }
+                _ => continue,
+            }
+            if resolution != Resolution::Success {
+                self.remember(key.block_key(), id, &tracked.number, resolution);
+            }
+        }
+    }
+
+    fn remember(&self, (rule, key): (&str, &str), id: &str, number: &str, how: Resolution) {
+        let mut evidence = self.evidence.lock().unwrap_or_else(|e| e.into_inner());
+        if evidence.len() > MAX_PENDING / 10 {
+            evidence.clear();
+        }
+        let list = evidence
+            .entry((rule.to_owned(), key.to_owned()))
+            .or_default();
+        if list.len() == EVIDENCE_PER_KEY {
+            list.pop_front();
+        }
+        list.push_back(Evidence {
+            id: id.to_owned(),
+            number: MaskedNumber(number).to_string(),
+            outcome: match how {
+                Resolution::SinchFraud => "denied by Sinch as fraud",
+                _ => "not completed",
+            }
+            .to_owned(),
+        });
+    }
+
+    /// The latest failures under a key, oldest first.
+    pub fn evidence(&self, rule: &str, key: &str) -> Vec<Evidence> {
+        self.evidence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(rule.to_owned(), key.to_owned()))
+            .map(|l| l.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets the failures under a key (a lifted block starts from fresh evidence).
+    pub fn forget(&self, rule: &str, key: &str) {
+        self.evidence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(rule.to_owned(), key.to_owned()));
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.lock().map(|p| p.by_id.len()).unwrap_or(0)
+    }
+}
+
+/// How a rule quarantines the keys that trip it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockSpec {
+    /// First block; each repeat doubles it.
+    pub for_ms: i64,
+    /// The longest a block gets; a key that trips again within this long after its last
+    /// block ended counts as a repeat.
+    pub max_ms: i64,
+    /// Lets every n-th blocked request through, so recovery can be observed.
+    pub probe_every: Option<u64>,
+}
+
+/// A key in quarantine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Block {
+    pub rule: String,
+    pub key: String,
+    pub since: DateTime<Utc>,
+    /// `None`: pinned by an operator, never expires.
+    pub until: Option<DateTime<Utc>>,
+    /// How many times this key has been blocked in a row (1 = first time).
+    pub strikes: u32,
+    pub reason: String,
+    pub evidence: Vec<Evidence>,
+    /// Blocked requests seen, for probing.
+    #[serde(default)]
+    pub requests: u64,
+    /// Requests let through as probes.
+    #[serde(default)]
+    pub probes: u64,
+}
+
+/// What the quarantine says about one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BlockCheck {
+    Free,
+    Blocked(Block),
+    /// Blocked, but let through as a probe.
+    Probe(Block),
+}
+
+/// What changed, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockChange {
+    Blocked,
+    Expired,
+    Lifted,
+    Pinned,
+}
+
+impl BlockChange {
+    pub const ALL: [BlockChange; 4] = [Self::Blocked, Self::Expired, Self::Lifted, Self::Pinned];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => "blocked",
+            Self::Expired => "expired",
+            Self::Lifted => "lifted",
+            Self::Pinned => "pinned",
+        }
+    }
+}
+
+/// The persisted form: active blocks and the repeat history.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineState {
+    pub blocks: Vec<Block>,
+    /// (rule, key, strikes, when the last block ended).
+    pub history: Vec<(String, String, u32, DateTime<Utc>)>,
+}
+
+#[derive(Default)]
+struct QuarantineInner {
+    active: HashMap<(String, String), Block>,
+    history: HashMap<(String, String), (u32, i64)>,
+    generation: u64,
+    changes: [u64; 4],
+}
+
+#[derive(Default)]
+pub struct Quarantine {
+    inner: Mutex<QuarantineInner>,
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
+}
+
+impl QuarantineInner {
+    fn changed(&mut self, change: BlockChange, block: &Block) {
+        self.generation += 1;
+        self.changes[change as usize] += 1;
+        let until = block
+            .until
+            .map_or_else(|| "never (pinned)".to_owned(), |u| u.to_rfc3339());
+        match change {
+            BlockChange::Blocked => tracing::warn!(
+                rule = %block.rule, key = %block.key, strikes = block.strikes, %until,
+                "policy quarantined a key: {}", block.reason
+            ),
+            _ => tracing::info!(
+                rule = %block.rule, key = %block.key, change = change.as_str(), %until,
+                "policy quarantine changed"
+            ),
+        }
+    }
+
+    /// The (rule, key) of every active block on `key`, after expiring what is due.
+    fn blocks_on(&mut self, key: &str, now_ms: i64) -> Vec<(String, String)> {
+        self.expire(now_ms);
+        self.active
+            .keys()
+            .filter(|(_, k)| k == key)
+            .cloned()
+            .collect()
+    }
+
+    /// Ends blocks whose time is up, remembering them for escalation.
+    fn expire(&mut self, now_ms: i64) {
+        let due: Vec<(String, String)> = self
+            .active
+            .iter()
+            .filter(|(_, b)| b.until.is_some_and(|u| u.timestamp_millis() <= now_ms))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in due {
+            if let Some(block) = self.active.remove(&k) {
+                let ended = block.until.map_or(now_ms, |u| u.timestamp_millis());
+                self.history.insert(k, (block.strikes, ended));
+                self.changed(BlockChange::Expired, &block);
+            }
+        }
+    }
+}
+
+impl Quarantine {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QuarantineInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `key` is blocked by `rule` now; counts the request toward probing.
+    pub fn check(&self, rule: &str, key: &str, now_ms: i64, spec: &BlockSpec) -> BlockCheck {
+        let mut q = self.lock();
+        let k = (rule.to_owned(), key.to_owned());
+        let due = q.active.get(&k).is_some_and(|b| {
+            b.until
+                .is_some_and(|until| until.timestamp_millis() <= now_ms)
+        });
+        if due {
+            q.expire(now_ms);
+        }
+        let Some(block) = q.active.get_mut(&k) else {
+            return BlockCheck::Free;
+        };
+        block.requests += 1;
+        if spec
+            .probe_every
+            .is_some_and(|n| n > 0 && block.requests % n == 0)
+        {
+            block.probes += 1;
+            BlockCheck::Probe(block.clone())
+        } else {
+            BlockCheck::Blocked(block.clone())
+        }
+    }
+
+    /// Blocks `key` for `rule`: for the spec's time, doubled for each repeat, capped.
+    pub fn trip(
+        &self,
+        rule: &str,
+        key: &str,
+        now_ms: i64,
+        spec: &BlockSpec,
+        reason: String,
+        evidence: Vec<Evidence>,
+    ) -> Block {
+        let mut q = self.lock();
+        let k = (rule.to_owned(), key.to_owned());
+        if let Some(existing) = q.active.get(&k) {
+            return existing.clone();
+        }
+        let strikes = match q.history.get(&k) {
+            Some(&(strikes, ended)) if now_ms - ended <= spec.max_ms => strikes + 1,
+            _ => 1,
+        };
+        let doubled = spec.for_ms.saturating_mul(1_i64 << (strikes - 1).min(30));
+        let block = Block {
+            rule: rule.to_owned(),
+            key: key.to_owned(),
+            since: at(now_ms),
+            until: Some(at(now_ms.saturating_add(doubled.min(spec.max_ms)))),
+            strikes,
+            reason,
+            evidence,
+            requests: 0,
+            probes: 0,
+        };
+        q.active.insert(k, block.clone());
+        q.changed(BlockChange::Blocked, &block);
+        block
+    }
+
+    /// Lifts every block on `key` (whatever rule set it); returns them.
+    pub fn lift(&self, key: &str, now_ms: i64) -> Vec<Block> {
+        let mut q = self.lock();
+        let mut lifted = Vec::new();
+        for k in q.blocks_on(key, now_ms) {
+            if let Some(block) = q.active.remove(&k) {
+                // An operator's decision: the next trip starts the escalation afresh.
+                q.history.remove(&k);
+                q.changed(BlockChange::Lifted, &block);
+                lifted.push(block);
+            }
+        }
+        lifted
+    }
+
+    /// Makes every block on `key` permanent; returns them.
+    pub fn pin(&self, key: &str, now_ms: i64) -> Vec<Block> {
+        let mut q = self.lock();
+        let mut pinned = Vec::new();
+        for k in q.blocks_on(key, now_ms) {
+            let Some(block) = q.active.get_mut(&k) else {
+                continue;
+            };
+            block.until = None;
+            let block = block.clone();
+            q.changed(BlockChange::Pinned, &block);
+            pinned.push(block);
+        }
+        pinned
+    }
+
+    /// Active blocks, oldest first.
+    pub fn list(&self, now_ms: i64) -> Vec<Block> {
+        let mut q = self.lock();
+        q.expire(now_ms);
+        let mut blocks: Vec<Block> = q.active.values().cloned().collect();
+        blocks.sort_by(|a, b| (a.since, &a.rule, &a.key).cmp(&(b.since, &b.rule, &b.key)));
+        blocks
+    }
+
+    pub fn export(&self) -> QuarantineState {
+        let q = self.lock();
+        let mut blocks: Vec<Block> = q.active.values().cloned().collect();
+        blocks.sort_by(|a, b| (a.since, &a.rule, &a.key).cmp(&(b.since, &b.rule, &b.key)));
+        let mut history: Vec<_> = q
+            .history
+            .iter()
+            .map(|((rule, key), (strikes, ended))| {
+                (rule.clone(), key.clone(), *strikes, at(*ended))
+            })
+            .collect();
+        history.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        QuarantineState { blocks, history }
+    }
+
+    /// Replaces the state with a persisted one; blocks that ended meanwhile expire.
+    pub fn restore(&self, state: QuarantineState, now_ms: i64) {
+        let mut q = self.lock();
+        q.active = state
+            .blocks
+            .into_iter()
+            .map(|b| ((b.rule.clone(), b.key.clone()), b))
+            .collect();
+        q.history = state
+            .history
+            .into_iter()
+            .map(|(rule, key, strikes, ended)| ((rule, key), (strikes, ended.timestamp_millis())))
+            .collect();
+        q.expire(now_ms);
+    }
+
+    /// Changes so far: bumps on every block, expiry, lift and pin.
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Active blocks and how many of each change happened since start.
+    pub fn stats(&self) -> (usize, [u64; 4]) {
+        let q = self.lock();
+        (q.active.len(), q.changes)
+    }
+}
+
+#[cfg(test)]
+#[path = "adaptive_tests.rs"]
+mod tests;

@@ -1,0 +1,231 @@
+use super::*;
+
+const MIN: i64 = 60_000;
+const HOUR: i64 = 60 * MIN;
+
+fn key(condition: &str, value: &str) -> CounterKey {
+    CounterKey {
+        rule: "low-conversion".into(),
+        condition: condition.into(),
+        value: value.into(),
+    }
+}
+
+fn conversion(range: &str, country: &str) -> TrackedKey {
+    TrackedKey::Conversion {
+        rule: "low-conversion".into(),
+        spec: "range:3".into(),
+        value: range.into(),
+        country: country.into(),
+        window_ms: 6 * HOUR,
+    }
+}
+
+fn tracked(range: &str, at_ms: i64) -> Tracked {
+    Tracked {
+        keys: vec![conversion(range, "SE")],
+        allowed_ms: at_ms,
+        complete_after_ms: 10 * MIN,
+        number: "+46700000001".into(),
+    }
+}
+
+fn spec() -> BlockSpec {
+    BlockSpec {
+        for_ms: HOUR,
+        max_ms: 8 * HOUR,
+        probe_every: Some(10),
+    }
+}
+
+#[test]
+fn wilson_bound_keeps_small_samples_high_and_converges_on_large_ones() {
+    let z = z_for(0.95);
+    assert!((z - 1.645).abs() < 0.01, "{z}");
+    assert!((z_for(0.99) - 2.326).abs() < 0.01);
+    // 0 of 3 is no evidence of a low rate; 0 of 30 is.
+    assert!(wilson_upper(0.0, 3.0, z) > 0.4);
+    assert!(wilson_upper(0.0, 30.0, z) < 0.1);
+    assert!((wilson_upper(800.0, 1000.0, z) - 0.8).abs() < 0.03);
+    assert_eq!(wilson_upper(0.0, 0.0, z), 1.0);
+}
+
+proptest::proptest! {
+    #[test]
+    fn the_wilson_bound_is_a_probability_at_or_above_the_observed_rate(
+        ok in 0u32..500, extra in 0u32..500, confidence in 0.8f64..0.999
+    ) {
+        let n = f64::from(ok + extra);
+        let upper = wilson_upper(f64::from(ok), n, z_for(confidence));
+        proptest::prop_assert!((0.0..=1.0).contains(&upper));
+        if n > 0.0 {
+            proptest::prop_assert!(upper + 1e-12 >= f64::from(ok) / n);
+        }
+    }
+}
+
+#[test]
+fn results_are_classified_as_the_defence_needs() {
+    assert_eq!(
+        Resolution::of("SUCCESSFUL", None),
+        Some(Resolution::Success)
+    );
+    assert_eq!(
+        Resolution::of("FAIL", Some("Expired")),
+        Some(Resolution::Failure)
+    );
+    assert_eq!(Resolution::of("ABORTED", None), Some(Resolution::Failure));
+    assert_eq!(
+        Resolution::of("DENIED", Some("Fraud")),
+        Some(Resolution::SinchFraud)
+    );
+    assert_eq!(
+        Resolution::of("DENIED", Some("blocked")),
+        Some(Resolution::SinchFraud)
+    );
+    assert_eq!(
+        Resolution::of("DENIED", Some("Denied by callback")),
+        Some(Resolution::Excluded)
+    );
+    assert_eq!(Resolution::of("ERROR", None), Some(Resolution::Excluded));
+    assert_eq!(Resolution::of("PENDING", None), None);
+}
+
+#[test]
+fn outcomes_are_counted_once_per_tracked_verification_and_late_ones_fail() {
+    let counters = Counters::default();
+    let book = OutcomeBook::default();
+    book.track("a", tracked("+46700000", 0));
+    book.track("b", tracked("+46700000", 0));
+    book.track("c", tracked("+46700000", 0));
+    assert!(book.resolve("a", Resolution::Success, &counters, MIN));
+    assert!(
+        !book.resolve("a", Resolution::Success, &counters, MIN),
+        "counted twice"
+    );
+    assert!(book.resolve("b", Resolution::Excluded, &counters, MIN));
+    // `c` never reports: after complete_after it is a failure.
+    book.expire(&counters, 5 * MIN);
+    assert_eq!(book.pending(), 1);
+    book.expire(&counters, 11 * MIN);
+    assert_eq!(book.pending(), 0);
+    let total = |k: &CounterKey| counters.total(k, 6 * HOUR, 11 * MIN);
+    assert_eq!(total(&key("conversion_ok:range:3", "+46700000")), 1.0);
+    assert_eq!(total(&key("conversion_all:range:3", "+46700000")), 2.0);
+    assert_eq!(total(&key("conversion_all:country", "SE")), 2.0);
+    let evidence = book.evidence("low-conversion", "+46700000");
+    assert_eq!(evidence.len(), 1);
+    assert_eq!(evidence[0].id, "c");
+    assert_eq!(evidence[0].number, "+46*******01");
+}
+
+#[test]
+fn a_block_escalates_on_repeat_up_to_its_cap_and_resets_after_a_quiet_spell() {
+    let q = Quarantine::default();
+    let spec = spec();
+    let lengths: Vec<i64> = (0..6)
+        .scan(0_i64, |now, _| {
+            let block = q.trip("r", "+22507", *now, &spec, "low".into(), vec![]);
+            let until = block.until.unwrap().timestamp_millis();
+            // It holds until its end, then lets go.
+            assert!(matches!(
+                q.check(
+                    "r",
+                    "+22507",
+                    until - 1,
+                    &BlockSpec {
+                        probe_every: None,
+                        ..spec.clone()
+                    }
+                ),
+                BlockCheck::Blocked(_)
+            ));
+            assert_eq!(q.check("r", "+22507", until, &spec), BlockCheck::Free);
+            let length = until - *now;
+            *now = until + MIN; // trips again a minute later
+            Some(length)
+        })
+        .collect();
+    assert_eq!(
+        lengths,
+        [HOUR, 2 * HOUR, 4 * HOUR, 8 * HOUR, 8 * HOUR, 8 * HOUR]
+    );
+    // Quiet for longer than the cap: the next block is a first one again.
+    let last_end = q.export().history[0].3.timestamp_millis();
+    let block = q.trip(
+        "r",
+        "+22507",
+        last_end + 9 * HOUR,
+        &spec,
+        "low".into(),
+        vec![],
+    );
+    assert_eq!(block.strikes, 1);
+    let (active, changes) = q.stats();
+    assert_eq!(active, 1);
+    assert_eq!(changes[BlockChange::Blocked as usize], 7);
+    assert_eq!(changes[BlockChange::Expired as usize], 6);
+}
+
+#[test]
+fn a_blocked_key_lets_every_nth_request_through_as_a_probe() {
+    let q = Quarantine::default();
+    q.trip("r", "+22507", 0, &spec(), "low".into(), vec![]);
+    let probes = (1..=100)
+        .filter(|i| {
+            matches!(
+                q.check("r", "+22507", i * 1000, &spec()),
+                BlockCheck::Probe(_)
+            )
+        })
+        .count();
+    assert_eq!(probes, 10);
+    // Other keys and other rules are not affected.
+    assert_eq!(q.check("r", "+22508", 1, &spec()), BlockCheck::Free);
+    assert_eq!(q.check("other", "+22507", 1, &spec()), BlockCheck::Free);
+}
+
+#[test]
+fn lifting_ends_a_block_and_its_escalation_and_pinning_makes_it_permanent() {
+    let q = Quarantine::default();
+    let spec = spec();
+    q.trip("r", "+1", 0, &spec, "low".into(), vec![]);
+    q.trip("r", "+2", 0, &spec, "low".into(), vec![]);
+    q.trip("other", "+2", 0, &spec, "fraud".into(), vec![]);
+    assert_eq!(q.lift("+1", MIN).len(), 1);
+    assert_eq!(q.check("r", "+1", MIN, &spec), BlockCheck::Free);
+    assert_eq!(
+        q.trip("r", "+1", 2 * MIN, &spec, "low".into(), vec![])
+            .strikes,
+        1
+    );
+    assert_eq!(q.pin("+2", MIN).len(), 2);
+    assert!(matches!(
+        q.check("r", "+2", 1000 * HOUR, &spec),
+        BlockCheck::Blocked(b) | BlockCheck::Probe(b) if b.until.is_none()
+    ));
+    assert_eq!(q.lift("+nothing", MIN).len(), 0);
+}
+
+#[test]
+fn a_restored_quarantine_is_the_same_quarantine() {
+    let q = Quarantine::default();
+    let spec = spec();
+    let evidence = vec![Evidence {
+        id: "v1".into(),
+        number: "+225*******01".into(),
+        outcome: "not completed".into(),
+    }];
+    q.trip("r", "+22507", 0, &spec, "low".into(), evidence);
+    q.trip("r", "+22508", 0, &spec, "low".into(), vec![]);
+    q.check("r", "+22508", 2 * HOUR, &spec); // expires: history only
+    q.pin("+22507", 2 * HOUR);
+    let saved = serde_json::to_string(&q.export()).unwrap();
+
+    let restored = Quarantine::default();
+    restored.restore(serde_json::from_str(&saved).unwrap(), 3 * HOUR);
+    assert_eq!(restored.export(), q.export());
+    // The remembered strike escalates the next block of the expired key.
+    let next = restored.trip("r", "+22508", 3 * HOUR, &spec, "low".into(), vec![]);
+    assert_eq!(next.strikes, 2);
+}

@@ -1,0 +1,103 @@
+//! Keeping what the policy learned across restarts: at start, the saved quarantines come
+//! back and adaptive rules relearn from the store's recent verifications; afterwards the
+//! state is saved whenever it changes.
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::{DateTime, Utc};
+
+use super::{tools::past_verification, PastVerification, Policy};
+use crate::store::{Cursor, Store, StoreError, StoreSlot};
+
+/// The store key of the policy's saved state.
+const STATE: &str = "policy_state";
+const PAGE: usize = 1_000;
+
+/// Restores the policy's state from a store that has just opened, before it is used
+/// (so no decision is made without what was learned before the restart).
+pub fn restore_on_open(store: &Store, policy: &dyn Policy, now: DateTime<Utc>) {
+    let started = std::time::Instant::now();
+    match restore(store, policy, now) {
+        Ok(relearned) => tracing::info!(
+            relearned,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "policy state restored"
+        ),
+        Err(err) => tracing::error!(error.message = %err, "restoring the policy state failed"),
+    }
+}
+
+/// Once the store is open, saves the policy's state whenever it changes (checked each
+/// second).
+pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>) {
+    let store = loop {
+        if let Some(store) = slot.get() {
+            break store.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut saved = policy.saved_state().map(|(generation, _)| generation);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if let Err(err) = save_if_changed(&store, policy.as_ref(), &mut saved).await {
+            tracing::error!(error.message = %err, "saving the policy state failed");
+        }
+    }
+}
+
+/// Puts back the saved state and replays the verifications adaptive rules need; returns
+/// how many were replayed.
+pub fn restore(
+    store: &Store,
+    policy: &dyn Policy,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let saved = store
+        .load_state(STATE)?
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    // Up to a second ahead: the current millisecond's records belong in too.
+    let history = match policy.lookback() {
+        Some(back) => history(store, now - back, now + chrono::Duration::seconds(1))?,
+        None => Vec::new(),
+    };
+    let relearned = history.len();
+    policy.restore(saved, history, now);
+    Ok(relearned)
+}
+
+fn history(
+    store: &Store,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<PastVerification>, StoreError> {
+    let mut out = Vec::new();
+    let mut cursor: Option<Cursor> = None;
+    loop {
+        let page =
+            store.records_between(since, until, cursor.as_ref(), PAGE, usize::MAX, |_| true)?;
+        out.extend(page.items.iter().map(past_verification));
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(out),
+        }
+    }
+}
+
+/// Saves the state if it changed since `saved` (its generation then).
+pub async fn save_if_changed(
+    store: &Store,
+    policy: &dyn Policy,
+    saved: &mut Option<u64>,
+) -> Result<(), StoreError> {
+    let Some((generation, state)) = policy.saved_state() else {
+        return Ok(());
+    };
+    if *saved == Some(generation) {
+        return Ok(());
+    }
+    store
+        .save_state(STATE, state.to_string().into_bytes())
+        .await?;
+    *saved = Some(generation);
+    Ok(())
+}
