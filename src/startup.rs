@@ -104,7 +104,11 @@ impl Application {
                 settings.store.retention_check_interval,
             ))
         });
-        let policy_state = tokio::spawn(persist::run(store.clone(), Arc::clone(&policy)));
+        let policy_state = tokio::spawn(persist::run(
+            store.clone(),
+            Arc::clone(&policy),
+            clock.clone(),
+        ));
         let kept_policy = Arc::clone(&policy);
         let state = web::Data::new(CallbackState {
             keyring,

@@ -7,7 +7,10 @@ use std::{sync::Arc, time::Duration};
 use chrono::{DateTime, Utc};
 
 use super::{tools::past_verification, PastVerification, Policy};
-use crate::store::{Cursor, Store, StoreError, StoreSlot};
+use crate::{
+    clock::Clock,
+    store::{Cursor, Store, StoreError, StoreSlot},
+};
 
 /// The store key of the policy's saved state.
 const STATE: &str = "policy_state";
@@ -28,8 +31,9 @@ pub fn restore_on_open(store: &Store, policy: &dyn Policy, now: DateTime<Utc>) {
 }
 
 /// Once the store is open, saves the policy's state whenever it changes (checked each
-/// second).
-pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>) {
+/// second). Each tick also ends quarantines whose time is up, so their log line and
+/// metrics come when they expire, not when the key is next seen.
+pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
     let store = loop {
         if let Some(store) = slot.get() {
             break store.clone();
@@ -39,6 +43,7 @@ pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>) {
     let mut saved = policy.saved_state().map(|(generation, _)| generation);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        policy.blocks(clock.now());
         if let Err(err) = save_if_changed(&store, policy.as_ref(), &mut saved).await {
             tracing::error!(error.message = %err, "saving the policy state failed");
         }
