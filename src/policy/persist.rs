@@ -57,9 +57,16 @@ pub fn restore(
     policy: &dyn Policy,
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
-    let saved = store
-        .load_state(STATE)?
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let saved = match store.load_state(STATE)? {
+        Some(bytes) => match serde_json::from_slice(&bytes) {
+            Ok(state) => Some(state),
+            Err(err) => {
+                tracing::warn!(error.message = %err, "the saved policy state is unreadable; starting without quarantines");
+                None
+            }
+        },
+        None => None,
+    };
     // Up to a second ahead: the current millisecond's records belong in too.
     let history = match policy.lookback() {
         Some(back) => history(store, now - back, now + chrono::Duration::seconds(1))?,
