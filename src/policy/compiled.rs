@@ -95,12 +95,17 @@ impl CounterSpec {
         })
     }
 
+    /// This request's key value (its range, prefix, country, …).
+    pub(super) fn value(&self, f: &Facts<'_>) -> String {
+        self.key.value(&f.number, f.country, &f.request.method)
+    }
+
     /// The counter of `rule` for this request, under condition `kind`.
     pub(super) fn counter(&self, rule: &str, kind: &str, f: &Facts<'_>) -> CounterKey {
         CounterKey {
             rule: rule.to_owned(),
             condition: format!("{kind}:{}", self.text),
-            value: self.key.value(&f.number, f.country, &f.request.method),
+            value: self.value(f),
         }
     }
 }

@@ -292,9 +292,7 @@ impl Policy for RulesPolicy {
                 .as_ref()
                 .zip(rule.limiters.first())
                 .filter(|_| rule.mode == Mode::Enforce)
-                .map(|(spec, limiter)| {
-                    (spec, limiter.spec().counter(&rule.name, "", &facts).value)
-                });
+                .map(|(spec, limiter)| (spec, limiter.spec().value(&facts)));
             if let Some((spec, key)) = &quarantine_key {
                 match self.quarantine.check(&rule.name, key, now_ms, spec) {
                     BlockCheck::Free => {}
@@ -600,7 +598,7 @@ impl RulesPolicy {
                         keys.push(TrackedKey::Conversion {
                             rule: rule.name.clone(),
                             spec: spec.text.clone(),
-                            value: spec.counter(&rule.name, "", f).value,
+                            value: spec.value(f),
                             country: f.country.to_owned(),
                             window_ms: spec.window_ms,
                         });
@@ -670,7 +668,7 @@ impl RulesPolicy {
                             self.counters.total(&all, spec.window_ms, now_ms),
                         )
                     };
-                    let value = spec.counter(&rule.name, "", f).value;
+                    let value = spec.value(f);
                     let (ok, all) = read(&spec.text, &value);
                     let enough = all >= f64::from(*min_samples);
                     let limit = match threshold {
