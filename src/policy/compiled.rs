@@ -270,6 +270,22 @@ pub(super) struct Facts<'a> {
     pub(super) now: DateTime<Utc>,
 }
 
+impl<'a> Facts<'a> {
+    /// The facts of `request` at `now`; `None` when its number is not E.164.
+    pub(super) fn of(request: &'a VerificationRequestEvent, now: DateTime<Utc>) -> Option<Self> {
+        let number = normalise_number(&request.identity.endpoint)?;
+        let country = super::country::CountryTable::get()
+            .country_of(&number)
+            .unwrap_or("unknown");
+        Some(Self {
+            request,
+            number,
+            country,
+            now,
+        })
+    }
+}
+
 impl Conditions {
     /// The static conditions (no counters); returns the matched prefix, if any.
     pub(super) fn matches(&self, f: &Facts<'_>) -> Option<Option<String>> {

@@ -25,7 +25,7 @@ use super::{
         conversion_counters, wilson_upper, Block, BlockCheck, OutcomeBook, Quarantine,
         QuarantineState, Resolution, Tracked, TrackedKey,
     },
-    compiled::{normalise_number, Facts, Limiter, Rule, RuleStats, Snapshot, Threshold},
+    compiled::{Facts, Limiter, Rule, RuleStats, Snapshot, Threshold},
     counters::{CounterKey, Counters},
     country::CountryTable,
     file::{compile, load, Mode, PolicyLoadError},
@@ -248,18 +248,12 @@ impl Policy for RulesPolicy {
     ) -> Result<PolicyDecision, PolicyError> {
         let started = Instant::now();
         let s = self.current.load();
-        let number = normalise_number(&request.identity.endpoint).ok_or_else(|| {
+        let facts = Facts::of(request, now).ok_or_else(|| {
             PolicyError(
                 "identity.endpoint is not an E.164 number, so no rule can be checked".into(),
             )
         })?;
-        let country = CountryTable::get().country_of(&number).unwrap_or("unknown");
-        let facts = Facts {
-            request,
-            number,
-            country,
-            now,
-        };
+        let country = facts.country;
         let now_ms = now.timestamp_millis();
         let price = request
             .price
@@ -539,28 +533,17 @@ impl Policy for RulesPolicy {
         for (at_ms, i, resolved) in steps {
             let past = &history[i];
             self.book.expire(&self.counters, at_ms);
-            match (&past.request, &past.result, resolved) {
-                (Some(request), _, false) => {
-                    let Some(number) = normalise_number(&request.identity.endpoint) else {
-                        continue;
-                    };
-                    let country = CountryTable::get().country_of(&number).unwrap_or("unknown");
-                    let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
-                    let facts = Facts {
-                        request,
-                        number,
-                        country,
-                        now: when,
-                    };
+            let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
+            if !resolved {
+                let facts = past.request.as_ref().and_then(|r| Facts::of(r, when));
+                if let Some(facts) = facts {
                     self.track(&s, &facts, at_ms);
                 }
-                (_, Some((status, reason, _)), true) => {
-                    if let Some(resolution) = Resolution::of(status, reason.as_deref()) {
-                        self.book
-                            .resolve(&past.id, resolution, &self.counters, at_ms);
-                    }
+            } else if let Some((status, reason, _)) = &past.result {
+                if let Some(resolution) = Resolution::of(status, reason.as_deref()) {
+                    self.book
+                        .resolve(&past.id, resolution, &self.counters, at_ms);
                 }
-                _ => {}
             }
         }
         self.book.expire(&self.counters, now.timestamp_millis());
