@@ -10,9 +10,6 @@ use std::{
     },
 };
 
-use verigate::signature::AppCredentials;
-
-use chrono::Utc;
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -33,41 +30,30 @@ fn callback(round: usize, n: usize) -> (String, String) {
 }
 
 /// Sends callbacks from `CLIENTS` tasks until the server goes away; returns the ids that
-/// were answered 200. `kill` is called once `kill_after` callbacks have been answered.
+/// were answered 200. The binary is killed once `kill_after` callbacks have been answered.
 async fn stream_until_killed(
-    base: &str,
+    binary: RunningBinary,
     round: usize,
     kill_after: usize,
-    kill: impl FnOnce(),
 ) -> Vec<String> {
-    let signer = Arc::new(AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap());
+    let sender = binary.sender();
     let next = Arc::new(AtomicUsize::new(0));
     let acked = Arc::new(Mutex::new(Vec::new()));
     let stopped = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::new();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (signer, next, acked, stopped, client) = (
-                Arc::clone(&signer),
+            let (sender, next, acked, stopped) = (
+                sender.clone(),
                 Arc::clone(&next),
                 Arc::clone(&acked),
                 Arc::clone(&stopped),
-                client.clone(),
             );
-            let url = format!("{base}/sinch/verification");
             tokio::spawn(async move {
                 while !stopped.load(Ordering::SeqCst) {
                     let (id, body) = callback(round, next.fetch_add(1, Ordering::SeqCst));
-                    let ts = timestamp(Utc::now());
-                    let mut request = client.post(&url);
-                    for (name, value) in
-                        signed_headers_at(&signer, body.as_bytes(), "/sinch/verification", &ts)
-                    {
-                        request = request.header(name, value);
-                    }
-                    match request.body(body).send().await {
-                        Ok(reply) if reply.status() == 200 => acked.lock().unwrap().push(id),
-                        Ok(reply) => panic!("{id}: unexpected {}", reply.status()),
+                    match sender.try_post(body).await {
+                        Ok(200) => acked.lock().unwrap().push(id),
+                        Ok(status) => panic!("{id}: unexpected {status}"),
                         // The kill: connection refused or reset.
                         Err(_) => break,
                     }
@@ -79,11 +65,15 @@ async fn stream_until_killed(
         tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
     // Requests are in flight on every other connection at this moment.
-    kill();
+    std::process::Command::new("kill")
+        .args(["-KILL", &binary.pid().to_string()])
+        .status()
+        .unwrap();
     stopped.store(true, Ordering::SeqCst);
     for client in clients {
         client.await.unwrap();
     }
+    binary.kill(); // reaps it
     let acked = acked.lock().unwrap().clone();
     acked
 }
@@ -119,17 +109,9 @@ async fn events_acknowledged_before_a_kill_9_survive_at_every_kill_point() {
     // Each round restarts on what the previous kill left behind.
     for (round, kill_after) in [150, 700, 1500].into_iter().enumerate() {
         let binary = RunningBinary::start(&dir, &[]).await;
-        let pid = binary.pid();
-        let acked = stream_until_killed(&binary.base, round, kill_after, move || {
-            std::process::Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status()
-                .unwrap();
-        })
-        .await;
+        let acked = stream_until_killed(binary, round, kill_after).await;
         assert!(acked.len() >= kill_after);
         acknowledged.extend(acked);
-        binary.kill();
     }
 
     let binary = RunningBinary::start(&dir, &[]).await;

@@ -381,6 +381,28 @@ pub fn fixture(name: &str) -> String {
 }
 
 /// The real `verigate` binary as a child process, JSON logs captured.
+/// Posts signed callbacks to a running binary; cheap to clone into tasks.
+#[derive(Clone)]
+pub struct CallbackSender {
+    client: reqwest::Client,
+    url: String,
+    signer: AppCredentials,
+}
+
+impl CallbackSender {
+    /// Returns the status; a connection failure (the process is gone) is an error.
+    pub async fn try_post(&self, body: String) -> Result<u16, reqwest::Error> {
+        let ts = timestamp(Utc::now());
+        let mut request = self.client.post(&self.url);
+        for (name, value) in
+            signed_headers_at(&self.signer, body.as_bytes(), "/sinch/verification", &ts)
+        {
+            request = request.header(name, value);
+        }
+        Ok(request.body(body).send().await?.status().as_u16())
+    }
+}
+
 pub struct RunningBinary {
     child: std::process::Child,
     pub base: String,
@@ -451,16 +473,16 @@ impl RunningBinary {
 
     /// Posts a correctly signed callback; returns the status.
     pub async fn post_callback(&self, body: String) -> u16 {
-        let ts = timestamp(Utc::now());
-        let mut request = self
-            .client
-            .post(format!("{}/sinch/verification", self.base));
-        for (name, value) in
-            signed_headers_at(&self.signer, body.as_bytes(), "/sinch/verification", &ts)
-        {
-            request = request.header(name, value);
+        self.sender().try_post(body).await.unwrap()
+    }
+
+    /// A handle that posts signed callbacks to this process from any task.
+    pub fn sender(&self) -> CallbackSender {
+        CallbackSender {
+            client: self.client.clone(),
+            url: format!("{}/sinch/verification", self.base),
+            signer: self.signer.clone(),
         }
-        request.body(body).send().await.unwrap().status().as_u16()
     }
 
     pub fn pid(&self) -> u32 {
