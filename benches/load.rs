@@ -9,7 +9,9 @@
 //! ratio verigate / bare, verigate's peak RSS and its store size per million events.
 //!
 //! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
-//! list, default "16,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers).
+//! list, default "32,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers),
+//! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_ONLY=verigate (skip the bare
+//! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -57,10 +59,11 @@ fn main() {
     let callbacks: usize = knob("LOAD_CALLBACKS", 60_000);
     let workers: usize = knob("LOAD_SERVER_WORKERS", 0);
     let levels: Vec<usize> = std::env::var("LOAD_CONCURRENCY")
-        .unwrap_or_else(|_| "16,64".into())
+        .unwrap_or_else(|_| "32,64".into())
         .split(',')
         .map(|c| c.trim().parse().expect("LOAD_CONCURRENCY: numbers"))
         .collect();
+    let log_level = std::env::var("LOAD_LOG_LEVEL").unwrap_or_else(|_| "info".into());
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "load: {callbacks} callbacks per server and level, {cores} cores, server workers {}",
@@ -77,27 +80,42 @@ fn main() {
     for (round, &concurrency) in levels.iter().enumerate() {
         // A fresh set per level: verigate must never see a callback twice.
         let requests = Workload::generate(callbacks, round);
-        let bare = Server::bare(workers);
-        let bare_run = runtime.block_on(drive(bare.port, &requests, concurrency));
-        drop(bare);
+        let bare_run = if std::env::var("LOAD_ONLY").as_deref() == Ok("verigate") {
+            None
+        } else {
+            let bare = Server::bare(workers);
+            Some(runtime.block_on(drive(bare.port, &requests, concurrency)))
+        };
         let dir = tempfile::tempdir().unwrap();
-        let verigate = Server::verigate(dir.path(), workers);
+        let verigate = Server::verigate(dir.path(), workers, &log_level);
         let ours = runtime.block_on(drive(verigate.port, &requests, concurrency));
         let peak_rss = verigate.peak_rss_kib();
+        let commits = verigate.commit_figures();
         drop(verigate);
-        let store_bytes = dir_size(dir.path());
-        println!("\nconcurrency {concurrency}");
-        bare_run.print("bare actix-web");
+        let store_bytes = verigate::store::sled::dir_size(dir.path());
+        if let Ok(keep) = std::env::var("LOAD_KEEP_STORE") {
+            let kept = Path::new(&keep).join(format!("c{concurrency}"));
+            let _ = std::fs::remove_dir_all(&kept);
+            std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+            std::fs::rename(dir.path().join("db"), &kept).unwrap();
+        }
+        println!("\nconcurrency {concurrency}, verigate logs at {log_level}");
+        if let Some(bare_run) = &bare_run {
+            bare_run.print("bare actix-web");
+        }
         ours.print("verigate");
+        if let Some(bare_run) = &bare_run {
+            println!(
+                "  ratio verigate / bare: {:.2}  (throughput)",
+                ours.rate() / bare_run.rate()
+            );
+        }
         println!(
-            "  ratio verigate / bare: {:.2}  (throughput)",
-            ours.rate() / bare_run.rate()
-        );
-        println!(
-            "  verigate peak RSS {:.1} MiB; store {:.0} MB per million events",
+            "  verigate peak RSS {:.1} MiB; store {:.0} bytes per stored event after a clean stop",
             peak_rss as f64 / 1024.0,
             store_bytes as f64 / requests.len() as f64
         );
+        println!("  {commits}");
     }
 }
 
@@ -153,7 +171,7 @@ impl Server {
         })
     }
 
-    fn verigate(dir: &Path, workers: usize) -> Self {
+    fn verigate(dir: &Path, workers: usize, log_level: &str) -> Self {
         let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
         let child = Command::new(env!("CARGO_BIN_EXE_verigate"))
             .env("VERIGATE__SERVER__LISTEN", "127.0.0.1:0")
@@ -161,6 +179,11 @@ impl Server {
             .env("VERIGATE__STORE__PATH", dir.join("db"))
             .env("VERIGATE__POLICY__PATH", policy)
             .env("VERIGATE__LOG__FORMAT", "json")
+            // The bench reads the port from the `verigate listening` line (info).
+            .env(
+                "VERIGATE__LOG__LEVEL",
+                format!("{log_level},verigate::cli=info"),
+            )
             .env("VERIGATE_APP_KEY", APP_KEY)
             .env("VERIGATE_APP_SECRET", APP_SECRET)
             .stdout(Stdio::piped())
@@ -208,6 +231,38 @@ impl Server {
         Self { child, port }
     }
 
+    /// Group commits: how many, events per commit and sync time, from /metrics.
+    fn commit_figures(&self) -> String {
+        use std::io::{Read, Write};
+        let mut text = String::new();
+        let fetched = std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| {
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")?;
+            s.read_to_string(&mut text)
+        });
+        if fetched.is_err() {
+            return "commit figures unavailable".into();
+        }
+        let sample = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let commits = sample("verigate_store_commit_events_count");
+        let events = sample("verigate_store_commit_events_sum");
+        let sync_s = sample("verigate_store_flush_seconds_sum");
+        let checkpoints = sample("verigate_store_checkpoint_seconds_count");
+        let checkpoint_s = sample("verigate_store_checkpoint_seconds_sum");
+        let counter_keys = sample("verigate_rate_limit_keys");
+        format!(
+            "{commits:.0} group commits, {:.1} events each, {:.2} ms per log sync; {checkpoints:.0} checkpoints, {:.0} ms each; policy counter keys {counter_keys:.0}",
+            events / commits.max(1.0),
+            sync_s * 1e3 / commits.max(1.0),
+            checkpoint_s * 1e3 / checkpoints.max(1.0)
+        )
+    }
+
     /// Peak resident set size so far (Linux), in KiB.
     fn peak_rss_kib(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -230,21 +285,6 @@ impl Drop for Server {
             .status();
         let _ = self.child.wait();
     }
-}
-
-fn dir_size(path: &Path) -> u64 {
-    std::fs::read_dir(path)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_size(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// Which kind of callback a request carries, for per-kind latency.

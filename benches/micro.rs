@@ -1,6 +1,7 @@
-//! Per-callback costs, each on its own: signature verification, event parsing, and a
-//! record write with and without the flush that makes it durable. (The policy decision
-//! has its own bench with a large rule set: `cargo bench --bench policy`.)
+//! Per-callback costs, each on its own: signature verification, event parsing, the sample
+//! policy's decision, and one durable record write with nothing else queued (one
+//! write-ahead-log sync). (The policy decision has its own bench with a large rule set:
+//! `cargo bench --bench policy`.)
 //!
 //! `cargo bench --bench micro`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -11,7 +12,7 @@ use verigate::{
     client::{sample_body, signed_headers, sinch_timestamp, Sample, SampleKind, CONTENT_TYPE},
     events::VerificationEvent,
     signature::{AppCredentials, Freshness, Keyring, SignedRequest},
-    store::{Durability, IncomingEvent, Store, StoreOptions},
+    store::{IncomingEvent, Store, StoreOptions, Unobserved},
 };
 
 const KEY: &str = "669E367E-6BBA-48AB-AF15-266871C28135";
@@ -125,49 +126,37 @@ fn record_writes(c: &mut Criterion) {
         .unwrap();
     let mut group = c.benchmark_group("store/record");
     group.sample_size(30);
-    for (name, durability) in [
-        (
-            "flushed (group commit, one writer)",
-            Durability::GroupCommit,
-        ),
-        ("applied, not flushed", Durability::Unflushed),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = runtime.block_on(async {
-            Store::open_with(
-                &dir.path().join("db"),
-                StoreOptions {
-                    durability,
-                    ..StoreOptions::default()
-                },
-                |_| {},
-            )
-            .unwrap()
-        });
-        let mut n = 0u64;
-        group.bench_function(name, |b| {
-            b.iter_batched(
-                || {
-                    n += 1;
-                    body(SampleKind::Result, &format!("write-{n}")).into_bytes()
-                },
-                |raw| {
-                    let event = VerificationEvent::parse(&raw).unwrap();
-                    runtime
-                        .block_on(store.record(IncomingEvent {
-                            event: &event,
-                            raw: &raw,
-                            app_key: KEY,
-                            received_at: Utc::now(),
-                            decision: None,
-                        }))
-                        .unwrap()
-                },
-                BatchSize::SmallInput,
-            )
-        });
-        store.shutdown().unwrap();
-    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = runtime.block_on(async {
+        Store::open(
+            &StoreOptions::at(dir.path().join("db")),
+            std::sync::Arc::new(Unobserved),
+        )
+        .unwrap()
+    });
+    let mut n = 0u64;
+    group.bench_function("durable, one writer", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                body(SampleKind::Result, &format!("write-{n}")).into_bytes()
+            },
+            |raw| {
+                let event = VerificationEvent::parse(&raw).unwrap();
+                runtime
+                    .block_on(store.record_once(IncomingEvent {
+                        event: &event,
+                        raw: &raw,
+                        app_key: KEY,
+                        received_at: Utc::now(),
+                        decision: None,
+                    }))
+                    .unwrap()
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    runtime.block_on(store.shutdown()).unwrap();
     group.finish();
 }
 

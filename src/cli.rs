@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `sign`, `trigger`, `healthcheck`.
+//! The command line: `serve` (default), `sign`, `trigger`, `policy`, `export`, `store`,
+//! `healthcheck`.
 
 use std::{
     io::{Read, Write},
@@ -17,7 +18,7 @@ use crate::{
     routes::analytics::ExportFormat,
     signature::AppCredentials,
     startup::Application,
-    store::Store,
+    store::{self, Store, StoreError, Unobserved, VerificationQuery},
 };
 
 /// Receives Sinch Verification callbacks: authenticates, decides allow/deny, records.
@@ -95,6 +96,9 @@ pub enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Maintain the store.
+    #[command(subcommand)]
+    Store(StoreCommand),
     /// Exit 0 if verigate answers ready, 1 otherwise (container health checks).
     Healthcheck {
         /// Default: /readyz on this configuration's listen address.
@@ -129,6 +133,14 @@ pub enum PolicyCommand {
     },
 }
 
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Convert a store written by an earlier verigate to the current layout, in place.
+    /// Stop verigate first. Safe to interrupt and run again: it resumes, and the old files
+    /// are deleted only once the new store is complete.
+    Migrate,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum ExportFormatArg {
     Ndjson,
@@ -154,12 +166,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 ExportFormatArg::Ndjson => ExportFormat::Ndjson,
                 ExportFormatArg::Csv => ExportFormat::Csv,
             };
-            let store = Store::open_with(&settings.store.path, settings.store_options(), |_| {})
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "{e}\n(is verigate running on this store? then use GET /v1/export)"
-                    )
-                })?;
+            let store = open_offline(&settings, "use GET /v1/export")?;
             let mut out: Box<dyn Write> = match &output {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -171,7 +178,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             let mut after = None;
             let mut bytes = 0;
             loop {
-                let (chunk, next) = format.chunk(&store, since, until, after.as_ref(), 1000)?;
+                let (chunk, next) = format.chunk(&store, since, until, after, 1000).await?;
                 bytes += chunk.len();
                 out.write_all(&chunk)?;
                 match next {
@@ -180,7 +187,33 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 }
             }
             out.flush()?;
+            store.shutdown().await?;
             eprintln!("exported {bytes} bytes of verifications first seen in [{since}, {until})");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Store(StoreCommand::Migrate) => {
+            let options = settings.store_options();
+            let path = options.path.clone();
+            let report = tokio::task::spawn_blocking(move || {
+                store::sled::legacy::migrate(&options.path, options.cache_bytes, |line| {
+                    eprintln!("verigate store migrate: {line}");
+                })
+            })
+            .await??;
+            if report.already_current {
+                eprintln!(
+                    "{}: already in the current layout, nothing to do",
+                    path.display()
+                );
+            } else {
+                eprintln!(
+                    "{}: migrated {} verifications, {} raw events and {} saved states",
+                    path.display(),
+                    report.verifications,
+                    report.events,
+                    report.states
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve => {
@@ -344,30 +377,23 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
             let records = match url {
                 Some(url) => fetch_records(&url, token.as_deref(), since).await?,
                 None => {
-                    let store =
-                        Store::open_with(&settings.store.path, settings.store_options(), |_| {})
-                            .map_err(|e| {
-                                anyhow::anyhow!(
-                                    "{e}\n(is verigate running on this store? then pass --url)"
-                                )
-                            })?;
+                    let store = open_offline(settings, "pass --url")?;
                     let mut records = Vec::new();
                     let mut after = None;
                     loop {
-                        let page = store.records_between(
-                            since,
-                            now,
-                            after.as_ref(),
-                            1000,
-                            1000,
-                            |_| true,
-                        )?;
+                        let page = store
+                            .verifications(
+                                VerificationQuery::between(since, now, 1000).after(after),
+                            )
+                            .await?;
                         records.extend(page.items);
                         match page.next {
                             Some(next) => after = Some(next),
-                            None => break records,
+                            None => break,
                         }
                     }
+                    store.shutdown().await?;
+                    records
                 }
             };
             let report = tools::replay(&candidate, records);
@@ -379,6 +405,14 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The store of a stopped service, for offline commands.
+fn open_offline(settings: &Settings, otherwise: &str) -> anyhow::Result<Store> {
+    Store::open(&settings.store_options(), std::sync::Arc::new(Unobserved)).map_err(|e| match e {
+        StoreError::NeedsMigration(_) => anyhow::anyhow!("{e}"),
+        _ => anyhow::anyhow!("{e}\n(is verigate running on this store? then {otherwise})"),
+    })
 }
 
 /// Every record first seen since `since`, from a running service's export.

@@ -88,6 +88,9 @@ pub struct StoreSettings {
     pub hash_numbers: bool,
     #[serde(default)]
     pub number_hash_key: Option<SecretString>,
+    /// Memory for caching the index, in bytes.
+    #[serde(deserialize_with = "bytes")]
+    pub cache_size: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -240,6 +243,9 @@ impl Settings {
             }
             _ => {}
         }
+        if !(1 << 20..=1 << 40).contains(&self.store.cache_size) {
+            return Err(invalid("store.cache_size", "must be between 1MiB and 1TiB"));
+        }
         if self.store.retention_check_interval.is_zero() {
             return Err(invalid(
                 "store.retention_check_interval",
@@ -291,8 +297,9 @@ impl Settings {
             _ => crate::store::NumberPrivacy::Plain,
         };
         crate::store::StoreOptions {
+            path: self.store.path.clone(),
             numbers,
-            ..Default::default()
+            cache_bytes: self.store.cache_size,
         }
     }
 
@@ -331,6 +338,41 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
                 .map_err(|e| serde::de::Error::custom(format!("`{t}` is not a duration ({e})"))),
         },
     }
+}
+
+/// A size in bytes: a number, or a number with a unit (`64MiB`, `1GiB`, `512KiB`, `2MB`).
+fn bytes<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    let text = match Raw::deserialize(d)? {
+        Raw::Bytes(b) => return Ok(b),
+        Raw::Text(t) => t,
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => u64::MAX,
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .filter(|_| scale != u64::MAX)
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("`{text}` is not a size like 64MiB or 1GiB"))
+        })
 }
 
 #[cfg(test)]

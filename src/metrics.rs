@@ -13,6 +13,7 @@ use prometheus_client::{
 use crate::{
     events::{REQUEST_EVENT, RESULT_EVENT, SMS_DELIVERED_EVENT},
     policy::adaptive::BlockChange,
+    store::StoreObserver,
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +51,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabels {
+    pub stage: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabels {
     pub version: String,
 }
@@ -80,8 +86,15 @@ pub struct Metrics {
     deadline_exceeded: Counter,
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
     flush_seconds: Histogram,
+    commit_events: Histogram,
+    checkpoint_seconds: Histogram,
+    write_failures: Family<StageLabels, Counter>,
     store_size_bytes: Gauge,
     store_open: Gauge,
+    store_ready: Gauge,
+    log_lines_dropped: Counter,
+    /// Dropped log lines already counted (the writer keeps a total).
+    log_lines_dropped_seen: std::sync::atomic::AtomicU64,
     policy_loads: Family<OutcomeLabels, Counter>,
     policy_info: Family<VersionLabels, Gauge>,
     counter_keys: Gauge,
@@ -129,8 +142,40 @@ impl Metrics {
         let flush_seconds = latency_histogram();
         r.register(
             "store_flush_seconds",
-            "Duration of one group flush of the store",
+            "Duration of one group commit: writing and syncing a batch of events to the write-ahead log",
             flush_seconds.clone(),
+        );
+        let commit_events = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        r.register(
+            "store_commit_events",
+            "Events made durable by one group commit (one write-ahead-log sync)",
+            commit_events.clone(),
+        );
+        let checkpoint_seconds = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        r.register(
+            "store_checkpoint_seconds",
+            "Duration of one checkpoint: moving committed events from memory into the index",
+            checkpoint_seconds.clone(),
+        );
+        let write_failures = Family::<StageLabels, Counter>::default();
+        r.register(
+            "store_write_failures",
+            "Store writes that failed, by stage (wal, checkpoint); the store recovers by itself once the cause is gone",
+            write_failures.clone(),
+        );
+        let store_ready = Gauge::default();
+        r.register(
+            "store_ready",
+            "1 while the store takes writes, 0 while it is not open or writes fail",
+            store_ready.clone(),
+        );
+        let log_lines_dropped = Counter::default();
+        r.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log output could not keep up",
+            log_lines_dropped.clone(),
         );
         let store_size_bytes = Gauge::default();
         r.register(
@@ -186,8 +231,14 @@ impl Metrics {
             deadline_exceeded,
             requests,
             flush_seconds,
+            commit_events,
+            checkpoint_seconds,
+            write_failures,
             store_size_bytes,
             store_open,
+            store_ready,
+            log_lines_dropped,
+            log_lines_dropped_seen: std::sync::atomic::AtomicU64::new(0),
             policy_loads,
             policy_info,
         })
@@ -235,10 +286,6 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn observe_flush(&self, elapsed: std::time::Duration) {
-        self.flush_seconds.observe(elapsed.as_secs_f64());
-    }
-
     pub fn policy_loaded(&self, version: &str) {
         self.policy_loads
             .get_or_create(&OutcomeLabels { outcome: "ok" })
@@ -257,14 +304,21 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition; `store_size` and `counter_keys` are sampled by the
-    /// caller at scrape time.
-    pub fn render(
-        &self,
-        store_size: Option<u64>,
-        counter_keys: usize,
-        (blocks, changes): (usize, [u64; 4]),
-    ) -> String {
+    /// The Prometheus text exposition, with the values sampled at scrape time.
+    pub fn render(&self, sampled: &Sampled) -> String {
+        let Sampled {
+            store_size,
+            store_ready,
+            counter_keys,
+            blocks: (blocks, changes),
+            log_lines_dropped,
+        } = *sampled;
+        let seen = self
+            .log_lines_dropped_seen
+            .fetch_max(log_lines_dropped, std::sync::atomic::Ordering::SeqCst);
+        self.log_lines_dropped
+            .inc_by(log_lines_dropped.saturating_sub(seen));
+        self.store_ready.set(i64::from(store_ready));
         self.blocks.set(i64::try_from(blocks).unwrap_or(i64::MAX));
         if let Ok(mut seen) = self.block_changes_seen.lock() {
             for (i, change) in BlockChange::ALL.into_iter().enumerate() {
@@ -288,5 +342,34 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Values read from other parts of verigate when /metrics is scraped.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sampled {
+    /// `None` while the store is not open.
+    pub store_size: Option<u64>,
+    pub store_ready: bool,
+    pub counter_keys: usize,
+    /// Active blocks, and blocks/expiries/lifts/pins since start.
+    pub blocks: (usize, [u64; 4]),
+    pub log_lines_dropped: u64,
+}
+
+impl StoreObserver for Metrics {
+    fn committed(&self, elapsed: std::time::Duration, events: usize) {
+        self.flush_seconds.observe(elapsed.as_secs_f64());
+        self.commit_events.observe(events as f64);
+    }
+
+    fn write_failed(&self, stage: &'static str) {
+        self.write_failures
+            .get_or_create(&StageLabels { stage })
+            .inc();
+    }
+
+    fn checkpointed(&self, elapsed: std::time::Duration) {
+        self.checkpoint_seconds.observe(elapsed.as_secs_f64());
     }
 }

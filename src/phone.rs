@@ -1,8 +1,9 @@
 //! Facts about a phone number that analytics group by: its country and a short prefix.
 //!
-//! The country comes from libphonenumber's metadata (the `phonenumber` crate), so shared
-//! calling codes resolve to the real territory (+1 876 → JM, +44 7911 1… → GG). Anything
-//! that is not strict E.164 is refused before the parser sees it.
+//! The country comes from the table built from libphonenumber's metadata
+//! (policy/country.rs), the same one the policy decides with, so shared calling codes
+//! resolve to the real territory (+1 876 → JM, +44 7911 1… → GG) and a record's country is
+//! the country its rules saw. Anything that is not strict E.164 has no facts.
 
 use serde::{Deserialize, Serialize};
 
@@ -38,13 +39,13 @@ pub fn facts(number: &str) -> NumberFacts {
     if !is_e164(number) {
         return NumberFacts::default();
     }
-    let Ok(parsed) = phonenumber::parse(None, number) else {
+    let table = crate::policy::country::CountryTable::get();
+    let Some(code_len) = table.calling_code_len(number) else {
         return NumberFacts::default();
     };
-    let code_len = parsed.code().value().to_string().len();
     let prefix_len = (1 + code_len + PREFIX_DIGITS_AFTER_CODE).min(number.len());
     NumberFacts {
-        country: parsed.country().id().map(|id| id.as_ref().to_owned()),
+        country: table.country_of(number).map(str::to_owned),
         prefix: Some(number[..prefix_len].to_owned()),
     }
 }

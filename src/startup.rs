@@ -5,7 +5,6 @@
 use std::{
     net::TcpListener,
     sync::{atomic::AtomicBool, Arc},
-    thread::JoinHandle,
     time::Instant,
 };
 
@@ -25,17 +24,21 @@ use crate::{
     metrics::Metrics,
     policy::{persist, reload, Policy, RulesPolicy},
     routes::{self, CallbackState},
-    store::{retention, StoreSlot},
-    telemetry::CallbackRootSpan,
+    store::{retention, StoreObserver, StoreSlot},
+    telemetry::{self, CallbackRootSpan},
 };
+
+/// How often dropped log lines are reported in the log itself.
+const LOG_DROP_REPORT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Application {
     port: u16,
     server: Server,
     store: StoreSlot,
     stop_opening: Arc<AtomicBool>,
-    opener: Option<JoinHandle<()>>,
+    opener: Option<tokio::task::JoinHandle<()>>,
     retention: Option<tokio::task::JoinHandle<()>>,
+    log_reporter: tokio::task::JoinHandle<()>,
     /// Restores, then keeps saving, what the policy learned (quarantines).
     policy_state: tokio::task::JoinHandle<()>,
     policy: Arc<dyn Policy>,
@@ -86,15 +89,16 @@ impl Application {
 
         let store = StoreSlot::default();
         let stop_opening = Arc::new(AtomicBool::new(false));
-        let flush_metrics = Arc::clone(&metrics);
         let (restoring, restore_clock) = (Arc::clone(&policy), clock.clone());
         let opener = store.open_in_background(
-            settings.store.path.clone(),
             settings.store_options(),
+            Arc::clone(&metrics) as Arc<dyn StoreObserver>,
             Arc::clone(&stop_opening),
-            move |d| flush_metrics.observe_flush(d),
-            move |opened| persist::restore_on_open(opened, restoring.as_ref(), restore_clock.now()),
-        )?;
+            move |opened| async move {
+                persist::restore_on_open(&opened, restoring.as_ref(), restore_clock.now()).await;
+            },
+        );
+        let log_reporter = tokio::spawn(telemetry::report_dropped_lines(LOG_DROP_REPORT));
 
         let retention = settings.retention().map(|keep| {
             tokio::spawn(retention::run(
@@ -166,6 +170,7 @@ impl Application {
             stop_opening,
             opener: Some(opener),
             retention,
+            log_reporter,
             policy_state,
             policy: kept_policy,
             metrics: app_metrics,
@@ -192,15 +197,16 @@ impl Application {
         self.stop_opening
             .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(opener) = self.opener.take() {
-            let _ = tokio::task::spawn_blocking(move || opener.join()).await;
+            let _ = opener.await;
         }
         self.policy_state.abort();
+        self.log_reporter.abort();
         if let Some(store) = self.store.get() {
             if let Err(err) = persist::save_if_changed(store, self.policy.as_ref(), &mut None).await
             {
                 tracing::error!(error.message = %err, "saving the policy state failed");
             }
-            store.shutdown()?;
+            store.shutdown().await?;
         }
         Ok(served?)
     }

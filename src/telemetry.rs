@@ -8,16 +8,17 @@ use actix_web::{
     dev::{ServiceRequest, ServiceResponse},
     Error, HttpMessage,
 };
-use tracing::span::Record;
-use tracing::{Span, Subscriber};
+use tracing::{
+    field::{Field, Visit},
+    span::Record,
+    Event, Span, Subscriber,
+};
 use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 use tracing_subscriber::{
     field::RecordFields,
-    fmt::{
-        format::{JsonFields, Writer},
-        FormatFields, FormattedFields, MakeWriter,
-    },
+    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter},
     layer::SubscriberExt,
+    registry::LookupSpan,
     EnvFilter, Registry,
 };
 
@@ -40,10 +41,7 @@ where
         LogFormat::Json => Box::new(
             registry.with(
                 tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false)
+                    .event_format(JsonLine)
                     .fmt_fields(AppendJsonFields)
                     .with_writer(sink),
             ),
@@ -58,17 +56,28 @@ where
     }
 }
 
-/// JSON span fields that grow by appending.
+/// Span fields as a JSON object that grows by appending.
 ///
 /// tracing-subscriber's own JSON fields re-parse and re-serialise a span's fields every
 /// time one more is recorded; a callback records about ten, one at a time, and that cost
-/// was a tenth of verigate's CPU under load. A field recorded twice appears twice; the
-/// JSON event formatter reads them into a map, where the last one wins.
+/// was a tenth of verigate's CPU under load. A field recorded twice appears twice; JSON
+/// readers keep the last.
 pub struct AppendJsonFields;
 
 impl<'writer> FormatFields<'writer> for AppendJsonFields {
-    fn format_fields<R: RecordFields>(&self, writer: Writer<'writer>, fields: R) -> fmt::Result {
-        JsonFields::new().format_fields(writer, fields)
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> fmt::Result {
+        let mut members = String::new();
+        fields.record(&mut JsonMembers::new(&mut members, false));
+        if members.is_empty() {
+            return Ok(());
+        }
+        writer.write_char('{')?;
+        writer.write_str(&members)?;
+        writer.write_char('}')
     }
 
     fn add_fields(
@@ -77,15 +86,221 @@ impl<'writer> FormatFields<'writer> for AppendJsonFields {
         fields: &Record<'_>,
     ) -> fmt::Result {
         let mut added = String::new();
-        JsonFields::new().format_fields(Writer::new(&mut added), fields)?;
-        match (current.fields.strip_suffix('}'), added.strip_prefix('{')) {
-            (Some(head), Some(tail)) if head.len() > 1 && tail.len() > 1 => {
-                current.fields = format!("{head},{tail}");
-            }
-            (_, Some(tail)) if tail.len() > 1 => current.fields = added,
-            _ => {}
+        fields.record(&mut JsonMembers::new(&mut added, false));
+        if added.is_empty() {
+            return Ok(());
         }
+        let so_far = &mut current.fields;
+        if so_far.len() > 2 && so_far.ends_with('}') {
+            so_far.pop();
+            so_far.push(',');
+        } else {
+            so_far.clear();
+            so_far.push('{');
+        }
+        so_far.push_str(&added);
+        so_far.push('}');
         Ok(())
+    }
+}
+
+/// One JSON object per line: timestamp, level, the event's fields, target, and the
+/// current span's fields as `span`. The span's fields are already JSON
+/// ([`AppendJsonFields`]) and are copied in as they are.
+pub struct JsonLine;
+
+impl<S, N> FormatEvent<S, N> for JsonLine
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        use std::fmt::Write as _;
+        let meta = event.metadata();
+        let mut line = String::with_capacity(512);
+        line.push_str("{\"timestamp\":\"");
+        write!(
+            line,
+            "{}",
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        )?;
+        line.push_str("\",\"level\":\"");
+        line.push_str(meta.level().as_str());
+        line.push('"');
+        event.record(&mut JsonMembers::new(&mut line, true));
+        line.push_str(",\"target\":");
+        json_string(&mut line, meta.target());
+        if let Some(span) = ctx.lookup_current() {
+            line.push_str(",\"span\":{");
+            let extensions = span.extensions();
+            let fields = extensions
+                .get::<FormattedFields<N>>()
+                .and_then(|f| f.fields.strip_prefix('{')?.strip_suffix('}'))
+                .filter(|f| !f.is_empty());
+            if let Some(fields) = fields {
+                line.push_str(fields);
+                line.push(',');
+            }
+            line.push_str("\"name\":");
+            json_string(&mut line, span.name());
+            line.push('}');
+        }
+        line.push_str("}\n");
+        writer.write_str(&line)
+    }
+}
+
+/// Writes each visited field as a JSON member (`"name":value`), separated by commas.
+struct JsonMembers<'a> {
+    out: &'a mut String,
+    /// Put a comma before the next member.
+    comma: bool,
+}
+
+impl<'a> JsonMembers<'a> {
+    fn new(out: &'a mut String, comma: bool) -> Self {
+        Self { out, comma }
+    }
+
+    fn name(&mut self, field: &Field) {
+        if self.comma {
+            self.out.push(',');
+        }
+        self.comma = true;
+        json_string(self.out, field.name());
+        self.out.push(':');
+    }
+
+    fn raw(&mut self, field: &Field, value: impl fmt::Display) {
+        use std::fmt::Write as _;
+        self.name(field);
+        let _ = write!(self.out, "{value}");
+    }
+}
+
+impl Visit for JsonMembers<'_> {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        use std::fmt::Write as _;
+        self.name(field);
+        self.out.push('"');
+        let _ = write!(JsonEscaped(self.out), "{value:?}");
+        self.out.push('"');
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.name(field);
+        json_string(self.out, value);
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.raw(field, value);
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.raw(field, value);
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.raw(field, value);
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.raw(field, value);
+        } else {
+            self.record_str(field, &value.to_string());
+        }
+    }
+}
+
+/// A JSON string literal of `s`.
+fn json_string(out: &mut String, s: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    let _ = JsonEscaped(out).write_str(s);
+    out.push('"');
+}
+
+/// Escapes what it is given for the inside of a JSON string.
+struct JsonEscaped<'a>(&'a mut String);
+
+impl fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        // Copy runs that need no escaping in one go: most text has none.
+        let mut clean = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.push_str(&s[clean..i]);
+            if escaped.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.push_str(escaped);
+            }
+            clean = i + 1;
+        }
+        self.0.push_str(&s[clean..]);
+        Ok(())
+    }
+}
+
+/// Log lines that may wait for the output; past that, lines are dropped and counted
+/// rather than slowing down callbacks (Sinch waits for our answers, not for our logs).
+const LOG_BUFFER_LINES: usize = 128 * 1024;
+
+static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
+    std::sync::OnceLock::new();
+
+/// Standard output through a background thread, so HTTP workers never wait on a slow
+/// terminal or log pipe. Keep the guard until the process ends: dropping it writes what
+/// is still buffered.
+pub fn background_stdout() -> (
+    tracing_appender::non_blocking::NonBlocking,
+    tracing_appender::non_blocking::WorkerGuard,
+) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .thread_name("verigate-log")
+        .finish(std::io::stdout());
+    let _ = DROPPED.set(writer.error_counter());
+    (writer, guard)
+}
+
+/// Log lines dropped so far because the output could not keep up.
+pub fn log_lines_dropped() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+/// Says so in the log, every `every`, when lines were dropped since the last look: a
+/// count in /metrics alone is easy to miss.
+pub async fn report_dropped_lines(every: std::time::Duration) {
+    let mut reported = log_lines_dropped();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = log_lines_dropped();
+        if now > reported {
+            tracing::warn!(
+                dropped = now - reported,
+                total = now,
+                "log lines were dropped: the log output is slower than verigate (see verigate_log_lines_dropped_total)"
+            );
+            reported = now;
+        }
     }
 }
 
@@ -100,8 +315,9 @@ pub fn init(subscriber: Box<dyn Subscriber + Send + Sync>) -> anyhow::Result<()>
 pub struct CallbackRootSpan;
 
 impl RootSpanBuilder for CallbackRootSpan {
-    /// The fields tracing-actix-web's `root_span!` records, except that `http.target` is
-    /// the path only: query strings (`?number=…`) carry personal data.
+    /// Most of the fields tracing-actix-web's `root_span!` records (not its OpenTelemetry
+    /// ones: verigate exports none), except that `http.target` is the path only: query
+    /// strings (`?number=…`) carry personal data.
     fn on_request_start(request: &ServiceRequest) -> Span {
         let route = request
             .match_pattern()
@@ -112,23 +328,13 @@ impl RootSpanBuilder for CallbackRootSpan {
             .get::<tracing_actix_web::RequestId>()
             .map(ToString::to_string)
             .unwrap_or_default();
-        let user_agent = request
-            .headers()
-            .get("user-agent")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
         tracing::info_span!(
             "HTTP request",
-            http.method = %method,
-            http.route = %route,
-            http.target = %request.path(),
-            http.user_agent = %user_agent,
-            http.client_ip = %request.connection_info().realip_remote_addr().unwrap_or(""),
+            http.method = method,
+            http.route = &*route,
+            http.target = request.path(),
+            http.client_ip = request.connection_info().realip_remote_addr().unwrap_or(""),
             http.status_code = tracing::field::Empty,
-            otel.name = %format!("{method} {route}"),
-            otel.kind = "server",
-            otel.status_code = tracing::field::Empty,
             request_id = %request_id,
             exception.message = tracing::field::Empty,
             exception.details = tracing::field::Empty,
@@ -248,6 +454,45 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn awkward_values_are_escaped_into_valid_json() {
+        let sink = Captured::default();
+        let writer = sink.clone();
+        let subscriber = subscriber("info", LogFormat::Json, false, move || writer.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!("req", path = "a\"b\\c\nd\u{1}");
+            span.in_scope(|| {
+                tracing::info!(
+                    nan = f64::NAN,
+                    neg = -3,
+                    big = u64::MAX,
+                    yes = true,
+                    text = %"tab\there",
+                    "message with \"quotes\" and \u{7f}"
+                )
+            });
+            tracing::warn!("outside any span");
+        });
+        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        assert_eq!(lines[0]["span"]["path"], "a\"b\\c\nd\u{1}");
+        assert_eq!(lines[0]["span"]["name"], "req");
+        assert_eq!(lines[0]["nan"], "NaN");
+        assert_eq!(lines[0]["neg"], -3);
+        assert_eq!(lines[0]["big"], u64::MAX);
+        assert_eq!(lines[0]["yes"], true);
+        assert_eq!(lines[0]["text"], "tab\there");
+        assert_eq!(lines[0]["message"], "message with \"quotes\" and \u{7f}");
+        assert_eq!(lines[0]["level"], "INFO");
+        assert_eq!(lines[0]["target"], module_path!());
+        assert!(lines[0]["timestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(lines[1].get("span").is_none());
+        assert_eq!(lines[1]["level"], "WARN");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 use super::*;
 use crate::{
+    decision::DecisionRecord,
     events::{Action, Price},
-    store::{DecisionRecord, RequestPart, ResultPart},
+    store::{RequestPart, ResultPart, StatsBuilder},
 };
 use chrono::TimeZone;
 
@@ -103,12 +104,9 @@ fn data_set() -> Vec<VerificationRecord> {
     ]
 }
 
-/// Stats read records as the store keeps them: JSON bytes.
 fn add_all(stats: &mut StatsBuilder) {
     for record in data_set() {
-        stats
-            .add_stored(&serde_json::to_vec(&record).unwrap())
-            .unwrap();
+        stats.add(&record.stats_row());
     }
 }
 
@@ -192,10 +190,9 @@ fn filters_keep_exactly_the_matching_records() {
     let run = |pairs: &[(&str, &str)]| -> Vec<String> {
         let values = params(pairs);
         let p = Params::new(&values, LIST_PARAMS).unwrap();
-        let f = VerificationFilter::from_params(&p).unwrap();
-        let stored = f.number.clone();
+        let f = filter_from_params(&p).unwrap();
         data.iter()
-            .filter(|r| f.matches(r, stored.as_deref()))
+            .filter(|r| f.matches(r))
             .map(|r| r.id.clone())
             .collect()
     };
@@ -245,11 +242,7 @@ fn bad_parameters_name_themselves() {
     for (pairs, name) in cases {
         let values = params(pairs);
         let err = Params::new(&values, LIST_PARAMS)
-            .and_then(|p| {
-                VerificationFilter::from_params(&p)
-                    .and(p.range())
-                    .and(p.limit())
-            })
+            .and_then(|p| filter_from_params(&p).and(p.range()).and(p.limit()))
             .unwrap_err();
         assert!(err.to_string().contains(name), "{pairs:?}: {err}");
     }

@@ -7,9 +7,14 @@
 
 use std::{
     collections::HashMap,
-    hash::{Hash, Hasher},
+    hash::{BuildHasher, Hash},
     sync::Mutex,
 };
+
+/// A fast hash for keys that are ours (rule names, numbers, prefixes): SipHash's
+/// protection against chosen collisions costs more than it is worth here, and the
+/// seed is random per process.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 const SHARDS: usize = 64;
 const BUCKETS: usize = 10;
@@ -35,7 +40,7 @@ enum Window {
     /// Distinct numbers and when each was last seen.
     Distinct {
         window_ms: i64,
-        seen: HashMap<String, i64>,
+        seen: FastMap<String, i64>,
     },
 }
 
@@ -99,22 +104,25 @@ impl Window {
 }
 
 pub struct Counters {
-    shards: Vec<Mutex<HashMap<CounterKey, Window>>>,
+    shards: Vec<Mutex<FastMap<CounterKey, Window>>>,
+    /// Picks a key's shard (the maps hash with their own seeds).
+    sharding: foldhash::fast::RandomState,
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(FastMap::default()))
+                .collect(),
+            sharding: foldhash::fast::RandomState::default(),
         }
     }
 }
 
 impl Counters {
-    fn shard(&self, key: &CounterKey) -> &Mutex<HashMap<CounterKey, Window>> {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        key.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+    fn shard(&self, key: &CounterKey) -> &Mutex<FastMap<CounterKey, Window>> {
+        &self.shards[(self.sharding.hash_one(key) as usize) % SHARDS]
     }
 
     fn with<R>(
@@ -125,6 +133,11 @@ impl Counters {
         f: impl FnOnce(&mut Window) -> R,
     ) -> R {
         let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        // Look up before inserting: most keys exist, and inserting clones the key.
+        if let Some(window) = shard.get_mut(key) {
+            window.advance(now_ms);
+            return f(window);
+        }
         let window = shard.entry(key.clone()).or_insert_with(fresh);
         window.advance(now_ms);
         f(window)
@@ -145,14 +158,14 @@ impl Counters {
         )
     }
 
-    /// The current total of a count or sum, without adding.
-    pub fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> f64 {
-        self.with(
-            key,
-            || Window::buckets(window_ms, now_ms),
-            now_ms,
-            |w| w.total(),
-        )
+    /// The current total of a count or sum, without adding (nor keeping an empty window
+    /// for a key nothing was added to).
+    pub fn total(&self, key: &CounterKey, _window_ms: i64, now_ms: i64) -> f64 {
+        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
+        shard.get_mut(key).map_or(0.0, |window| {
+            window.advance(now_ms);
+            window.total()
+        })
     }
 
     /// Records `number` as seen; returns how many distinct numbers the window holds.
@@ -161,7 +174,7 @@ impl Counters {
             key,
             || Window::Distinct {
                 window_ms,
-                seen: HashMap::new(),
+                seen: FastMap::default(),
             },
             now_ms,
             |w| {

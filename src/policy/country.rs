@@ -1,37 +1,48 @@
-//! E.164 number → ISO 3166 territory, by longest-prefix lookup in a table built once from
-//! libphonenumber's metadata (the `phonenumber` crate).
+//! E.164 number → ISO 3166 territory, by longest-prefix lookup in a table generated from
+//! libphonenumber's metadata (the `phonenumber` crate) and committed as
+//! `country_table.txt`, so that no start and no policy reload pays for building it (about
+//! three seconds of CPU and a hundred megabytes of the crate's compiled patterns).
 //!
-//! A calling code used by one territory maps straight to it. A shared one (+1, +7, +44,
-//! +47, +358, …) is refined digit by digit: for each prefix, numbers completed at random
-//! to each possible length are classified by the crate; a prefix where they all agree
-//! becomes a table entry, one where they disagree is split into its ten children. A full
-//! parse costs 5–15 µs per number; the lookup costs tens of nanoseconds.
+//! How the table is made: a calling code used by one territory maps straight to it. A
+//! shared one (+1, +7, +44, +47, +358, …) is refined digit by digit: for each prefix,
+//! numbers completed at random to each possible length are classified by the crate; a
+//! prefix where they all agree becomes a table entry, one where they disagree is split into
+//! its ten children. A test regenerates the table from the crate and fails if the
+//! committed one differs (`VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table`
+//! rewrites it after a crate upgrade).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::OnceLock,
-};
+#[cfg(test)]
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 
 use super::trie::DigitTrie;
 
+const TABLE: &str = include_str!("country_table.txt");
+
 /// Deepest refinement below a calling code (GG/JE/IM ranges under +44 need five digits).
+#[cfg(test)]
 const MAX_DEPTH: usize = 6;
 /// Shared codes are always split this deep (NANP territories differ by area code).
+#[cfg(test)]
 const MIN_DEPTH: usize = 3;
 /// Valid samples needed to trust that a prefix belongs to one territory.
+#[cfg(test)]
 const MIN_AGREEING: usize = 4;
 /// Random completions classified per prefix and possible number length.
+#[cfg(test)]
 const SAMPLES_PER_LENGTH: usize = 8;
 
 pub struct CountryTable {
     trie: DigitTrie<&'static str>,
+    /// Every calling code, geographic or not (they are prefix-free).
+    codes: DigitTrie<()>,
 }
 
 impl CountryTable {
-    /// The table, built on first use (about a second) and shared by every policy.
+    /// The table, read on first use (about a millisecond) and shared by everything.
     pub fn get() -> &'static CountryTable {
-        static TABLE: OnceLock<CountryTable> = OnceLock::new();
-        TABLE.get_or_init(CountryTable::build)
+        static TABLE_IN_MEMORY: OnceLock<CountryTable> = OnceLock::new();
+        TABLE_IN_MEMORY.get_or_init(|| CountryTable::parse(TABLE))
     }
 
     /// The territory of an E.164 number, or `None` (non-geographic codes, and ranges of a
@@ -40,70 +51,112 @@ impl CountryTable {
         self.trie.longest_match(number).map(|(_, c)| *c)
     }
 
+    /// How many digits of `number` (after `+`) are its calling code.
+    pub fn calling_code_len(&self, number: &str) -> Option<usize> {
+        self.codes.longest_match(number).map(|(len, _)| len)
+    }
+
     pub fn entries(&self) -> usize {
         self.trie.len()
     }
 
-    fn build() -> Self {
-        let mut regions: BTreeMap<u16, BTreeSet<&'static str>> = BTreeMap::new();
-        let mut lengths: BTreeMap<u16, BTreeSet<usize>> = BTreeMap::new();
-        let mut hints: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-        let mut mains: BTreeMap<u16, &'static str> = BTreeMap::new();
-        for meta in phonenumber::metadata::DATABASE.iter() {
-            let id: &'static str = leak_id(meta.id());
-            if id == "001" {
-                continue; // non-geographic: no territory
-            }
-            regions.entry(meta.country_code()).or_default().insert(id);
-            let d = meta.descriptors();
-            let l = lengths.entry(meta.country_code()).or_default();
-            for descriptor in [Some(d.general()), d.fixed_line(), d.mobile()]
-                .into_iter()
-                .flatten()
-            {
-                l.extend(descriptor.possible_length().iter().map(|&n| usize::from(n)));
-            }
-            // Where a smaller territory's numbers start, as its own patterns say: random
-            // samples alone would miss narrow ranges such as +44 7911 1 (Guernsey).
-            if meta.is_main_country_for_code() {
-                mains.insert(meta.country_code(), id);
-            } else {
-                let h = hints.entry(meta.country_code()).or_default();
-                for descriptor in [d.fixed_line(), d.mobile()].into_iter().flatten() {
-                    h.extend(literal_prefixes(descriptor.national_number().as_str()));
-                }
-            }
-        }
+    /// Reads the committed table: `code <digits>` lines, then `<prefix> <territory>` lines.
+    fn parse(text: &'static str) -> Self {
         let mut trie = DigitTrie::default();
-        for (code, ids) in &regions {
-            let code_digits = code.to_string();
-            if ids.len() == 1 {
-                if let Some(id) = ids.first() {
-                    trie.insert(&code_digits, *id);
-                }
-                continue;
+        let mut codes = DigitTrie::default();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            match line.split_once(' ') {
+                Some(("code", digits)) => codes.insert(digits, ()),
+                Some((prefix, territory)) => trie.insert(prefix, territory),
+                None => {}
             }
-            // Subscriber numbers only (8+ national digits): short codes are not verified.
-            let mut lens: Vec<usize> = lengths[code].iter().copied().filter(|l| *l >= 8).collect();
-            if lens.is_empty() {
-                lens = (8..=11).collect();
-            }
-            let code_hints = hints.get(code).map(Vec::as_slice).unwrap_or_default();
-            refine(
-                &mut trie,
-                &code_digits,
-                "",
-                &lens,
-                code_hints,
-                mains.get(code).copied(),
-            );
         }
-        Self { trie }
+        Self { trie, codes }
     }
+}
+
+/// Builds the table from the crate, in the committed file's format.
+#[cfg(test)]
+fn generate() -> String {
+    let mut regions: BTreeMap<u16, BTreeSet<&'static str>> = BTreeMap::new();
+    let mut lengths: BTreeMap<u16, BTreeSet<usize>> = BTreeMap::new();
+    let mut hints: BTreeMap<u16, Vec<String>> = BTreeMap::new();
+    let mut mains: BTreeMap<u16, &'static str> = BTreeMap::new();
+    // Iterating the database goes by region id, and the non-geographic codes (+800, +882,
+    // …) share the id `001`: ask for every code instead.
+    let all_codes: BTreeSet<String> = (1u16..1000)
+        .filter(|code| phonenumber::metadata::DATABASE.by_code(code).is_some())
+        .map(|code| code.to_string())
+        .collect();
+    for meta in phonenumber::metadata::DATABASE.iter() {
+        let id: &'static str = leak_id(meta.id());
+        if id == "001" {
+            continue; // non-geographic: no territory
+        }
+        regions.entry(meta.country_code()).or_default().insert(id);
+        let d = meta.descriptors();
+        let l = lengths.entry(meta.country_code()).or_default();
+        for descriptor in [Some(d.general()), d.fixed_line(), d.mobile()]
+            .into_iter()
+            .flatten()
+        {
+            l.extend(descriptor.possible_length().iter().map(|&n| usize::from(n)));
+        }
+        // Where a smaller territory's numbers start, as its own patterns say: random
+        // samples alone would miss narrow ranges such as +44 7911 1 (Guernsey).
+        if meta.is_main_country_for_code() {
+            mains.insert(meta.country_code(), id);
+        } else {
+            let h = hints.entry(meta.country_code()).or_default();
+            for descriptor in [d.fixed_line(), d.mobile()].into_iter().flatten() {
+                h.extend(literal_prefixes(descriptor.national_number().as_str()));
+            }
+        }
+    }
+    let mut entries = BTreeMap::new();
+    for (code, ids) in &regions {
+        let code_digits = code.to_string();
+        if ids.len() == 1 {
+            if let Some(id) = ids.first() {
+                entries.insert(code_digits, *id);
+            }
+            continue;
+        }
+        // Subscriber numbers only (8+ national digits): short codes are not verified.
+        let mut lens: Vec<usize> = lengths[code].iter().copied().filter(|l| *l >= 8).collect();
+        if lens.is_empty() {
+            lens = (8..=11).collect();
+        }
+        let code_hints = hints.get(code).map(Vec::as_slice).unwrap_or_default();
+        refine(
+            &mut entries,
+            &code_digits,
+            "",
+            &lens,
+            code_hints,
+            mains.get(code).copied(),
+        );
+    }
+    let mut out = String::from(
+        "# E.164 prefix -> ISO 3166 territory, generated from the phonenumber crate's metadata\n\
+         # by src/policy/country.rs (`VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table`).\n\
+         # Do not edit by hand.\n",
+    );
+    for code in &all_codes {
+        out.push_str(&format!("code {code}\n"));
+    }
+    for (prefix, id) in entries {
+        out.push_str(&format!("{prefix} {id}\n"));
+    }
+    out
 }
 
 /// Region ids come from the crate's static database; interning them keeps the table
 /// `&'static str` without tying it to the crate's lifetimes.
+#[cfg(test)]
 fn leak_id(id: &str) -> &'static str {
     static IDS: OnceLock<std::sync::Mutex<BTreeSet<&'static str>>> = OnceLock::new();
     let ids = IDS.get_or_init(Default::default);
@@ -118,6 +171,7 @@ fn leak_id(id: &str) -> &'static str {
 
 /// Literal digit prefixes every match of a national-number pattern starts with (at most
 /// `MAX_DEPTH` digits), e.g. `7781`, `7839`, `79111`, `79117` for Guernsey's mobiles.
+#[cfg(test)]
 fn literal_prefixes(pattern: &str) -> Vec<String> {
     use regex_syntax::hir::literal::{ExtractKind, Extractor};
     // Metadata patterns keep the XML's line breaks and indentation.
@@ -135,8 +189,9 @@ fn literal_prefixes(pattern: &str) -> Vec<String> {
         .collect()
 }
 
+#[cfg(test)]
 fn refine(
-    trie: &mut DigitTrie<&'static str>,
+    entries: &mut BTreeMap<String, &'static str>,
     code: &str,
     node: &str,
     lengths: &[usize],
@@ -153,28 +208,29 @@ fn refine(
         // No valid sample here: the code's main territory, as libphonenumber defaults.
         0 if deep_enough => {
             if let Some(main) = main {
-                trie.insert(&format!("{code}{node}"), main);
+                entries.insert(format!("{code}{node}"), main);
             }
         }
         1 if deep_enough && (valid >= MIN_AGREEING || node.len() > MIN_DEPTH) => {
             if let Some((id, _)) = found.iter().next() {
-                trie.insert(&format!("{code}{node}"), *id);
+                entries.insert(format!("{code}{node}"), *id);
             }
         }
         _ if node.len() >= MAX_DEPTH => {
             if let Some((id, _)) = found.iter().max_by_key(|(_, n)| **n) {
-                trie.insert(&format!("{code}{node}"), *id);
+                entries.insert(format!("{code}{node}"), *id);
             }
         }
         _ => {
             for d in 0..10 {
-                refine(trie, code, &format!("{node}{d}"), lengths, hints, main);
+                refine(entries, code, &format!("{node}{d}"), lengths, hints, main);
             }
         }
     }
 }
 
 /// Territories (with counts) of valid numbers starting `+<code><node>`.
+#[cfg(test)]
 fn classify(code: &str, node: &str, lengths: &[usize]) -> BTreeMap<&'static str, usize> {
     let mut rng = Lcg::seeded(code, node);
     let mut found = BTreeMap::new();
@@ -194,9 +250,11 @@ fn classify(code: &str, node: &str, lengths: &[usize]) -> BTreeMap<&'static str,
     found
 }
 
-/// Deterministic pseudo-random digits, so the table is the same on every start.
+/// Deterministic pseudo-random digits, so the table is the same on every generation.
+#[cfg(test)]
 struct Lcg(u64);
 
+#[cfg(test)]
 impl Lcg {
     fn seeded(code: &str, node: &str) -> Self {
         let seed = format!("{code}/{node}")
@@ -219,6 +277,32 @@ impl Lcg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_committed_country_table_is_what_the_crate_gives() {
+        let generated = generate();
+        if std::env::var_os("VERIGATE_WRITE_COUNTRY_TABLE").is_some() {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/policy/country_table.txt");
+            std::fs::write(path, &generated).unwrap();
+            return;
+        }
+        assert!(
+            generated == TABLE,
+            "src/policy/country_table.txt is stale (the phonenumber crate changed?): \
+             rewrite it with `VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table` and \
+             review the diff"
+        );
+    }
+
+    #[test]
+    fn calling_codes_are_known_geographic_or_not() {
+        let table = CountryTable::get();
+        assert_eq!(table.calling_code_len("+46700000001"), Some(2));
+        assert_eq!(table.calling_code_len("+14155552671"), Some(1));
+        assert_eq!(table.calling_code_len("+8825551234"), Some(3));
+        assert_eq!(table.calling_code_len("+2250701234567"), Some(3));
+        assert_eq!(table.calling_code_len("+999123"), None);
+    }
 
     #[test]
     fn shared_codes_resolve_like_libphonenumber() {

@@ -18,63 +18,15 @@ pub mod tools;
 pub mod trie;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 
 pub use compiled::normalise_number;
 pub use file::PolicyLoadError;
 pub use rules::RulesPolicy;
 
-use crate::events::{Action, ResponseFields, VerificationRequestEvent};
-
-/// The outcome for one request event, with enough context to explain it later.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PolicyDecision {
-    pub action: Action,
-    /// The rule that decided; `None` when the policy default applied.
-    pub rule: Option<String>,
-    /// Why, in words an operator reads in a log line or record.
-    pub reason: String,
-    /// Answer fields for the request's method (empty for a deny).
-    #[serde(default)]
-    pub response: ResponseFields,
-    #[serde(default)]
-    pub explanation: Explanation,
-}
-
-/// Everything that went into a decision; stored with the record and logged.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Explanation {
-    /// Shadow rules that matched: what they would have done.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub shadow: Vec<ShadowMatch>,
-    /// The number's territory (`unknown` when none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub country: Option<String>,
-    /// The prefix that matched, for a prefix rule.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub matched_prefix: Option<String>,
-    /// Counter readings of the rules evaluated.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub counters: Vec<CounterReading>,
-    /// A quarantine that decided this request, let it through as a probe, or started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub quarantine: Option<QuarantineNote>,
-    #[serde(default)]
-    pub policy_version: String,
-    #[serde(default)]
-    pub eval_ns: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QuarantineNote {
-    pub rule: String,
-    pub key: String,
-    /// `None`: pinned.
-    pub until: Option<DateTime<Utc>>,
-    /// `blocked` (already in quarantine), `tripped` (this request started it) or `probe`
-    /// (in quarantine, let through so recovery can be seen).
-    pub state: String,
-}
+pub use crate::decision::{
+    CounterReading, Explanation, PolicyDecision, QuarantineNote, ShadowMatch,
+};
+use crate::events::{Action, VerificationRequestEvent};
 
 /// A verification from the store, as adaptive rules relearn from it at start.
 #[derive(Debug, Clone)]
@@ -86,22 +38,6 @@ pub struct PastVerification {
     pub allowed_at: Option<DateTime<Utc>>,
     /// Final status, reason, and when it arrived.
     pub result: Option<(String, Option<String>, DateTime<Utc>)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShadowMatch {
-    pub rule: String,
-    pub would: Action,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CounterReading {
-    pub rule: String,
-    /// `rate_limit`, `distinct_numbers` or `spend`.
-    pub condition: String,
-    pub key: String,
-    pub value: f64,
-    pub max: f64,
 }
 
 /// A decision that could not be made; the caller answers `on_error` instead.
@@ -134,6 +70,14 @@ pub trait Policy: Send + Sync + 'static {
 
     /// What to answer when `decide` fails or the decision cannot be recorded.
     fn on_error(&self) -> Action;
+
+    /// True for a policy that decides in microseconds without blocking (no I/O, no
+    /// waiting on locks held for long): verigate then calls `decide` on the HTTP worker
+    /// itself. Otherwise (the default) `decide` runs on the blocking pool, so a slow policy
+    /// cannot hold up other callbacks past the decision deadline.
+    fn bounded(&self) -> bool {
+        false
+    }
 
     /// Identifies the policy content in records and logs (e.g. a content hash).
     fn version(&self) -> String;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use super::{tools::past_verification, PastVerification, Policy};
 use crate::{
     clock::Clock,
-    store::{Cursor, Store, StoreError, StoreSlot},
+    store::{Cursor, Store, StoreError, StoreSlot, VerificationQuery},
 };
 
 /// The store key of the policy's saved state.
@@ -18,9 +18,9 @@ const PAGE: usize = 1_000;
 
 /// Restores the policy's state from a store that has just opened, before it is used
 /// (so no decision is made without what was learned before the restart).
-pub fn restore_on_open(store: &Store, policy: &dyn Policy, now: DateTime<Utc>) {
+pub async fn restore_on_open(store: &Store, policy: &dyn Policy, now: DateTime<Utc>) {
     let started = std::time::Instant::now();
-    match restore(store, policy, now) {
+    match restore(store, policy, now).await {
         Ok(relearned) => tracing::info!(
             relearned,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -52,12 +52,12 @@ pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
 
 /// Puts back the saved state and replays the verifications adaptive rules need; returns
 /// how many were replayed.
-pub fn restore(
+pub async fn restore(
     store: &Store,
     policy: &dyn Policy,
     now: DateTime<Utc>,
 ) -> Result<usize, StoreError> {
-    let saved = match store.load_state(STATE)? {
+    let saved = match store.load_state(STATE).await? {
         Some(bytes) => match serde_json::from_slice(&bytes) {
             Ok(state) => Some(state),
             Err(err) => {
@@ -69,7 +69,7 @@ pub fn restore(
     };
     // Up to a second ahead: the current millisecond's records belong in too.
     let history = match policy.lookback() {
-        Some(back) => history(store, now - back, now + chrono::Duration::seconds(1))?,
+        Some(back) => history(store, now - back, now + chrono::Duration::seconds(1)).await?,
         None => Vec::new(),
     };
     let relearned = history.len();
@@ -77,7 +77,7 @@ pub fn restore(
     Ok(relearned)
 }
 
-fn history(
+async fn history(
     store: &Store,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
@@ -85,8 +85,9 @@ fn history(
     let mut out = Vec::new();
     let mut cursor: Option<Cursor> = None;
     loop {
-        let page =
-            store.records_between(since, until, cursor.as_ref(), PAGE, usize::MAX, |_| true)?;
+        let page = store
+            .verifications(VerificationQuery::between(since, until, PAGE).after(cursor.take()))
+            .await?;
         out.extend(page.items.iter().map(past_verification));
         match page.next {
             Some(next) => cursor = Some(next),

@@ -385,6 +385,11 @@ impl Policy for RulesPolicy {
         self.current.load().on_error
     }
 
+    /// Rules are evaluated in memory, in microseconds (`cargo bench --bench policy`).
+    fn bounded(&self) -> bool {
+        true
+    }
+
     fn version(&self) -> String {
         self.current.load().version.clone()
     }

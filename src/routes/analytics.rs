@@ -1,6 +1,6 @@
 //! The read path for analytics jobs: list, export, stats and the raw event log.
-//! Parameter parsing and aggregation live in `crate::analytics`; handlers only wire them
-//! to the store. Store reads run on the blocking pool.
+//! Parameters become store queries in `crate::analytics`; the store decides how to answer
+//! them (which index, which scan). Handlers only wire the two together.
 
 use std::collections::HashMap;
 
@@ -10,14 +10,17 @@ use chrono::{DateTime, Utc};
 use super::{ApiCaller, CallbackState};
 use crate::{
     analytics::{
-        csv_row, GroupBy, ParamError, Params, StatsBuilder, VerificationFilter, CSV_COLUMNS,
+        csv_row, filter_from_params, group_by_from_params, ParamError, Params, CSV_COLUMNS,
         LIST_PARAMS,
     },
     error::{ApiError, ErrorCode},
-    store::{Cursor, Page, Store, StoreError, VerificationRecord},
+    store::{
+        Cursor, EventQuery, Page, StatsQuery, Store, StoreError, VerificationQuery,
+        VerificationRecord,
+    },
 };
 
-/// Records read per export chunk (and per stats step): bounds memory per request.
+/// Records read per export chunk: bounds memory per request.
 const CHUNK: usize = 500;
 /// Records a list request may read looking for matches before it returns a short page.
 const SCAN_BUDGET: usize = 20_000;
@@ -30,43 +33,27 @@ impl From<ParamError> for ApiError {
     }
 }
 
-fn store_error(err: StoreError) -> ApiError {
-    match err {
-        StoreError::BadCursor => ApiError::new(
-            ErrorCode::BadRequest,
-            "query parameter `cursor`: not a cursor this service issued",
-        ),
-        other => {
-            tracing::error!(error.message = %other, "store read failed");
-            ApiError::new(ErrorCode::StoreUnavailable, "the store could not be read")
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::BadCursor => ApiError::new(
+                ErrorCode::BadRequest,
+                "query parameter `cursor`: not a cursor this service issued",
+            ),
+            StoreError::Unavailable(why) => ApiError::new(
+                ErrorCode::StoreUnavailable,
+                format!("the store is not available: {why}"),
+            ),
+            other => {
+                tracing::error!(error.message = %other, "store read failed");
+                ApiError::new(ErrorCode::StoreUnavailable, "the store could not be read")
+            }
         }
     }
 }
 
-fn open_store(state: &CallbackState) -> Result<Store, ApiError> {
-    state
-        .store
-        .get()
-        .cloned()
-        .ok_or_else(|| ApiError::new(ErrorCode::StoreUnavailable, "the store is not open yet"))
-}
-
-/// Runs a store read on the blocking pool.
-async fn read<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, ApiError> {
-    web::block(f)
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(store_error)
-}
-
 fn cursor(params: &Params<'_>) -> Result<Option<Cursor>, ApiError> {
-    params
-        .text("cursor")?
-        .map(Cursor::decode)
-        .transpose()
-        .map_err(store_error)
+    Ok(params.text("cursor")?.map(Cursor::decode).transpose()?)
 }
 
 fn page_json<T: serde::Serialize>(page: Page<T>) -> HttpResponse {
@@ -84,34 +71,17 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let values = query.into_inner();
     let params = Params::new(&values, LIST_PARAMS)?;
-    let filter = VerificationFilter::from_params(&params)?;
+    let filter = filter_from_params(&params)?;
     let (since, until) = params.range()?;
-    let limit = params.limit()?;
-    let after = cursor(&params)?;
-    let store = open_store(&state)?;
-    let page = read(move || {
-        let stored_number = filter
-            .number
-            .as_deref()
-            .map(|n| store.numbers().protect(n).into_owned());
-        let keep = |r: &VerificationRecord| {
-            filter.matches(r, stored_number.as_deref())
-                && r.first_seen >= since
-                && r.first_seen < until
-        };
-        // Number and reference come from their indexes; everything else bounds a scan of
-        // the time index.
-        let indexed = match (&stored_number, &filter.reference) {
-            (Some(number), _) => Some(store.ids_by_number(number)?),
-            (None, Some(reference)) => Some(store.ids_by_reference(reference)?),
-            (None, None) => None,
-        };
-        match indexed {
-            Some(ids) => store.records_by_ids(&ids, after.as_ref(), limit, keep),
-            None => store.records_between(since, until, after.as_ref(), limit, SCAN_BUDGET, keep),
-        }
-    })
-    .await?;
+    let query = VerificationQuery {
+        since,
+        until,
+        filter,
+        after: cursor(&params)?,
+        limit: params.limit()?,
+        scan_budget: SCAN_BUDGET,
+    };
+    let page = state.store.ready()?.verifications(query).await?;
     tracing::debug!(
         items = page.items.len(),
         more = page.next.is_some(),
@@ -143,31 +113,34 @@ impl ExportFormat {
         }
     }
 
+    pub fn encode(self, records: &[VerificationRecord]) -> Vec<u8> {
+        match self {
+            ExportFormat::Ndjson => {
+                let mut out = Vec::with_capacity(records.len() * 768);
+                for record in records {
+                    // Serialising a record into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut out, record);
+                    out.push(b'\n');
+                }
+                out
+            }
+            ExportFormat::Csv => encode_csv(records.iter().map(csv_row)),
+        }
+    }
+
     /// Reads the next chunk of `[since, until)` after `after` and encodes it.
-    pub fn chunk(
+    pub async fn chunk(
         self,
         store: &Store,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
-        after: Option<&Cursor>,
+        after: Option<Cursor>,
         size: usize,
     ) -> Result<(Vec<u8>, Option<Cursor>), StoreError> {
-        match self {
-            // Records are stored as the very JSON an NDJSON line holds: copy the bytes.
-            ExportFormat::Ndjson => {
-                let page = store.record_bytes_between(since, until, after, size)?;
-                let mut out = Vec::with_capacity(page.items.iter().map(|r| r.len() + 1).sum());
-                for record in &page.items {
-                    out.extend_from_slice(record);
-                    out.push(b'\n');
-                }
-                Ok((out, page.next))
-            }
-            ExportFormat::Csv => {
-                let page = store.records_between(since, until, after, size, size, |_| true)?;
-                Ok((encode_csv(page.items.iter().map(csv_row)), page.next))
-            }
-        }
+        let page = store
+            .verifications(VerificationQuery::between(since, until, size).after(after))
+            .await?;
+        Ok((self.encode(&page.items), page.next))
     }
 }
 
@@ -206,11 +179,9 @@ pub fn export_stream(
         if state.done {
             return None;
         }
-        let (store, after) = (state.store.clone(), state.after.clone());
-        let read =
-            web::block(move || format.chunk(&store, since, until, after.as_ref(), CHUNK)).await;
-        let read = read
-            .unwrap_or_else(|e| Err(StoreError::Flush(crate::store::FlushError(e.to_string()))));
+        let read = format
+            .chunk(&state.store, since, until, state.after.take(), CHUNK)
+            .await;
         let (encoded, next) = match read {
             Ok(chunk) => chunk,
             Err(err) => {
@@ -247,7 +218,7 @@ pub async fn export(
         "csv" => ExportFormat::Csv,
         _ => ExportFormat::Ndjson,
     };
-    let store = open_store(&state)?;
+    let store = state.store.ready()?.clone();
     let stream = export_stream(store, since, until, format);
     Ok(HttpResponse::Ok()
         .content_type(format.content_type())
@@ -259,27 +230,6 @@ pub async fn export(
         })))
 }
 
-/// Aggregates every record in `[since, until)`.
-pub fn compute_stats(
-    store: &Store,
-    since: DateTime<Utc>,
-    until: DateTime<Utc>,
-    group_by: Vec<GroupBy>,
-) -> Result<Vec<crate::analytics::GroupStats>, StoreError> {
-    let mut stats = StatsBuilder::new(group_by);
-    let mut after = None;
-    loop {
-        let page = store.record_bytes_between(since, until, after.as_ref(), CHUNK)?;
-        for stored in &page.items {
-            stats.add_stored(stored)?;
-        }
-        match page.next {
-            Some(next) => after = Some(next),
-            None => return Ok(stats.finish()),
-        }
-    }
-}
-
 /// `GET /v1/stats`: counts, conversion and spend per group.
 pub async fn stats(
     _: ApiCaller,
@@ -289,9 +239,16 @@ pub async fn stats(
     let values = query.into_inner();
     let params = Params::new(&values, &["since", "until", "group_by"])?;
     let (since, until) = params.range()?;
-    let group_by = GroupBy::parse_list(&params)?;
-    let store = open_store(&state)?;
-    let groups = read(move || compute_stats(&store, since, until, group_by)).await?;
+    let group_by = group_by_from_params(&params)?;
+    let groups = state
+        .store
+        .ready()?
+        .stats(StatsQuery {
+            since,
+            until,
+            group_by,
+        })
+        .await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "since": since,
         "until": until,
@@ -308,9 +265,12 @@ pub async fn events(
     let values = query.into_inner();
     let params = Params::new(&values, &["since", "until", "limit", "cursor"])?;
     let (since, until) = params.range()?;
-    let limit = params.limit()?;
-    let after = cursor(&params)?;
-    let store = open_store(&state)?;
-    let page = read(move || store.events_between(since, until, after.as_ref(), limit)).await?;
+    let query = EventQuery {
+        since,
+        until,
+        after: cursor(&params)?,
+        limit: params.limit()?,
+    };
+    let page = state.store.ready()?.events(query).await?;
     Ok(page_json(page))
 }

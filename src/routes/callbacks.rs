@@ -7,6 +7,7 @@
 //! fails, or the policy misses the deadline, the policy's `on_error`.
 
 use std::{
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -22,15 +23,16 @@ use tracing_actix_web::RootSpan;
 
 use crate::{
     clock::Clock,
+    decision::{DecisionRecord, PolicyDecision},
     error::{ApiError, ErrorCode},
     events::{
         Action, CallbackResponse, VerificationEvent, VerificationRequestEvent,
         VerificationResultEvent,
     },
     metrics::{outcome, Metrics},
-    policy::{Outcome, Policy, PolicyDecision},
+    policy::{Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
-    store::{DecisionRecord, IncomingEvent, RecordOutcome, Store, StoreSlot},
+    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreError, StoreSlot},
     telemetry::{redact_numbers, MaskedNumber},
 };
 
@@ -95,28 +97,51 @@ pub async fn receive(
         received_at,
         decision: None,
     };
-    match (&event, state.store.get()) {
-        (VerificationEvent::Request(request), Some(store)) => {
+    let store = match state.store.ready() {
+        Ok(store) => store,
+        Err(err) => return store_unavailable(&state, &span, &event, &err),
+    };
+    match &event {
+        VerificationEvent::Request(request) => {
             answer_request(&state, store, &span, incoming, request).await
         }
-        (_, Some(store)) => acknowledge(&state, store, &span, incoming).await,
-        (VerificationEvent::Request(_), None) => store_failed_answer(
-            &state,
-            &span,
-            Some(event.event_type()),
-            &"the store is not open yet",
-        ),
-        (_, None) => {
-            state
-                .metrics
-                .callback(Some(event.event_type()), outcome::STORE_ERROR);
-            ApiError::new(
-                ErrorCode::StoreUnavailable,
-                "the store is not open yet; retry later",
-            )
-            .error_response_json()
-        }
+        _ => acknowledge(&state, store, &span, incoming).await,
     }
+}
+
+/// The store cannot take the event: a request still gets allow/deny (`on_error`), any
+/// other event a 503 so that Sinch retries it.
+fn store_unavailable(
+    state: &CallbackState,
+    span: &RootSpan,
+    event: &VerificationEvent,
+    err: &StoreError,
+) -> HttpResponse {
+    match event {
+        VerificationEvent::Request(_) => {
+            store_failed_answer(state, span, Some(event.event_type()), err)
+        }
+        _ => not_acknowledged(state, span, event.event_type(), err),
+    }
+}
+
+/// A 503, so that Sinch retries the event later.
+fn not_acknowledged(
+    state: &CallbackState,
+    span: &RootSpan,
+    event_type: &str,
+    err: &StoreError,
+) -> HttpResponse {
+    state
+        .metrics
+        .callback(Some(event_type), outcome::STORE_ERROR);
+    span.record("error_code", ErrorCode::StoreUnavailable.as_str());
+    tracing::error!(error.message = %err, "recording an event failed; not acknowledged");
+    ApiError::new(
+        ErrorCode::StoreUnavailable,
+        format!("the event could not be stored; retry later ({err})"),
+    )
+    .error_response_json()
 }
 
 /// Decides and records a request event; always answers allow or deny.
@@ -128,8 +153,11 @@ async fn answer_request(
     request: &VerificationRequestEvent,
 ) -> HttpResponse {
     let event_type = Some(incoming.event.event_type());
-    match store.first_delivery(incoming).await {
-        Ok(Some(first)) => {
+    // A delivery of the same event already in flight is waited for here, so the policy
+    // decides (and counts) each event once.
+    let claim = match store.admit(incoming).await {
+        Ok(Admission::First(claim)) => claim,
+        Ok(Admission::Duplicate(first)) => {
             state.metrics.callback(event_type, outcome::DUPLICATE);
             tracing::info!("duplicate request event: answered as the first time");
             let answer = first
@@ -137,9 +165,8 @@ async fn answer_request(
                 .unwrap_or_else(|| on_error_answer(state.policy.as_ref()));
             return HttpResponse::Ok().json(answer);
         }
-        Ok(None) => {}
         Err(err) => return store_failed_answer(state, span, event_type, &err),
-    }
+    };
     let (decision, on_error) = decide(state, request).await;
     let answer = CallbackResponse {
         action: decision.action,
@@ -154,10 +181,13 @@ async fn answer_request(
         answer_json.clone(),
     );
     let stored = store
-        .record(IncomingEvent {
-            decision: Some(&record),
-            ..incoming
-        })
+        .record(
+            claim,
+            IncomingEvent {
+                decision: Some(&record),
+                ..incoming
+            },
+        )
         .await;
     match stored {
         Ok(RecordOutcome::Stored { .. }) => {
@@ -208,38 +238,37 @@ fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
 }
 
 /// The policy's decision, or its `on_error` answer when it fails, panics or misses the
-/// decision deadline. The policy runs on the blocking pool so that a slow one (say, one
-/// that calls a scoring service) cannot hold up this worker past the deadline.
+/// decision deadline. A bounded policy decides right here, on the HTTP worker; any other
+/// runs on the blocking pool, so that a slow one (say, one that calls a scoring service)
+/// cannot hold up this worker past the deadline.
 async fn decide(
     state: &CallbackState,
     request: &VerificationRequestEvent,
 ) -> (PolicyDecision, bool) {
-    let policy = Arc::clone(&state.policy);
-    let owned = request.clone();
     let started = Instant::now();
     let now = state.clock.now();
-    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned, now));
-    let failure = match tokio::time::timeout(state.decision_deadline, &mut decision).await {
-        Ok(Ok(Ok(decision))) => return (decision, false),
-        Ok(Ok(Err(err))) => err.to_string(),
-        Ok(Err(join)) => format!("the policy failed: {join}"),
-        Err(_) => {
-            state.metrics.deadline_exceeded();
-            let deadline = state.decision_deadline;
-            tokio::spawn(async move {
-                if let Ok(Ok(late)) = decision.await {
-                    tracing::warn!(
-                        late_decision = late.action.as_str(),
-                        late_rule = late.rule.as_deref().unwrap_or("default"),
-                        elapsed_ms = started.elapsed().as_millis() as u64,
-                        "late policy decision, after on_error was answered"
-                    );
-                }
-            });
-            format!(
-                "the policy did not decide within the {} ms deadline",
-                deadline.as_millis()
-            )
+    let deadline = state.decision_deadline;
+    let failure = if state.policy.bounded() {
+        let decided =
+            std::panic::catch_unwind(AssertUnwindSafe(|| state.policy.decide(request, now)));
+        match decided {
+            Ok(Ok(decision)) if started.elapsed() <= deadline => return (decision, false),
+            Ok(Ok(late)) => {
+                state.metrics.deadline_exceeded();
+                tracing::warn!(
+                    late_decision = late.action.as_str(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "a bounded policy took longer than the decision deadline"
+                );
+                missed_deadline(deadline)
+            }
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => "the policy failed: it panicked".to_owned(),
+        }
+    } else {
+        match decide_on_pool(state, request, now, started).await {
+            Ok(decision) => return (decision, false),
+            Err(failure) => failure,
         }
     };
     tracing::warn!(error.message = %failure, "answering on_error");
@@ -251,6 +280,44 @@ async fn decide(
         explanation: Default::default(),
     };
     (decision, true)
+}
+
+fn missed_deadline(deadline: Duration) -> String {
+    format!(
+        "the policy did not decide within the {} ms deadline",
+        deadline.as_millis()
+    )
+}
+
+/// Runs a policy that may be slow on the blocking pool, under the deadline.
+async fn decide_on_pool(
+    state: &CallbackState,
+    request: &VerificationRequestEvent,
+    now: chrono::DateTime<Utc>,
+    started: Instant,
+) -> Result<PolicyDecision, String> {
+    let policy = Arc::clone(&state.policy);
+    let owned = request.clone();
+    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned, now));
+    match tokio::time::timeout(state.decision_deadline, &mut decision).await {
+        Ok(Ok(Ok(decision))) => Ok(decision),
+        Ok(Ok(Err(err))) => Err(err.to_string()),
+        Ok(Err(join)) => Err(format!("the policy failed: {join}")),
+        Err(_) => {
+            state.metrics.deadline_exceeded();
+            tokio::spawn(async move {
+                if let Ok(Ok(late)) = decision.await {
+                    tracing::warn!(
+                        late_decision = late.action.as_str(),
+                        late_rule = late.rule.as_deref().unwrap_or("default"),
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "late policy decision, after on_error was answered"
+                    );
+                }
+            });
+            Err(missed_deadline(state.decision_deadline))
+        }
+    }
 }
 
 /// Sinch must get an allow/deny even when we cannot record: the `on_error` answer.
@@ -277,11 +344,11 @@ async fn acknowledge(
     incoming: IncomingEvent<'_>,
 ) -> HttpResponse {
     let event_type = incoming.event.event_type();
-    match store.record(incoming).await {
+    match store.record_once(incoming).await {
         Ok(RecordOutcome::Stored { .. }) => {
             state.metrics.callback(Some(event_type), outcome::ACCEPTED);
             if let VerificationEvent::Result(result) = incoming.event {
-                report_outcome(state, store, result, incoming.received_at);
+                report_outcome(state, store, result, incoming.received_at).await;
             }
             if let VerificationEvent::Unknown { .. } = incoming.event {
                 tracing::warn!("unknown event type: stored raw and acknowledged");
@@ -295,23 +362,12 @@ async fn acknowledge(
             tracing::info!("duplicate event: already recorded");
             HttpResponse::Ok().finish()
         }
-        Err(err) => {
-            state
-                .metrics
-                .callback(Some(event_type), outcome::STORE_ERROR);
-            span.record("error_code", ErrorCode::StoreUnavailable.as_str());
-            tracing::error!(error.message = %err, "recording an event failed; not acknowledged");
-            ApiError::new(
-                ErrorCode::StoreUnavailable,
-                "the event could not be stored; retry later",
-            )
-            .error_response_json()
-        }
+        Err(err) => not_acknowledged(state, span, event_type, &err),
     }
 }
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
-fn report_outcome(
+async fn report_outcome(
     state: &CallbackState,
     store: &Store,
     result: &VerificationResultEvent,
@@ -320,7 +376,7 @@ fn report_outcome(
     if result.status == "PENDING" {
         return;
     }
-    if let Ok(Some(record)) = store.get(&result.id) {
+    if let Ok(Some(record)) = store.verification(&result.id).await {
         if let Some(decision) = &record.decision {
             state.policy.observe_outcome(Outcome {
                 id: &result.id,

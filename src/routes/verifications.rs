@@ -11,20 +11,8 @@ pub async fn get(
     id: web::Path<String>,
     state: web::Data<CallbackState>,
 ) -> Result<HttpResponse, ApiError> {
-    let store =
-        state.store.get().cloned().ok_or_else(|| {
-            ApiError::new(ErrorCode::StoreUnavailable, "the store is not open yet")
-        })?;
     let id = id.into_inner();
-    let lookup_id = id.clone();
-    let record = web::block(move || store.get(&lookup_id))
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?
-        .map_err(|e| {
-            tracing::error!(error.message = %e, "reading a record failed");
-            ApiError::new(ErrorCode::StoreUnavailable, "the store could not be read")
-        })?;
-    match record {
+    match state.store.ready()?.verification(&id).await? {
         Some(record) => Ok(HttpResponse::Ok().json(record)),
         None => Err(ApiError::new(
             ErrorCode::NotFound,

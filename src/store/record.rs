@@ -7,10 +7,11 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::stats::StatsRow;
 use crate::{
-    events::{Action, Price, VerificationEvent},
+    decision::DecisionRecord,
+    events::{Price, VerificationEvent},
     phone::NumberFacts,
-    policy::{Explanation, PolicyDecision},
 };
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,44 +57,6 @@ pub struct RequestPart {
     pub price: Option<Price>,
     pub rate: Option<Price>,
     pub accept_language: Option<Vec<String>>,
-}
-
-/// The answer verigate gave, and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DecisionRecord {
-    pub action: Action,
-    pub rule: Option<String>,
-    pub reason: String,
-    /// True when `action` is the policy's `on_error` answer, not a rule's or the default's.
-    pub on_error: bool,
-    pub policy_version: String,
-    pub decided_at: DateTime<Utc>,
-    /// The exact JSON body answered to Sinch.
-    pub answer: serde_json::Value,
-    /// Shadow matches, facts and counters behind the decision.
-    #[serde(default)]
-    pub explanation: Explanation,
-}
-
-impl DecisionRecord {
-    pub fn new(
-        decision: &PolicyDecision,
-        on_error: bool,
-        policy_version: &str,
-        decided_at: DateTime<Utc>,
-        answer: serde_json::Value,
-    ) -> Self {
-        Self {
-            action: decision.action,
-            rule: decision.rule.clone(),
-            reason: decision.reason.clone(),
-            on_error,
-            policy_version: policy_version.to_owned(),
-            decided_at,
-            answer,
-            explanation: decision.explanation.clone(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -207,6 +170,60 @@ impl VerificationRecord {
             VerificationEvent::Unknown { .. } => {}
         }
         record
+    }
+}
+
+impl VerificationRecord {
+    /// The verification's latest status, `PENDING`, or `NONE` before any result.
+    pub fn status_label(&self) -> &str {
+        status_label(self.result.as_ref().map(|r| r.status.as_str()))
+    }
+
+    /// The number's country, or `unknown`.
+    pub fn country_label(&self) -> &str {
+        country_label(self.country.as_deref())
+    }
+
+    /// The deciding rule: a rule name, `default`, `on_error`, or `none` (no request seen).
+    pub fn rule_label(&self) -> &str {
+        rule_label(
+            self.decision
+                .as_ref()
+                .map(|d| (d.on_error, d.rule.as_deref())),
+        )
+    }
+
+    /// What stats count of this verification.
+    pub fn stats_row(&self) -> StatsRow<'_> {
+        let price = self.request.as_ref().and_then(|r| r.price.as_ref());
+        StatsRow {
+            first_seen: self.first_seen,
+            country: self.country.as_deref(),
+            method: self.method.as_deref(),
+            requested: self.request.is_some(),
+            decision: self
+                .decision
+                .as_ref()
+                .map(|d| (d.action, d.rule.as_deref(), d.on_error)),
+            price: price.and_then(|p| p.currency_id.as_deref().zip(p.amount)),
+            status: self.result.as_ref().map(|r| r.status.as_str()),
+        }
+    }
+}
+
+pub(super) fn status_label(status: Option<&str>) -> &str {
+    status.unwrap_or("NONE")
+}
+
+pub(super) fn country_label(country: Option<&str>) -> &str {
+    country.unwrap_or("unknown")
+}
+
+pub(super) fn rule_label(decision: Option<(bool, Option<&str>)>) -> &str {
+    match decision {
+        None => "none",
+        Some((true, _)) => "on_error",
+        Some((false, rule)) => rule.unwrap_or("default"),
     }
 }
 

@@ -1,15 +1,10 @@
-//! Deleting what is older than the retention period, in small batches with pauses, so
-//! callbacks never wait behind a large delete.
+//! Deleting what is older than the retention period. The store deletes in small batches
+//! with pauses, so callbacks never wait behind a large delete.
 
 use std::time::Duration;
 
 use super::StoreSlot;
 use crate::clock::Clock;
-
-/// Records (and as many raw events) deleted per batch.
-const BATCH: usize = 500;
-/// Pause between batches, leaving the store to callbacks.
-const PAUSE: Duration = Duration::from_millis(5);
 
 /// Every `interval`, deletes everything first seen more than `keep` ago.
 pub async fn run(store: StoreSlot, clock: Clock, keep: Duration, interval: Duration) {
@@ -22,28 +17,17 @@ pub async fn run(store: StoreSlot, clock: Clock, keep: Duration, interval: Durat
         let Some(cutoff) = clock.now().checked_sub_signed(keep) else {
             continue;
         };
-        let (mut records, mut events) = (0, 0);
-        loop {
-            let batch = store.clone();
-            match tokio::task::spawn_blocking(move || batch.delete_before(cutoff, BATCH)).await {
-                Ok(Ok((0, 0))) => break,
-                Ok(Ok((r, e))) => {
-                    records += r;
-                    events += e;
-                    tokio::time::sleep(PAUSE).await;
-                }
-                Ok(Err(err)) => {
-                    tracing::error!(error.message = %err, "retention: deleting expired data failed");
-                    break;
-                }
-                Err(err) => {
-                    tracing::error!(error.message = %err, "retention task failed");
-                    break;
-                }
+        match store.delete_before(cutoff).await {
+            Ok(deleted) if deleted.verifications + deleted.events > 0 => tracing::info!(
+                verifications = deleted.verifications,
+                events = deleted.events,
+                %cutoff,
+                "retention: deleted expired data"
+            ),
+            Ok(_) => {}
+            Err(err) => {
+                tracing::error!(error.message = %err, "retention: deleting expired data failed");
             }
-        }
-        if records + events > 0 {
-            tracing::info!(records, events, %cutoff, "retention: deleted expired data");
         }
     }
 }

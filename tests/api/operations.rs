@@ -43,9 +43,13 @@ async fn metrics_follow_real_requests() {
 #[tokio::test]
 async fn readiness_is_false_until_the_store_opens_and_callbacks_are_answered_meanwhile() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    // Another process (here: this test) still holds the database, as in a rolling restart.
-    let holder = sled::open(dir.path().join("db")).unwrap();
+    // Another process (here: this test) still holds the store, as in a rolling restart.
     let settings = test_settings(&dir, &[]);
+    let holder = verigate::store::Store::open(
+        &settings.store_options(),
+        Arc::new(verigate::store::Unobserved),
+    )
+    .unwrap();
     let app =
         verigate::startup::Application::build(&settings, verigate::clock::Clock::system()).unwrap();
     let base = format!("http://127.0.0.1:{}", app.port());
@@ -84,6 +88,7 @@ async fn readiness_is_false_until_the_store_opens_and_callbacks_are_answered_mea
     let result = post(result_event("early-1", "SUCCESSFUL")).await.unwrap();
     assert_eq!(result.status(), 503);
 
+    holder.shutdown().await.unwrap();
     drop(holder);
     let mut ready = false;
     for _ in 0..50 {

@@ -1,0 +1,191 @@
+//! The checkpointer: moves each frozen memtable into the index (records in compressed
+//! blocks, patches, ids, raw-event blocks, new symbols, a run of number and reference
+//! entries, and last the new checkpoint position), flushes the index, then drops the
+//! memtable and deletes the log segments it covered. A checkpoint that fails is retried with a freshly opened
+//! index, since sled stays failed after an I/O error; until then the data is safe in the
+//! write-ahead log and reads see it in memory.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use super::{
+    codec::{self, LoggedEvent, StoredVerification},
+    index::{CHECKPOINT, LAST_MS},
+    keys::{self, Stamp},
+    memtable::Memtable,
+    runs, Shared,
+};
+use crate::store::StoreError;
+
+/// Records per compressed block: small enough that reading one record decompresses little,
+/// large enough that the index holds one entry per many records.
+const RECORDS_PER_BLOCK: usize = 32;
+/// Raw events per block, and the most body bytes in one.
+const EVENTS_PER_BLOCK: usize = 512;
+const EVENT_BLOCK_BYTES: usize = 256 << 10;
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// At shutdown, attempts before giving up (the log keeps the data for the next start).
+const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
+
+pub fn run(shared: &Shared) {
+    while let Some(memtable) = shared.next_frozen() {
+        let mut attempts = 0;
+        loop {
+            match checkpoint(shared, &memtable) {
+                Ok(()) => {
+                    shared.set_index_health(None);
+                    break;
+                }
+                Err(err) => {
+                    attempts += 1;
+                    let why = format!("checkpointing into the index failed: {err}");
+                    if attempts == 1 {
+                        tracing::error!(error.message = %why, "reopening the index and retrying");
+                    }
+                    shared.observer.write_failed("checkpoint");
+                    shared.set_index_health(Some(why));
+                    if shared.is_stopping() && attempts >= ATTEMPTS_AT_SHUTDOWN {
+                        tracing::error!("giving up at shutdown; the write-ahead log keeps the data for the next start");
+                        return;
+                    }
+                    std::thread::sleep(RETRY_EVERY);
+                    shared.reopen_index();
+                }
+            }
+        }
+        shared.checkpointed(&memtable);
+    }
+}
+
+/// One checkpoint, written in small sled batches (sled blocks every read while it applies
+/// a batch) in an order that keeps a crash harmless: symbols before the records that use
+/// them, data before the checkpoint position that says it is there. A checkpoint cut short
+/// is simply done again from the log after a restart (see `commit::replay`).
+fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
+    let index = shared.index()?;
+    let started = Instant::now();
+    let cutoff = shared.retention_cutoff();
+    let mut writes: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+    let (symbols_upto, records) = {
+        let mut symbols = shared.write_symbols();
+        let mut created: Vec<&Arc<StoredVerification>> = Vec::new();
+        let mut patched = Vec::new();
+        for held in memtable.records.values() {
+            if held.verification.stamp() < cutoff {
+                continue;
+            }
+            if held.created_here {
+                created.push(&held.verification);
+            } else {
+                patched.push(&held.verification);
+            }
+        }
+        created.sort_by_key(|v| v.stamp());
+        let mut records = Vec::new();
+        for chunk in created.chunks(RECORDS_PER_BLOCK) {
+            let encoded: Vec<Vec<u8>> = chunk
+                .iter()
+                .map(|v| {
+                    let mut out = Vec::with_capacity(256);
+                    codec::encode_record(v, &mut *symbols, &mut out);
+                    out
+                })
+                .collect();
+            records.push((
+                keys::record_block(chunk[0].stamp()),
+                Some(codec::encode_block(encoded.iter().map(Vec::as_slice))),
+            ));
+            for v in chunk {
+                records.push((keys::id(&v.record.id), Some(v.stamp().bytes().to_vec())));
+            }
+        }
+        for v in patched {
+            let mut out = Vec::with_capacity(256);
+            codec::encode_record(v, &mut *symbols, &mut out);
+            records.push((keys::patch(v.stamp()), Some(out)));
+        }
+        for (n, text) in symbols.unpersisted() {
+            writes.push((keys::symbol(n), Some(text.as_bytes().to_vec())));
+        }
+        (symbols.len(), records)
+    };
+    writes.extend(records);
+    let events: Vec<&LoggedEvent> = memtable
+        .events
+        .iter()
+        .filter(|e| e.stamp >= cutoff)
+        .collect();
+    for block in event_blocks(&events) {
+        let encoded: Vec<Vec<u8>> = block
+            .iter()
+            .map(|e| {
+                let mut out = Vec::with_capacity(e.body.len() + 64);
+                codec::encode_event(e, &mut out);
+                out
+            })
+            .collect();
+        writes.push((
+            keys::event_block(block[0].stamp),
+            Some(codec::encode_block(encoded.iter().map(Vec::as_slice))),
+        ));
+    }
+    runs::apply(&index, writes)?;
+    let mut entries = Vec::new();
+    for (tag, values) in [
+        (keys::NUMBER, &memtable.numbers),
+        (keys::REFERENCE, &memtable.references),
+    ] {
+        for (value, stamps) in values {
+            for stamp in stamps.iter().filter(|s| **s >= cutoff) {
+                entries.push(keys::indexed(tag, value, *stamp));
+            }
+        }
+    }
+    let written_at = memtable.events.last().map_or(0, |e| e.stamp.ms);
+    shared.runs.add(&index, entries, written_at)?;
+    let mut position = vec![(
+        keys::meta(CHECKPOINT),
+        Some(memtable.covers_upto.to_be_bytes().to_vec()),
+    )];
+    if let Some(last) = memtable.events.last() {
+        position.push((
+            keys::meta(LAST_MS),
+            Some(last.stamp.ms.to_be_bytes().to_vec()),
+        ));
+    }
+    runs::apply(&index, position)?;
+    index.flush()?;
+    shared.write_symbols().mark_persisted(symbols_upto);
+    shared.observer.checkpointed(started.elapsed());
+    // Merging runs is not part of the checkpoint: a failure here leaves more runs, no less.
+    if let Err(err) = shared.runs.merge(&index, written_at) {
+        tracing::warn!(error.message = %err, "merging index runs failed; retried after the next checkpoint");
+    }
+    Ok(())
+}
+
+/// Splits events into blocks by count and size.
+fn event_blocks<'a>(events: &'a [&'a LoggedEvent]) -> Vec<&'a [&'a LoggedEvent]> {
+    let mut blocks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in events.iter().enumerate() {
+        if i > start && (i - start >= EVENTS_PER_BLOCK || bytes + e.body.len() > EVENT_BLOCK_BYTES)
+        {
+            blocks.push(&events[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += e.body.len();
+    }
+    if start < events.len() {
+        blocks.push(&events[start..]);
+    }
+    blocks
+}
+
+/// The stamp below which nothing is kept (retention).
+pub fn cutoff_of(ms: u64) -> Stamp {
+    Stamp { ms, seq: 0 }
+}

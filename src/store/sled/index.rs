@@ -1,0 +1,213 @@
+//! The index: one sled tree holding checkpointed records (in compressed blocks, with
+//! patches for records changed after their block was written), the id, number and
+//! reference indexes, raw-event blocks, the symbol table and a few named values.
+//! See keys.rs for the layout.
+
+use std::{ops::ControlFlow, path::Path};
+
+use super::{
+    codec::{self, LoggedEvent, StoredVerification, Symbols},
+    keys::{self, Stamp},
+};
+use crate::store::StoreError;
+
+/// The name of the checkpoint position: every event up to this sequence number is in
+/// the index.
+pub const CHECKPOINT: &str = "checkpoint";
+/// The latest write time (ms) in the index, so the write order never goes back.
+pub const LAST_MS: &str = "last_ms";
+/// The store's format; absent while a migration is under way.
+pub const FORMAT: &str = "format";
+pub const FORMAT_VERSION: &[u8] = b"2";
+
+pub struct Index {
+    pub db: sled::Db,
+    pub tree: sled::Tree,
+}
+
+pub fn failed(err: sled::Error) -> StoreError {
+    StoreError::Failed(format!("index: {err}"))
+}
+
+fn corrupt(err: codec::CodecError) -> StoreError {
+    StoreError::Corrupt(err.to_string())
+}
+
+impl Index {
+    pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            // The index is flushed at each checkpoint; the write-ahead log makes events
+            // durable before that, so sled's timer flush would only add I/O.
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot open the index at {}: {e}", path.display()))
+            })?;
+        let tree = db.open_tree("verigate").map_err(failed)?;
+        Ok(Self { db, tree })
+    }
+
+    pub fn meta(&self, name: &str) -> Result<Option<sled::IVec>, StoreError> {
+        self.tree.get(keys::meta(name)).map_err(failed)
+    }
+
+    pub fn meta_u64(&self, name: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .meta(name)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    pub fn symbols(&self) -> Result<Symbols, StoreError> {
+        let mut entries = Vec::new();
+        for entry in self.tree.range(keys::symbols()) {
+            let (key, value) = entry.map_err(failed)?;
+            let n = keys::symbol_number(&key)
+                .ok_or_else(|| StoreError::Corrupt("a symbol key is malformed".into()))?;
+            entries.push((n, String::from_utf8_lossy(&value).into_owned()));
+        }
+        Symbols::load(entries).map_err(corrupt)
+    }
+
+    pub fn stamp_of_id(&self, id: &str) -> Result<Option<Stamp>, StoreError> {
+        Ok(self
+            .tree
+            .get(keys::id(id))
+            .map_err(failed)?
+            .and_then(|v| Stamp::from_bytes(&v)))
+    }
+
+    /// The encoded record created at `stamp`: its patch, or its entry in its block.
+    pub fn record_bytes(&self, stamp: Stamp) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(patch) = self.tree.get(keys::patch(stamp)).map_err(failed)? {
+            return Ok(Some(patch.to_vec()));
+        }
+        let key = self.block_holding(keys::record_block, stamp)?;
+        let Some(block) = self.tree.get(key).map_err(failed)? else {
+            return Ok(None);
+        };
+        for record in codec::decode_block(&block).map_err(corrupt)? {
+            if codec::record_stamp(&record).map_err(corrupt)? == stamp {
+                return Ok(Some(record));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn record_at(
+        &self,
+        stamp: Stamp,
+        symbols: &Symbols,
+    ) -> Result<Option<StoredVerification>, StoreError> {
+        self.record_bytes(stamp)?
+            .map(|bytes| codec::decode_record(&bytes, Some(symbols)).map_err(corrupt))
+            .transpose()
+    }
+
+    /// Every checkpointed record created in `[start, end)`, oldest first, as its encoded
+    /// bytes (the patch where there is one); `visit` may stop the walk.
+    pub fn scan_records(
+        &self,
+        start: Stamp,
+        end: Stamp,
+        mut visit: impl FnMut(Stamp, &[u8]) -> Result<ControlFlow<()>, StoreError>,
+    ) -> Result<(), StoreError> {
+        if start >= end {
+            return Ok(());
+        }
+        let first_block = self.block_holding(keys::record_block, start)?;
+        let mut patches = self
+            .tree
+            .range(keys::patch(start)..keys::patch(end))
+            .peekable();
+        for block in self.tree.range(first_block..keys::record_block(end)) {
+            let (_, block) = block.map_err(failed)?;
+            for record in codec::decode_block(&block).map_err(corrupt)? {
+                let stamp = codec::record_stamp(&record).map_err(corrupt)?;
+                if stamp < start {
+                    continue;
+                }
+                if stamp >= end {
+                    return Ok(());
+                }
+                // Patches exist only for records in blocks, so they come up in order.
+                while patches
+                    .peek()
+                    .and_then(|p| p.as_ref().ok())
+                    .and_then(|(k, _)| keys::stamp_of(k))
+                    .is_some_and(|s| s < stamp)
+                {
+                    patches.next();
+                }
+                let patched = match patches.peek() {
+                    Some(Ok((key, value))) if keys::stamp_of(key) == Some(stamp) => {
+                        Some(value.clone())
+                    }
+                    Some(Err(err)) => return Err(failed(err.clone())),
+                    _ => None,
+                };
+                let flow = match &patched {
+                    Some(patch) => visit(stamp, patch)?,
+                    None => visit(stamp, &record)?,
+                };
+                if flow.is_break() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checkpointed raw events with stamps in `[start, end)`, oldest first; at most `limit`.
+    pub fn events_between(
+        &self,
+        start: Stamp,
+        end: Stamp,
+        limit: usize,
+    ) -> Result<Vec<LoggedEvent>, StoreError> {
+        let mut out = Vec::new();
+        if start >= end || limit == 0 {
+            return Ok(out);
+        }
+        let first_block = self.block_holding(keys::event_block, start)?;
+        for block in self.tree.range(first_block..keys::event_block(end)) {
+            let (_, block) = block.map_err(failed)?;
+            for item in codec::decode_block(&block).map_err(corrupt)? {
+                let event = codec::decode_event(&item).map_err(corrupt)?;
+                if event.stamp < start {
+                    continue;
+                }
+                if event.stamp >= end {
+                    return Ok(out);
+                }
+                out.push(event);
+                if out.len() == limit {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The key of the block that holds `stamp` if any does: the last one starting at or
+    /// before it (blocks are keyed by their first stamp and never overlap).
+    fn block_holding(
+        &self,
+        key_of: fn(Stamp) -> Vec<u8>,
+        stamp: Stamp,
+    ) -> Result<Vec<u8>, StoreError> {
+        Ok(self
+            .tree
+            .range(key_of(Stamp::default())..=key_of(stamp))
+            .next_back()
+            .transpose()
+            .map_err(failed)?
+            .map_or_else(|| key_of(stamp), |(key, _)| key.to_vec()))
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(failed)
+    }
+}

@@ -1,0 +1,473 @@
+//! The number and reference indexes, as runs: immutable sorted lists of index entries,
+//! each stored as compressed chunks with a header holding the chunks' first keys and a
+//! Bloom filter of the values in the run.
+//!
+//! Why not one sled key per entry: sled's log costs a few hundred bytes on disk per key
+//! inserted, more than a whole verification is worth, while large values cost it little.
+//! A checkpoint writes its new entries as one run; runs written in the same hour are merged
+//! into one (a few per hour at most), so a lookup checks a Bloom filter per run and reads a
+//! chunk only from the runs that may hold the value. Retention drops runs written before
+//! the cutoff and rewrites the one that straddles it.
+//!
+//! An entry is `<tag> <value> 0x00 <stamp>` (keys.rs), so a run is sorted by value and
+//! then by the verification's creation.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, PoisonError, RwLock},
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    codec,
+    index::{failed, Index},
+    keys::{self, Stamp},
+};
+use crate::store::StoreError;
+
+/// Raw bytes per chunk: reading one entry decompresses this much.
+const CHUNK_BYTES: usize = 8 << 10;
+/// Bloom filter size and probes: about 1 % false positives.
+const BLOOM_BITS_PER_ENTRY: usize = 10;
+const BLOOM_PROBES: u32 = 7;
+/// Runs written within one such period are merged together.
+pub const GRANULE_MS: u64 = 3_600_000;
+/// Runs of the current period merged once there are this many.
+const MERGE_AT: usize = 8;
+/// Index writes per sled batch: sled holds a global write lock while it applies a batch.
+const WRITES_PER_BATCH: usize = 64;
+
+fn corrupt(what: impl Into<String>) -> StoreError {
+    StoreError::Corrupt(what.into())
+}
+
+/// A Bloom filter over `<tag> <value>`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bloom {
+    bits: Vec<u64>,
+}
+
+impl Bloom {
+    fn with_capacity(entries: usize) -> Self {
+        let words = (entries.max(1) * BLOOM_BITS_PER_ENTRY).div_ceil(64);
+        Self {
+            bits: vec![0; words],
+        }
+    }
+
+    fn probes(key: &[u8], len: u64) -> impl Iterator<Item = u64> {
+        // FNV-1a, then a splitmix64 step for the second hash: stable across builds, which
+        // the filters need since they are stored.
+        let mut h1: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in key {
+            h1 ^= u64::from(*b);
+            h1 = h1.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let mut h2 = h1.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h2 = (h2 ^ (h2 >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h2 = (h2 ^ (h2 >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h2 = (h2 ^ (h2 >> 31)) | 1;
+        (0..u64::from(BLOOM_PROBES)).map(move |i| h1.wrapping_add(i.wrapping_mul(h2)) % len)
+    }
+
+    fn insert(&mut self, key: &[u8]) {
+        let len = self.bits.len() as u64 * 64;
+        for bit in Self::probes(key, len) {
+            self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+    }
+
+    fn may_contain(&self, key: &[u8]) -> bool {
+        let len = self.bits.len() as u64 * 64;
+        len > 0
+            && Self::probes(key, len)
+                .all(|bit| self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0)
+    }
+}
+
+/// What is kept of a run in memory (and stored as its header).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub id: u64,
+    /// When the entries were written (ms): first and last checkpoint merged into it.
+    pub written_from: u64,
+    pub written_to: u64,
+    pub entries: u64,
+    /// First entry of each chunk.
+    pub chunk_firsts: Vec<Vec<u8>>,
+    pub bloom: Bloom,
+}
+
+impl Run {
+    fn granule(&self) -> u64 {
+        self.written_from / GRANULE_MS
+    }
+}
+
+/// The runs of the index, oldest first.
+#[derive(Debug, Default)]
+pub struct Runs {
+    list: RwLock<Vec<Arc<Run>>>,
+}
+
+/// The part of an entry a Bloom filter is keyed on: `<tag> <value>`.
+fn bloom_key(entry: &[u8]) -> &[u8] {
+    &entry[..entry.len().saturating_sub(17)]
+}
+
+impl Runs {
+    /// The runs stored in `index`; chunks left by a run that was never finished are
+    /// deleted.
+    pub fn load(index: &Index) -> Result<Self, StoreError> {
+        let mut list = Vec::new();
+        for entry in index.tree.range(keys::run_headers()) {
+            let (_, header) = entry.map_err(failed)?;
+            let run: Run = postcard::from_bytes(&header)
+                .map_err(|e| corrupt(format!("a run header does not decode: {e}")))?;
+            list.push(Arc::new(run));
+        }
+        list.sort_by_key(|r| (r.written_from, r.id));
+        let known: BTreeSet<u64> = list.iter().map(|r| r.id).collect();
+        let mut orphans = Vec::new();
+        for key in index.tree.range(keys::run_chunks()).keys() {
+            let key = key.map_err(failed)?;
+            if keys::run_of_chunk(&key).is_some_and(|id| !known.contains(&id)) {
+                orphans.push(key.to_vec());
+            }
+        }
+        apply(index, orphans.into_iter().map(|k| (k, None)).collect())?;
+        Ok(Self {
+            list: RwLock::new(list),
+        })
+    }
+
+    fn snapshot(&self) -> Vec<Arc<Run>> {
+        self.list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stamps of the entries for `value` under `tag`.
+    pub fn lookup(&self, index: &Index, tag: u8, value: &str) -> Result<Vec<Stamp>, StoreError> {
+        let prefix = keys::indexed_prefix(tag, value);
+        let bloom = &prefix[..prefix.len() - 1];
+        let mut out = Vec::new();
+        for run in self.snapshot() {
+            if !run.bloom.may_contain(bloom) {
+                continue;
+            }
+            let first = run
+                .chunk_firsts
+                .partition_point(|f| f.as_slice() <= prefix.as_slice())
+                .saturating_sub(1);
+            for (n, chunk_first) in run.chunk_firsts.iter().enumerate().skip(first) {
+                if n > first && !chunk_first.starts_with(&prefix) {
+                    break;
+                }
+                for entry in read_chunk(index, run.id, n as u32)? {
+                    if entry.starts_with(&prefix) {
+                        out.extend(keys::stamp_of_indexed(&entry));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Writes `entries` (any order, duplicates allowed) as a new run, written at `at_ms`.
+    pub fn add(&self, index: &Index, entries: Vec<Vec<u8>>, at_ms: u64) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut entries = entries;
+        entries.sort();
+        entries.dedup();
+        let run = write_run(index, entries, at_ms, at_ms)?;
+        self.list
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(run);
+        Ok(())
+    }
+
+    /// Merges the runs of each past period into one, and those of the current period
+    /// once there are many. Returns whether anything was merged.
+    pub fn merge(&self, index: &Index, now_ms: u64) -> Result<bool, StoreError> {
+        let runs = self.snapshot();
+        let current = now_ms / GRANULE_MS;
+        let mut merged = false;
+        let mut start = 0;
+        while start < runs.len() {
+            let granule = runs[start].granule();
+            let end = start
+                + runs[start..]
+                    .iter()
+                    .take_while(|r| r.granule() == granule)
+                    .count();
+            let group = &runs[start..end];
+            let due = if granule < current {
+                group.len() > 1
+            } else {
+                group.len() >= MERGE_AT
+            };
+            if due {
+                self.replace(index, group, |_| true)?;
+                merged = true;
+            }
+            start = end;
+        }
+        Ok(merged)
+    }
+
+    /// Drops every entry of a verification created before `cutoff`: whole runs written
+    /// before it, and filtered copies of the runs that straddle it.
+    pub fn expire(&self, index: &Index, cutoff: Stamp) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for run in self.snapshot() {
+            if run.written_to < cutoff.ms {
+                removed += run.entries as usize;
+                self.replace(index, std::slice::from_ref(&run), |_| false)?;
+            } else if run.written_from < cutoff.ms {
+                let before = run.entries as usize;
+                let kept = self.replace(index, std::slice::from_ref(&run), |entry| {
+                    keys::stamp_of_indexed(entry).is_some_and(|s| s >= cutoff)
+                })?;
+                removed += before - kept;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Replaces `group` (adjacent runs) by one run of their entries that `keep` keeps;
+    /// returns how many entries it has. The new run is complete before the old ones go.
+    fn replace(
+        &self,
+        index: &Index,
+        group: &[Arc<Run>],
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<usize, StoreError> {
+        let mut entries = Vec::new();
+        for run in group {
+            for n in 0..run.chunk_firsts.len() {
+                entries.extend(
+                    read_chunk(index, run.id, n as u32)?
+                        .into_iter()
+                        .filter(|e| keep(e)),
+                );
+            }
+        }
+        entries.sort();
+        entries.dedup();
+        let kept = entries.len();
+        let from = group.iter().map(|r| r.written_from).min().unwrap_or(0);
+        let to = group.iter().map(|r| r.written_to).max().unwrap_or(0);
+        let replacement = if entries.is_empty() {
+            None
+        } else {
+            Some(write_run(index, entries, from, to)?)
+        };
+        // The old runs' headers go first, so a crash leaves orphan chunks (deleted at the
+        // next start) rather than runs with missing chunks.
+        let old: Vec<u64> = group.iter().map(|r| r.id).collect();
+        apply(
+            index,
+            old.iter().map(|id| (keys::run_header(*id), None)).collect(),
+        )?;
+        {
+            let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
+            list.retain(|r| !old.contains(&r.id));
+            if let Some(run) = replacement {
+                list.push(run);
+            }
+            list.sort_by_key(|r| (r.written_from, r.id));
+        }
+        let mut chunks = Vec::new();
+        for run in group {
+            for n in 0..run.chunk_firsts.len() {
+                chunks.push((keys::run_chunk(run.id, n as u32), None));
+            }
+        }
+        apply(index, chunks)?;
+        Ok(kept)
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.list
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+/// Writes sorted, deduplicated entries as a run: chunks first, then the header that makes
+/// it part of the index.
+fn write_run(
+    index: &Index,
+    entries: Vec<Vec<u8>>,
+    written_from: u64,
+    written_to: u64,
+) -> Result<Arc<Run>, StoreError> {
+    let id = index.db.generate_id().map_err(failed)?;
+    let mut bloom = Bloom::with_capacity(entries.len());
+    let mut chunk_firsts = Vec::new();
+    let mut writes = Vec::new();
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < entries.len() && (end == start || bytes + entries[end].len() <= CHUNK_BYTES) {
+            bytes += entries[end].len();
+            end += 1;
+        }
+        let chunk = &entries[start..end];
+        for entry in chunk {
+            bloom.insert(bloom_key(entry));
+        }
+        chunk_firsts.push(chunk[0].clone());
+        writes.push((
+            keys::run_chunk(id, (chunk_firsts.len() - 1) as u32),
+            Some(codec::encode_block(chunk.iter().map(Vec::as_slice))),
+        ));
+        start = end;
+    }
+    let run = Run {
+        id,
+        written_from,
+        written_to,
+        entries: entries.len() as u64,
+        chunk_firsts,
+        bloom,
+    };
+    let header = postcard::to_stdvec(&run).map_err(|e| corrupt(e.to_string()))?;
+    writes.push((keys::run_header(id), Some(header)));
+    apply(index, writes)?;
+    Ok(Arc::new(run))
+}
+
+fn read_chunk(index: &Index, run: u64, n: u32) -> Result<Vec<Vec<u8>>, StoreError> {
+    let chunk = index
+        .tree
+        .get(keys::run_chunk(run, n))
+        .map_err(failed)?
+        .ok_or_else(|| corrupt(format!("chunk {n} of index run {run} is missing")))?;
+    codec::decode_block(&chunk).map_err(|e| corrupt(e.to_string()))
+}
+
+/// Applies writes (`None` removes) in small batches, in order.
+pub fn apply(index: &Index, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+    for part in writes.chunks(WRITES_PER_BATCH) {
+        let mut batch = sled::Batch::default();
+        for (key, value) in part {
+            match value {
+                Some(value) => batch.insert(key.as_slice(), value.as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
+        }
+        index.tree.apply_batch(batch).map_err(failed)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bloom_filter_has_no_false_negatives_and_few_false_positives() {
+        let mut bloom = Bloom::with_capacity(10_000);
+        for i in 0..10_000 {
+            bloom.insert(format!("N+4670{i:07}").as_bytes());
+        }
+        assert!((0..10_000).all(|i| bloom.may_contain(format!("N+4670{i:07}").as_bytes())));
+        let false_positives = (0..10_000)
+            .filter(|i| bloom.may_contain(format!("N+4471{i:07}").as_bytes()))
+            .count();
+        assert!(
+            false_positives < 300,
+            "{false_positives} false positives in 10,000"
+        );
+    }
+
+    fn index() -> (tempfile::TempDir, Index) {
+        let dir = tempfile::tempdir().unwrap();
+        let index = Index::open(dir.path(), 8 << 20).unwrap();
+        (dir, index)
+    }
+
+    fn entry(value: &str, seq: u64) -> Vec<u8> {
+        keys::indexed(keys::NUMBER, value, Stamp { ms: seq, seq })
+    }
+
+    #[test]
+    fn lookups_find_every_entry_across_runs_merges_and_restarts() {
+        let (_dir, index) = index();
+        let runs = Runs::default();
+        for checkpoint in 0..20u64 {
+            let entries = (0..300u64)
+                .map(|i| {
+                    entry(
+                        &format!("+4670{:04}", (i * 7 + checkpoint) % 500),
+                        checkpoint * 1000 + i,
+                    )
+                })
+                .collect();
+            runs.add(&index, entries, checkpoint * 60_000).unwrap();
+        }
+        let expected = runs.lookup(&index, keys::NUMBER, "+46700042").unwrap();
+        assert!(!expected.is_empty());
+        // All 20 runs were written in the first hour; merging them keeps every entry.
+        assert!(runs.merge(&index, 2 * GRANULE_MS).unwrap());
+        assert_eq!(runs.len(), 1);
+        assert_eq!(
+            runs.lookup(&index, keys::NUMBER, "+46700042").unwrap(),
+            expected
+        );
+        let reloaded = Runs::load(&index).unwrap();
+        assert_eq!(
+            reloaded.lookup(&index, keys::NUMBER, "+46700042").unwrap(),
+            expected
+        );
+        assert!(reloaded
+            .lookup(&index, keys::NUMBER, "+4670004")
+            .unwrap()
+            .is_empty());
+        // Nothing is left of the merged runs.
+        let stored_runs = index.tree.range(keys::run_headers()).count();
+        assert_eq!(stored_runs, 1);
+    }
+
+    #[test]
+    fn expiring_drops_old_runs_and_filters_the_one_that_straddles_the_cutoff() {
+        let (_dir, index) = index();
+        let runs = Runs::default();
+        let h = GRANULE_MS;
+        let numbered = |from: u64, to: u64| (from..to).map(|ms| entry("+46701", ms)).collect();
+        // Entries are written at or after their verification's creation.
+        runs.add(&index, numbered(0, 100), h / 2).unwrap();
+        runs.add(&index, numbered(h + 50, h + 100), h + 100)
+            .unwrap();
+        runs.add(&index, numbered(h + 100, h + 200), h + 200)
+            .unwrap();
+        runs.merge(&index, 3 * h).unwrap();
+        assert_eq!(runs.len(), 2);
+        let removed = runs
+            .expire(
+                &index,
+                Stamp {
+                    ms: h + 150,
+                    seq: 0,
+                },
+            )
+            .unwrap();
+        assert_eq!(removed, 200);
+        let left = runs.lookup(&index, keys::NUMBER, "+46701").unwrap();
+        assert_eq!(left.len(), 50);
+        assert_eq!(left.first().map(|s| s.ms), Some(h + 150));
+        assert_eq!(Runs::load(&index).unwrap().len(), 1);
+    }
+}
