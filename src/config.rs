@@ -91,6 +91,8 @@ pub struct StoreSettings {
     /// Memory for caching the index, in bytes.
     #[serde(deserialize_with = "bytes")]
     pub cache_size: u64,
+    /// Events held in memory before they are moved into the index.
+    pub checkpoint_events: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -243,6 +245,12 @@ impl Settings {
             }
             _ => {}
         }
+        if !(1..=1_000_000).contains(&self.store.checkpoint_events) {
+            return Err(invalid(
+                "store.checkpoint_events",
+                "must be between 1 and 1000000",
+            ));
+        }
         if !(1 << 20..=1 << 40).contains(&self.store.cache_size) {
             return Err(invalid("store.cache_size", "must be between 1MiB and 1TiB"));
         }
@@ -300,6 +308,7 @@ impl Settings {
             path: self.store.path.clone(),
             numbers,
             cache_bytes: self.store.cache_size,
+            checkpoint_events: self.store.checkpoint_events,
         }
     }
 

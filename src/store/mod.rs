@@ -223,6 +223,9 @@ pub struct StoreOptions {
     pub numbers: NumberPrivacy,
     /// Memory the embedded engine may use to cache its indexes.
     pub cache_bytes: u64,
+    /// Events the embedded engine holds in memory (and in its write-ahead log) before it
+    /// moves them into its index: more means fewer, larger checkpoints and more memory.
+    pub checkpoint_events: usize,
 }
 
 impl StoreOptions {
@@ -230,7 +233,8 @@ impl StoreOptions {
         Self {
             path: path.into(),
             numbers: NumberPrivacy::Plain,
-            cache_bytes: 64 << 20,
+            cache_bytes: 32 << 20,
+            checkpoint_events: 8_192,
         }
     }
 }

@@ -75,3 +75,63 @@ async fn racing_events_for_the_same_ids_join_into_complete_records() {
     assert_eq!(total["requests"], VERIFICATIONS);
     assert_eq!(total["successful_allowed"], VERIFICATIONS);
 }
+
+/// A retry that overtakes the first attempt must not be decided again: with a limit of
+/// two requests per number, a request delivered eight times at once counts once, so a
+/// second verification for the number is still allowed and only a third is denied.
+/// Without single flight the concurrent copies each counted (a retry storm used a
+/// number's whole allowance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_delivered_many_times_at_once_is_decided_and_counted_once() {
+    let app = Arc::new(
+        spawn_app_with(|s| {
+            std::fs::write(
+                &s.policy.path,
+                r#"
+version = 1
+default = "allow"
+on_error = "deny"
+
+[[rule]]
+name = "two-per-number"
+action = "deny"
+rate_limit = { key = "number", max = 2, window = "1h" }
+"#,
+            )
+            .unwrap();
+        })
+        .await,
+    );
+    for trial in 0..8 {
+        let number = format!("+467011{trial:05}");
+        let first = request_event(&format!("storm-{trial}"), "sms", &number);
+        let answers = futures_util::future::join_all((0..8).map(|_| {
+            let (app, body) = (Arc::clone(&app), first.clone());
+            async move { app.post_callback(&body).await }
+        }))
+        .await;
+        for answer in &answers {
+            assert_eq!(answer.status, 200, "trial {trial}");
+            assert_eq!(
+                answer.json()["action"],
+                "allow",
+                "trial {trial}: {}",
+                answer.text
+            );
+        }
+        let record = app.record(&format!("storm-{trial}")).await.unwrap();
+        assert_eq!(record["event_count"], 1, "trial {trial}");
+        let second = app
+            .post_callback(&request_event(&format!("second-{trial}"), "sms", &number))
+            .await;
+        assert_eq!(
+            second.json()["action"],
+            "allow",
+            "trial {trial}: the duplicates were counted toward the limit"
+        );
+        let third = app
+            .post_callback(&request_event(&format!("third-{trial}"), "sms", &number))
+            .await;
+        assert_eq!(third.json()["action"], "deny", "trial {trial}");
+    }
+}

@@ -99,6 +99,11 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
 }
 
+/// The service with these settings on this folder (the rules policy).
+pub async fn spawn_configured_app(settings: Settings, dir: Arc<TempDir>) -> TestApp {
+    start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
+}
+
 /// The service with these settings and another decision engine.
 pub async fn spawn_configured_app_with_policy(
     settings: Settings,

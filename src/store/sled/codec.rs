@@ -157,6 +157,26 @@ impl Symbols {
     }
 }
 
+/// A small table for fuzzing, so that symbol references sometimes resolve.
+pub fn fuzzing_symbols() -> Symbols {
+    Symbols::load(
+        [
+            "SE",
+            "sms",
+            "SUCCESSFUL",
+            "EUR",
+            "rule",
+            "rate_limit",
+            "{\"action\":\"allow\"}",
+            "",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(n, t)| (n as u32, (*t).to_owned())),
+    )
+    .unwrap_or_default()
+}
+
 /// How strings are written: by symbol where possible, or always inline.
 pub trait TextSink {
     fn text<'a>(&mut self, s: &'a str) -> Text<'a>;

@@ -32,10 +32,10 @@ use crate::{
 
 /// Most events in one commit.
 const MAX_BATCH: usize = 512;
-/// A memtable is frozen and checkpointed when it holds this many events, this many body
-/// bytes, or has been open this long: bounds memory and the replay after a crash, while
-/// keeping most verifications whole (request and result) before their first checkpoint.
-pub const FREEZE_EVENTS: usize = 8_192;
+/// A memtable is frozen and checkpointed when it holds `checkpoint_events` events (a
+/// setting), this many body bytes, or has been open this long: bounds memory and the
+/// replay after a crash, while keeping most verifications whole (request and result)
+/// before their first checkpoint.
 pub const FREEZE_BYTES: usize = 4 << 20;
 pub const FREEZE_AFTER: Duration = Duration::from_secs(600);
 /// While writes fail, how often the disk is tried again.
@@ -113,6 +113,8 @@ pub fn merge(
 
 pub struct Committer {
     pub shared: Arc<Shared>,
+    /// Events per memtable before it is checkpointed.
+    pub freeze_events: usize,
     pub wal: Option<WalWriter>,
     pub next_seq: u64,
     pub last_ms: u64,
@@ -400,7 +402,7 @@ impl Committer {
         let full = {
             let layers = self.shared.read_layers();
             let active = &layers.active;
-            active.events.len() >= FREEZE_EVENTS
+            active.events.len() >= self.freeze_events
                 || active.event_bytes >= FREEZE_BYTES
                 || (!active.is_empty() && active.opened.elapsed() >= FREEZE_AFTER)
         };

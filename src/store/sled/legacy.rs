@@ -74,6 +74,47 @@ struct LegacyFirstDelivery {
 pub fn migrate(
     path: &Path,
     cache_bytes: u64,
+    progress: impl FnMut(&str),
+) -> Result<MigrationReport, StoreError> {
+    migrate_with(path, cache_bytes, Pace::default(), progress)
+}
+
+/// How a migration proceeds: records per batch, and (for tests of resuming) a number of
+/// batches after which it stops as if interrupted.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    batch: usize,
+    batches_left: Option<usize>,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            batch: BATCH,
+            batches_left: None,
+        }
+    }
+}
+
+impl Pace {
+    fn next_batch(&mut self) -> Result<(), StoreError> {
+        match &mut self.batches_left {
+            Some(0) => Err(StoreError::Unavailable(
+                "the migration was interrupted".into(),
+            )),
+            Some(left) => {
+                *left -= 1;
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+fn migrate_with(
+    path: &Path,
+    cache_bytes: u64,
+    mut pace: Pace,
     mut progress: impl FnMut(&str),
 ) -> Result<MigrationReport, StoreError> {
     if !is_legacy(path) {
@@ -94,10 +135,17 @@ pub fn migrate(
         let mut symbols = index.symbols()?;
         let runs = Runs::load(&index)?;
         let mut max = (index.meta_u64(CHECKPOINT)?, index.meta_u64(LAST_MS)?);
-        report.verifications =
-            migrate_records(&old, &index, &runs, &mut symbols, &mut max, &mut progress)?;
+        report.verifications = migrate_records(
+            &old,
+            &index,
+            &runs,
+            &mut symbols,
+            &mut max,
+            &mut pace,
+            &mut progress,
+        )?;
         runs.merge(&index, u64::MAX)?;
-        report.events = migrate_events(&old, &index, &mut max, &mut progress)?;
+        report.events = migrate_events(&old, &index, &mut max, &mut pace, &mut progress)?;
         report.states = migrate_state(&old, &index)?;
         verify_counts(&old, &index)?;
         let mut done = sled::Batch::default();
@@ -135,6 +183,7 @@ fn migrate_records(
     runs: &Runs,
     symbols: &mut Symbols,
     max: &mut (u64, u64),
+    pace: &mut Pace,
     progress: &mut impl FnMut(&str),
 ) -> Result<u64, StoreError> {
     let (by_time, records, dedup) = (
@@ -156,9 +205,10 @@ fn migrate_records(
         progress(&format!("resuming after {done} of {total} verifications"));
     }
     loop {
-        let mut chunk = Vec::with_capacity(BATCH);
+        let mut chunk = Vec::with_capacity(pace.batch);
         let mut last_key = None;
-        for entry in range.by_ref().take(BATCH) {
+        pace.next_batch()?;
+        for entry in range.by_ref().take(pace.batch) {
             let (key, _) = entry.map_err(failed)?;
             let id = String::from_utf8_lossy(key.get(16..).unwrap_or_default()).into_owned();
             last_key = Some(key);
@@ -246,6 +296,7 @@ fn migrate_events(
     old: &sled::Db,
     index: &Index,
     max: &mut (u64, u64),
+    pace: &mut Pace,
     progress: &mut impl FnMut(&str),
 ) -> Result<u64, StoreError> {
     let events = legacy_tree(old, "events")?;
@@ -260,9 +311,10 @@ fn migrate_events(
         None => events.iter(),
     };
     loop {
-        let mut chunk = Vec::with_capacity(BATCH);
+        let mut chunk = Vec::with_capacity(pace.batch);
         let mut last_key = None;
-        for entry in range.by_ref().take(BATCH) {
+        pace.next_batch()?;
+        for entry in range.by_ref().take(pace.batch) {
             let (key, json) = entry.map_err(failed)?;
             let stamp = Stamp::from_bytes(&key)
                 .ok_or_else(|| StoreError::Corrupt("an old event key is malformed".into()))?;
@@ -364,4 +416,114 @@ fn remove_legacy_files(path: &Path) -> Result<(), StoreError> {
     }
     std::fs::remove_file(path.join(LEGACY_CONF)).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        EventQuery, Store, StoreOptions, Unobserved, VerificationFilter, VerificationQuery,
+    };
+    use chrono::{DateTime, Utc};
+
+    fn unpack_v1(dir: &Path) {
+        let fixture = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/store-v1/store-v1.tar.gz"
+        );
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("tar")
+            .args(["xzf", fixture, "-C"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Everything a migrated store answers, for comparing two of them.
+    async fn contents(path: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let store = Store::open(&StoreOptions::at(path), std::sync::Arc::new(Unobserved)).unwrap();
+        let all =
+            VerificationQuery::between(DateTime::<Utc>::UNIX_EPOCH, DateTime::<Utc>::MAX_UTC, 1000);
+        let records = store.verifications(all.clone()).await.unwrap().items;
+        let events = store
+            .events(EventQuery {
+                since: DateTime::<Utc>::UNIX_EPOCH,
+                until: DateTime::<Utc>::MAX_UTC,
+                after: None,
+                limit: 1000,
+            })
+            .await
+            .unwrap()
+            .items;
+        let numbered = store
+            .verifications(VerificationQuery {
+                filter: VerificationFilter {
+                    number: Some("+46701039595".into()),
+                    ..Default::default()
+                },
+                ..all
+            })
+            .await
+            .unwrap()
+            .items;
+        store.shutdown().await.unwrap();
+        (
+            records
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap())
+                .collect(),
+            events
+                .iter()
+                .map(|e| serde_json::to_string(e).unwrap())
+                .collect(),
+            numbered.iter().map(|r| r.id.clone()).collect(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_interrupted_migration_resumes_to_the_same_store_as_an_uninterrupted_one() {
+        let whole = tempfile::tempdir().unwrap();
+        unpack_v1(whole.path());
+        let report = migrate(whole.path(), 8 << 20, |_| {}).unwrap();
+        assert_eq!((report.verifications, report.events), (28, 51));
+
+        let resumed = tempfile::tempdir().unwrap();
+        unpack_v1(resumed.path());
+        // Stopped after 3 batches of 5 records, then again after 6 more (now among the
+        // raw events): the old store is intact and still refused each time.
+        for stop_after in [3, 6] {
+            let pace = Pace {
+                batch: 5,
+                batches_left: Some(stop_after),
+            };
+            let stopped = migrate_with(resumed.path(), 8 << 20, pace, |_| {});
+            assert!(stopped.is_err());
+            assert!(is_legacy(resumed.path()));
+            assert!(matches!(
+                Store::open(
+                    &StoreOptions::at(resumed.path()),
+                    std::sync::Arc::new(Unobserved)
+                ),
+                Err(StoreError::NeedsMigration(_))
+            ));
+        }
+        let mut lines = Vec::new();
+        let finished = migrate_with(
+            resumed.path(),
+            8 << 20,
+            Pace {
+                batch: 5,
+                batches_left: None,
+            },
+            |l| lines.push(l.to_owned()),
+        )
+        .unwrap();
+        assert!(lines.iter().any(|l| l.starts_with("resuming")), "{lines:?}");
+        assert!(!is_legacy(resumed.path()));
+        assert_eq!(finished.events, 51);
+        let expected = contents(whole.path()).await;
+        assert_eq!(expected.0.len(), 28);
+        assert_eq!(contents(resumed.path()).await, expected);
+    }
 }

@@ -142,6 +142,18 @@ impl Runs {
         })
     }
 
+    /// Forgets the runs in memory and reads them again: after the index was reopened,
+    /// runs written since its last flush are gone (their checkpoint is redone).
+    pub fn reload(&self, index: &Index) -> Result<(), StoreError> {
+        let fresh = Self::load(index)?;
+        let runs = fresh
+            .list
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
+        *self.list.write().unwrap_or_else(PoisonError::into_inner) = runs;
+        Ok(())
+    }
+
     fn snapshot(&self) -> Vec<Arc<Run>> {
         self.list
             .read()

@@ -333,3 +333,44 @@ fn a_decision_made_by_the_policy_survives_the_log() {
     let batch = vec![entry];
     assert_eq!(decode_wal_batch(&encode_wal_batch(&batch)).unwrap(), batch);
 }
+
+/// `VERIGATE_WRITE_FUZZ_SEEDS=1 cargo test fuzz_seeds` writes encoded samples as seeds for
+/// fuzz/fuzz_targets/record_decode.rs; otherwise this checks the committed ones still
+/// decode.
+#[test]
+fn fuzz_seeds_decode() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/record_decode");
+    if std::env::var_os("VERIGATE_WRITE_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let v = sample();
+        let mut inline = Vec::new();
+        encode_record(&v, &mut Inline, &mut inline);
+        let block = encode_block([inline.as_slice(), inline.as_slice()]);
+        let wal = encode_wal_batch(&[WalEntry {
+            event: LoggedEvent {
+                stamp: Stamp { ms: 1, seq: 2 },
+                received_at: t(0, 1),
+                app_key: "app".into(),
+                event: "VerificationRequestEvent".into(),
+                id: "v".into(),
+                body: "{}".into(),
+            },
+            discriminator: String::new(),
+            number: Some(("+46701234567".into(), crate::phone::facts("+46701234567"))),
+            decision: v.record.decision.clone(),
+        }]);
+        for (name, bytes) in [("record", inline), ("block", block), ("wal-batch", wal)] {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    let seeds: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert!(seeds.len() >= 3);
+    for seed in seeds {
+        let bytes = std::fs::read(seed.unwrap().path()).unwrap();
+        crate::store::sled::fuzz_decoders(&bytes);
+        let decodes = decode_record(&bytes, None).is_ok()
+            || decode_block(&bytes).is_ok()
+            || decode_wal_batch(&bytes).is_ok();
+        assert!(decodes, "a seed that decodes as nothing");
+    }
+}

@@ -1,0 +1,181 @@
+//! A full disk, made real: the store on a small tmpfs that the test fills up and frees.
+//! Mounting needs root (CI runs as root). Elsewhere the test fails rather than pass
+//! without having run; set VERIGATE_SKIP_ROOT_TESTS=1 to skip it on purpose.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use crate::helpers::*;
+
+/// A tmpfs mounted for the test, unmounted when dropped.
+struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(path).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| Self {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Writes a filler file until the disk is full.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        for chunk in [1 << 20, 64 << 10, 4 << 10, 512, 1] {
+            let bytes = vec![0u8; chunk];
+            while file
+                .write_all(&bytes)
+                .and_then(|()| file.sync_all())
+                .is_ok()
+            {}
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_makes_the_store_unready_and_it_recovers_by_itself_when_space_returns() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&scratch.path().join("disk"), "24m") else {
+        if std::env::var_os("VERIGATE_SKIP_ROOT_TESTS").is_some() {
+            eprintln!("skipped on request: mounting a tmpfs needs root");
+            return;
+        }
+        panic!("cannot mount a tmpfs (needs root; CI runs as root). Set VERIGATE_SKIP_ROOT_TESTS=1 to skip this test on purpose.");
+    };
+    let store_path = disk.path.join("db");
+    let app = spawn_app_with(|s| {
+        s.store.path = store_path.clone();
+        // Checkpoints every few events, so the index meets the full disk too.
+        s.store.checkpoint_events = 4;
+    })
+    .await;
+    let mut acknowledged = Vec::new();
+    let send = async |app: &TestApp, id: String, acknowledged: &mut Vec<String>| {
+        let request = app
+            .post_callback(&request_event(&id, "sms", "+46700000001"))
+            .await;
+        let result = app.post_callback(&result_event(&id, "SUCCESSFUL")).await;
+        let stored = app
+            .record(&id)
+            .await
+            .is_some_and(|r| r["decision"]["on_error"] == false);
+        if result.status == 200 && stored {
+            acknowledged.push(id);
+        }
+        (request, result)
+    };
+    for i in 0..10 {
+        send(&app, format!("before-{i}"), &mut acknowledged).await;
+    }
+    assert_eq!(acknowledged.len(), 10);
+
+    let filler = disk.fill();
+    // Writes fail now: requests get on_error (deny), results 503 so that Sinch retries.
+    let mut failed = None;
+    for i in 0..50 {
+        let (request, result) = send(&app, format!("full-{i}"), &mut acknowledged).await;
+        if result.status == 503 {
+            assert_eq!(result.error_code(), "store_unavailable");
+            assert_eq!(request.status, 200);
+            failed = Some(request.json());
+            break;
+        }
+    }
+    let request_answer = failed.expect("writes never failed on a full disk");
+    assert_eq!(
+        request_answer["action"], "deny",
+        "on_error answers a request"
+    );
+    let ready = app.get("/readyz", None).await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+    assert_ne!(ready.json()["checks"]["store"], "ok", "{}", ready.text);
+    assert!(
+        app.metric("verigate_store_write_failures_total{stage=\"wal\"}")
+            .await
+            >= 1.0
+    );
+    assert_eq!(app.metric("verigate_store_ready").await, 0.0);
+
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("readiness after freeing space", async || {
+        app.get("/readyz", None).await.status == 200
+    })
+    .await;
+    for i in 0..10 {
+        send(&app, format!("after-{i}"), &mut acknowledged).await;
+    }
+    assert!(
+        acknowledged
+            .iter()
+            .filter(|id| id.starts_with("after-"))
+            .count()
+            == 10,
+        "not every event after recovery was acknowledged: {acknowledged:?}"
+    );
+    assert_eq!(app.metric("verigate_store_ready").await, 1.0);
+
+    // Nothing acknowledged was lost, before or after a restart.
+    for id in &acknowledged {
+        let record = app.record(id).await;
+        assert!(
+            record.is_some_and(|r| r["result"]["status"] == "SUCCESSFUL"),
+            "{id} lost"
+        );
+    }
+    let app = app.restart().await;
+    for id in &acknowledged {
+        assert!(app.record(id).await.is_some(), "{id} lost after a restart");
+    }
+    // The number index came through the failed checkpoints whole as well.
+    let listed = app
+        .get(
+            "/v1/verifications?number=%2B46700000001&limit=1000",
+            Some(API_TOKEN),
+        )
+        .await
+        .json();
+    let listed: Vec<&str> = listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    for id in &acknowledged {
+        assert!(
+            listed.contains(&id.as_str()),
+            "{id} missing from the number index"
+        );
+    }
+    app.stop().await;
+    drop(disk);
+}
