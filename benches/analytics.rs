@@ -14,7 +14,7 @@ use chrono::{DateTime, Duration, TimeZone, Utc};
 use verigate::{
     decision::{DecisionRecord, PolicyDecision},
     events::{Action, VerificationEvent},
-    routes::analytics::ExportFormat,
+    routes::analytics::{export_stream, ExportFormat},
     store::{
         GroupBy, IncomingEvent, StatsQuery, Store, StoreOptions, Unobserved, VerificationFilter,
         VerificationQuery,
@@ -254,17 +254,15 @@ async fn main() {
 
     // Export one day as NDJSON, against encoding the same records already in memory.
     let t = Instant::now();
-    let (mut bytes, mut after) = (0usize, None);
-    loop {
-        let (chunk, next) = ExportFormat::Ndjson
-            .chunk(&store, day.0, day.1, after, 500)
-            .await
-            .unwrap();
-        bytes += chunk.len();
-        match next {
-            Some(next) => after = Some(next),
-            None => break,
-        }
+    let mut bytes = 0usize;
+    let mut chunks = std::pin::pin!(export_stream(
+        store.clone(),
+        day.0,
+        day.1,
+        ExportFormat::Ndjson
+    ));
+    while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+        bytes += chunk.unwrap().len();
     }
     let ours = bytes as f64 / 1e6 / t.elapsed().as_secs_f64();
     let page = store

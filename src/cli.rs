@@ -15,7 +15,7 @@ use crate::{
     clock::Clock,
     config::Settings,
     policy::{tools, RulesPolicy},
-    routes::analytics::ExportFormat,
+    routes::analytics::{export_stream, ExportFormat},
     signature::AppCredentials,
     startup::Application,
     store::{self, Store, StoreError, Unobserved, VerificationQuery},
@@ -174,17 +174,12 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 )),
                 None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
             };
-            out.write_all(&format.header())?;
-            let mut after = None;
             let mut bytes = 0;
-            loop {
-                let (chunk, next) = format.chunk(&store, since, until, after, 1000).await?;
+            let mut chunks = std::pin::pin!(export_stream(store.clone(), since, until, format));
+            while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+                let chunk = chunk?;
                 bytes += chunk.len();
                 out.write_all(&chunk)?;
-                match next {
-                    Some(next) => after = Some(next),
-                    None => break,
-                }
             }
             out.flush()?;
             store.shutdown().await?;

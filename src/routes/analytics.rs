@@ -127,21 +127,6 @@ impl ExportFormat {
             ExportFormat::Csv => encode_csv(records.iter().map(csv_row)),
         }
     }
-
-    /// Reads the next chunk of `[since, until)` after `after` and encodes it.
-    pub async fn chunk(
-        self,
-        store: &Store,
-        since: DateTime<Utc>,
-        until: DateTime<Utc>,
-        after: Option<Cursor>,
-        size: usize,
-    ) -> Result<(Vec<u8>, Option<Cursor>), StoreError> {
-        let page = store
-            .verifications(VerificationQuery::between(since, until, size).after(after))
-            .await?;
-        Ok((self.encode(&page.items), page.next))
-    }
 }
 
 /// RFC 4180: comma-separated, CRLF line ends, fields quoted when they need it.
@@ -157,47 +142,46 @@ fn encode_csv(rows: impl IntoIterator<Item = Vec<String>>) -> Vec<u8> {
 }
 
 /// Streams every record first seen in `[since, until)`, in time order, chunk by chunk.
+/// The next chunk is read (on the store's blocking threads) while this one is encoded.
 pub fn export_stream(
     store: Store,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
     format: ExportFormat,
 ) -> impl futures_util::Stream<Item = Result<web::Bytes, StoreError>> {
+    type Read = tokio::task::JoinHandle<Result<Page<VerificationRecord>, StoreError>>;
+    let read = move |store: &Store, after: Option<Cursor>| -> Read {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .verifications(VerificationQuery::between(since, until, CHUNK).after(after))
+                .await
+        })
+    };
     struct State {
         store: Store,
-        after: Option<Cursor>,
+        pending: Option<Read>,
         header: bool,
-        done: bool,
     }
     let start = State {
+        pending: Some(read(&store, None)),
         store,
-        after: None,
         header: true,
-        done: false,
     };
     futures_util::stream::unfold(start, move |mut state| async move {
-        if state.done {
-            return None;
-        }
-        let read = format
-            .chunk(&state.store, since, until, state.after.take(), CHUNK)
-            .await;
-        let (encoded, next) = match read {
-            Ok(chunk) => chunk,
-            Err(err) => {
-                state.done = true;
-                return Some((Err(err), state));
-            }
+        let page = match state.pending.take()?.await {
+            Ok(Ok(page)) => page,
+            Ok(Err(err)) => return Some((Err(err), state)),
+            Err(join) => return Some((Err(StoreError::Failed(join.to_string())), state)),
         };
+        state.pending = page.next.clone().map(|next| read(&state.store, Some(next)));
         let mut chunk = if state.header {
             format.header()
         } else {
             Vec::new()
         };
-        chunk.extend(encoded);
+        chunk.extend(format.encode(&page.items));
         state.header = false;
-        state.done = next.is_none();
-        state.after = next;
         Some((Ok(web::Bytes::from(chunk)), state))
     })
 }

@@ -99,6 +99,21 @@ pub async fn spawn_app_with(customise: impl FnOnce(&mut Settings)) -> TestApp {
     start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await
 }
 
+/// The service started without waiting for it to be ready (its store may not open):
+/// its base URL, a handle to stop it and its task.
+pub fn start_unready(
+    settings: &Settings,
+) -> (
+    String,
+    ServerHandle,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let app = Application::build(settings, Clock::system()).unwrap();
+    let base = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    (base, handle, tokio::spawn(app.run_until_stopped()))
+}
+
 /// The service with these settings on this folder (the rules policy).
 pub async fn spawn_configured_app(settings: Settings, dir: Arc<TempDir>) -> TestApp {
     start(settings, dir, Arc::new(Mutex::new(Utc::now()))).await

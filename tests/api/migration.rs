@@ -71,6 +71,22 @@ async fn a_store_written_by_0_1_is_refused_until_migrated_and_then_answers_as_be
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(why.contains("verigate store migrate"), "{why}");
+    let signer = verigate::signature::AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap();
+    let post = |body: String| {
+        let ts = timestamp(chrono::Utc::now());
+        let mut req = client.post(format!("{base}/sinch/verification"));
+        for (n, v) in signed_headers_at(&signer, body.as_bytes(), "/sinch/verification", &ts) {
+            req = req.header(n, v);
+        }
+        req.body(body).send()
+    };
+    let request = post(request_event("early", "sms", "+46700000001"))
+        .await
+        .unwrap();
+    assert_eq!(request.status(), 200);
+    assert_eq!(request.json::<Value>().await.unwrap()["action"], "deny");
+    let result = post(result_event("early", "FAIL")).await.unwrap();
+    assert_eq!(result.status(), 503);
     handle.stop(true).await;
     running.await.unwrap().unwrap();
 

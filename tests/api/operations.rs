@@ -50,11 +50,7 @@ async fn readiness_is_false_until_the_store_opens_and_callbacks_are_answered_mea
         Arc::new(verigate::store::Unobserved),
     )
     .unwrap();
-    let app =
-        verigate::startup::Application::build(&settings, verigate::clock::Clock::system()).unwrap();
-    let base = format!("http://127.0.0.1:{}", app.port());
-    let handle = app.handle();
-    let running = tokio::spawn(app.run_until_stopped());
+    let (base, handle, running) = start_unready(&settings);
     let client = reqwest::Client::new();
     let get = |path: &'static str| client.get(format!("{base}{path}")).send();
 

@@ -56,14 +56,14 @@ fn expire_records(shared: &Shared, index: &Index, cutoff: Stamp) -> Result<usize
     for block in blocks {
         let (key, block) = block.map_err(failed)?;
         let mut kept = Vec::new();
-        for bytes in codec::decode_block(&block).map_err(corrupt)? {
-            let stamp = codec::record_stamp(&bytes).map_err(corrupt)?;
+        for bytes in codec::decode_block(&block).map_err(corrupt)?.iter() {
+            let stamp = codec::record_stamp(bytes).map_err(corrupt)?;
             if stamp >= cutoff {
-                kept.push(bytes);
+                kept.push(bytes.to_vec());
                 continue;
             }
             let symbols = shared.read_symbols();
-            let mut versions = vec![codec::decode_record(&bytes, Some(&symbols)).map_err(corrupt)?];
+            let mut versions = vec![codec::decode_record(bytes, Some(&symbols)).map_err(corrupt)?];
             if let Some(patch) = index.tree.get(keys::patch(stamp)).map_err(failed)? {
                 versions.push(codec::decode_record(&patch, Some(&symbols)).map_err(corrupt)?);
                 batch.remove(keys::patch(stamp));
@@ -106,10 +106,10 @@ fn expire_events(index: &Index, cutoff: Stamp) -> Result<usize, StoreError> {
     for block in blocks {
         let (key, block) = block.map_err(failed)?;
         let mut kept = Vec::new();
-        for bytes in codec::decode_block(&block).map_err(corrupt)? {
-            let event = codec::decode_event(&bytes).map_err(corrupt)?;
+        for bytes in codec::decode_block(&block).map_err(corrupt)?.iter() {
+            let event = codec::decode_event(bytes).map_err(corrupt)?;
             if event.stamp >= cutoff {
-                kept.push((event.stamp, bytes));
+                kept.push((event.stamp, bytes.to_vec()));
             } else {
                 gone += 1;
             }

@@ -88,9 +88,9 @@ impl Index {
         let Some(block) = self.tree.get(key).map_err(failed)? else {
             return Ok(None);
         };
-        for record in codec::decode_block(&block).map_err(corrupt)? {
-            if codec::record_stamp(&record).map_err(corrupt)? == stamp {
-                return Ok(Some(record));
+        for record in codec::decode_block(&block).map_err(corrupt)?.iter() {
+            if codec::record_stamp(record).map_err(corrupt)? == stamp {
+                return Ok(Some(record.to_vec()));
             }
         }
         Ok(None)
@@ -124,8 +124,9 @@ impl Index {
             .peekable();
         for block in self.tree.range(first_block..keys::record_block(end)) {
             let (_, block) = block.map_err(failed)?;
-            for record in codec::decode_block(&block).map_err(corrupt)? {
-                let stamp = codec::record_stamp(&record).map_err(corrupt)?;
+            let block = codec::decode_block(&block).map_err(corrupt)?;
+            for record in block.iter() {
+                let stamp = codec::record_stamp(record).map_err(corrupt)?;
                 if stamp < start {
                     continue;
                 }
@@ -150,7 +151,7 @@ impl Index {
                 };
                 let flow = match &patched {
                     Some(patch) => visit(stamp, patch)?,
-                    None => visit(stamp, &record)?,
+                    None => visit(stamp, record)?,
                 };
                 if flow.is_break() {
                     return Ok(());
@@ -174,8 +175,8 @@ impl Index {
         let first_block = self.block_holding(keys::event_block, start)?;
         for block in self.tree.range(first_block..keys::event_block(end)) {
             let (_, block) = block.map_err(failed)?;
-            for item in codec::decode_block(&block).map_err(corrupt)? {
-                let event = codec::decode_event(&item).map_err(corrupt)?;
+            for item in codec::decode_block(&block).map_err(corrupt)?.iter() {
+                let event = codec::decode_event(item).map_err(corrupt)?;
                 if event.stamp < start {
                     continue;
                 }

@@ -5,7 +5,7 @@
 //! Pagination needs no further care: stamps are handed out in increasing order by the one
 //! commit thread and published in that order, so nothing can appear behind a cursor.
 
-use std::{collections::BTreeSet, ops::ControlFlow, sync::Arc};
+use std::{borrow::Cow, collections::BTreeSet, ops::ControlFlow, sync::Arc};
 
 use serde_json::value::RawValue;
 
@@ -125,10 +125,10 @@ impl Shared {
         let mut items = Vec::new();
         let mut read = 0usize;
         let mut stopped_at = None;
-        let mut visit = |stamp: Stamp, record: &VerificationRecord| {
+        let mut visit = |stamp: Stamp, record: Cow<'_, VerificationRecord>| {
             read += 1;
-            if query.filter.matches(record) {
-                items.push(record.clone());
+            if query.filter.matches(&record) {
+                items.push(record.into_owned());
             }
             if items.len() == query.limit || read == query.scan_budget {
                 stopped_at = Some(stamp);
@@ -138,10 +138,10 @@ impl Shared {
             }
         };
         self.walk(start, end, query.scan_budget, |stamp, v| match v {
-            Walked::Decoded(v) => Ok(visit(stamp, &v.record)),
+            Walked::Decoded(v) => Ok(visit(stamp, Cow::Borrowed(&v.record))),
             Walked::Encoded(bytes) => {
                 let v = codec::decode_record(bytes, Some(&self.read_symbols())).map_err(corrupt)?;
-                Ok(visit(stamp, &v.record))
+                Ok(visit(stamp, Cow::Owned(v.record)))
             }
         })?;
         Ok(Page {

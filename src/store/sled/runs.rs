@@ -178,10 +178,9 @@ impl Runs {
                 if n > first && !chunk_first.starts_with(&prefix) {
                     break;
                 }
-                for entry in read_chunk(index, run.id, n as u32)? {
-                    if entry.starts_with(&prefix) {
-                        out.extend(keys::stamp_of_indexed(&entry));
-                    }
+                let chunk = chunk_block(index, run.id, n as u32)?;
+                for entry in chunk.iter().filter(|e| e.starts_with(&prefix)) {
+                    out.extend(keys::stamp_of_indexed(entry));
                 }
             }
         }
@@ -361,13 +360,17 @@ fn write_run(
     Ok(Arc::new(run))
 }
 
-fn read_chunk(index: &Index, run: u64, n: u32) -> Result<Vec<Vec<u8>>, StoreError> {
+fn chunk_block(index: &Index, run: u64, n: u32) -> Result<codec::Block, StoreError> {
     let chunk = index
         .tree
         .get(keys::run_chunk(run, n))
         .map_err(failed)?
         .ok_or_else(|| corrupt(format!("chunk {n} of index run {run} is missing")))?;
     codec::decode_block(&chunk).map_err(|e| corrupt(e.to_string()))
+}
+
+fn read_chunk(index: &Index, run: u64, n: u32) -> Result<Vec<Vec<u8>>, StoreError> {
+    Ok(chunk_block(index, run, n)?.to_vecs())
 }
 
 /// Applies writes (`None` removes) in small batches, in order.

@@ -1,9 +1,11 @@
 use chrono::TimeZone;
 use proptest::prelude::*;
 
-use super::*;
+use super::{event::*, record::*, *};
 use crate::{
-    decision::PolicyDecision,
+    decision::{
+        CounterReading, DecisionRecord, Explanation, PolicyDecision, QuarantineNote, ShadowMatch,
+    },
     events::{Action, VerificationEvent},
     store::RecordStamp,
 };
@@ -215,7 +217,7 @@ fn write_ahead_log_entries_read_back_exactly() {
 fn blocks_keep_their_items_in_order() {
     let items: Vec<Vec<u8>> = (0..100u8).map(|i| vec![i; usize::from(i)]).collect();
     let block = encode_block(items.iter().map(Vec::as_slice));
-    assert_eq!(decode_block(&block).unwrap(), items);
+    assert_eq!(decode_block(&block).unwrap().to_vecs(), items);
     let event = LoggedEvent {
         stamp: Stamp { ms: 1, seq: 2 },
         received_at: t(0, 5),
