@@ -274,7 +274,12 @@ pub fn background_stdout() -> (
         .lossy(true)
         .buffered_lines_limit(LOG_BUFFER_LINES)
         .thread_name("verigate-log")
-        .finish(std::io::stdout());
+        // The writer thread drains whatever has queued, then flushes: buffered, that is
+        // one write per drain instead of one per line.
+        .finish(std::io::BufWriter::with_capacity(
+            64 << 10,
+            std::io::stdout(),
+        ));
     let _ = DROPPED.set(writer.error_counter());
     (writer, guard)
 }

@@ -26,10 +26,16 @@ const RECORDS_PER_BLOCK: usize = 32;
 const EVENTS_PER_BLOCK: usize = 512;
 const EVENT_BLOCK_BYTES: usize = 256 << 10;
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// The checkpointer's nice value (0 is normal, 19 the lowest priority).
+const CHECKPOINT_NICE: i32 = 10;
 /// At shutdown, attempts before giving up (the log keeps the data for the next start).
 const ATTEMPTS_AT_SHUTDOWN: u32 = 3;
 
 pub fn run(shared: &Shared) {
+    // A checkpoint can wait a little, callbacks cannot: on a busy machine this thread
+    // yields to the HTTP workers and the commit thread (Linux gives each thread its own
+    // nice value). It cannot fall behind for long: commits wait for it when it does.
+    let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), CHECKPOINT_NICE);
     while let Some(memtable) = shared.next_frozen() {
         let mut attempts = 0;
         loop {
