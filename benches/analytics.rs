@@ -12,97 +12,20 @@ use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use verigate::{
-    decision::{DecisionRecord, PolicyDecision},
-    events::{Action, VerificationEvent},
     routes::analytics::{export_stream, ExportFormat},
     store::{
-        GroupBy, IncomingEvent, StatsQuery, Store, StoreOptions, Unobserved, VerificationFilter,
-        VerificationQuery,
+        GroupBy, StatsQuery, Store, StoreOptions, Unobserved, VerificationFilter, VerificationQuery,
     },
 };
 
 const DAYS: i64 = 10;
-const NUMBERS: u64 = 200_000;
-const COUNTRIES: [&str; 5] = ["+4670", "+4477", "+1415", "+4915", "+3361"];
+
+#[path = "common/corpus.rs"]
+mod corpus;
+use corpus::number;
 
 fn start() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap()
-}
-
-fn number(i: u64) -> String {
-    let n = (i * 7919) % NUMBERS;
-    format!("{}{:07}", COUNTRIES[(n % 5) as usize], n)
-}
-
-fn request(i: u64) -> String {
-    format!(
-        r#"{{"id":"v-{i}","event":"VerificationRequestEvent","method":"{}","identity":{{"type":"number","endpoint":"{}"}},"price":{{"amount":0.0308,"currencyId":"EUR"}},"reference":"ref-{i}"}}"#,
-        if i % 3 == 0 { "flashcall" } else { "sms" },
-        number(i)
-    )
-}
-
-fn result(i: u64) -> String {
-    format!(
-        r#"{{"id":"v-{i}","event":"VerificationResultEvent","method":"sms","status":"{}"}}"#,
-        if i % 10 < 7 { "SUCCESSFUL" } else { "FAIL" }
-    )
-}
-
-async fn record(store: &Store, raw: &str, at: DateTime<Utc>, decision: Option<&DecisionRecord>) {
-    let event = VerificationEvent::parse(raw.as_bytes()).unwrap();
-    let incoming = IncomingEvent {
-        event: &event,
-        raw: raw.as_bytes(),
-        app_key: "bench",
-        received_at: at,
-        decision,
-    };
-    store.record_once(incoming).await.unwrap();
-}
-
-async fn load(store: &Store, n: u64) {
-    let step = Duration::milliseconds(DAYS * 86_400_000 / n as i64);
-    let decision = DecisionRecord::new(
-        &PolicyDecision {
-            action: Action::Allow,
-            rule: None,
-            reason: "bench".into(),
-            response: Default::default(),
-            explanation: Default::default(),
-        },
-        false,
-        "bench",
-        start(),
-        serde_json::json!({"action":"allow"}),
-    );
-    let decision = Arc::new(decision);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..128u64)
-        .map(|t| {
-            let store = store.clone();
-            let decision = Arc::clone(&decision);
-            tokio::spawn(async move {
-                let mut i = t;
-                while i < n {
-                    let at = start() + step * i as i32;
-                    record(&store, &request(i), at, Some(&decision)).await;
-                    if i % 5 == 0 {
-                        record(&store, &result(i), at, None).await;
-                    }
-                    i += 128;
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    println!(
-        "loaded {n} verifications ({} events) in {:.1} s",
-        n + n / 5,
-        started.elapsed().as_secs_f64()
-    );
 }
 
 fn open(dir: &std::path::Path) -> Store {
@@ -173,16 +96,13 @@ fn percentile(mut xs: Vec<f64>, p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let n: u64 = std::env::var("VERIGATE_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let n: u64 = corpus::knob("VERIGATE_BENCH_RECORDS", 1_000_000);
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-analytics-v2-{n}"));
     let done = dir.join("loaded");
     let store = open(&dir);
     if !done.exists() {
-        load(&store, n).await;
+        corpus::load(&store, n, start(), Duration::days(DAYS)).await;
         store.shutdown().await.unwrap();
         std::fs::write(&done, b"").unwrap();
         println!("peak RSS while loading: {:.0} MiB", peak_rss_mib());

@@ -57,6 +57,9 @@ pub struct ServerSettings {
     pub workers: usize,
     #[serde(deserialize_with = "duration")]
     pub shutdown_timeout: Duration,
+    /// How long a callback that arrives before the store is open waits for it.
+    #[serde(deserialize_with = "duration")]
+    pub startup_wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]

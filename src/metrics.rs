@@ -60,6 +60,10 @@ pub struct VersionLabels {
     pub version: String,
 }
 
+/// What [`Metrics::render`] writes: OpenMetrics text (`# EOF`, counter families named
+/// without `_total`), which classic-format parsers misread as untyped samples.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Outcome labels of `verigate_callbacks_total`.
 pub mod outcome {
     pub const ACCEPTED: &str = "accepted";
@@ -90,6 +94,7 @@ pub struct Metrics {
     checkpoint_seconds: Histogram,
     write_failures: Family<StageLabels, Counter>,
     store_size_bytes: Gauge,
+    store_free_bytes: Gauge,
     store_open: Gauge,
     store_ready: Gauge,
     log_lines_dropped: Counter,
@@ -165,6 +170,10 @@ impl Metrics {
             "Store writes that failed, by stage (wal, checkpoint); the store recovers by itself once the cause is gone",
             write_failures.clone(),
         );
+        // Shown as 0 from the start, so that a dashboard draws a line, not "no data".
+        for stage in ["wal", "checkpoint"] {
+            drop(write_failures.get_or_create(&StageLabels { stage }));
+        }
         let store_ready = Gauge::default();
         r.register(
             "store_ready",
@@ -182,6 +191,12 @@ impl Metrics {
             "store_size_bytes",
             "Bytes the store occupies on disk",
             store_size_bytes.clone(),
+        );
+        let store_free_bytes = Gauge::default();
+        r.register(
+            "store_disk_free_bytes",
+            "Bytes free on the store's volume for an unprivileged writer, sampled at scrape",
+            store_free_bytes.clone(),
         );
         let store_open = Gauge::default();
         r.register(
@@ -235,6 +250,7 @@ impl Metrics {
             checkpoint_seconds,
             write_failures,
             store_size_bytes,
+            store_free_bytes,
             store_open,
             store_ready,
             log_lines_dropped,
@@ -304,10 +320,12 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text exposition, with the values sampled at scrape time.
+    /// The OpenMetrics text exposition (served as [`CONTENT_TYPE`]), with the values
+    /// sampled at scrape time.
     pub fn render(&self, sampled: &Sampled) -> String {
         let Sampled {
             store_size,
+            store_free,
             store_ready,
             counter_keys,
             blocks: (blocks, changes),
@@ -338,6 +356,10 @@ impl Metrics {
             self.store_size_bytes
                 .set(i64::try_from(size).unwrap_or(i64::MAX));
         }
+        if let Some(free) = store_free {
+            self.store_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -350,6 +372,8 @@ impl Metrics {
 pub struct Sampled {
     /// `None` while the store is not open.
     pub store_size: Option<u64>,
+    /// `None` while the store is not open or is not on a local disk.
+    pub store_free: Option<u64>,
     pub store_ready: bool,
     pub counter_keys: usize,
     /// Active blocks, and blocks/expiries/lifts/pins since start.

@@ -44,7 +44,7 @@ pub struct Application {
     policy: Arc<dyn Policy>,
     metrics: Arc<Metrics>,
     /// Kept alive while the service runs: dropping it stops watching the policy file.
-    watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<reload::PolicyWatcher>,
 }
 
 impl Application {
@@ -59,7 +59,6 @@ impl Application {
         let policy: Arc<dyn Policy> = Arc::new(policy);
         let mut app = Self::build_with_policy(settings, clock, Arc::clone(&policy))?;
         app.watcher = Some(reload::watch(
-            &settings.policy.path,
             Arc::clone(&policy),
             Arc::clone(&app.metrics),
         )?);
@@ -95,7 +94,7 @@ impl Application {
             Arc::clone(&metrics) as Arc<dyn StoreObserver>,
             Arc::clone(&stop_opening),
             move |opened| async move {
-                persist::restore_on_open(&opened, restoring.as_ref(), restore_clock.now()).await;
+                persist::restore_on_open(&opened, restoring, restore_clock.now()).await;
             },
         );
         let log_reporter = tokio::spawn(telemetry::report_dropped_lines(LOG_DROP_REPORT));
@@ -120,6 +119,7 @@ impl Application {
             max_clock_skew: settings.max_clock_skew(),
             body_limit: settings.server.body_limit,
             decision_deadline: settings.policy.decision_deadline,
+            startup_wait: settings.server.startup_wait,
             clock,
             policy,
             store: store.clone(),

@@ -12,7 +12,10 @@
 //! time they are told, so tests drive them on a controlled clock.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Mutex,
+};
 
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -143,13 +146,116 @@ struct Pending {
     order: VecDeque<(i64, String)>,
 }
 
+/// Something live the book was told while it was held (see [`OutcomeBook::hold`]).
+enum Observation {
+    Allowed(String, Tracked),
+    Resolved(String, Resolution, i64),
+}
+
+/// Live observations waiting for the replay of history to finish. `held` is checked
+/// without the lock on every decision; it only turns false under the lock, so nothing
+/// can be queued after the queue was drained.
+#[derive(Default)]
+struct HeldBack {
+    held: AtomicBool,
+    queue: Mutex<Vec<Observation>>,
+}
+
 #[derive(Default)]
 pub struct OutcomeBook {
     pending: Mutex<Pending>,
     evidence: Mutex<HashMap<(String, String), VecDeque<Evidence>>>,
+    held_back: HeldBack,
 }
 
 impl OutcomeBook {
+    /// From now on, live observations wait until [`release`](Self::release): history
+    /// is replayed meanwhile (`track`, `resolve`, `expire` with past times), and the book
+    /// must see every verification in time order, the replayed ones first.
+    pub fn hold(&self) {
+        self.held_back.held.store(true, Ordering::SeqCst);
+    }
+
+    /// True while live observations wait for the replay.
+    pub fn is_held(&self) -> bool {
+        self.held_back.held.load(Ordering::Acquire)
+    }
+
+    /// Applies what waited, in the order it came, and stops holding.
+    pub fn release(&self, counters: &Counters, now_ms: i64) -> usize {
+        let mut queue = self
+            .held_back
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let waited = queue.len();
+        for observation in queue.drain(..) {
+            match observation {
+                Observation::Allowed(id, tracked) => {
+                    self.expire(counters, tracked.allowed_ms);
+                    self.track(&id, tracked);
+                }
+                Observation::Resolved(id, resolution, at_ms) => {
+                    self.expire(counters, at_ms);
+                    self.resolve(&id, resolution, counters, at_ms);
+                }
+            }
+        }
+        self.expire(counters, now_ms);
+        self.held_back.held.store(false, Ordering::SeqCst);
+        waited
+    }
+
+    /// Queues `observation` if the book is held; gives it back otherwise.
+    fn held(&self, observation: Observation) -> Option<Observation> {
+        if !self.is_held() {
+            return Some(observation);
+        }
+        let mut queue = self
+            .held_back
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !self.is_held() {
+            return Some(observation);
+        }
+        queue.push(observation);
+        None
+    }
+
+    /// A verification the policy allowed just now.
+    pub fn observe_allowed(&self, id: &str, tracked: Tracked) {
+        if let Some(Observation::Allowed(id, tracked)) =
+            self.held(Observation::Allowed(id.to_owned(), tracked))
+        {
+            self.track(&id, tracked);
+        }
+    }
+
+    /// A final result that just arrived.
+    pub fn observe_result(
+        &self,
+        id: &str,
+        resolution: Resolution,
+        counters: &Counters,
+        at_ms: i64,
+    ) {
+        if let Some(Observation::Resolved(id, resolution, at_ms)) =
+            self.held(Observation::Resolved(id.to_owned(), resolution, at_ms))
+        {
+            self.expire(counters, at_ms);
+            self.resolve(&id, resolution, counters, at_ms);
+        }
+    }
+
+    /// Counts as failed what had its time without a result, unless history is still
+    /// being replayed (the release does it then).
+    pub fn catch_up(&self, counters: &Counters, now_ms: i64) {
+        if !self.is_held() {
+            self.expire(counters, now_ms);
+        }
+    }
+
     /// Starts tracking an allowed verification.
     pub fn track(&self, id: &str, tracked: Tracked) {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());

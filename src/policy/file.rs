@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     ops::Range,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -185,6 +185,30 @@ pub(super) struct SpendFile {
 
 // ---------------------------------------------------------------------------------------
 // Loading
+
+/// The files a policy is read from: the policy file and every list file it names, whether
+/// or not they exist or the policy is valid (a list file that is missing now is the one an
+/// operator is about to create).
+pub fn source_files(path: &Path) -> Vec<PathBuf> {
+    #[derive(Deserialize)]
+    struct ListsOnly {
+        #[serde(default)]
+        lists: BTreeMap<String, toml::Value>,
+    }
+    let mut files = vec![path.to_path_buf()];
+    let base = path.parent().unwrap_or(Path::new(""));
+    let named = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| toml::from_str::<ListsOnly>(&text).ok());
+    if let Some(named) = named {
+        for list in named.lists.values() {
+            if let Some(file) = list.get("file").and_then(toml::Value::as_str) {
+                files.push(base.join(file));
+            }
+        }
+    }
+    files
+}
 
 /// Reads the policy and its list files and compiles them.
 pub(super) fn load(

@@ -88,6 +88,11 @@ pub trait Policy: Send + Sync + 'static {
         Err(PolicyError("this policy cannot be reloaded".into()))
     }
 
+    /// The files `reload` reads (watched for changes); empty when there are none.
+    fn sources(&self) -> Vec<std::path::PathBuf> {
+        Vec::new()
+    }
+
     /// A description for `GET /v1/policy`.
     fn describe(&self) -> serde_json::Value {
         serde_json::json!({ "version": self.version() })
@@ -131,13 +136,19 @@ pub trait Policy: Send + Sync + 'static {
         None
     }
 
-    /// At start: takes back the saved state and relearns from stored verifications
-    /// (oldest first).
-    fn restore(
-        &self,
-        _saved: Option<serde_json::Value>,
-        _history: Vec<PastVerification>,
-        _now: DateTime<Utc>,
-    ) {
+    /// At start, before the first decision: takes back the saved state (quarantines).
+    /// A policy with a [`lookback`](Self::lookback) then expects [`relearn`](Self::relearn),
+    /// and until it comes decides with what it has, holding back what it observes.
+    fn restore(&self, _saved: Option<serde_json::Value>, _now: DateTime<Utc>) {}
+
+    /// Relearns from the stored verifications of the lookback (any order), while
+    /// decisions go on; returns how many observations had waited for it.
+    fn relearn(&self, _history: Vec<PastVerification>, _now: DateTime<Utc>) -> usize {
+        0
+    }
+
+    /// True between `restore` and the end of `relearn`.
+    fn relearning(&self) -> bool {
+        false
     }
 }

@@ -16,18 +16,45 @@ use crate::{
 const STATE: &str = "policy_state";
 const PAGE: usize = 1_000;
 
-/// Restores the policy's state from a store that has just opened, before it is used
-/// (so no decision is made without what was learned before the restart).
-pub async fn restore_on_open(store: &Store, policy: &dyn Policy, now: DateTime<Utc>) {
-    let started = std::time::Instant::now();
-    match restore(store, policy, now).await {
-        Ok(relearned) => tracing::info!(
-            relearned,
-            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            "policy state restored"
-        ),
-        Err(err) => tracing::error!(error.message = %err, "restoring the policy state failed"),
+/// Restores the policy's state from a store that has just opened, before it is used:
+/// the saved quarantines at once (so no key that was blocked is let through after a
+/// restart), then, in the background, what adaptive rules learned from the lookback's
+/// verifications. Relearning does not hold up readiness: it takes about a second per
+/// 200,000 verifications, decisions meanwhile lack only the not-yet-replayed history
+/// of conversion counts (every block is already back), and what they observe waits
+/// for the replay so the counts come out as if verigate had never stopped.
+pub async fn restore_on_open(store: &Store, policy: Arc<dyn Policy>, now: DateTime<Utc>) {
+    if let Err(err) = restore_saved(store, policy.as_ref(), now).await {
+        tracing::error!(error.message = %err, "restoring the saved policy state failed");
+        policy.restore(None, now);
     }
+    let Some(back) = policy.lookback() else {
+        return;
+    };
+    let store = store.clone();
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        // Up to a second ahead: the current millisecond's records belong in too (a
+        // live decision counted twice is tracked once: by id).
+        let history = match history(&store, now - back, now + chrono::Duration::seconds(1)).await {
+            Ok(history) => history,
+            Err(err) => {
+                tracing::error!(error.message = %err, "reading the history to relearn from failed; adaptive rules start from what they see now");
+                Vec::new()
+            }
+        };
+        let relearned = history.len();
+        let policy_for_replay = Arc::clone(&policy);
+        let waited = tokio::task::spawn_blocking(move || policy_for_replay.relearn(history, now))
+            .await
+            .unwrap_or(0);
+        tracing::info!(
+            relearned,
+            waited,
+            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "policy relearned from the store"
+        );
+    });
 }
 
 /// Once the store is open, saves the policy's state whenever it changes (checked each
@@ -50,13 +77,12 @@ pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
     }
 }
 
-/// Puts back the saved state and replays the verifications adaptive rules need; returns
-/// how many were replayed.
-pub async fn restore(
+/// Puts back the saved state (quarantines).
+pub async fn restore_saved(
     store: &Store,
     policy: &dyn Policy,
     now: DateTime<Utc>,
-) -> Result<usize, StoreError> {
+) -> Result<(), StoreError> {
     let saved = match store.load_state(STATE).await? {
         Some(bytes) => match serde_json::from_slice(&bytes) {
             Ok(state) => Some(state),
@@ -67,14 +93,8 @@ pub async fn restore(
         },
         None => None,
     };
-    // Up to a second ahead: the current millisecond's records belong in too.
-    let history = match policy.lookback() {
-        Some(back) => history(store, now - back, now + chrono::Duration::seconds(1)).await?,
-        None => Vec::new(),
-    };
-    let relearned = history.len();
-    policy.restore(saved, history, now);
-    Ok(relearned)
+    policy.restore(saved, now);
+    Ok(())
 }
 
 async fn history(

@@ -267,7 +267,7 @@ impl Policy for RulesPolicy {
         };
         if !s.adaptive.is_empty() {
             // Verifications that had their time without a result now count as failed.
-            self.book.expire(&self.counters, now_ms);
+            self.book.catch_up(&self.counters, now_ms);
         }
         let mut decided: Option<usize> = None;
         let mut matched_prefix = None;
@@ -351,7 +351,9 @@ impl Policy for RulesPolicy {
             for (key, window_ms, amount) in spend_to_commit {
                 self.counters.add(&key, window_ms, now_ms, amount);
             }
-            self.track(&s, &facts, now_ms);
+            if let Some(tracked) = self.tracked(&s, &facts, now_ms) {
+                self.book.observe_allowed(&facts.request.id, tracked);
+            }
         }
         let reason = match (rule, &matched_prefix) {
             (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
@@ -411,6 +413,13 @@ impl Policy for RulesPolicy {
         }
     }
 
+    fn sources(&self) -> Vec<PathBuf> {
+        self.path
+            .as_deref()
+            .map(super::file::source_files)
+            .unwrap_or_default()
+    }
+
     fn describe(&self) -> serde_json::Value {
         let s = self.current.load();
         let rules: Vec<_> = s
@@ -445,10 +454,12 @@ impl Policy for RulesPolicy {
 
     fn observe_outcome(&self, outcome: Outcome<'_>) {
         if let Some(resolution) = Resolution::of(outcome.status, outcome.reason) {
-            let at_ms = outcome.at.timestamp_millis();
-            self.book.expire(&self.counters, at_ms);
-            self.book
-                .resolve(outcome.id, resolution, &self.counters, at_ms);
+            self.book.observe_result(
+                outcome.id,
+                resolution,
+                &self.counters,
+                outcome.at.timestamp_millis(),
+            );
         }
         let s = self.current.load();
         let names = outcome
@@ -469,7 +480,7 @@ impl Policy for RulesPolicy {
     }
 
     fn blocks(&self, now: DateTime<Utc>) -> Vec<Block> {
-        self.book.expire(&self.counters, now.timestamp_millis());
+        self.book.catch_up(&self.counters, now.timestamp_millis());
         self.quarantine.list(now.timestamp_millis())
     }
 
@@ -514,16 +525,22 @@ impl Policy for RulesPolicy {
             .map(std::time::Duration::from_millis)
     }
 
-    fn restore(
-        &self,
-        saved: Option<serde_json::Value>,
-        history: Vec<PastVerification>,
-        now: DateTime<Utc>,
-    ) {
+    fn restore(&self, saved: Option<serde_json::Value>, now: DateTime<Utc>) {
         if let Some(state) = saved.and_then(|v| serde_json::from_value::<QuarantineState>(v).ok()) {
             self.quarantine.restore(state, now.timestamp_millis());
         }
-        // Replayed in time order, as they happened: allowed, then resolved.
+        if self.lookback().is_some() {
+            self.book.hold();
+        }
+    }
+
+    fn relearning(&self) -> bool {
+        self.book.is_held()
+    }
+
+    fn relearn(&self, history: Vec<PastVerification>, now: DateTime<Utc>) -> usize {
+        // Replayed in time order, as they happened: allowed, then resolved; then what
+        // was decided while this ran.
         let s = self.current.load();
         let mut steps: Vec<(i64, usize, bool)> = Vec::new();
         for (i, past) in history.iter().enumerate() {
@@ -541,8 +558,8 @@ impl Policy for RulesPolicy {
             let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
             if !resolved {
                 let facts = past.request.as_ref().and_then(|r| Facts::of(r, when));
-                if let Some(facts) = facts {
-                    self.track(&s, &facts, at_ms);
+                if let Some(tracked) = facts.and_then(|f| self.tracked(&s, &f, at_ms)) {
+                    self.book.track(&past.id, tracked);
                 }
             } else if let Some((status, reason, _)) = &past.result {
                 if let Some(resolution) = Resolution::of(status, reason.as_deref()) {
@@ -551,7 +568,7 @@ impl Policy for RulesPolicy {
                 }
             }
         }
-        self.book.expire(&self.counters, now.timestamp_millis());
+        self.book.release(&self.counters, now.timestamp_millis())
     }
 }
 
@@ -565,9 +582,9 @@ fn note(block: &Block, state: &str) -> QuarantineNote {
 }
 
 impl RulesPolicy {
-    /// Tracks an allowed request for every adaptive rule that applies to it, so its result
-    /// can be counted under that rule's key.
-    fn track(&self, s: &Snapshot, f: &Facts<'_>, now_ms: i64) {
+    /// What to track of an allowed request for the adaptive rules that apply to it, so
+    /// its result can be counted under each rule's key (`None`: no rule applies).
+    fn tracked(&self, s: &Snapshot, f: &Facts<'_>, now_ms: i64) -> Option<Tracked> {
         let mut keys = Vec::new();
         let mut complete_after_ms = 0;
         for &i in &s.adaptive {
@@ -600,22 +617,19 @@ impl RulesPolicy {
             }
         }
         if keys.is_empty() {
-            return;
+            return None;
         }
-        self.book.track(
-            &f.request.id,
-            Tracked {
-                keys,
-                allowed_ms: now_ms,
-                // Sinch's own default expiry is 10 minutes; sinch_fraud needs no wait.
-                complete_after_ms: if complete_after_ms > 0 {
-                    complete_after_ms
-                } else {
-                    600_000
-                },
-                number: f.number.clone(),
+        Some(Tracked {
+            keys,
+            allowed_ms: now_ms,
+            // Sinch's own default expiry is 10 minutes; sinch_fraud needs no wait.
+            complete_after_ms: if complete_after_ms > 0 {
+                complete_after_ms
+            } else {
+                600_000
             },
-        );
+            number: f.number.clone(),
+        })
     }
 
     /// Updates and checks a rule's counters; true when every limiter is over its max

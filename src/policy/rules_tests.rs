@@ -1,6 +1,5 @@
 use super::*;
 use crate::events::{Identity, Price, VerificationMethod};
-use chrono::TimeZone;
 
 fn request(number: &str, method: &str) -> VerificationRequestEvent {
     VerificationRequestEvent {
@@ -445,17 +444,58 @@ fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
     }
     text.push_str("[[rule]]\nname = \"vip\"\naction = \"allow\"\nnumber = [\"+46710000001\"]\n");
     text.push_str("[[rule]]\nname = \"de\"\naction = \"deny\"\ncountry = \"DE\"\n");
+    text.push_str("[[rule]]\nname = \"flash-se\"\naction = \"deny\"\nmethod = \"flashcall\"\ncountry = \"SE\"\n");
     let p = policy(&text);
+    // The reference: every rule in file order, no index.
+    let every_rule = |r: &VerificationRequestEvent| {
+        let s = p.current.load();
+        let facts = Facts::of(r, at(NOON)).unwrap();
+        s.rules
+            .iter()
+            .find(|rule| rule.mode == Mode::Enforce && rule.conditions.matches(&facts).is_some())
+            .map_or_else(|| "default".to_owned(), |rule| rule.name.clone())
+    };
+    let mut numbers: Vec<String> = (0..100)
+        .flat_map(|i| [format!("+467{i:02}000001"), format!("+467{i:02}999999")])
+        .collect();
+    numbers.extend(
+        [
+            "+46710000001",
+            "+4915112345678",
+            "+4930123456",
+            "+14155550100",
+        ]
+        .map(String::from),
+    );
+    let mut pruned = 0;
+    for number in &numbers {
+        for method in ["sms", "callout", "flashcall"] {
+            let r = request(number, method);
+            assert_eq!(decide(&p, &r, NOON), every_rule(&r), "{number} {method}");
+            let s = p.current.load();
+            let facts = Facts::of(&r, at(NOON)).unwrap();
+            if RulesPolicy::candidates(&s, &facts.number, facts.country).len() < s.rules.len() / 2 {
+                pruned += 1;
+            }
+        }
+    }
+    // The index is in use (most requests see a few candidates, not every rule).
+    assert!(
+        pruned > numbers.len(),
+        "{pruned} of {} pruned",
+        numbers.len() * 3
+    );
+    // And the outcomes are the ones the file order says.
     for (n, m, expected) in [
         ("+46710000001", "sms", "p10"),
         ("+46799000001", "sms", "default"),
         ("+46712345678", "callout", "callout-off"),
         ("+4915112345678", "sms", "de"),
         ("+46749000000", "sms", "p49"),
+        ("+46799000001", "flashcall", "flash-se"),
     ] {
         assert_eq!(decide(&p, &request(n, m), NOON), expected, "{n}");
     }
-    let _ = Utc.timestamp_opt(0, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -686,6 +726,17 @@ fn lifting_a_block_forgets_its_evidence_and_pinning_keeps_it() {
     assert!(p.lift_block("+22507123", now).is_empty());
 }
 
+/// The low-conversion rule's reading (condition, value) for a probe in the range
+/// +22507121 (the one that converts in these tests).
+fn converting_range_reading(p: &RulesPolicy, now: DateTime<Utc>) -> Option<(String, f64)> {
+    let d = p.decide(&request_id("probe", "+22507121999"), now).unwrap();
+    d.explanation
+        .counters
+        .iter()
+        .find(|r| r.rule == "low-conversion")
+        .map(|r| (r.condition.clone(), r.value))
+}
+
 #[test]
 fn restoring_saved_blocks_and_replaying_history_gives_the_same_state() {
     let live = policy(LOW_CONVERSION);
@@ -710,20 +761,72 @@ fn restoring_saved_blocks_and_replaying_history_gives_the_same_state() {
     let (_, saved) = live.saved_state().unwrap();
 
     let restarted = policy(LOW_CONVERSION);
-    restarted.restore(Some(saved), history, now);
+    restarted.restore(Some(saved), now);
+    restarted.relearn(history, now);
     assert_eq!(restarted.blocks(now), live.blocks(now));
     // The relearned counters give the same reading for the range that converts.
-    let reading = |p: &RulesPolicy| {
-        let d = p.decide(&request_id("probe", "+22507121999"), now).unwrap();
-        d.explanation
-            .counters
-            .iter()
-            .find(|r| r.rule == "low-conversion")
-            .map(|r| (r.condition.clone(), r.value))
-    };
+    let reading = |p: &RulesPolicy| converting_range_reading(p, now);
     assert_eq!(reading(&restarted), reading(&live));
     assert!(
         reading(&live).unwrap().0.contains("(21/21)"),
+        "{:?}",
+        reading(&live)
+    );
+}
+
+#[test]
+fn what_is_decided_while_history_is_relearned_counts_as_if_in_time_order() {
+    let live = policy(LOW_CONVERSION);
+    let mut history = Vec::new();
+    let past = |p: &RulesPolicy, k: i64, status: &str| {
+        let id = format!("h{k}");
+        let number = format!("+2250712{:01}{k:03}", k % 2);
+        let d = attempt(p, &id, &number, k * 10, status);
+        let when = at(NOON) + chrono::Duration::seconds(k * 10);
+        (id, number, d, when)
+    };
+    for k in 0..42 {
+        let status = if k % 2 == 0 { "FAIL" } else { "SUCCESSFUL" };
+        let (id, number, d, when) = past(&live, k, status);
+        history.push(PastVerification {
+            request: Some(request_id(&id, &number)),
+            id,
+            allowed_at: (d.action == Action::Allow).then_some(when),
+            result: (d.action == Action::Allow).then(|| {
+                (
+                    status.to_owned(),
+                    None,
+                    when + chrono::Duration::seconds(60),
+                )
+            }),
+        });
+    }
+    let restart = at(NOON) + chrono::Duration::seconds(420);
+    let (_, saved) = live.saved_state().unwrap();
+    let restarted = policy(LOW_CONVERSION);
+    restarted.restore(Some(saved), restart);
+    assert!(restarted.relearning());
+    // Ten more in the range that converts, on both: live, and while the restarted
+    // policy has not replayed its history yet.
+    for k in (43..63).step_by(2) {
+        let (_, _, d, _) = past(&live, k, "SUCCESSFUL");
+        assert_eq!(d.action, Action::Allow);
+        let (_, _, d, _) = past(&restarted, k, "SUCCESSFUL");
+        assert_eq!(d.action, Action::Allow);
+    }
+    assert_eq!(
+        restarted.relearn(history, restart),
+        20,
+        "10 allowed, 10 results"
+    );
+    assert!(!restarted.relearning());
+
+    let now = at(NOON) + chrono::Duration::seconds(1000);
+    assert_eq!(restarted.blocks(now), live.blocks(now));
+    let reading = |p: &RulesPolicy| converting_range_reading(p, now);
+    assert_eq!(reading(&restarted), reading(&live));
+    assert!(
+        reading(&live).unwrap().0.contains("(31/31)"),
         "{:?}",
         reading(&live)
     );

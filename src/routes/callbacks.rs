@@ -45,6 +45,8 @@ pub struct CallbackState {
     pub body_limit: usize,
     /// How long the policy may take before `on_error` is answered instead.
     pub decision_deadline: Duration,
+    /// How long a callback waits for a store that is still opening.
+    pub startup_wait: Duration,
     pub clock: Clock,
     pub policy: Arc<dyn Policy>,
     pub store: StoreSlot,
@@ -97,10 +99,17 @@ pub async fn receive(
         received_at,
         decision: None,
     };
-    let store = match state.store.ready() {
+    let waiting_since = state.store.get().is_none().then(std::time::Instant::now);
+    let store = match state.store.ready_within(state.startup_wait).await {
         Ok(store) => store,
         Err(err) => return store_unavailable(&state, &span, &event, &err),
     };
+    if let Some(since) = waiting_since {
+        tracing::info!(
+            waited_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "callback waited for the store to open"
+        );
+    }
     match &event {
         VerificationEvent::Request(request) => {
             answer_request(&state, store, &span, incoming, request).await

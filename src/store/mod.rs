@@ -193,6 +193,11 @@ pub trait VerificationStore: Send + Sync + 'static {
     /// Bytes the store occupies on disk, when the engine can tell.
     fn size_on_disk(&self) -> Option<u64>;
 
+    /// Bytes free for the store to grow into on its volume (`None`: not a local disk).
+    fn free_space(&self) -> Option<u64> {
+        None
+    }
+
     /// Makes everything durable and releases the engine's files or connections.
     async fn shutdown(&self) -> Result<(), StoreError>;
 }
@@ -371,6 +376,10 @@ impl Store {
 
     pub fn size_on_disk(&self) -> Option<u64> {
         self.engine.size_on_disk()
+    }
+
+    pub fn free_space(&self) -> Option<u64> {
+        self.engine.free_space()
     }
 
     pub fn numbers(&self) -> &NumberPrivacy {

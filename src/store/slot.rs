@@ -20,6 +20,10 @@ pub struct StoreSlot {
     store: Arc<OnceLock<Store>>,
     /// Why the store is not open yet, for the readiness check.
     waiting_on: Arc<Mutex<Option<String>>>,
+    /// Wakes callbacks waiting for the store (see [`StoreSlot::ready_within`]).
+    opened: Arc<tokio::sync::Notify>,
+    /// Set when opening stopped for good (a store that needs migrating): nobody waits.
+    given_up: Arc<AtomicBool>,
 }
 
 impl StoreSlot {
@@ -35,6 +39,25 @@ impl StoreSlot {
                     .unwrap_or_else(|| "the store is not open yet".to_owned()),
             )
         })
+    }
+
+    /// The open store, waiting up to `bound` for it while it opens. Right after a start
+    /// this turns a callback that would be denied at once into one answered a little late.
+    pub async fn ready_within(&self, bound: Duration) -> Result<&Store, StoreError> {
+        if let Some(store) = self.get() {
+            return Ok(store);
+        }
+        if bound.is_zero() || self.given_up.load(Ordering::SeqCst) {
+            return self.ready();
+        }
+        let opened = self.opened.notified();
+        tokio::pin!(opened);
+        // Registered before the second look, so an open in between is not missed.
+        opened.as_mut().enable();
+        if self.get().is_none() && !self.given_up.load(Ordering::SeqCst) {
+            let _ = tokio::time::timeout(bound, opened).await;
+        }
+        self.ready()
     }
 
     /// Why the store cannot take writes now (`None`: it can).
@@ -83,20 +106,28 @@ impl StoreSlot {
             let mut attempt: u32 = 0;
             while !stop.load(Ordering::SeqCst) {
                 let (opening, observer) = (options.clone(), Arc::clone(&observer));
+                let started = std::time::Instant::now();
                 let opened = tokio::task::spawn_blocking(move || Store::open(&opening, observer))
                     .await
                     .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string())));
                 match opened {
                     Ok(store) => {
-                        tracing::info!(path = %options.path.display(), "store open");
                         on_open(store.clone()).await;
+                        tracing::info!(
+                            path = %options.path.display(),
+                            elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                            "store open"
+                        );
                         let _ = slot.store.set(store);
                         slot.set_waiting_on(None);
+                        slot.opened.notify_waiters();
                         return;
                     }
                     Err(err @ StoreError::NeedsMigration(_)) => {
                         tracing::error!(error.message = %err, "the store cannot be opened");
                         slot.set_waiting_on(Some(err.to_string()));
+                        slot.given_up.store(true, Ordering::SeqCst);
+                        slot.opened.notify_waiters();
                         return;
                     }
                     Err(err) => {

@@ -115,6 +115,8 @@ async fn health_and_metrics_answer_without_credentials() {
     let reply = app.get("/healthz", None).await;
     assert_eq!(reply.json(), serde_json::json!({"status":"ok"}));
     let reply = app.get("/metrics", None).await;
-    assert!(reply.content_type.starts_with("text/plain"));
+    assert!(reply
+        .content_type
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     assert!(reply.text.contains("verigate_store_flush_seconds"));
 }

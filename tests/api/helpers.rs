@@ -224,10 +224,12 @@ pub fn timestamp(at: DateTime<Utc>) -> String {
 }
 
 impl TestApp {
-    /// Waits for the store to open (a restarted app may wait for the old one's lock).
+    /// Waits for the store to open (a restarted app may wait for the old one's lock)
+    /// and for adaptive rules to have relearned from it.
     pub async fn wait_until_ready(&self) {
         for _ in 0..100 {
-            if self.get("/readyz", None).await.status == 200 {
+            let ready = self.get("/readyz", None).await;
+            if ready.status == 200 && ready.json()["relearning"] == false {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -421,6 +423,20 @@ impl CallbackSender {
         }
         Ok(request.body(body).send().await?.status().as_u16())
     }
+
+    /// Posts and returns the status and the JSON body.
+    pub async fn post(&self, body: String) -> (u16, Value) {
+        let ts = timestamp(Utc::now());
+        let mut request = self.client.post(&self.url);
+        for (name, value) in
+            signed_headers_at(&self.signer, body.as_bytes(), "/sinch/verification", &ts)
+        {
+            request = request.header(name, value);
+        }
+        let reply = request.body(body).send().await.unwrap();
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap())
+    }
 }
 
 pub struct RunningBinary {
@@ -429,13 +445,20 @@ pub struct RunningBinary {
     pub client: reqwest::Client,
     signer: AppCredentials,
     log: std::sync::mpsc::Receiver<String>,
-    reader: std::thread::JoinHandle<()>,
+    reader: Option<std::thread::JoinHandle<()>>,
     early_lines: Vec<String>,
 }
 
 impl RunningBinary {
     /// Starts the binary on `dir` and waits until it is ready.
     pub async fn start(dir: &TempDir, extra_env: &[(&str, &str)]) -> Self {
+        let binary = Self::launch(dir, extra_env);
+        binary.wait_ready().await;
+        binary
+    }
+
+    /// Starts the binary on `dir` and returns once it listens (ready or not).
+    pub fn launch(dir: &TempDir, extra_env: &[(&str, &str)]) -> Self {
         use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_verigate"))
             .envs(test_env(dir))
@@ -465,30 +488,55 @@ impl RunningBinary {
                     .unwrap();
             }
         };
-        let binary = Self {
+        Self {
             child,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
             signer: AppCredentials::new(APP_KEY, APP_SECRET, false).unwrap(),
             log,
-            reader,
+            reader: Some(reader),
             early_lines,
-        };
+        }
+    }
+
+    /// GET /v1/verifications/{id} with the admin token: the status and the body.
+    pub async fn record(&self, id: &str) -> (u16, Value) {
+        let reply = self
+            .client
+            .get(format!("{}/v1/verifications/{id}", self.base))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap())
+    }
+
+    /// GET /readyz: the status and the body.
+    pub async fn readiness(&self) -> (u16, Value) {
+        let reply = self
+            .client
+            .get(format!("{}/readyz", self.base))
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap())
+    }
+
+    /// Waits (up to 10 s) until /readyz says ready and relearning is over.
+    pub async fn wait_ready(&self) {
         for _ in 0..100 {
-            if binary
-                .client
-                .get(format!("{}/readyz", binary.base))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                == 200
-            {
-                return binary;
+            let (status, body) = self.readiness().await;
+            if status == 200 && body["relearning"] == false {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("verigate did not become ready");
+        panic!(
+            "verigate did not become ready: {:?}",
+            self.readiness().await
+        );
     }
 
     /// Posts a correctly signed callback; returns the status.
@@ -515,6 +563,24 @@ impl RunningBinary {
         self.child.wait().unwrap();
     }
 
+    /// Waits up to `within` for a log line containing `needle` (kept for `terminate`).
+    pub fn wait_for_line(&mut self, needle: &str, within: Duration) -> Option<String> {
+        if let Some(line) = self.early_lines.iter().find(|l| l.contains(needle)) {
+            return Some(line.clone());
+        }
+        let deadline = std::time::Instant::now() + within;
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            let Ok(line) = self.log.recv_timeout(left) else {
+                break;
+            };
+            self.early_lines.push(line.clone());
+            if line.contains(needle) {
+                return Some(line);
+            }
+        }
+        None
+    }
+
     /// SIGTERM, wait for a clean exit, and return every log line it wrote.
     pub fn terminate(mut self) -> Vec<String> {
         let pid = self.child.id().to_string();
@@ -526,8 +592,20 @@ impl RunningBinary {
             self.child.wait().unwrap().success(),
             "unclean exit after SIGTERM"
         );
-        self.reader.join().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
         self.early_lines.extend(self.log.try_iter());
-        self.early_lines
+        std::mem::take(&mut self.early_lines)
+    }
+}
+
+impl Drop for RunningBinary {
+    /// A test that failed half-way leaves no process behind.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

@@ -44,7 +44,8 @@ async fn metrics_follow_real_requests() {
 async fn readiness_is_false_until_the_store_opens_and_callbacks_are_answered_meanwhile() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     // Another process (here: this test) still holds the store, as in a rolling restart.
-    let settings = test_settings(&dir, &[]);
+    // Past a short startup wait, callbacks are answered without the store.
+    let settings = test_settings(&dir, &[("VERIGATE__SERVER__STARTUP_WAIT", "100ms")]);
     let holder = verigate::store::Store::open(
         &settings.store_options(),
         Arc::new(verigate::store::Unobserved),

@@ -29,8 +29,9 @@ async fn reloads_under_traffic_fail_no_request_and_a_broken_edit_keeps_the_old_p
         .unwrap()
         .to_owned();
 
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let traffic = {
-        let app = Arc::clone(&app);
+        let (app, answered) = (Arc::clone(&app), Arc::clone(&answered));
         tokio::spawn(async move {
             let mut answers = Vec::new();
             for i in 0..300 {
@@ -42,11 +43,17 @@ async fn reloads_under_traffic_fail_no_request_and_a_broken_edit_keeps_the_old_p
                     ))
                     .await;
                 answers.push((reply.status, reply.text));
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             answers
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The edits land while traffic flows.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 10 {
+        assert!(std::time::Instant::now() < deadline, "no traffic answered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // A good edit: deny Germany.
     std::fs::write(
         &path,
@@ -211,17 +218,15 @@ async fn rules_report_hits_and_the_outcomes_of_what_they_touched() {
 #[tokio::test]
 async fn sighup_reloads_the_real_binary() {
     let dir = tempfile::tempdir().unwrap();
-    let binary = RunningBinary::start(&dir, &[]).await;
+    let mut binary = RunningBinary::start(&dir, &[]).await;
     let pid = binary.pid().to_string();
     Command::new("kill").args(["-HUP", &pid]).status().unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let lines = binary.terminate();
+    let line = binary.wait_for_line("policy reloaded", Duration::from_secs(10));
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("policy reloaded") && l.contains("SIGHUP")),
-        "no SIGHUP reload in the log"
+        line.as_deref().is_some_and(|l| l.contains("SIGHUP")),
+        "no SIGHUP reload in the log: {line:?}"
     );
+    binary.terminate();
 }
 
 fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {

@@ -339,6 +339,12 @@ impl VerificationStore for SledStore {
         Some(dir_size(&self.shared.root))
     }
 
+    fn free_space(&self) -> Option<u64> {
+        // What an unprivileged writer may still use (not the root-reserved blocks).
+        let stats = rustix::fs::statvfs(&self.shared.root).ok()?;
+        Some(stats.f_bavail.saturating_mul(stats.f_frsize))
+    }
+
     async fn shutdown(&self) -> Result<(), StoreError> {
         let (reply, stopped) = tokio::sync::oneshot::channel();
         if self.send(Job::Stop { reply }).is_ok() {
