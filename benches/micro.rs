@@ -77,7 +77,7 @@ fn parsing(c: &mut Criterion) {
 /// for them, and a result is counted per key.
 fn sample_policy(c: &mut Criterion) {
     use verigate::events::{Identity, Price, VerificationMethod, VerificationRequestEvent};
-    use verigate::policy::{Outcome, Policy, RulesPolicy};
+    use verigate::policy::{Learning, Outcome, Policy, RulesPolicy};
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
     let policy = RulesPolicy::load(&path).unwrap();
     let start = Utc::now();

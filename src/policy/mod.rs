@@ -59,9 +59,12 @@ pub struct Outcome<'a> {
     pub at: DateTime<Utc>,
 }
 
-/// Anything that can decide allow/deny. `decide` must be quick and must not block for
-/// long: Sinch waits for the answer (verigate enforces `policy.decision_deadline`).
+/// Anything that can decide allow/deny: `decide`, `on_error` and `version` are all a
+/// policy must have (see examples/custom_policy.rs). The rest are defaults a policy may
+/// override; what adaptive policies add is in [`Learning`] and [`Quarantines`].
 pub trait Policy: Send + Sync + 'static {
+    /// Decides one request event. Must be quick and must not block for long: Sinch waits
+    /// for the answer (verigate enforces `policy.decision_deadline`).
     fn decide(
         &self,
         request: &VerificationRequestEvent,
@@ -71,16 +74,13 @@ pub trait Policy: Send + Sync + 'static {
     /// What to answer when `decide` fails or the decision cannot be recorded.
     fn on_error(&self) -> Action;
 
-    /// True for a policy that decides in microseconds without blocking (no I/O, no
-    /// waiting on locks held for long): verigate then calls `decide` on the HTTP worker
-    /// itself. Otherwise (the default) `decide` runs on the blocking pool, so a slow policy
-    /// cannot hold up other callbacks past the decision deadline.
-    fn bounded(&self) -> bool {
-        false
-    }
-
     /// Identifies the policy content in records and logs (e.g. a content hash).
     fn version(&self) -> String;
+
+    /// A description for `GET /v1/policy`.
+    fn describe(&self) -> serde_json::Value {
+        serde_json::json!({ "version": self.version() })
+    }
 
     /// Re-reads the policy's source; returns the new version. The old policy stays in
     /// force when this fails.
@@ -93,37 +93,33 @@ pub trait Policy: Send + Sync + 'static {
         Vec::new()
     }
 
-    /// A description for `GET /v1/policy`.
-    fn describe(&self) -> serde_json::Value {
-        serde_json::json!({ "version": self.version() })
+    /// True for a policy that decides in microseconds without blocking (no I/O, no
+    /// waiting on locks held for long): verigate then calls `decide` on the HTTP worker
+    /// itself. Otherwise (the default) `decide` runs on the blocking pool, so a slow policy
+    /// cannot hold up other callbacks past the decision deadline.
+    fn bounded(&self) -> bool {
+        false
     }
 
-    /// Learns how a verification it decided on ended (for per-rule outcome counts).
-    fn observe_outcome(&self, _outcome: Outcome<'_>) {}
+    /// What the policy learns from outcomes and keeps across restarts, if anything.
+    fn learning(&self) -> Option<&dyn Learning> {
+        None
+    }
+
+    /// The keys the policy blocks by itself, if it does.
+    fn quarantines(&self) -> Option<&dyn Quarantines> {
+        None
+    }
+}
+
+/// A policy that learns from how verifications ended (adaptive rules).
+pub trait Learning: Send + Sync {
+    /// Learns how a verification it decided on ended.
+    fn observe_outcome(&self, outcome: Outcome<'_>);
 
     /// Rate-limit and similar keys held in memory, for metrics.
     fn counter_keys(&self) -> usize {
         0
-    }
-
-    /// Keys in quarantine now (adaptive rules), oldest first.
-    fn blocks(&self, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
-        Vec::new()
-    }
-
-    /// Lifts every block on `key`; returns what was lifted.
-    fn lift_block(&self, _key: &str, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
-        Vec::new()
-    }
-
-    /// Makes every block on `key` permanent; returns what was pinned.
-    fn pin_block(&self, _key: &str, _now: DateTime<Utc>) -> Vec<adaptive::Block> {
-        Vec::new()
-    }
-
-    /// Active blocks and the number of blocks, expiries, lifts and pins since start.
-    fn block_stats(&self) -> (usize, [u64; 4]) {
-        (0, [0; 4])
     }
 
     /// State to keep across restarts, with a number that changes whenever it does.
@@ -131,14 +127,14 @@ pub trait Policy: Send + Sync + 'static {
         None
     }
 
-    /// How far back adaptive rules need the store's history at start (`None`: not at all).
+    /// How far back the store's history is needed at start (`None`: not at all).
     fn lookback(&self) -> Option<std::time::Duration> {
         None
     }
 
-    /// At start, before the first decision: takes back the saved state (quarantines).
-    /// A policy with a [`lookback`](Self::lookback) then expects [`relearn`](Self::relearn),
-    /// and until it comes decides with what it has, holding back what it observes.
+    /// At start, before the first decision: takes back the saved state. With a
+    /// [`lookback`](Self::lookback), [`relearn`](Self::relearn) follows, and until it
+    /// comes the policy decides with what it has, holding back what it observes.
     fn restore(&self, _saved: Option<serde_json::Value>, _now: DateTime<Utc>) {}
 
     /// Relearns from the stored verifications of the lookback (any order), while
@@ -151,4 +147,19 @@ pub trait Policy: Send + Sync + 'static {
     fn relearning(&self) -> bool {
         false
     }
+}
+
+/// A policy that puts keys in quarantine by itself, which operators review.
+pub trait Quarantines: Send + Sync {
+    /// Keys in quarantine now, oldest first.
+    fn blocks(&self, now: DateTime<Utc>) -> Vec<adaptive::Block>;
+
+    /// Lifts every block on `key`; returns what was lifted.
+    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<adaptive::Block>;
+
+    /// Makes every block on `key` permanent; returns what was pinned.
+    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<adaptive::Block>;
+
+    /// Active blocks and the number of blocks, expiries, lifts and pins since start.
+    fn block_stats(&self) -> (usize, [u64; 4]);
 }

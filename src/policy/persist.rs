@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 
-use super::{tools::past_verification, PastVerification, Policy};
+use super::{tools::past_verification, Learning, PastVerification, Policy};
 use crate::{
     clock::Clock,
     store::{Cursor, Store, StoreError, StoreSlot, VerificationQuery},
@@ -24,11 +24,14 @@ const PAGE: usize = 1_000;
 /// of conversion counts (every block is already back), and what they observe waits
 /// for the replay so the counts come out as if verigate had never stopped.
 pub async fn restore_on_open(store: &Store, policy: Arc<dyn Policy>, now: DateTime<Utc>) {
-    if let Err(err) = restore_saved(store, policy.as_ref(), now).await {
+    let Some(learning) = policy.learning() else {
+        return;
+    };
+    if let Err(err) = restore_saved(store, learning, now).await {
         tracing::error!(error.message = %err, "restoring the saved policy state failed");
-        policy.restore(None, now);
+        learning.restore(None, now);
     }
-    let Some(back) = policy.lookback() else {
+    let Some(back) = learning.lookback() else {
         return;
     };
     let store = store.clone();
@@ -45,9 +48,13 @@ pub async fn restore_on_open(store: &Store, policy: Arc<dyn Policy>, now: DateTi
         };
         let relearned = history.len();
         let policy_for_replay = Arc::clone(&policy);
-        let waited = tokio::task::spawn_blocking(move || policy_for_replay.relearn(history, now))
-            .await
-            .unwrap_or(0);
+        let waited = tokio::task::spawn_blocking(move || {
+            policy_for_replay
+                .learning()
+                .map_or(0, |learning| learning.relearn(history, now))
+        })
+        .await
+        .unwrap_or(0);
         tracing::info!(
             relearned,
             waited,
@@ -61,16 +68,21 @@ pub async fn restore_on_open(store: &Store, policy: Arc<dyn Policy>, now: DateTi
 /// second). Each tick also ends quarantines whose time is up, so their log line and
 /// metrics come when they expire, not when the key is next seen.
 pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
+    let Some(learning) = policy.learning() else {
+        return;
+    };
     let store = loop {
         if let Some(store) = slot.get() {
             break store.clone();
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let mut saved = policy.saved_state().map(|(generation, _)| generation);
+    let mut saved = learning.saved_state().map(|(generation, _)| generation);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        policy.blocks(clock.now());
+        if let Some(quarantines) = policy.quarantines() {
+            quarantines.blocks(clock.now());
+        }
         if let Err(err) = save_if_changed(&store, policy.as_ref(), &mut saved).await {
             tracing::error!(error.message = %err, "saving the policy state failed");
         }
@@ -80,7 +92,7 @@ pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
 /// Puts back the saved state (quarantines).
 pub async fn restore_saved(
     store: &Store,
-    policy: &dyn Policy,
+    policy: &dyn Learning,
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let saved = match store.load_state(STATE).await? {
@@ -122,7 +134,7 @@ pub async fn save_if_changed(
     policy: &dyn Policy,
     saved: &mut Option<u64>,
 ) -> Result<(), StoreError> {
-    let Some((generation, state)) = policy.saved_state() else {
+    let Some((generation, state)) = policy.learning().and_then(Learning::saved_state) else {
         return Ok(());
     };
     if *saved == Some(generation) {

@@ -30,8 +30,8 @@ use super::{
     country::CountryTable,
     file::{compile, load, Mode, PolicyLoadError},
     trie::DigitTrie,
-    CounterReading, Explanation, Outcome, PastVerification, Policy, PolicyDecision, PolicyError,
-    QuarantineNote, ShadowMatch,
+    CounterReading, Explanation, Learning, Outcome, PastVerification, Policy, PolicyDecision,
+    PolicyError, QuarantineNote, Quarantines, ShadowMatch,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 
@@ -452,6 +452,16 @@ impl Policy for RulesPolicy {
         })
     }
 
+    fn learning(&self) -> Option<&dyn Learning> {
+        Some(self)
+    }
+
+    fn quarantines(&self) -> Option<&dyn Quarantines> {
+        Some(self)
+    }
+}
+
+impl Learning for RulesPolicy {
     fn observe_outcome(&self, outcome: Outcome<'_>) {
         if let Some(resolution) = Resolution::of(outcome.status, outcome.reason) {
             self.book.observe_result(
@@ -477,29 +487,6 @@ impl Policy for RulesPolicy {
 
     fn counter_keys(&self) -> usize {
         self.counters.keys()
-    }
-
-    fn blocks(&self, now: DateTime<Utc>) -> Vec<Block> {
-        self.book.catch_up(&self.counters, now.timestamp_millis());
-        self.quarantine.list(now.timestamp_millis())
-    }
-
-    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
-        let lifted = self.quarantine.lift(key, now.timestamp_millis());
-        for block in &lifted {
-            // What tripped it is forgotten too: only fresh evidence can block it again.
-            self.counters.forget(&block.rule, &block.key);
-            self.book.forget(&block.rule, &block.key);
-        }
-        lifted
-    }
-
-    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
-        self.quarantine.pin(key, now.timestamp_millis())
-    }
-
-    fn block_stats(&self) -> (usize, [u64; 4]) {
-        self.quarantine.stats()
     }
 
     fn saved_state(&self) -> Option<(u64, serde_json::Value)> {
@@ -569,6 +556,31 @@ impl Policy for RulesPolicy {
             }
         }
         self.book.release(&self.counters, now.timestamp_millis())
+    }
+}
+
+impl Quarantines for RulesPolicy {
+    fn blocks(&self, now: DateTime<Utc>) -> Vec<Block> {
+        self.book.catch_up(&self.counters, now.timestamp_millis());
+        self.quarantine.list(now.timestamp_millis())
+    }
+
+    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
+        let lifted = self.quarantine.lift(key, now.timestamp_millis());
+        for block in &lifted {
+            // What tripped it is forgotten too: only fresh evidence can block it again.
+            self.counters.forget(&block.rule, &block.key);
+            self.book.forget(&block.rule, &block.key);
+        }
+        lifted
+    }
+
+    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
+        self.quarantine.pin(key, now.timestamp_millis())
+    }
+
+    fn block_stats(&self) -> (usize, [u64; 4]) {
+        self.quarantine.stats()
     }
 }
 

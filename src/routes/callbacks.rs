@@ -382,12 +382,15 @@ async fn report_outcome(
     result: &VerificationResultEvent,
     at: DateTime<Utc>,
 ) {
+    let Some(learning) = state.policy.learning() else {
+        return;
+    };
     if result.status == "PENDING" {
         return;
     }
     if let Ok(Some(record)) = store.verification(&result.id).await {
         if let Some(decision) = &record.decision {
-            state.policy.observe_outcome(Outcome {
+            learning.observe_outcome(Outcome {
                 id: &result.id,
                 rule: decision.rule.as_deref(),
                 shadow: &decision.explanation.shadow,

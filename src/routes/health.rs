@@ -18,7 +18,7 @@ pub async fn readyz(state: web::Data<CallbackState>) -> HttpResponse {
     let not_ready = state.store.not_ready();
     let body = serde_json::json!({
         "ready": not_ready.is_none(),
-        "relearning": state.policy.relearning(),
+        "relearning": state.policy.learning().is_some_and(|l| l.relearning()),
         "checks": {
             "store": not_ready.as_deref().unwrap_or("ok"),
             "policy": format!("ok, version {}", state.policy.version()),
@@ -36,8 +36,11 @@ pub async fn metrics(state: web::Data<CallbackState>) -> HttpResponse {
         store_size: store.map(|s| s.size_on_disk().unwrap_or(0)),
         store_free: store.and_then(Store::free_space),
         store_ready: state.store.not_ready().is_none(),
-        counter_keys: state.policy.counter_keys(),
-        blocks: state.policy.block_stats(),
+        counter_keys: state.policy.learning().map_or(0, |l| l.counter_keys()),
+        blocks: state
+            .policy
+            .quarantines()
+            .map_or((0, [0; 4]), |q| q.block_stats()),
         log_lines_dropped: crate::telemetry::log_lines_dropped(),
     };
     HttpResponse::Ok()

@@ -37,7 +37,11 @@ pub async fn reload_now(
 /// `GET /v1/policy/blocks`: keys in automatic quarantine, why, until when, and the
 /// verifications that tripped them.
 pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    let blocks = state.policy.blocks(state.clock.now());
+    let blocks = state
+        .policy
+        .quarantines()
+        .map(|q| q.blocks(state.clock.now()))
+        .unwrap_or_default();
     HttpResponse::Ok().json(serde_json::json!({ "blocks": blocks }))
 }
 
@@ -47,7 +51,11 @@ pub async fn lift(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let lifted = state.policy.lift_block(&key, state.clock.now());
+    let lifted = state
+        .policy
+        .quarantines()
+        .map(|q| q.lift_block(&key, state.clock.now()))
+        .unwrap_or_default();
     changed(&state, "lifted", lifted, &key).await
 }
 
@@ -58,7 +66,11 @@ pub async fn pin(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let pinned = state.policy.pin_block(&key, state.clock.now());
+    let pinned = state
+        .policy
+        .quarantines()
+        .map(|q| q.pin_block(&key, state.clock.now()))
+        .unwrap_or_default();
     changed(&state, "pinned", pinned, &key).await
 }
 
