@@ -45,13 +45,11 @@ impl Policy for EuropeOnly {
         } else {
             (Action::Deny, "outside-europe")
         };
-        Ok(PolicyDecision {
+        Ok(PolicyDecision::new(
             action,
-            rule: Some(rule.into()),
-            reason: format!("rule `{rule}`"),
-            response: Default::default(),
-            explanation: Default::default(),
-        })
+            Some(rule),
+            format!("rule `{rule}`"),
+        ))
     }
 
     fn on_error(&self) -> Action {

@@ -22,6 +22,20 @@ pub struct PolicyDecision {
     pub explanation: Explanation,
 }
 
+impl PolicyDecision {
+    /// A decision by `rule` (`None`: a default), answered with Sinch's defaults and no
+    /// explanation beyond `reason`: what a simple policy needs.
+    pub fn new(action: Action, rule: Option<&str>, reason: impl Into<String>) -> Self {
+        Self {
+            action,
+            rule: rule.map(str::to_owned),
+            reason: reason.into(),
+            response: ResponseFields::default(),
+            explanation: Explanation::default(),
+        }
+    }
+}
+
 /// Everything that went into a decision; stored with the record and logged.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Explanation {

@@ -22,17 +22,16 @@ impl Policy for AllowEurope {
         let european = ["+3", "+4"]
             .iter()
             .any(|p| req.identity.endpoint.starts_with(p));
-        Ok(PolicyDecision {
-            action: if european {
-                Action::Allow
-            } else {
-                Action::Deny
-            },
-            rule: Some("europe-only".into()),
-            reason: "served region".into(),
-            response: Default::default(),
-            explanation: Default::default(),
-        })
+        let action = if european {
+            Action::Allow
+        } else {
+            Action::Deny
+        };
+        Ok(PolicyDecision::new(
+            action,
+            Some("europe-only"),
+            "served region",
+        ))
     }
 
     fn on_error(&self) -> Action {
