@@ -25,7 +25,7 @@ RUN useradd --system --uid 10001 --home-dir /data verigate \
     && mkdir -p /data /etc/verigate \
     && chown verigate /data
 COPY --from=builder --chown=root:root --chmod=755 /app/target/release/verigate /usr/local/bin/verigate
-COPY --chown=root:root config/policy.toml /etc/verigate/policy.toml
+COPY --chown=root:root config/policy.toml config/policy.schema.json /etc/verigate/
 COPY --chown=root:root config/lists /etc/verigate/lists
 ENV VERIGATE__SERVER__LISTEN=0.0.0.0:8080 \
     VERIGATE__STORE__PATH=/data/verigate.sled \

@@ -113,6 +113,9 @@ pub enum PolicyCommand {
     Check { file: PathBuf },
     /// Run table-driven cases (a TOML file of [[case]]s) against a policy; exit 1 on a failure.
     Test { file: PathBuf, cases: PathBuf },
+    /// Print the policy file's JSON Schema (config/policy.schema.json), for editors that
+    /// complete and check TOML against it.
+    Schema,
     /// Evaluate a candidate policy against stored request events and report what would
     /// change, with each verification's real outcome.
     Replay {
@@ -323,6 +326,10 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
 
 async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Result<ExitCode> {
     match command {
+        PolicyCommand::Schema => {
+            println!("{:#}", crate::policy::policy_schema());
+            Ok(ExitCode::SUCCESS)
+        }
         PolicyCommand::Check { file } => match RulesPolicy::load(&file) {
             Ok(policy) => {
                 print!("{}", policy.summary());

@@ -276,7 +276,7 @@ fn required_string(value: Option<serde_json::Value>, field: &str) -> Result<Stri
 }
 
 /// allow or deny: the whole of what Sinch needs from a request-event answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -299,7 +299,7 @@ impl fmt::Display for Action {
 }
 
 /// `sms` answer fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SmsResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -315,7 +315,7 @@ pub struct SmsResponse {
 }
 
 /// `flashCall` answer fields; timeouts are seconds, 5..=120.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FlashCallResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -326,14 +326,14 @@ pub struct FlashCallResponse {
     pub interception_timeout: Option<u32>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Speech {
     pub locale: String,
 }
 
 /// `callout` (phone call) answer fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CalloutResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -343,7 +343,7 @@ pub struct CalloutResponse {
 }
 
 /// `whatsapp` answer fields.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WhatsAppResponse {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -354,7 +354,7 @@ pub struct WhatsAppResponse {
 
 /// Method-specific answer fields an operator may configure; only the one matching the
 /// request's method is sent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ResponseFields {
     #[serde(default, skip_serializing_if = "Option::is_none")]

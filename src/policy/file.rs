@@ -9,6 +9,7 @@ use std::{
 };
 
 use chrono::{NaiveTime, Utc, Weekday};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -39,20 +40,35 @@ pub enum PolicyLoadError {
 // ---------------------------------------------------------------------------------------
 // File schema
 
-#[derive(Debug, Deserialize)]
+/// A verigate policy file: ordered rules, the first enforced match decides.
+/// Reference: docs/policy.md.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(title = "verigate policy")]
 pub(super) struct PolicyFile {
     /// Format version; only 1 exists.
     #[serde(default)]
+    #[schemars(with = "Option<u32>", range(min = 1, max = 1))]
     pub(super) version: Option<Spanned<u32>>,
+    /// What to answer when no rule matches.
     pub(super) default: Action,
+    /// What to answer when no decision can be made (a request without an E.164 number,
+    /// a store that cannot record the decision). Sinch treats an unanswered request as
+    /// denied, so deny is the default.
     #[serde(default = "deny")]
     pub(super) on_error: Action,
+    /// Answer fields sent with allow, per method (rules can override them).
     #[serde(default)]
     pub(super) response: ResponseFields,
+    /// Named lists of numbers, prefixes or countries, used in rules as `@name`: inline,
+    /// or `{ file = "lists/x.txt" }` (one entry per line, `#` comments), relative to this
+    /// file.
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, ListFile>")]
     pub(super) lists: BTreeMap<String, Spanned<ListFile>>,
+    /// The rules, in order.
     #[serde(default, rename = "rule")]
+    #[schemars(with = "Vec<RuleFile>")]
     pub(super) rules: Vec<Spanned<RuleFile>>,
 }
 
@@ -60,22 +76,27 @@ pub(super) fn deny() -> Action {
     Action::Deny
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(super) enum ListFile {
+    /// The entries themselves.
     Inline(Vec<String>),
+    /// A file of entries, one per line, relative to the policy file.
     File { file: String },
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Mode {
+    /// The rule decides.
     #[default]
     Enforce,
+    /// The rule is evaluated and recorded (what it would have done) but never decides.
     Shadow,
 }
 
-#[derive(Debug, Deserialize)]
+/// One value or a list of them; `@name` stands for a list from [lists].
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub(super) enum OneOrMany {
     One(String),
@@ -91,48 +112,103 @@ impl OneOrMany {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// A rule: its conditions must all hold for it to match.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RuleFile {
+    /// Unique name: in decisions, logs, metrics and GET /v1/policy.
     pub(super) name: String,
+    /// What to answer when the rule matches.
     pub(super) action: Action,
+    /// `shadow` records what the rule would do without letting it decide.
     #[serde(default)]
     pub(super) mode: Mode,
+    /// Answer fields for allow, replacing the policy's [response].
     #[serde(default)]
     pub(super) response: Option<ResponseFields>,
+    /// Free text for operators.
     #[serde(default)]
     pub(super) note: Option<String>,
+    /// Verification methods: sms, flashcall, callout, whatsapp, seamless.
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) method: Option<Spanned<OneOrMany>>,
+    /// ISO 3166 alpha-2 codes of the number's country (or `unknown`).
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) country: Option<Spanned<OneOrMany>>,
+    /// Matches numbers from any country except these.
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) country_not_in: Option<Spanned<OneOrMany>>,
+    /// E.164 prefixes (`+` and digits); the longest matching one is recorded.
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) prefix: Option<Spanned<OneOrMany>>,
+    /// Whole E.164 numbers.
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) number: Option<Spanned<OneOrMany>>,
+    /// Matches when Sinch's price for the attempt is above the amount in its currency,
+    /// e.g. { EUR = 0.50 }.
+    #[schemars(with = "Option<BTreeMap<String, f64>>")]
     pub(super) price_above: Option<Spanned<BTreeMap<String, f64>>>,
+    /// A regular expression the request's reference must match.
+    #[schemars(with = "Option<String>")]
     pub(super) reference: Option<Spanned<String>>,
+    /// A regular expression the request's custom field must match.
+    #[schemars(with = "Option<String>")]
     pub(super) custom: Option<Spanned<String>>,
+    /// Accept-Language values (any of them).
+    #[schemars(with = "Option<OneOrMany>")]
     pub(super) accept_language: Option<Spanned<OneOrMany>>,
+    /// A time window in a time zone: days and/or a between range.
+    #[schemars(with = "Option<TimeFile>")]
     pub(super) time: Option<Spanned<TimeFile>>,
+    /// Matches once more than `max` requests came under the key within the window.
+    #[schemars(with = "Option<RateLimitFile>")]
     pub(super) rate_limit: Option<Spanned<RateLimitFile>>,
+    /// Matches once more than `max` distinct numbers came under the key within the window
+    /// (range walking).
+    #[schemars(with = "Option<DistinctFile>")]
     pub(super) distinct_numbers: Option<Spanned<DistinctFile>>,
+    /// Matches once the allowed attempts' price under the key would exceed `max` within
+    /// the window.
+    #[schemars(with = "Option<SpendFile>")]
     pub(super) spend: Option<Spanned<SpendFile>>,
+    /// Adaptive: matches when the verifications allowed under the key convert below a
+    /// rate (or a share of their country's rate).
+    #[schemars(with = "Option<ConversionFile>")]
     pub(super) conversion: Option<Spanned<ConversionFile>>,
+    /// Adaptive: matches once Sinch denied more than `max` verifications under the key as
+    /// fraud within the window.
+    #[schemars(with = "Option<DistinctFile>")]
     pub(super) sinch_fraud: Option<Spanned<DistinctFile>>,
+    /// Quarantine the key for this long when the rule trips (doubling on repeat), e.g. 1h.
+    #[schemars(with = "Option<String>")]
     pub(super) block_for: Option<Spanned<String>>,
+    /// The longest quarantine after doubling, e.g. 24h.
+    #[schemars(with = "Option<String>")]
     pub(super) max_block: Option<Spanned<String>>,
+    /// Share of requests let through a quarantine to see whether it still holds (0 to 0.5).
+    #[schemars(with = "Option<f64>")]
     pub(super) probe: Option<Spanned<f64>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// Conversion of allowed verifications under a key.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct ConversionFile {
+    /// The key: number, prefix:k, range:n, country, method or global.
     pub(super) per: String,
+    /// Sliding window, e.g. 6h.
     pub(super) window: String,
+    /// No judgement below this many finished verifications.
     #[serde(default = "default_min_samples")]
     pub(super) min_samples: u32,
+    /// Trip below this success rate (0 to 1). Exactly one of below / below_baseline.
     pub(super) below: Option<f64>,
+    /// Trip below this share of the country's own rate (0 to 1).
     pub(super) below_baseline: Option<f64>,
+    /// Confidence that the true rate is below the threshold (0.5 to below 1).
     #[serde(default = "default_confidence")]
     pub(super) confidence: f64,
+    /// How long after being allowed a verification without a result counts as failed.
     #[serde(default = "default_complete_after")]
     pub(super) complete_after: String,
 }
@@ -149,38 +225,99 @@ fn default_complete_after() -> String {
     "10m".into()
 }
 
-#[derive(Debug, Deserialize)]
+/// A time window.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct TimeFile {
+    /// IANA time zone, e.g. Europe/Stockholm or UTC.
     pub(super) tz: String,
+    /// Days of the week (mon, tue, …); all days when empty.
     #[serde(default)]
     pub(super) days: Vec<String>,
+    /// ["HH:MM", "HH:MM"], start inclusive, end exclusive; may wrap midnight.
     #[serde(default)]
-    pub(super) between: Option<[String; 2]>,
+    #[schemars(length(min = 2, max = 2))]
+    pub(super) between: Option<Vec<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+/// A request count under a key.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RateLimitFile {
+    /// The key: number, prefix:k, range:n, country, method or global.
     pub(super) key: String,
+    /// Requests allowed within the window; the next one matches.
     pub(super) max: u32,
+    /// Sliding window, e.g. 10m.
     pub(super) window: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// A count of distinct numbers (or Sinch fraud verdicts) under a key.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct DistinctFile {
+    /// The key: number, prefix:k, range:n, country, method or global.
     pub(super) per: String,
+    /// How many within the window; one more matches.
     pub(super) max: u32,
+    /// Sliding window, e.g. 1h.
     pub(super) window: String,
 }
 
-#[derive(Debug, Deserialize)]
+/// Spend under a key.
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SpendFile {
+    /// The key: number, prefix:k, range:n, country, method or global.
     pub(super) per: String,
+    /// Most spend per currency within the window, e.g. { EUR = 200 }.
     pub(super) max: BTreeMap<String, f64>,
+    /// Sliding window, e.g. 1h.
     pub(super) window: String,
+}
+
+/// The JSON Schema of the policy file, from the same types verigate reads it with.
+pub fn policy_schema() -> serde_json::Value {
+    schemars::generate::SchemaSettings::draft2020_12()
+        .with(|s| {
+            s.transforms
+                .push(Box::new(schemars::transform::RecursiveTransform(
+                    without_null,
+                )));
+        })
+        .into_generator()
+        .into_root_schema_for::<PolicyFile>()
+        .to_value()
+}
+
+/// TOML has no null: an optional field is one that may be left out, not one that may be
+/// null. Without this an editor would offer `null` and report a wrong optional table as
+/// "not valid under any of the schemas" instead of naming the missing key.
+fn without_null(schema: &mut schemars::Schema) {
+    use serde_json::Value;
+    let Some(object) = schema.as_object_mut() else {
+        return;
+    };
+    if object.get("default") == Some(&Value::Null) {
+        object.remove("default");
+    }
+    if let Some(Value::Array(types)) = object.get_mut("type") {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            let only = types.remove(0);
+            object.insert("type".into(), only);
+        }
+    }
+    let not_null = |s: &&Value| s.get("type") != Some(&Value::from("null"));
+    if let Some(Value::Array(any)) = object.get("anyOf") {
+        let rest: Vec<Value> = any.iter().filter(not_null).cloned().collect();
+        if let [Value::Object(only)] = rest.as_slice() {
+            object.remove("anyOf");
+            for (key, value) in only {
+                object.entry(key.clone()).or_insert_with(|| value.clone());
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -776,7 +913,13 @@ pub(super) fn compile_time(t: &TimeFile) -> Result<TimeWindow, String> {
     let between = t
         .between
         .as_ref()
-        .map(|[a, b]| {
+        .map(|times| {
+            let [a, b] = times.as_slice() else {
+                return Err(format!(
+                    "time.between needs two times, [\"HH:MM\", \"HH:MM\"], not {}",
+                    times.len()
+                ));
+            };
             let parse = |s: &str| {
                 NaiveTime::parse_from_str(s, "%H:%M")
                     .map_err(|_| format!("`{s}` is not a time like 22:00"))
@@ -809,3 +952,7 @@ pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
 }
+
+#[cfg(test)]
+#[path = "schema_tests.rs"]
+pub(crate) mod schema_tests;

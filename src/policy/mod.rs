@@ -20,7 +20,7 @@ pub mod trie;
 use chrono::{DateTime, Utc};
 
 pub use compiled::normalise_number;
-pub use file::PolicyLoadError;
+pub use file::{policy_schema, PolicyLoadError};
 pub use rules::RulesPolicy;
 
 pub use crate::decision::{

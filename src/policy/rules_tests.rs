@@ -26,9 +26,12 @@ fn at(s: &str) -> DateTime<Utc> {
 
 const NOON: &str = "2026-11-23T12:00:00Z"; // a Monday
 
+/// A valid policy of `rules`; the editor's schema must accept it as verigate does.
 fn policy(rules: &str) -> RulesPolicy {
-    RulesPolicy::parse(&format!("default = \"allow\"\n{rules}"), "t.toml")
-        .unwrap_or_else(|e| panic!("{e}"))
+    let text = format!("default = \"allow\"\n{rules}");
+    let complaints = crate::policy::file::schema_tests::schema_errors(&text);
+    assert!(complaints.is_empty(), "{complaints:?}\n{text}");
+    RulesPolicy::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The deciding rule's name, or `default`.

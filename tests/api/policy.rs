@@ -240,6 +240,20 @@ fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+#[test]
+fn policy_schema_prints_the_committed_schema() {
+    let (ok, text) = cli(&["policy", "schema"], &[]);
+    assert!(ok, "{text}");
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/policy.schema.json"
+    ))
+    .unwrap();
+    assert_eq!(text, committed);
+    let schema: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(schema["title"], "verigate policy");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_check_test_and_replay_work_end_to_end() {
     let root = env!("CARGO_MANIFEST_DIR");
