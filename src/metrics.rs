@@ -397,3 +397,13 @@ impl StoreObserver for Metrics {
         self.checkpoint_seconds.observe(elapsed.as_secs_f64());
     }
 }
+
+impl crate::policy::reload::ReloadObserver for Metrics {
+    fn loaded(&self, version: &str) {
+        self.policy_loaded(version);
+    }
+
+    fn load_failed(&self) {
+        self.policy_load_failed();
+    }
+}

@@ -58,11 +58,9 @@ impl Application {
         }
         let policy: Arc<dyn Policy> = Arc::new(policy);
         let mut app = Self::build_with_policy(settings, clock, Arc::clone(&policy))?;
-        app.watcher = Some(reload::watch(
-            Arc::clone(&policy),
-            Arc::clone(&app.metrics),
-        )?);
-        reload::on_sighup(policy, Arc::clone(&app.metrics))?;
+        let observer = Arc::clone(&app.metrics) as Arc<dyn reload::ReloadObserver>;
+        app.watcher = Some(reload::watch(Arc::clone(&policy), Arc::clone(&observer))?);
+        reload::on_sighup(policy, observer)?;
         Ok(app)
     }
 

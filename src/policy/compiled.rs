@@ -8,17 +8,28 @@ use std::{
 };
 
 use chrono::{DateTime, Datelike, NaiveTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
-use super::{
-    adaptive::BlockSpec,
-    counters::CounterKey,
-    file::{Mode, RuleError},
-    trie::DigitTrie,
-};
+use super::{adaptive::BlockSpec, counters::CounterKey};
 use crate::events::{Action, ResponseFields, VerificationMethod, VerificationRequestEvent};
+use crate::phone::trie::DigitTrie;
 
 // ---------------------------------------------------------------------------------------
 // Compiled form
+
+/// Why a rule does not compile: where in the file (when known) and what is wrong.
+pub(super) type RuleError = (Option<Range<usize>>, String);
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Mode {
+    /// The rule decides.
+    #[default]
+    Enforce,
+    /// The rule is evaluated and recorded (what it would have done) but never decides.
+    Shadow,
+}
 
 /// What a counter is kept per.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -274,7 +285,7 @@ impl<'a> Facts<'a> {
     /// The facts of `request` at `now`; `None` when its number is not E.164.
     pub(super) fn of(request: &'a VerificationRequestEvent, now: DateTime<Utc>) -> Option<Self> {
         let number = normalise_number(&request.identity.endpoint)?;
-        let country = super::country::CountryTable::get()
+        let country = crate::phone::country::CountryTable::get()
             .country_of(&number)
             .unwrap_or("unknown");
         Some(Self {

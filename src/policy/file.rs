@@ -10,18 +10,19 @@ use std::{
 
 use chrono::{NaiveTime, Utc, Weekday};
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::{
     adaptive::{z_for, BlockSpec},
     compiled::{
-        Conditions, CounterSpec, Limiter, Rule, RuleStats, Snapshot, Threshold, TimeWindow,
+        Conditions, CounterSpec, Limiter, Mode, Rule, RuleError, RuleStats, Snapshot, Threshold,
+        TimeWindow,
     },
-    trie::DigitTrie,
 };
 use crate::events::{Action, ResponseFields, VerificationMethod};
+use crate::phone::trie::DigitTrie;
 
 /// Why a policy was refused, with its location.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -83,16 +84,6 @@ pub(super) enum ListFile {
     Inline(Vec<String>),
     /// A file of entries, one per line, relative to the policy file.
     File { file: String },
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub(super) enum Mode {
-    /// The rule decides.
-    #[default]
-    Enforce,
-    /// The rule is evaluated and recorded (what it would have done) but never decides.
-    Shadow,
 }
 
 /// One value or a list of them; `@name` stands for a list from [lists].
@@ -536,8 +527,6 @@ pub(super) fn resolve(
         })
         .collect()
 }
-
-pub(super) type RuleError = (Option<Range<usize>>, String);
 
 pub(super) fn compile_rule(
     rule: &RuleFile,

@@ -9,13 +9,11 @@
 pub mod adaptive;
 mod compiled;
 pub mod counters;
-pub mod country;
 mod file;
 pub mod persist;
 pub mod reload;
 mod rules;
 pub mod tools;
-pub mod trie;
 
 use chrono::{DateTime, Utc};
 

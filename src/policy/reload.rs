@@ -13,7 +13,12 @@ use std::{
 use notify::{RecursiveMode, Watcher};
 
 use super::{Policy, PolicyError};
-use crate::metrics::Metrics;
+
+/// Told how every reload went (metrics count them); the policy knows nothing of metrics.
+pub trait ReloadObserver: Send + Sync + 'static {
+    fn loaded(&self, version: &str);
+    fn load_failed(&self);
+}
 
 /// Quiet time after the last file event before reloading: editors write in bursts.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -23,17 +28,17 @@ const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Reloads `policy`, logging and counting the outcome. `trigger` says what asked.
 pub fn reload(
     policy: &dyn Policy,
-    metrics: &Metrics,
+    observer: &dyn ReloadObserver,
     trigger: &str,
 ) -> Result<String, PolicyError> {
     match policy.reload() {
         Ok(version) => {
-            metrics.policy_loaded(&version);
+            observer.loaded(&version);
             tracing::info!(trigger, version = %version, "policy reloaded");
             Ok(version)
         }
         Err(err) => {
-            metrics.policy_load_failed();
+            observer.load_failed();
             tracing::error!(trigger, error.message = %err, "policy reload failed; the previous policy stays in force");
             Err(err)
         }
@@ -51,7 +56,10 @@ pub struct PolicyWatcher {
 /// save by rename (a new file under the old name) is seen. A burst of events is awaited
 /// until it has been quiet for `DEBOUNCE`, but never more than `MAX_DELAY` after its first
 /// event, so a steady stream of events cannot put a reload off.
-pub fn watch(policy: Arc<dyn Policy>, metrics: Arc<Metrics>) -> notify::Result<PolicyWatcher> {
+pub fn watch(
+    policy: Arc<dyn Policy>,
+    observer: Arc<dyn ReloadObserver>,
+) -> notify::Result<PolicyWatcher> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let sources = Arc::new(Mutex::new(Sources::default()));
     let seen = Arc::clone(&sources);
@@ -85,7 +93,7 @@ pub fn watch(policy: Arc<dyn Policy>, metrics: Arc<Metrics>) -> notify::Result<P
                     Err(_) => break,
                 }
             }
-            let _ = reload(policy.as_ref(), &metrics, "file change");
+            let _ = reload(policy.as_ref(), observer.as_ref(), "file change");
             // An edit may name new list files.
             refresh(&sources, &kept, &policy.sources());
         }
@@ -146,11 +154,14 @@ fn refresh(
 }
 
 /// Reloads on every SIGHUP until the process ends.
-pub fn on_sighup(policy: Arc<dyn Policy>, metrics: Arc<Metrics>) -> std::io::Result<()> {
+pub fn on_sighup(
+    policy: Arc<dyn Policy>,
+    observer: Arc<dyn ReloadObserver>,
+) -> std::io::Result<()> {
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     tokio::spawn(async move {
         while hangups.recv().await.is_some() {
-            let _ = reload(policy.as_ref(), &metrics, "SIGHUP");
+            let _ = reload(policy.as_ref(), observer.as_ref(), "SIGHUP");
         }
     });
     Ok(())

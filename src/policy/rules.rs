@@ -25,15 +25,14 @@ use super::{
         conversion_counters, wilson_upper, Block, BlockCheck, OutcomeBook, Quarantine,
         QuarantineState, Resolution, Tracked, TrackedKey,
     },
-    compiled::{Facts, Limiter, Rule, RuleStats, Snapshot, Threshold},
+    compiled::{Facts, Limiter, Mode, Rule, RuleStats, Snapshot, Threshold},
     counters::{CounterKey, Counters},
-    country::CountryTable,
-    file::{compile, load, Mode, PolicyLoadError},
-    trie::DigitTrie,
+    file::{compile, load, PolicyLoadError},
     CounterReading, Explanation, Learning, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyError, QuarantineNote, Quarantines, ShadowMatch,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
+use crate::phone::{country::CountryTable, trie::DigitTrie};
 
 /// The rules-file policy: hot-reloadable, with counters that outlive reloads.
 pub struct RulesPolicy {

@@ -20,7 +20,7 @@ pub async fn reload_now(
     state: web::Data<CallbackState>,
 ) -> Result<HttpResponse, ApiError> {
     let (policy, metrics) = (state.policy.clone(), state.metrics.clone());
-    let outcome = web::block(move || reload::reload(policy.as_ref(), &metrics, "API"))
+    let outcome = web::block(move || reload::reload(policy.as_ref(), metrics.as_ref(), "API"))
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     match outcome {

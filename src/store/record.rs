@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::stats::StatsRow;
+use super::stats::{country_label, rule_label, status_label, StatsRow};
 use crate::{
     decision::DecisionRecord,
     events::{Price, VerificationEvent},
@@ -208,22 +208,6 @@ impl VerificationRecord {
             price: price.and_then(|p| p.currency_id.as_deref().zip(p.amount)),
             status: self.result.as_ref().map(|r| r.status.as_str()),
         }
-    }
-}
-
-pub(super) fn status_label(status: Option<&str>) -> &str {
-    status.unwrap_or("NONE")
-}
-
-pub(super) fn country_label(country: Option<&str>) -> &str {
-    country.unwrap_or("unknown")
-}
-
-pub(super) fn rule_label(decision: Option<(bool, Option<&str>)>) -> &str {
-    match decision {
-        None => "none",
-        Some((true, _)) => "on_error",
-        Some((false, rule)) => rule.unwrap_or("default"),
     }
 }
 

@@ -7,8 +7,25 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::record::{country_label, rule_label, status_label};
 use crate::events::Action;
+
+/// The group labels of a verification: what stats and filters call a missing status,
+/// country or rule.
+pub(super) fn status_label(status: Option<&str>) -> &str {
+    status.unwrap_or("NONE")
+}
+
+pub(super) fn country_label(country: Option<&str>) -> &str {
+    country.unwrap_or("unknown")
+}
+
+pub(super) fn rule_label(decision: Option<(bool, Option<&str>)>) -> &str {
+    match decision {
+        None => "none",
+        Some((true, _)) => "on_error",
+        Some((false, rule)) => rule.unwrap_or("default"),
+    }
+}
 
 /// Dimensions stats can group by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,9 +1,12 @@
 //! Facts about a phone number that analytics group by: its country and a short prefix.
 //!
 //! The country comes from the table built from libphonenumber's metadata
-//! (policy/country.rs), the same one the policy decides with, so shared calling codes
+//! (phone/country.rs), the same one the policy decides with, so shared calling codes
 //! resolve to the real territory (+1 876 → JM, +44 7911 1… → GG) and a record's country is
 //! the country its rules saw. Anything that is not strict E.164 has no facts.
+
+pub mod country;
+pub mod trie;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,7 +42,7 @@ pub fn facts(number: &str) -> NumberFacts {
     if !is_e164(number) {
         return NumberFacts::default();
     }
-    let table = crate::policy::country::CountryTable::get();
+    let table = country::CountryTable::get();
     let Some(code_len) = table.calling_code_len(number) else {
         return NumberFacts::default();
     };

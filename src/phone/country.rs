@@ -142,7 +142,7 @@ fn generate() -> String {
     }
     let mut out = String::from(
         "# E.164 prefix -> ISO 3166 territory, generated from the phonenumber crate's metadata\n\
-         # by src/policy/country.rs (`VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table`).\n\
+         # by src/phone/country.rs (`VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table`).\n\
          # Do not edit by hand.\n",
     );
     for code in &all_codes {
@@ -282,13 +282,13 @@ mod tests {
     fn the_committed_country_table_is_what_the_crate_gives() {
         let generated = generate();
         if std::env::var_os("VERIGATE_WRITE_COUNTRY_TABLE").is_some() {
-            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/policy/country_table.txt");
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/src/phone/country_table.txt");
             std::fs::write(path, &generated).unwrap();
             return;
         }
         assert!(
             generated == TABLE,
-            "src/policy/country_table.txt is stale (the phonenumber crate changed?): \
+            "src/phone/country_table.txt is stale (the phonenumber crate changed?): \
              rewrite it with `VERIGATE_WRITE_COUNTRY_TABLE=1 cargo test country_table` and \
              review the diff"
         );
