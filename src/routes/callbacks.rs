@@ -5,6 +5,9 @@
 //! callback that fails authentication or parsing, and nothing is acknowledged before it is
 //! on disk. A request event always gets an allow/deny answer: when deciding or storing
 //! fails, or the policy misses the deadline, the policy's `on_error`.
+//!
+//! Every path ends in a [`CallbackOutcome`]; `callback_outcome.rs` alone turns it into
+//! metrics, span fields, the log line and the answer.
 
 use std::{
     panic::AssertUnwindSafe,
@@ -26,15 +29,16 @@ use crate::{
     decision::{DecisionRecord, PolicyDecision},
     error::{ApiError, ErrorCode},
     events::{
-        Action, CallbackResponse, VerificationEvent, VerificationRequestEvent,
-        VerificationResultEvent,
+        CallbackResponse, VerificationEvent, VerificationRequestEvent, VerificationResultEvent,
     },
-    metrics::{outcome, Metrics},
+    metrics::Metrics,
     policy::{Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
-    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreError, StoreSlot},
-    telemetry::{redact_numbers, MaskedNumber},
+    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot},
+    telemetry::MaskedNumber,
 };
+
+use super::callback_outcome::CallbackOutcome;
 
 /// What the callback endpoint needs, shared by all workers.
 pub struct CallbackState {
@@ -59,11 +63,31 @@ pub async fn receive(
     state: web::Data<CallbackState>,
     span: RootSpan,
 ) -> HttpResponse {
-    let received_at = state.clock.now();
     let body = match read_body(&req, payload, state.body_limit).await {
         Ok(body) => body,
-        Err(err) => return reject(&state, &span, None, err),
+        Err(error) => {
+            let outcome = CallbackOutcome::BadRequest {
+                event_type: None,
+                error,
+            };
+            return outcome.finish(&state.metrics, &span);
+        }
     };
+    let mut event = None;
+    let outcome = handle(&req, &body, &state, &span, &mut event).await;
+    outcome.finish(&state.metrics, &span)
+}
+
+/// Everything between the body and the answer; `parsed` keeps the event the outcome
+/// borrows from.
+async fn handle<'a>(
+    req: &HttpRequest,
+    body: &'a Bytes,
+    state: &'a CallbackState,
+    span: &RootSpan,
+    parsed: &'a mut Option<VerificationEvent>,
+) -> CallbackOutcome<'a> {
+    let received_at = state.clock.now();
     let headers = req.headers();
     let signed = SignedRequest {
         method: req.method().as_str(),
@@ -71,7 +95,7 @@ pub async fn receive(
         content_type: header_bytes(headers, header::CONTENT_TYPE.as_str()),
         timestamp: header_bytes(headers, "x-timestamp"),
         authorization: header_bytes(headers, header::AUTHORIZATION.as_str()),
-        body: &body,
+        body,
     };
     let freshness = Freshness {
         now: received_at,
@@ -80,21 +104,26 @@ pub async fn receive(
     let app_key = match state.keyring.verify(&signed, freshness) {
         Ok(key) => key,
         Err(err) => {
-            state.metrics.auth_failure(err.code().as_str());
-            span.record("error_code", err.code().as_str());
-            tracing::warn!(reason = err.code().as_str(), "callback refused: {err}");
-            return ApiError::from(err).error_response_json();
+            return CallbackOutcome::Unauthenticated {
+                reason: err.code().as_str(),
+                error: ApiError::from(err),
+            }
         }
     };
     span.record("app_key", app_key);
-    let event = match VerificationEvent::parse(&body) {
-        Ok(event) => event,
-        Err(err) => return reject(&state, &span, None, err.into()),
+    let event: &'a VerificationEvent = match VerificationEvent::parse(body) {
+        Ok(event) => parsed.insert(event),
+        Err(err) => {
+            return CallbackOutcome::BadRequest {
+                event_type: None,
+                error: err.into(),
+            }
+        }
     };
-    record_span_facts(&span, &event);
+    record_span_facts(span, event);
     let incoming = IncomingEvent {
-        event: &event,
-        raw: &body,
+        event,
+        raw: body,
         app_key,
         received_at,
         decision: None,
@@ -102,7 +131,7 @@ pub async fn receive(
     let waiting_since = state.store.get().is_none().then(std::time::Instant::now);
     let store = match state.store.ready_within(state.startup_wait).await {
         Ok(store) => store,
-        Err(err) => return store_unavailable(&state, &span, &event, &err),
+        Err(err) => return not_recorded(state, event, &err),
     };
     if let Some(since) = waiting_since {
         tracing::info!(
@@ -110,84 +139,64 @@ pub async fn receive(
             "callback waited for the store to open"
         );
     }
-    match &event {
+    match event {
         VerificationEvent::Request(request) => {
-            answer_request(&state, store, &span, incoming, request).await
+            answer_request(state, store, incoming, request).await
         }
-        _ => acknowledge(&state, store, &span, incoming).await,
+        _ => acknowledge(state, store, incoming).await,
     }
 }
 
 /// The store cannot take the event: a request still gets allow/deny (`on_error`), any
 /// other event a 503 so that Sinch retries it.
-fn store_unavailable(
+fn not_recorded<'a>(
     state: &CallbackState,
-    span: &RootSpan,
-    event: &VerificationEvent,
-    err: &StoreError,
-) -> HttpResponse {
+    event: &'a VerificationEvent,
+    err: &dyn std::fmt::Display,
+) -> CallbackOutcome<'a> {
     match event {
-        VerificationEvent::Request(_) => {
-            store_failed_answer(state, span, Some(event.event_type()), err)
-        }
-        _ => not_acknowledged(state, span, event.event_type(), err),
+        VerificationEvent::Request(_) => CallbackOutcome::RequestNotRecorded {
+            on_error: state.policy.on_error(),
+            error: err.to_string(),
+        },
+        _ => CallbackOutcome::NotRecorded {
+            event_type: event.event_type(),
+            error: err.to_string(),
+        },
     }
 }
 
-/// A 503, so that Sinch retries the event later.
-fn not_acknowledged(
-    state: &CallbackState,
-    span: &RootSpan,
-    event_type: &str,
-    err: &StoreError,
-) -> HttpResponse {
-    state
-        .metrics
-        .callback(Some(event_type), outcome::STORE_ERROR);
-    span.record("error_code", ErrorCode::StoreUnavailable.as_str());
-    tracing::error!(error.message = %err, "recording an event failed; not acknowledged");
-    ApiError::new(
-        ErrorCode::StoreUnavailable,
-        format!("the event could not be stored; retry later ({err})"),
-    )
-    .error_response_json()
-}
-
 /// Decides and records a request event; always answers allow or deny.
-async fn answer_request(
+async fn answer_request<'a>(
     state: &CallbackState,
     store: &Store,
-    span: &RootSpan,
-    incoming: IncomingEvent<'_>,
+    incoming: IncomingEvent<'a>,
     request: &VerificationRequestEvent,
-) -> HttpResponse {
-    let event_type = Some(incoming.event.event_type());
+) -> CallbackOutcome<'a> {
+    let event = incoming.event;
+    let duplicate = |answer: Option<serde_json::Value>| CallbackOutcome::Duplicate {
+        event_type: event.event_type(),
+        answer: Some(answer.unwrap_or_else(|| on_error_answer(state.policy.as_ref()))),
+    };
     // A delivery of the same event already in flight is waited for here, so the policy
     // decides (and counts) each event once.
     let claim = match store.admit(incoming).await {
         Ok(Admission::First(claim)) => claim,
-        Ok(Admission::Duplicate(first)) => {
-            state.metrics.callback(event_type, outcome::DUPLICATE);
-            tracing::info!("duplicate request event: answered as the first time");
-            let answer = first
-                .answer
-                .unwrap_or_else(|| on_error_answer(state.policy.as_ref()));
-            return HttpResponse::Ok().json(answer);
-        }
-        Err(err) => return store_failed_answer(state, span, event_type, &err),
+        Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
+        Err(err) => return not_recorded(state, event, &err),
     };
     let (decision, on_error) = decide(state, request).await;
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
     };
-    let answer_json = serde_json::to_value(&answer).unwrap_or_default();
+    let answer = serde_json::to_value(&answer).unwrap_or_default();
     let record = DecisionRecord::new(
         &decision,
         on_error,
         &state.policy.version(),
         state.clock.now(),
-        answer_json.clone(),
+        answer.clone(),
     );
     let stored = store
         .record(
@@ -201,45 +210,20 @@ async fn answer_request(
     match stored {
         Ok(RecordOutcome::Stored { .. }) => {
             let rule = match (&decision.rule, on_error) {
-                (Some(rule), _) => rule.as_str(),
-                (None, true) => "on_error",
-                (None, false) => "default",
+                (Some(rule), _) => rule.clone(),
+                (None, true) => "on_error".to_owned(),
+                (None, false) => "default".to_owned(),
             };
-            state.metrics.callback(event_type, outcome::ACCEPTED);
-            state.metrics.decision(decision.action.as_str(), rule);
-            span.record("decision", decision.action.as_str());
-            span.record("rule", rule);
-            log_decision(&decision, rule);
-            HttpResponse::Ok().json(answer_json)
+            CallbackOutcome::Answered {
+                decision,
+                rule,
+                answer,
+            }
         }
         // A concurrent delivery of the same event won the race: give its answer.
-        Ok(RecordOutcome::Duplicate(first)) => {
-            state.metrics.callback(event_type, outcome::DUPLICATE);
-            HttpResponse::Ok().json(first.answer.unwrap_or(answer_json))
-        }
-        Err(err) => store_failed_answer(state, span, event_type, &err),
+        Ok(RecordOutcome::Duplicate(first)) => duplicate(first.answer.or(Some(answer))),
+        Err(err) => not_recorded(state, event, &err),
     }
-}
-
-/// One line per decision with its explanation (the number itself stays out).
-fn log_decision(decision: &PolicyDecision, rule: &str) {
-    let e = &decision.explanation;
-    let shadow: Vec<String> = e
-        .shadow
-        .iter()
-        .map(|m| format!("{}:{}", m.rule, m.would))
-        .collect();
-    tracing::info!(
-        decision = decision.action.as_str(),
-        rule,
-        reason = %decision.reason,
-        shadow = %shadow.join(","),
-        country = e.country.as_deref().unwrap_or(""),
-        matched_prefix = e.matched_prefix.as_deref().unwrap_or(""),
-        policy_version = %e.policy_version,
-        eval_ns = e.eval_ns,
-        "request event answered"
-    );
 }
 
 fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
@@ -329,49 +313,28 @@ async fn decide_on_pool(
     }
 }
 
-/// Sinch must get an allow/deny even when we cannot record: the `on_error` answer.
-fn store_failed_answer(
-    state: &CallbackState,
-    span: &RootSpan,
-    event_type: Option<&str>,
-    err: &dyn std::fmt::Display,
-) -> HttpResponse {
-    let action: Action = state.policy.on_error();
-    state.metrics.callback(event_type, outcome::STORE_ERROR);
-    state.metrics.decision(action.as_str(), "on_error");
-    span.record("decision", action.as_str());
-    span.record("rule", "on_error");
-    tracing::error!(error.message = %err, "recording a request event failed; answering on_error");
-    HttpResponse::Ok().json(CallbackResponse::bare(action))
-}
-
 /// Records a result, SMS-delivered or unknown event; an empty 200 once it is durable.
-async fn acknowledge(
+async fn acknowledge<'a>(
     state: &CallbackState,
     store: &Store,
-    span: &RootSpan,
-    incoming: IncomingEvent<'_>,
-) -> HttpResponse {
-    let event_type = incoming.event.event_type();
+    incoming: IncomingEvent<'a>,
+) -> CallbackOutcome<'a> {
+    let event = incoming.event;
     match store.record_once(incoming).await {
         Ok(RecordOutcome::Stored { .. }) => {
-            state.metrics.callback(Some(event_type), outcome::ACCEPTED);
-            if let VerificationEvent::Result(result) = incoming.event {
+            if let VerificationEvent::Result(result) = event {
                 report_outcome(state, store, result, incoming.received_at).await;
             }
-            if let VerificationEvent::Unknown { .. } = incoming.event {
-                tracing::warn!("unknown event type: stored raw and acknowledged");
-            } else {
-                tracing::info!("event recorded");
+            CallbackOutcome::Recorded {
+                event_type: event.event_type(),
+                unknown: matches!(event, VerificationEvent::Unknown { .. }),
             }
-            HttpResponse::Ok().finish()
         }
-        Ok(RecordOutcome::Duplicate(_)) => {
-            state.metrics.callback(Some(event_type), outcome::DUPLICATE);
-            tracing::info!("duplicate event: already recorded");
-            HttpResponse::Ok().finish()
-        }
-        Err(err) => not_acknowledged(state, span, event_type, &err),
+        Ok(RecordOutcome::Duplicate(_)) => CallbackOutcome::Duplicate {
+            event_type: event.event_type(),
+            answer: None,
+        },
+        Err(err) => not_recorded(state, event, &err),
     }
 }
 
@@ -400,23 +363,6 @@ async fn report_outcome(
             });
         }
     }
-}
-
-fn reject(
-    state: &CallbackState,
-    span: &RootSpan,
-    event_type: Option<&str>,
-    err: ApiError,
-) -> HttpResponse {
-    state.metrics.callback(event_type, outcome::BAD_REQUEST);
-    span.record("error_code", err.code.as_str());
-    // Parser messages can quote body values; a phone number must not reach the log.
-    tracing::warn!(
-        code = err.code.as_str(),
-        "callback refused: {}",
-        redact_numbers(&err.message)
-    );
-    err.error_response_json()
 }
 
 fn record_span_facts(span: &RootSpan, event: &VerificationEvent) {

@@ -2,6 +2,7 @@
 
 pub mod analytics;
 mod api_auth;
+mod callback_outcome;
 mod callbacks;
 mod health;
 mod policy;
