@@ -132,3 +132,30 @@ fn broken_policies_are_refused_by_the_schema_and_by_verigate_alike() {
         );
     }
 }
+
+#[test]
+fn every_condition_example_in_the_docs_is_accepted_by_the_schema_and_by_verigate() {
+    let docs = include_str!("../../docs/policy.md");
+    let examples: Vec<&str> = docs
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .filter_map(|l| l.trim_end_matches(" |").rsplit(" | ").next())
+        .map(|cell| cell.trim().trim_matches('`'))
+        .filter(|cell| cell.contains(" = "))
+        .collect();
+    assert!(examples.len() >= 15, "{examples:?}");
+    for example in examples {
+        let text = format!(
+            "default = \"allow\"\n[lists]\nserved = [\"SE\"]\nirsf = [\"+881\"]\nvip = [\"+46700000001\"]\n\
+             [[rule]]\nname = \"r\"\naction = \"deny\"\n{example}\n"
+        );
+        assert_eq!(schema_errors(&text), Vec::<String>::new(), "{example}");
+        if let Err(err) = RulesPolicy::parse(&text, "docs.toml") {
+            panic!("docs/policy.md's example `{example}` is refused: {err}");
+        }
+    }
+    // The whole-file example at the top of docs/policy.md has the shape the schema wants.
+    let start = docs.find("```toml\nversion").unwrap() + "```toml\n".len();
+    let block = &docs[start..start + docs[start..].find("```").unwrap()];
+    assert_eq!(schema_errors(block), Vec::<String>::new());
+}
