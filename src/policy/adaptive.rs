@@ -206,29 +206,25 @@ impl OutcomeBook {
         waited
     }
 
-    /// Queues `observation` if the book is held; gives it back otherwise.
-    fn held(&self, observation: Observation) -> Option<Observation> {
+    /// The queue to add to while the book is held; `None` (the usual case, checked
+    /// without the lock) when observations apply at once.
+    fn held_queue(&self) -> Option<std::sync::MutexGuard<'_, Vec<Observation>>> {
         if !self.is_held() {
-            return Some(observation);
+            return None;
         }
-        let mut queue = self
+        let queue = self
             .held_back
             .queue
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if !self.is_held() {
-            return Some(observation);
-        }
-        queue.push(observation);
-        None
+        self.is_held().then_some(queue)
     }
 
     /// A verification the policy allowed just now.
     pub fn observe_allowed(&self, id: &str, tracked: Tracked) {
-        if let Some(Observation::Allowed(id, tracked)) =
-            self.held(Observation::Allowed(id.to_owned(), tracked))
-        {
-            self.track(&id, tracked);
+        match self.held_queue() {
+            Some(mut queue) => queue.push(Observation::Allowed(id.to_owned(), tracked)),
+            None => self.track(id, tracked),
         }
     }
 
@@ -240,11 +236,12 @@ impl OutcomeBook {
         counters: &Counters,
         at_ms: i64,
     ) {
-        if let Some(Observation::Resolved(id, resolution, at_ms)) =
-            self.held(Observation::Resolved(id.to_owned(), resolution, at_ms))
-        {
-            self.expire(counters, at_ms);
-            self.resolve(&id, resolution, counters, at_ms);
+        match self.held_queue() {
+            Some(mut queue) => queue.push(Observation::Resolved(id.to_owned(), resolution, at_ms)),
+            None => {
+                self.expire(counters, at_ms);
+                self.resolve(id, resolution, counters, at_ms);
+            }
         }
     }
 

@@ -732,57 +732,33 @@ pub async fn acknowledged_writes_survive_a_kill_9(backend: &Backend) {
     }
 }
 
-/// Runs every check of the contract against one backend.
+/// Runs every check of the contract against one backend: one test per check, named
+/// after it, so a failure says which check and which backend.
 macro_rules! contract_tests {
     ($module:ident, $backend:expr) => {
+        contract_tests!(
+            $module,
+            $backend,
+            duplicates_get_the_first_answer_and_change_nothing,
+            concurrent_deliveries_of_one_event_are_admitted_once,
+            events_join_into_one_record_whatever_their_order,
+            listings_follow_creation_order_and_filters,
+            pagination_has_no_gaps_under_concurrent_writes,
+            retention_deletes_a_verification_with_everything_derived_from_it,
+            hashed_numbers_are_found_but_never_kept,
+            everything_survives_a_restart,
+            acknowledged_writes_survive_a_kill_9,
+        );
+    };
+    ($module:ident, $backend:expr, $($check:ident),+ $(,)?) => {
         mod $module {
             use super::*;
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn duplicates_get_the_first_answer_and_change_nothing() {
-                super::duplicates_get_the_first_answer_and_change_nothing(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn concurrent_deliveries_of_one_event_are_admitted_once() {
-                super::concurrent_deliveries_of_one_event_are_admitted_once(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn events_join_into_one_record_whatever_their_order() {
-                super::events_join_into_one_record_whatever_their_order(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn listings_follow_creation_order_and_filters() {
-                super::listings_follow_creation_order_and_filters(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn pagination_has_no_gaps_under_concurrent_writes() {
-                super::pagination_has_no_gaps_under_concurrent_writes(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn retention_deletes_a_verification_with_everything_derived_from_it() {
-                super::retention_deletes_a_verification_with_everything_derived_from_it(&$backend)
-                    .await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn hashed_numbers_are_found_but_never_kept() {
-                super::hashed_numbers_are_found_but_never_kept(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn everything_survives_a_restart() {
-                super::everything_survives_a_restart(&$backend).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn acknowledged_writes_survive_a_kill_9() {
-                super::acknowledged_writes_survive_a_kill_9(&$backend).await
-            }
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() {
+                    super::$check(&$backend).await
+                }
+            )+
         }
     };
 }
