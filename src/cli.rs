@@ -116,6 +116,9 @@ pub enum PolicyCommand {
     /// Print the policy file's JSON Schema (config/policy.schema.json), for editors that
     /// complete and check TOML against it.
     Schema,
+    /// List the rule conditions: when each holds, an example, and the `policy test`
+    /// case fields that feed it.
+    Conditions,
     /// Evaluate a candidate policy against stored request events and report what would
     /// change, with each verification's real outcome.
     Replay {
@@ -328,6 +331,10 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
     match command {
         PolicyCommand::Schema => {
             println!("{:#}", crate::policy::policy_schema());
+            Ok(ExitCode::SUCCESS)
+        }
+        PolicyCommand::Conditions => {
+            print!("{}", crate::policy::conditions_reference());
             Ok(ExitCode::SUCCESS)
         }
         PolicyCommand::Check { file } => match RulesPolicy::load(&file) {

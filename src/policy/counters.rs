@@ -11,6 +11,9 @@ use std::{
     sync::Mutex,
 };
 
+use super::facts::Facts;
+use crate::events::VerificationMethod;
+
 /// A fast hash for keys that are ours (rule names, numbers, prefixes): SipHash's
 /// protection against chosen collisions costs more than it is worth here, and the
 /// seed is random per process.
@@ -25,6 +28,93 @@ pub struct CounterKey {
     pub rule: String,
     pub condition: String,
     pub value: String,
+}
+
+/// What a counter is kept per.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum KeyDef {
+    Number,
+    /// `prefix:k`: the first k digits after `+`.
+    Prefix(usize),
+    /// `range:n`: the number without its last n digits.
+    Range(usize),
+    Country,
+    Method,
+    Global,
+}
+
+impl KeyDef {
+    pub(super) fn parse(text: &str) -> Result<Self, String> {
+        let digits = |s: &str, what: &str| {
+            s.parse::<usize>()
+                .ok()
+                .filter(|n| (1..=14).contains(n))
+                .ok_or_else(|| format!("`{what}:{s}` needs a digit count from 1 to 14"))
+        };
+        match text.split_once(':') {
+            None => match text {
+                "number" => Ok(KeyDef::Number),
+                "country" => Ok(KeyDef::Country),
+                "method" => Ok(KeyDef::Method),
+                "global" => Ok(KeyDef::Global),
+                other => Err(format!(
+                    "`{other}` is not a key: use number, prefix:k, range:n, country, method or global"
+                )),
+            },
+            Some(("prefix", k)) => digits(k, "prefix").map(KeyDef::Prefix),
+            Some(("range", n)) => digits(n, "range").map(KeyDef::Range),
+            Some((other, _)) => Err(format!("`{other}` is not a key kind: use prefix:k or range:n")),
+        }
+    }
+
+    pub(super) fn value(&self, number: &str, country: &str, method: &VerificationMethod) -> String {
+        let digits = number.trim_start_matches('+');
+        match self {
+            KeyDef::Number => number.to_owned(),
+            KeyDef::Prefix(k) => format!("+{}", &digits[..(*k).min(digits.len())]),
+            KeyDef::Range(n) => format!("+{}", &digits[..digits.len().saturating_sub(*n)]),
+            KeyDef::Country => country.to_owned(),
+            KeyDef::Method => method.as_str().to_owned(),
+            KeyDef::Global => "*".to_owned(),
+        }
+    }
+}
+
+/// What a counter counts over: its key, as written and parsed, and its window.
+#[derive(Debug, Clone)]
+pub(super) struct CounterSpec {
+    pub(super) key: KeyDef,
+    pub(super) text: String,
+    pub(super) window_ms: i64,
+}
+
+impl CounterSpec {
+    pub(super) fn parse(key: &str, window: &str) -> Result<Self, String> {
+        let window_ms = humantime::parse_duration(window)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .and_then(|d| i64::try_from(d.as_millis()).ok())
+            .ok_or_else(|| format!("window `{window}` is not a duration like 10m or 1h"))?;
+        Ok(Self {
+            key: KeyDef::parse(key)?,
+            text: key.to_owned(),
+            window_ms,
+        })
+    }
+
+    /// This request's key value (its range, prefix, country, …).
+    pub(super) fn value(&self, f: &Facts<'_>) -> String {
+        self.key.value(&f.number, f.country, &f.request.method)
+    }
+
+    /// The counter of `rule` for this request, under condition `kind`.
+    pub(super) fn counter(&self, rule: &str, kind: &str, f: &Facts<'_>) -> CounterKey {
+        CounterKey {
+            rule: rule.to_owned(),
+            condition: format!("{kind}:{}", self.text),
+            value: self.value(f),
+        }
+    }
 }
 
 #[derive(Debug)]

@@ -8,7 +8,9 @@
 
 pub mod adaptive;
 mod compiled;
+mod conditions;
 pub mod counters;
+mod facts;
 mod file;
 pub mod persist;
 pub mod reload;
@@ -17,7 +19,8 @@ pub mod tools;
 
 use chrono::{DateTime, Utc};
 
-pub use compiled::normalise_number;
+pub use conditions::reference as conditions_reference;
+pub use facts::normalise_number;
 pub use file::{policy_schema, PolicyLoadError};
 pub use rules::RulesPolicy;
 
@@ -25,6 +28,41 @@ pub use crate::decision::{
     CounterReading, Explanation, PolicyDecision, QuarantineNote, ShadowMatch,
 };
 use crate::events::{Action, VerificationRequestEvent};
+
+/// The schema's complaints about a policy text (empty: valid), for tests of the file
+/// format and of every policy tests use.
+#[cfg(test)]
+pub(crate) fn schema_errors(text: &str) -> Vec<String> {
+    let schema = policy_schema();
+    let validator = jsonschema::validator_for(&schema).expect("the schema compiles");
+    let value: toml::Value = toml::from_str(text).expect("TOML");
+    let instance = serde_json::to_value(value).expect("TOML values are JSON values");
+    validator
+        .iter_errors(&instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect()
+}
+
+/// Whether a rule decides or only records what it would have decided.
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+enum Mode {
+    /// The rule decides.
+    #[default]
+    Enforce,
+    /// The rule is evaluated and recorded (what it would have done) but never decides.
+    Shadow,
+}
 
 /// A verification from the store, as adaptive rules relearn from it at start.
 #[derive(Debug, Clone)]

@@ -21,18 +21,17 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
 use super::{
-    adaptive::{
-        conversion_counters, wilson_upper, Block, BlockCheck, OutcomeBook, Quarantine,
-        QuarantineState, Resolution, Tracked, TrackedKey,
-    },
-    compiled::{Facts, Limiter, Mode, Rule, RuleStats, Snapshot, Threshold},
+    adaptive::{Block, BlockCheck, OutcomeBook, Quarantine, QuarantineState, Resolution, Tracked},
+    compiled::{Rule, RuleStats, Snapshot},
+    conditions::{Conditions, CounterContext, LintScope},
     counters::{CounterKey, Counters},
+    facts::Facts,
     file::{compile, load, PolicyLoadError},
-    CounterReading, Explanation, Learning, Outcome, PastVerification, Policy, PolicyDecision,
+    CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyError, QuarantineNote, Quarantines, ShadowMatch,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
-use crate::phone::{country::CountryTable, trie::DigitTrie};
+use crate::phone::country::CountryTable;
 
 /// The rules-file policy: hot-reloadable, with counters that outlive reloads.
 pub struct RulesPolicy {
@@ -116,16 +115,23 @@ impl RulesPolicy {
         let s = self.current.load();
         let mut out = Vec::new();
         let mut catch_all: Option<&str> = None;
-        let mut denied_prefixes: Vec<(&str, &DigitTrie<()>)> = Vec::new();
+        // Earlier enforced rules that decide on their checks alone.
+        let mut earlier: Vec<(&str, &Conditions)> = Vec::new();
         for rule in &s.rules {
-            let c = &rule.conditions;
-            if let Some(earlier) = catch_all.filter(|_| rule.mode == Mode::Enforce) {
-                out.push(format!("rule `{}` can never decide: the earlier rule `{earlier}` matches every request", rule.name));
+            let enforced = rule.mode == Mode::Enforce;
+            if let Some(first) = catch_all.filter(|_| enforced) {
+                out.push(format!(
+                    "rule `{}` can never decide: the earlier rule `{first}` matches every request",
+                    rule.name
+                ));
             }
-            if let (Some(a), Some(b)) = (&c.countries, &c.countries_not_in) {
-                if a.iter().all(|x| b.contains(x)) {
-                    out.push(format!("rule `{}` can never match: every country it needs is excluded by country_not_in", rule.name));
-                }
+            let scope = LintScope {
+                rule: &rule.conditions,
+                enforced,
+                earlier: &earlier,
+            };
+            for warning in rule.conditions.iter().filter_map(|c| c.lint(&scope)) {
+                out.push(format!("rule `{}` {warning}", rule.name));
             }
             if rule.mode == Mode::Shadow && rule.response.is_some() {
                 out.push(format!(
@@ -139,29 +145,11 @@ impl RulesPolicy {
                     rule.name
                 ));
             }
-            if let (Some(trie), Mode::Enforce) = (&c.prefixes, rule.mode) {
-                if let Some((earlier, _)) = denied_prefixes.iter().find(|(_, t)| covers(t, trie)) {
-                    out.push(format!("rule `{}` can never decide: every prefix it lists is under a prefix of the earlier rule `{earlier}`", rule.name));
-                }
-            }
-            let only_prefix = c.prefixes.is_some()
-                && c.methods.is_none()
-                && c.countries.is_none()
-                && c.countries_not_in.is_none()
-                && c.numbers.is_none()
-                && c.price_above.is_none()
-                && c.reference.is_none()
-                && c.custom.is_none()
-                && c.accept_language.is_none()
-                && c.time.is_none()
-                && rule.limiters.is_empty();
-            if rule.mode == Mode::Enforce && only_prefix {
-                if let Some(trie) = &c.prefixes {
-                    denied_prefixes.push((&rule.name, trie));
-                }
+            if enforced && rule.limiters.is_empty() {
+                earlier.push((&rule.name, &rule.conditions));
             }
             let unconditional = rule.summary.is_empty();
-            if rule.mode == Mode::Enforce && unconditional && catch_all.is_none() {
+            if enforced && unconditional && catch_all.is_none() {
                 catch_all = Some(&rule.name);
             }
         }
@@ -232,13 +220,6 @@ impl RulesPolicy {
 }
 
 /// Whether every prefix in `inner` lies under some prefix of `outer`.
-fn covers(outer: &DigitTrie<()>, inner: &DigitTrie<()>) -> bool {
-    inner
-        .keys()
-        .iter()
-        .all(|k| outer.longest_match(k).is_some())
-}
-
 impl Policy for RulesPolicy {
     fn decide(
         &self,
@@ -277,9 +258,9 @@ impl Policy for RulesPolicy {
             if rule.mode == Mode::Enforce && decided.is_some() {
                 continue; // only shadow rules are still evaluated
             }
-            let Some(prefix) = rule.conditions.matches(&facts) else {
+            if !rule.conditions.holds(&facts) {
                 continue;
-            };
+            }
             let quarantine_key = rule
                 .block
                 .as_ref()
@@ -320,7 +301,7 @@ impl Policy for RulesPolicy {
                 }),
                 Mode::Enforce => {
                     decided = Some(i);
-                    matched_prefix = prefix;
+                    matched_prefix = rule.conditions.matched_prefix(&facts);
                     if let Some((spec, key)) = quarantine_key {
                         let why = explanation
                             .counters
@@ -498,14 +479,7 @@ impl Learning for RulesPolicy {
         s.adaptive
             .iter()
             .flat_map(|&i| &s.rules[i].limiters)
-            .map(|l| match l {
-                Limiter::Conversion {
-                    spec,
-                    complete_after_ms,
-                    ..
-                } => spec.window_ms + complete_after_ms,
-                other => other.spec().window_ms,
-            })
+            .map(|l| l.lookback_ms())
             .max()
             .and_then(|ms| u64::try_from(ms).ok())
             .map(std::time::Duration::from_millis)
@@ -600,31 +574,12 @@ impl RulesPolicy {
         let mut complete_after_ms = 0;
         for &i in &s.adaptive {
             let rule = &s.rules[i];
-            if rule.conditions.matches(f).is_none() {
+            if !rule.conditions.holds(f) {
                 continue;
             }
-            for limiter in &rule.limiters {
-                match limiter {
-                    Limiter::Conversion {
-                        spec,
-                        complete_after_ms: after,
-                        ..
-                    } => {
-                        complete_after_ms = complete_after_ms.max(*after);
-                        keys.push(TrackedKey::Conversion {
-                            rule: rule.name.clone(),
-                            spec: spec.text.clone(),
-                            value: spec.value(f),
-                            country: f.country.to_owned(),
-                            window_ms: spec.window_ms,
-                        });
-                    }
-                    Limiter::SinchFraud { spec, .. } => keys.push(TrackedKey::SinchFraud {
-                        count: spec.counter(&rule.name, "sinch_fraud", f),
-                        window_ms: spec.window_ms,
-                    }),
-                    _ => {}
-                }
+            for (key, after) in rule.limiters.iter().filter_map(|l| l.track(&rule.name, f)) {
+                complete_after_ms = complete_after_ms.max(after);
+                keys.push(key);
             }
         }
         if keys.is_empty() {
@@ -654,88 +609,19 @@ impl RulesPolicy {
         readings: &mut Vec<CounterReading>,
         spend: &mut Vec<(CounterKey, i64, f64)>,
     ) -> bool {
+        let mut cx = CounterContext {
+            rule: &rule.name,
+            facts: f,
+            now_ms,
+            price,
+            counters: &self.counters,
+            readings,
+            spend,
+        };
+        // Every limiter counts, even once one is under its limit.
         let mut over = true;
         for limiter in &rule.limiters {
-            let (condition, key, value, max) = match limiter {
-                Limiter::Rate { spec, max } => {
-                    let k = spec.counter(&rule.name, "rate_limit", f);
-                    let value = self.counters.add(&k, spec.window_ms, now_ms, 1.0);
-                    ("rate_limit", k.value, value, f64::from(*max))
-                }
-                Limiter::Distinct { spec, max } => {
-                    let k = spec.counter(&rule.name, "distinct_numbers", f);
-                    let value = self.counters.see(&k, spec.window_ms, now_ms, &f.number) as f64;
-                    ("distinct_numbers", k.value, value, f64::from(*max))
-                }
-                Limiter::Conversion {
-                    spec,
-                    min_samples,
-                    threshold,
-                    z,
-                    ..
-                } => {
-                    let read = |spec_text: &str, value: &str| {
-                        let (ok, all) = conversion_counters(&rule.name, spec_text, value);
-                        (
-                            self.counters.total(&ok, spec.window_ms, now_ms),
-                            self.counters.total(&all, spec.window_ms, now_ms),
-                        )
-                    };
-                    let value = spec.value(f);
-                    let (ok, all) = read(&spec.text, &value);
-                    let enough = all >= f64::from(*min_samples);
-                    let limit = match threshold {
-                        Threshold::Below(rate) => Some(*rate),
-                        Threshold::BelowBaseline(share) => {
-                            let (base_ok, base_all) = read("country", f.country);
-                            (base_all >= f64::from(*min_samples))
-                                .then(|| share * base_ok / base_all)
-                        }
-                    };
-                    let upper = wilson_upper(ok, all, *z);
-                    readings.push(CounterReading {
-                        rule: rule.name.clone(),
-                        condition: format!("conversion ({ok}/{all})"),
-                        key: value,
-                        value: upper,
-                        max: limit.unwrap_or(0.0),
-                    });
-                    // Low only when the sample is large enough and even its optimistic
-                    // bound is under the limit.
-                    if !(enough && limit.is_some_and(|l| upper < l)) {
-                        over = false;
-                    }
-                    continue;
-                }
-                Limiter::SinchFraud { spec, max } => {
-                    let k = spec.counter(&rule.name, "sinch_fraud", f);
-                    let value = self.counters.total(&k, spec.window_ms, now_ms);
-                    ("sinch_fraud", k.value, value, f64::from(*max))
-                }
-                Limiter::Spend { spec, max } => {
-                    // No price, or a currency without a cap: this spend rule cannot hold.
-                    let Some((cap, currency, amount)) =
-                        price.and_then(|(c, a)| Some((*max.get(c)?, c, *a)))
-                    else {
-                        over = false;
-                        continue;
-                    };
-                    let k = spec.counter(&rule.name, &format!("spend:{currency}"), f);
-                    let value = self.counters.total(&k, spec.window_ms, now_ms) + amount;
-                    spend.push((k.clone(), spec.window_ms, amount));
-                    ("spend", k.value, value, cap)
-                }
-            };
-            readings.push(CounterReading {
-                rule: rule.name.clone(),
-                condition: condition.into(),
-                key,
-                value,
-                max,
-            });
-            if value <= max {
-                over = false;
-            }
+            over &= limiter.over(&mut cx);
         }
         over
     }

@@ -29,7 +29,7 @@ const NOON: &str = "2026-11-23T12:00:00Z"; // a Monday
 /// A valid policy of `rules`; the editor's schema must accept it as verigate does.
 fn policy(rules: &str) -> RulesPolicy {
     let text = format!("default = \"allow\"\n{rules}");
-    let complaints = crate::policy::file::schema_tests::schema_errors(&text);
+    let complaints = crate::policy::schema_errors(&text);
     assert!(complaints.is_empty(), "{complaints:?}\n{text}");
     RulesPolicy::parse(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"))
 }
@@ -455,7 +455,7 @@ fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
         let facts = Facts::of(r, at(NOON)).unwrap();
         s.rules
             .iter()
-            .find(|rule| rule.mode == Mode::Enforce && rule.conditions.matches(&facts).is_some())
+            .find(|rule| rule.mode == Mode::Enforce && rule.conditions.holds(&facts))
             .map_or_else(|| "default".to_owned(), |rule| rule.name.clone())
     };
     let mut numbers: Vec<String> = (0..100)

@@ -7,9 +7,9 @@ use std::{collections::BTreeMap, fmt, path::Path};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{PastVerification, Policy, RulesPolicy};
+use super::{conditions, PastVerification, Policy, RulesPolicy};
 use crate::{
-    events::{Action, Identity, Price, VerificationMethod, VerificationRequestEvent},
+    events::{Action, Identity, VerificationMethod, VerificationRequestEvent},
     store::VerificationRecord,
 };
 
@@ -17,7 +17,7 @@ use crate::{
 #[serde(deny_unknown_fields)]
 struct CasesFile {
     #[serde(rename = "case")]
-    cases: Vec<Case>,
+    cases: Vec<toml::Table>,
 }
 
 /// One expectation: this request, at this time, after this many earlier requests for
@@ -27,55 +27,67 @@ struct CasesFile {
 pub struct Case {
     pub name: String,
     pub number: String,
-    #[serde(default = "sms")]
-    pub method: String,
-    #[serde(default)]
-    pub price: Option<f64>,
-    #[serde(default = "eur")]
-    pub currency: String,
     #[serde(default)]
     pub at: Option<DateTime<Utc>>,
     /// Requests for the same number in the minutes before (they feed rate limits).
     #[serde(default)]
     pub prior: u32,
-    #[serde(default)]
-    pub reference: Option<String>,
-    #[serde(default)]
-    pub custom: Option<String>,
-    #[serde(default)]
-    pub accept_language: Option<Vec<String>>,
     pub expect: Action,
     /// The deciding rule, or `default`.
     #[serde(default)]
     pub rule: Option<String>,
-}
-
-fn sms() -> String {
-    "sms".into()
-}
-
-fn eur() -> String {
-    "EUR".into()
+    /// What the conditions read from the request (`method`, `price`, …), as each
+    /// condition defines them.
+    #[serde(skip)]
+    pub fields: conditions::CaseFields,
 }
 
 impl Case {
-    fn request(&self, id: String) -> VerificationRequestEvent {
-        VerificationRequestEvent {
+    const FIELDS: [&'static str; 6] = ["name", "number", "at", "prior", "expect", "rule"];
+
+    /// A case from its table: the fields every case has, and the conditions' fields.
+    fn parse(mut table: toml::Table) -> Result<Self, String> {
+        let fields: conditions::CaseFields = table
+            .keys()
+            .filter(|k| !Self::FIELDS.contains(&k.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|k| table.remove_entry(&k))
+            .collect();
+        let mut case: Case = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_owned())?;
+        let known = conditions::case_fields();
+        if let Some(unknown) = fields.keys().find(|k| !known.contains(&k.as_str())) {
+            return Err(format!(
+                "case `{}`: unknown field `{unknown}` (a case has {} and {})",
+                case.name,
+                Self::FIELDS.join(", "),
+                known.join(", ")
+            ));
+        }
+        case.fields = fields;
+        Ok(case)
+    }
+
+    fn request(&self, id: String) -> Result<VerificationRequestEvent, String> {
+        let mut request = VerificationRequestEvent {
             id,
-            method: VerificationMethod::parse(&self.method),
+            method: VerificationMethod::Sms,
             identity: Identity {
                 kind: Some("number".into()),
                 endpoint: self.number.clone(),
             },
-            price: self.price.map(|amount| Price {
-                currency_id: Some(self.currency.clone()),
-                amount: Some(amount),
-            }),
+            price: None,
             rate: None,
-            reference: self.reference.clone(),
-            custom: self.custom.clone(),
-            accept_language: self.accept_language.clone(),
-        }
+            reference: None,
+            custom: None,
+            accept_language: None,
+        };
+        conditions::apply_case(&self.fields, &mut request)
+            .map_err(|e| format!("case `{}`: {e}", self.name))?;
+        Ok(request)
     }
 }
 
@@ -96,14 +108,15 @@ pub fn run_cases(
 ) -> Result<Vec<CaseResult>, String> {
     let file: CasesFile = toml::from_str(cases_toml).map_err(|e| format!("cases: {e}"))?;
     let mut results = Vec::new();
-    for case in file.cases {
+    for (i, table) in file.cases.into_iter().enumerate() {
+        let case = Case::parse(table).map_err(|e| format!("cases: case {}: {e}", i + 1))?;
         let policy = RulesPolicy::load(policy_path).map_err(|e| e.to_string())?;
         let at = case.at.unwrap_or(now);
         for i in 0..case.prior {
             let earlier = at - Duration::minutes(i64::from(case.prior - i));
-            let _ = policy.decide(&case.request(format!("prior-{i}")), earlier);
+            let _ = policy.decide(&case.request(format!("prior-{i}"))?, earlier);
         }
-        let outcome = policy.decide(&case.request("case".into()), at);
+        let outcome = policy.decide(&case.request("case".into())?, at);
         let (passed, detail) = match outcome {
             Err(err) => (false, format!("no decision: {err}")),
             Ok(d) => {
