@@ -11,7 +11,9 @@
 //! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
 //! list, default "32,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers),
 //! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_ONLY=verigate (skip the bare
-//! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there).
+//! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
+//! LOAD_REPLICAS=1,2,3 (also run that many verigate replicas on one PostgreSQL database,
+//! started by tests/support/postgres.sh, with the connections spread over them).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -64,6 +66,13 @@ fn main() {
         .map(|c| c.trim().parse().expect("LOAD_CONCURRENCY: numbers"))
         .collect();
     let log_level = std::env::var("LOAD_LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let replica_counts: Vec<usize> = std::env::var("LOAD_REPLICAS")
+        .map(|list| {
+            list.split(',')
+                .map(|n| n.trim().parse().expect("LOAD_REPLICAS: numbers"))
+                .collect()
+        })
+        .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "load: {callbacks} callbacks per server and level, {cores} cores, server workers {}",
@@ -84,11 +93,11 @@ fn main() {
             None
         } else {
             let bare = Server::bare(workers);
-            Some(runtime.block_on(drive(bare.port, &requests, concurrency)))
+            Some(runtime.block_on(drive(&[bare.port], &requests, concurrency)))
         };
         let dir = tempfile::tempdir().unwrap();
-        let verigate = Server::verigate(dir.path(), workers, &log_level);
-        let ours = runtime.block_on(drive(verigate.port, &requests, concurrency));
+        let verigate = Server::verigate(dir.path(), workers, &log_level, &[]);
+        let ours = runtime.block_on(drive(&[verigate.port], &requests, concurrency));
         let peak_rss = verigate.peak_rss_kib();
         let commits = verigate.commit_figures();
         drop(verigate);
@@ -116,7 +125,55 @@ fn main() {
             store_bytes as f64 / requests.len() as f64
         );
         println!("  {commits}");
+        for &n in &replica_counts {
+            let database = postgres_database(&runtime, &format!("verigate_load_{round}_{n}"));
+            let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
+            let env = [
+                ("VERIGATE__STORE__BACKEND", "postgres"),
+                ("VERIGATE__STORE__POSTGRES_URL", database.as_str()),
+            ];
+            let replicas: Vec<Server> = dirs
+                .iter()
+                .map(|d| Server::verigate(d.path(), workers, &log_level, &env))
+                .collect();
+            let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+            let run = runtime.block_on(drive(&ports, &requests, concurrency));
+            run.print(&format!("pg x{n} replicas"));
+            println!(
+                "  ratio pg x{n} / sled: {:.2}  (throughput); request events (decisions on shared counters) {:.0}/s",
+                run.rate() / ours.rate(),
+                run.request_rate()
+            );
+        }
     }
+}
+
+/// A fresh, empty database on the test PostgreSQL server; its URL.
+fn postgres_database(runtime: &tokio::runtime::Runtime, name: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/postgres.sh");
+    let out = Command::new("bash").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "PostgreSQL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let connection = tokio::spawn(connection);
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            client.batch_execute(&statement).await.unwrap();
+        }
+        drop(client);
+        let _ = connection.await;
+    });
+    let (base, _) = server.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
 }
 
 fn knob(name: &str, default: usize) -> usize {
@@ -171,7 +228,7 @@ impl Server {
         })
     }
 
-    fn verigate(dir: &Path, workers: usize, log_level: &str) -> Self {
+    fn verigate(dir: &Path, workers: usize, log_level: &str, env: &[(&str, &str)]) -> Self {
         let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
         let child = Command::new(env!("CARGO_BIN_EXE_verigate"))
             .env("VERIGATE__SERVER__LISTEN", "127.0.0.1:0")
@@ -186,6 +243,7 @@ impl Server {
             )
             .env("VERIGATE_APP_KEY", APP_KEY)
             .env("VERIGATE_APP_SECRET", APP_SECRET)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -403,6 +461,15 @@ impl Run {
         self.latencies.len() as f64 / self.elapsed.as_secs_f64()
     }
 
+    fn request_rate(&self) -> f64 {
+        let requests = self
+            .latencies
+            .iter()
+            .filter(|(k, _)| *k == Kind::Request)
+            .count();
+        requests as f64 / self.elapsed.as_secs_f64()
+    }
+
     fn print(&self, name: &str) {
         let all: Vec<Duration> = self.latencies.iter().map(|(_, d)| *d).collect();
         let requests: Vec<Duration> = self
@@ -431,8 +498,9 @@ fn percentiles(mut samples: Vec<Duration>) -> [f64; 3] {
     [at(0.50), at(0.99), at(0.999)]
 }
 
-/// Sends every request of `workload` over `concurrency` keep-alive connections.
-async fn drive(port: u16, workload: &Workload, concurrency: usize) -> Run {
+/// Sends every request of `workload` over `concurrency` keep-alive connections, spread
+/// over `ports` (replicas) in turn.
+async fn drive(ports: &[u16], workload: &Workload, concurrency: usize) -> Run {
     let next = Arc::new(AtomicUsize::new(0));
     let workload = Arc::new(
         workload
@@ -444,7 +512,8 @@ async fn drive(port: u16, workload: &Workload, concurrency: usize) -> Run {
     let started = Instant::now();
     let local = tokio::task::LocalSet::new();
     let handles: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|connection| {
+            let port = ports[connection % ports.len()];
             let next = Arc::clone(&next);
             let workload = Arc::clone(&workload);
             local.spawn_local(async move {

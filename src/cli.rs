@@ -172,7 +172,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 ExportFormatArg::Ndjson => ExportFormat::Ndjson,
                 ExportFormatArg::Csv => ExportFormat::Csv,
             };
-            let store = open_offline(&settings, "use GET /v1/export")?;
+            let store = open_offline(&settings, "use GET /v1/export").await?;
             let mut out: Box<dyn Write> = match &output {
                 Some(path) => Box::new(std::io::BufWriter::new(
                     std::fs::File::create(path)
@@ -194,6 +194,22 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
         }
         Command::Store(StoreCommand::Migrate) => {
             let options = settings.store_options();
+            if let Some(pg) = &options.postgres {
+                let applied = store::postgres::PostgresStore::migrate(pg).await?;
+                eprintln!(
+                    "{}: {}",
+                    options.location(),
+                    if applied.is_empty() {
+                        format!(
+                            "schema already at version {}, nothing to do",
+                            store::postgres::schema_version()
+                        )
+                    } else {
+                        format!("applied schema migrations {applied:?}")
+                    }
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let path = options.path.clone();
             let report = tokio::task::spawn_blocking(move || {
                 store::sled::legacy::migrate(&options.path, options.cache_bytes, |line| {
@@ -386,7 +402,7 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
             let records = match url {
                 Some(url) => fetch_records(&url, token.as_deref(), since).await?,
                 None => {
-                    let store = open_offline(settings, "pass --url")?;
+                    let store = open_offline(settings, "pass --url").await?;
                     let mut records = Vec::new();
                     let mut after = None;
                     loop {
@@ -417,11 +433,14 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
 }
 
 /// The store of a stopped service, for offline commands.
-fn open_offline(settings: &Settings, otherwise: &str) -> anyhow::Result<Store> {
-    Store::open(&settings.store_options(), std::sync::Arc::new(Unobserved)).map_err(|e| match e {
-        StoreError::NeedsMigration(_) => anyhow::anyhow!("{e}"),
-        _ => anyhow::anyhow!("{e}\n(is verigate running on this store? then {otherwise})"),
-    })
+async fn open_offline(settings: &Settings, otherwise: &str) -> anyhow::Result<Store> {
+    let options = settings.store_options();
+    Store::connect(&options, std::sync::Arc::new(Unobserved))
+        .await
+        .map_err(|e| match e {
+            StoreError::NeedsMigration(_) => anyhow::anyhow!("{e}"),
+            _ => anyhow::anyhow!("{e}\n(is verigate running on this store? then {otherwise})"),
+        })
 }
 
 /// Every record first seen since `since`, from a running service's export.

@@ -82,7 +82,12 @@ pub struct AppSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreSettings {
+    pub backend: StoreBackend,
     pub path: PathBuf,
+    /// Required with `backend = "postgres"`; holds a password, so never logged.
+    #[serde(default)]
+    pub postgres_url: Option<SecretString>,
+    pub postgres_pool_size: usize,
     /// Zero keeps everything.
     #[serde(deserialize_with = "duration")]
     pub retention: Duration,
@@ -96,6 +101,16 @@ pub struct StoreSettings {
     pub cache_size: u64,
     /// Events held in memory before they are moved into the index.
     pub checkpoint_events: usize,
+}
+
+/// Where verifications are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// The embedded database in `store.path`.
+    Sled,
+    /// A PostgreSQL database shared by several replicas.
+    Postgres,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +263,29 @@ impl Settings {
             }
             _ => {}
         }
+        if self.store.backend == StoreBackend::Postgres {
+            match &self.store.postgres_url {
+                None => {
+                    return Err(invalid(
+                        "store.postgres_url",
+                        "is required when store.backend = \"postgres\"",
+                    ))
+                }
+                Some(url) if !url.expose_secret().starts_with("postgres") => {
+                    return Err(invalid(
+                        "store.postgres_url",
+                        "must be a postgres:// or postgresql:// URL",
+                    ))
+                }
+                Some(_) => {}
+            }
+            if !(1..=1_000).contains(&self.store.postgres_pool_size) {
+                return Err(invalid(
+                    "store.postgres_pool_size",
+                    "must be from 1 to 1000",
+                ));
+            }
+        }
         if !(1..=1_000_000).contains(&self.store.checkpoint_events) {
             return Err(invalid(
                 "store.checkpoint_events",
@@ -307,11 +345,19 @@ impl Settings {
             }
             _ => crate::store::NumberPrivacy::Plain,
         };
+        let postgres = match (self.store.backend, &self.store.postgres_url) {
+            (StoreBackend::Postgres, Some(url)) => Some(crate::store::postgres::PostgresOptions {
+                url: url.clone(),
+                pool_size: self.store.postgres_pool_size,
+            }),
+            _ => None,
+        };
         crate::store::StoreOptions {
             path: self.store.path.clone(),
             numbers,
             cache_bytes: self.store.cache_size,
             checkpoint_events: self.store.checkpoint_events,
+            postgres,
         }
     }
 

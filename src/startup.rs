@@ -51,8 +51,14 @@ impl Application {
     /// Builds the service from settings, with the rules policy from `policy.path`,
     /// reloaded when the file changes, on SIGHUP and on `POST /v1/policy/reload`.
     pub fn build(settings: &Settings, clock: Clock) -> anyhow::Result<Self> {
-        let policy = RulesPolicy::load(&settings.policy.path)?;
+        let mut policy = RulesPolicy::load(&settings.policy.path)?;
         tracing::info!(path = %settings.policy.path.display(), "policy loaded: {policy}");
+        if let Some(pg) = settings.store_options().postgres {
+            // Replicas on one database decide as one: counters, outcomes, quarantines.
+            let shared = crate::policy::shared::SharedState::new(&pg, replica_name())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            policy = policy.with_shared_state(shared);
+        }
         for warning in policy.warnings() {
             tracing::warn!("policy: {warning}");
         }
@@ -212,4 +218,15 @@ impl Application {
 
 fn bad_request(err: impl std::fmt::Display) -> actix_web::Error {
     ApiError::new(ErrorCode::BadRequest, err.to_string()).into()
+}
+
+/// How this replica names itself to the others: host and process.
+fn replica_name() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "verigate".into());
+    format!("{host}:{}", std::process::id())
 }

@@ -542,3 +542,56 @@ mod tests {
         }
     }
 }
+
+/// Lets a message through at most once per interval, and counts what it held back, so
+/// that an outage is logged once every few seconds instead of once per request.
+pub struct OncePer {
+    interval_ms: i64,
+    last_ms: std::sync::atomic::AtomicI64,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl OncePer {
+    pub const fn new(interval: std::time::Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as i64,
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(n)` when the message is due now, `n` being how many were held back since
+    /// the last one; `None` to keep quiet.
+    pub fn due(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = chrono::Utc::now().timestamp_millis();
+        let last = self.last_ms.load(Relaxed);
+        let due = now.saturating_sub(last) >= self.interval_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok();
+        if due {
+            Some(self.held_back.swap(0, Relaxed))
+        } else {
+            self.held_back.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod once_per_tests {
+    use super::OncePer;
+
+    #[test]
+    fn lets_one_through_per_interval_and_counts_the_rest() {
+        let gate = OncePer::new(std::time::Duration::from_secs(3600));
+        assert_eq!(gate.due(), Some(0));
+        assert_eq!(gate.due(), None);
+        assert_eq!(gate.due(), None);
+        let open = OncePer::new(std::time::Duration::ZERO);
+        assert_eq!(open.due(), Some(0));
+        assert_eq!(open.due(), Some(0));
+    }
+}

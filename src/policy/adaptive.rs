@@ -20,7 +20,10 @@ use std::sync::{
 use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::counters::{CounterKey, Counters};
+use super::{
+    counters::{CounterKey, CounterStore, Counters},
+    PolicyError,
+};
 use crate::telemetry::MaskedNumber;
 
 /// Upper bound of the Wilson score interval for `ok` successes in `n` trials, at the
@@ -79,7 +82,7 @@ impl Resolution {
 }
 
 /// Which counters one tracked verification feeds.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum TrackedKey {
     /// Counts successes and finished attempts under the rule's key (`spec` is the key
     /// as written, `value` the request's) and under the number's country (the baseline).
@@ -116,7 +119,7 @@ impl TrackedKey {
 }
 
 /// An allowed verification waiting for its result.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tracked {
     pub keys: Vec<TrackedKey>,
     pub allowed_ms: i64,
@@ -324,39 +327,15 @@ impl OutcomeBook {
         counters: &Counters,
         now_ms: i64,
     ) {
-        for key in &tracked.keys {
-            match (key, resolution) {
-                (
-                    TrackedKey::Conversion {
-                        rule,
-                        spec,
-                        value,
-                        country,
-                        window_ms,
-                    },
-                    Resolution::Success | Resolution::Failure,
-                ) => {
-                    let success = f64::from(u8::from(resolution == Resolution::Success));
-                    for (ok, all) in [
-                        conversion_counters(rule, spec, value),
-                        conversion_counters(rule, "country", country),
-                    ] {
-                        counters.add(&ok, *window_ms, now_ms, success);
-                        counters.add(&all, *window_ms, now_ms, 1.0);
-                    }
-                }
-                (TrackedKey::SinchFraud { count, window_ms }, Resolution::SinchFraud) => {
-                    counters.add(count, *window_ms, now_ms, 1.0);
-                }
-                _ => continue,
-            }
-            if resolution != Resolution::Success {
-                self.remember(key.block_key(), id, &tracked.number, resolution);
+        // Counters in memory cannot fail.
+        if let Ok(failures) = count_outcome(counters, id, tracked, resolution, now_ms) {
+            for ((rule, key), evidence) in failures {
+                self.remember(&rule, &key, evidence);
             }
         }
     }
 
-    fn remember(&self, (rule, key): (&str, &str), id: &str, number: &str, how: Resolution) {
+    fn remember(&self, rule: &str, key: &str, failure: Evidence) {
         let mut evidence = self.evidence.lock().unwrap_or_else(|e| e.into_inner());
         if evidence.len() > MAX_PENDING / 10 {
             evidence.clear();
@@ -367,15 +346,7 @@ impl OutcomeBook {
         if list.len() == EVIDENCE_PER_KEY {
             list.pop_front();
         }
-        list.push_back(Evidence {
-            id: id.to_owned(),
-            number: MaskedNumber(number).to_string(),
-            outcome: match how {
-                Resolution::SinchFraud => "denied by Sinch as fraud",
-                _ => "not completed",
-            }
-            .to_owned(),
-        });
+        list.push_back(failure);
     }
 
     /// The latest failures under a key, oldest first.
@@ -401,6 +372,63 @@ impl OutcomeBook {
     }
 }
 
+/// A failure to keep as evidence under (rule, block key).
+pub type Failure = ((String, String), Evidence);
+
+/// Counts a tracked verification's outcome under each of its keys; returns the failures
+/// to keep as evidence. The same for counters in memory and
+/// counters shared by replicas.
+pub fn count_outcome(
+    counters: &dyn CounterStore,
+    id: &str,
+    tracked: &Tracked,
+    resolution: Resolution,
+    now_ms: i64,
+) -> Result<Vec<Failure>, PolicyError> {
+    let mut failures = Vec::new();
+    for key in &tracked.keys {
+        match (key, resolution) {
+            (
+                TrackedKey::Conversion {
+                    rule,
+                    spec,
+                    value,
+                    country,
+                    window_ms,
+                },
+                Resolution::Success | Resolution::Failure,
+            ) => {
+                let success = f64::from(u8::from(resolution == Resolution::Success));
+                for (ok, all) in [
+                    conversion_counters(rule, spec, value),
+                    conversion_counters(rule, "country", country),
+                ] {
+                    counters.add(&ok, *window_ms, now_ms, success)?;
+                    counters.add(&all, *window_ms, now_ms, 1.0)?;
+                }
+            }
+            (TrackedKey::SinchFraud { count, window_ms }, Resolution::SinchFraud) => {
+                counters.add(count, *window_ms, now_ms, 1.0)?;
+            }
+            _ => continue,
+        }
+        if resolution != Resolution::Success {
+            let (rule, block_key) = key.block_key();
+            let evidence = Evidence {
+                id: id.to_owned(),
+                number: MaskedNumber(&tracked.number).to_string(),
+                outcome: match resolution {
+                    Resolution::SinchFraud => "denied by Sinch as fraud",
+                    _ => "not completed",
+                }
+                .to_owned(),
+            };
+            failures.push(((rule.to_owned(), block_key.to_owned()), evidence));
+        }
+    }
+    Ok(failures)
+}
+
 /// How a rule quarantines the keys that trip it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockSpec {
@@ -411,6 +439,39 @@ pub struct BlockSpec {
     pub max_ms: i64,
     /// Lets every n-th blocked request through, so recovery can be observed.
     pub probe_every: Option<u64>,
+}
+
+impl BlockSpec {
+    /// The block for a key that trips now, given how its last block ended (strikes,
+    /// when): a repeat within `max_ms` of the last one doubles it, up to `max_ms`.
+    pub fn block(
+        &self,
+        rule: &str,
+        key: &str,
+        last: Option<(u32, i64)>,
+        now_ms: i64,
+        reason: String,
+        evidence: Vec<Evidence>,
+    ) -> Block {
+        let strikes = match last {
+            Some((strikes, ended)) if now_ms - ended <= self.max_ms => strikes + 1,
+            _ => 1,
+        };
+        let doubled = self
+            .for_ms
+            .saturating_mul(1_i64 << strikes.saturating_sub(1).min(30));
+        Block {
+            rule: rule.to_owned(),
+            key: key.to_owned(),
+            since: at(now_ms),
+            until: Some(at(now_ms.saturating_add(doubled.min(self.max_ms)))),
+            strikes,
+            reason,
+            evidence,
+            requests: 0,
+            probes: 0,
+        }
+    }
 }
 
 /// A key in quarantine.
@@ -582,22 +643,14 @@ impl Quarantine {
         if let Some(existing) = q.active.get(&k) {
             return existing.clone();
         }
-        let strikes = match q.history.get(&k) {
-            Some(&(strikes, ended)) if now_ms - ended <= spec.max_ms => strikes + 1,
-            _ => 1,
-        };
-        let doubled = spec.for_ms.saturating_mul(1_i64 << (strikes - 1).min(30));
-        let block = Block {
-            rule: rule.to_owned(),
-            key: key.to_owned(),
-            since: at(now_ms),
-            until: Some(at(now_ms.saturating_add(doubled.min(spec.max_ms)))),
-            strikes,
+        let block = spec.block(
+            rule,
+            key,
+            q.history.get(&k).copied(),
+            now_ms,
             reason,
             evidence,
-            requests: 0,
-            probes: 0,
-        };
+        );
         q.active.insert(k, block.clone());
         q.changed(BlockChange::Blocked, &block);
         block
@@ -660,18 +713,40 @@ impl Quarantine {
 
     /// Replaces the state with a persisted one; blocks that ended meanwhile expire.
     pub fn restore(&self, state: QuarantineState, now_ms: i64) {
+        self.mirror(state, now_ms);
+    }
+
+    /// Takes in a block tripped through the shared state (by any replica).
+    pub fn adopt(&self, block: &Block) {
         let mut q = self.lock();
-        q.active = state
-            .blocks
-            .into_iter()
-            .map(|b| ((b.rule.clone(), b.key.clone()), b))
-            .collect();
+        let k = (block.rule.clone(), block.key.clone());
+        if let std::collections::hash_map::Entry::Vacant(slot) = q.active.entry(k) {
+            slot.insert(block.clone());
+            q.changed(BlockChange::Blocked, block);
+        }
+    }
+
+    /// Mirrors the shared quarantines: blocks tripped, lifted or pinned on any replica
+    /// show here. This replica's probe counts are kept.
+    pub fn mirror(&self, state: QuarantineState, now_ms: i64) {
+        let mut q = self.lock();
+        let mut active: HashMap<(String, String), Block> = HashMap::new();
+        for mut block in state.blocks {
+            let k = (block.rule.clone(), block.key.clone());
+            if let Some(mine) = q.active.get(&k) {
+                block.requests = mine.requests;
+                block.probes = mine.probes;
+            }
+            active.insert(k, block);
+        }
+        q.active = active;
         q.history = state
             .history
             .into_iter()
             .map(|(rule, key, strikes, ended)| ((rule, key), (strikes, ended.timestamp_millis())))
             .collect();
         q.expire(now_ms);
+        q.generation += 1;
     }
 
     /// Changes so far: bumps on every block, expiry, lift and pin.

@@ -11,7 +11,7 @@ use std::{
     sync::Mutex,
 };
 
-use super::facts::Facts;
+use super::{facts::Facts, PolicyError};
 use crate::events::VerificationMethod;
 
 /// A fast hash for keys that are ours (rule names, numbers, prefixes): SipHash's
@@ -23,7 +23,7 @@ const SHARDS: usize = 64;
 const BUCKETS: usize = 10;
 
 /// Which counter: the rule, the condition (e.g. `rate_limit:range:4`), the key value.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct CounterKey {
     pub rule: String,
     pub condition: String,
@@ -193,6 +193,46 @@ impl Window {
     }
 }
 
+/// Where a policy's counters live: in this process ([`Counters`]), or in a database
+/// every replica shares (`policy::shared`), so that N replicas count as one.
+pub trait CounterStore: Send + Sync {
+    /// Adds `amount` to a count or sum over `window_ms`; returns the new total.
+    fn add(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        amount: f64,
+    ) -> Result<f64, PolicyError>;
+    /// The current total of a count or sum.
+    fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> Result<f64, PolicyError>;
+    /// Records `member` as seen; returns how many distinct members the window holds.
+    fn see(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        member: &str,
+    ) -> Result<usize, PolicyError>;
+    /// Adds `amount` only if the total stays within `cap`, as one step (no other
+    /// decision, here or on another replica, can add in between); returns the total
+    /// with `amount` and whether it was added.
+    fn add_within(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        amount: f64,
+        cap: f64,
+    ) -> Result<(f64, bool), PolicyError>;
+    /// Forgets every counter of `rule` under key value `value`.
+    fn forget(&self, rule: &str, value: &str) -> Result<(), PolicyError>;
+    /// Drops what has left its window; called every so many decisions.
+    fn sweep(&self, round: usize, now_ms: i64);
+    /// Keys held, for the `verigate_rate_limit_keys` gauge (`0` when not known here).
+    fn keys(&self) -> usize;
+}
+
 pub struct Counters {
     shards: Vec<Mutex<FastMap<CounterKey, Window>>>,
     /// Picks a key's shard (the maps hash with their own seeds).
@@ -304,6 +344,68 @@ impl Counters {
             .iter()
             .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
             .sum()
+    }
+}
+
+impl CounterStore for Counters {
+    fn add(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        amount: f64,
+    ) -> Result<f64, PolicyError> {
+        Ok(Counters::add(self, key, window_ms, now_ms, amount))
+    }
+
+    fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
+        Ok(Counters::total(self, key, window_ms, now_ms))
+    }
+
+    fn see(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        member: &str,
+    ) -> Result<usize, PolicyError> {
+        Ok(Counters::see(self, key, window_ms, now_ms, member))
+    }
+
+    fn add_within(
+        &self,
+        key: &CounterKey,
+        window_ms: i64,
+        now_ms: i64,
+        amount: f64,
+        cap: f64,
+    ) -> Result<(f64, bool), PolicyError> {
+        Ok(self.with(
+            key,
+            || Window::buckets(window_ms, now_ms),
+            now_ms,
+            |w| {
+                let with = w.total() + amount;
+                let fits = with <= cap;
+                if let (true, Window::Buckets { values, head, .. }) = (fits, &mut *w) {
+                    values[*head] += amount;
+                }
+                (with, fits)
+            },
+        ))
+    }
+
+    fn forget(&self, rule: &str, value: &str) -> Result<(), PolicyError> {
+        Counters::forget(self, rule, value);
+        Ok(())
+    }
+
+    fn sweep(&self, round: usize, now_ms: i64) {
+        Counters::sweep(self, round, now_ms);
+    }
+
+    fn keys(&self) -> usize {
+        Counters::keys(self)
     }
 }
 

@@ -15,6 +15,7 @@ mod file;
 pub mod persist;
 pub mod reload;
 mod rules;
+pub mod shared;
 pub mod tools;
 
 use chrono::{DateTime, Utc};

@@ -21,12 +21,16 @@ use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 
 use super::{
-    adaptive::{Block, BlockCheck, OutcomeBook, Quarantine, QuarantineState, Resolution, Tracked},
+    adaptive::{
+        count_outcome, Block, BlockCheck, BlockSpec, Evidence, OutcomeBook, Quarantine,
+        QuarantineState, Resolution, Tracked,
+    },
     compiled::{Rule, RuleStats, Snapshot},
     conditions::{Conditions, CounterContext, LintScope},
-    counters::{CounterKey, Counters},
+    counters::{CounterKey, CounterStore, Counters},
     facts::Facts,
     file::{compile, load, PolicyLoadError},
+    shared::SharedState,
     CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyError, QuarantineNote, Quarantines, ShadowMatch,
 };
@@ -44,7 +48,10 @@ pub struct RulesPolicy {
     decisions: AtomicUsize,
     /// Allowed verifications awaiting their result, for adaptive rules.
     book: OutcomeBook,
-    quarantine: Quarantine,
+    quarantine: Arc<Quarantine>,
+    /// Set when several replicas share their state in PostgreSQL: counters, the
+    /// outcome book and quarantines live there, and `counters`/`book` stay unused.
+    shared: Option<Arc<SharedState>>,
 }
 
 impl fmt::Display for RulesPolicy {
@@ -93,7 +100,90 @@ impl RulesPolicy {
             last_error: Mutex::new(None),
             decisions: AtomicUsize::new(0),
             book: OutcomeBook::default(),
-            quarantine: Quarantine::default(),
+            quarantine: Arc::default(),
+            shared: None,
+        }
+    }
+
+    /// Keeps counters, the outcome book and quarantines in `shared`, so that every
+    /// replica on it decides as one.
+    pub fn with_shared_state(mut self, shared: Arc<SharedState>) -> Self {
+        shared.set_version(&self.current.load().version);
+        shared.start_sync(&self.quarantine);
+        self.shared = Some(shared);
+        self
+    }
+
+    fn counters(&self) -> &dyn CounterStore {
+        match &self.shared {
+            Some(shared) => shared.as_ref(),
+            None => &self.counters,
+        }
+    }
+
+    fn observe_allowed(&self, id: &str, tracked: Tracked) -> Result<(), PolicyError> {
+        match &self.shared {
+            Some(shared) => shared.track(id, &tracked),
+            None => {
+                self.book.observe_allowed(id, tracked);
+                Ok(())
+            }
+        }
+    }
+
+    /// Counts as failed what had its time to complete without a result.
+    fn catch_up(&self, now_ms: i64) -> Result<(), PolicyError> {
+        let Some(shared) = &self.shared else {
+            self.book.catch_up(&self.counters, now_ms);
+            return Ok(());
+        };
+        for (id, tracked) in shared.due(now_ms)? {
+            self.count_shared(&id, &tracked, Resolution::Failure, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn count_shared(
+        &self,
+        id: &str,
+        tracked: &Tracked,
+        resolution: Resolution,
+        now_ms: i64,
+    ) -> Result<(), PolicyError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        for ((rule, key), evidence) in
+            count_outcome(shared.as_ref(), id, tracked, resolution, now_ms)?
+        {
+            shared.remember(&rule, &key, &evidence, now_ms)?;
+        }
+        Ok(())
+    }
+
+    fn evidence(&self, rule: &str, key: &str) -> Vec<Evidence> {
+        match &self.shared {
+            Some(shared) => shared.evidence(rule, key).unwrap_or_default(),
+            None => self.book.evidence(rule, key),
+        }
+    }
+
+    fn trip(
+        &self,
+        rule: &str,
+        key: &str,
+        now_ms: i64,
+        spec: &BlockSpec,
+        why: String,
+        evidence: Vec<Evidence>,
+    ) -> Result<Block, PolicyError> {
+        match &self.shared {
+            Some(shared) => {
+                let block = shared.trip(rule, key, now_ms, spec, why, evidence)?;
+                self.quarantine.adopt(&block);
+                Ok(block)
+            }
+            None => Ok(self.quarantine.trip(rule, key, now_ms, spec, why, evidence)),
         }
     }
 
@@ -200,6 +290,9 @@ impl RulesPolicy {
             }
         }
         self.current.store(Arc::new(snapshot));
+        if let Some(shared) = &self.shared {
+            shared.set_version(&version);
+        }
         Ok(version)
     }
 
@@ -219,7 +312,6 @@ impl RulesPolicy {
     }
 }
 
-/// Whether every prefix in `inner` lies under some prefix of `outer`.
 impl Policy for RulesPolicy {
     fn decide(
         &self,
@@ -247,11 +339,11 @@ impl Policy for RulesPolicy {
         };
         if !s.adaptive.is_empty() {
             // Verifications that had their time without a result now count as failed.
-            self.book.catch_up(&self.counters, now_ms);
+            self.catch_up(now_ms)?;
         }
         let mut decided: Option<usize> = None;
         let mut matched_prefix = None;
-        let mut spend_to_commit: Vec<(CounterKey, i64, f64)> = Vec::new();
+        let mut spend_reserved: Vec<(CounterKey, i64, f64)> = Vec::new();
         for i in Self::candidates(&s, &facts.number, country) {
             let i = i as usize;
             let rule = &s.rules[i];
@@ -288,8 +380,8 @@ impl Policy for RulesPolicy {
                 now_ms,
                 price.as_ref(),
                 &mut explanation.counters,
-                &mut spend_to_commit,
-            );
+                &mut spend_reserved,
+            )?;
             if !over {
                 continue;
             }
@@ -315,10 +407,8 @@ impl Policy for RulesPolicy {
                             })
                             .collect::<Vec<_>>()
                             .join("; ");
-                        let evidence = self.book.evidence(&rule.name, &key);
-                        let block = self
-                            .quarantine
-                            .trip(&rule.name, &key, now_ms, spec, why, evidence);
+                        let evidence = self.evidence(&rule.name, &key);
+                        let block = self.trip(&rule.name, &key, now_ms, spec, why, evidence)?;
                         explanation.quarantine = Some(note(&block, "tripped"));
                     }
                 }
@@ -328,11 +418,12 @@ impl Policy for RulesPolicy {
         let action = rule.map_or(s.default, |r| r.action);
         // Spend caps sum what Sinch will charge: only allowed attempts count.
         if action == Action::Allow {
-            for (key, window_ms, amount) in spend_to_commit {
-                self.counters.add(&key, window_ms, now_ms, amount);
-            }
             if let Some(tracked) = self.tracked(&s, &facts, now_ms) {
-                self.book.observe_allowed(&facts.request.id, tracked);
+                self.observe_allowed(&facts.request.id, tracked)?;
+            }
+        } else {
+            for (key, window_ms, amount) in spend_reserved {
+                self.counters().add(&key, window_ms, now_ms, -amount)?;
             }
         }
         let reason = match (rule, &matched_prefix) {
@@ -351,7 +442,7 @@ impl Policy for RulesPolicy {
         explanation.eval_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let n = self.decisions.fetch_add(1, Ordering::Relaxed);
         if n % 1024 == 0 {
-            self.counters.sweep(n / 1024, now_ms);
+            self.counters().sweep(n / 1024, now_ms);
         }
 
         Ok(PolicyDecision {
@@ -367,9 +458,10 @@ impl Policy for RulesPolicy {
         self.current.load().on_error
     }
 
-    /// Rules are evaluated in memory, in microseconds (`cargo bench --bench policy`).
+    /// Rules are evaluated in memory, in microseconds (`cargo bench --bench policy`);
+    /// with shared state each decision waits for the database.
     fn bounded(&self) -> bool {
-        true
+        self.shared.is_none()
     }
 
     fn version(&self) -> String {
@@ -428,7 +520,8 @@ impl Policy for RulesPolicy {
             "lists": s.lists,
             "rules": rules,
             "last_reload_error": self.last_error.lock().ok().and_then(|e| e.clone()),
-            "counter_keys": self.counters.keys(),
+            "counter_keys": self.counters().keys(),
+            "replicas": self.shared.as_ref().map(|shared| shared.replicas().unwrap_or_default()),
         })
     }
 
@@ -444,12 +537,18 @@ impl Policy for RulesPolicy {
 impl Learning for RulesPolicy {
     fn observe_outcome(&self, outcome: Outcome<'_>) {
         if let Some(resolution) = Resolution::of(outcome.status, outcome.reason) {
-            self.book.observe_result(
-                outcome.id,
-                resolution,
-                &self.counters,
-                outcome.at.timestamp_millis(),
-            );
+            let at_ms = outcome.at.timestamp_millis();
+            match &self.shared {
+                Some(shared) => {
+                    // Whichever replica takes it out of the shared book counts it.
+                    if let Ok(Some(tracked)) = shared.resolve(outcome.id) {
+                        let _ = self.count_shared(outcome.id, &tracked, resolution, at_ms);
+                    }
+                }
+                None => self
+                    .book
+                    .observe_result(outcome.id, resolution, &self.counters, at_ms),
+            }
         }
         let s = self.current.load();
         let names = outcome
@@ -466,15 +565,23 @@ impl Learning for RulesPolicy {
     }
 
     fn counter_keys(&self) -> usize {
-        self.counters.keys()
+        self.counters().keys()
     }
 
+    /// With shared state, quarantines live in the database: nothing to save here.
     fn saved_state(&self) -> Option<(u64, serde_json::Value)> {
+        if self.shared.is_some() {
+            return None;
+        }
         let state = serde_json::to_value(self.quarantine.export()).ok()?;
         Some((self.quarantine.generation(), state))
     }
 
+    /// With shared state the counters outlive restarts: nothing to relearn.
     fn lookback(&self) -> Option<std::time::Duration> {
+        if self.shared.is_some() {
+            return None;
+        }
         let s = self.current.load();
         s.adaptive
             .iter()
@@ -534,22 +641,40 @@ impl Learning for RulesPolicy {
 
 impl Quarantines for RulesPolicy {
     fn blocks(&self, now: DateTime<Utc>) -> Vec<Block> {
-        self.book.catch_up(&self.counters, now.timestamp_millis());
+        let _ = self.catch_up(now.timestamp_millis());
         self.quarantine.list(now.timestamp_millis())
     }
 
     fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
-        let lifted = self.quarantine.lift(key, now.timestamp_millis());
+        let now_ms = now.timestamp_millis();
+        let mut lifted = self.quarantine.lift(key, now_ms);
+        if let Some(shared) = &self.shared {
+            // The shared state is what every replica mirrors: it is the lift that counts.
+            match shared.lift(key) {
+                Ok(blocks) => lifted = blocks,
+                Err(err) => {
+                    tracing::error!(error.message = %err.0, "lift not shared: the database is unreachable");
+                    return Vec::new();
+                }
+            }
+        }
         for block in &lifted {
             // What tripped it is forgotten too: only fresh evidence can block it again.
-            self.counters.forget(&block.rule, &block.key);
+            let _ = self.counters().forget(&block.rule, &block.key);
             self.book.forget(&block.rule, &block.key);
         }
         lifted
     }
 
     fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
-        self.quarantine.pin(key, now.timestamp_millis())
+        let pinned = self.quarantine.pin(key, now.timestamp_millis());
+        match &self.shared {
+            Some(shared) => shared.pin(key).unwrap_or_else(|err| {
+                tracing::error!(error.message = %err.0, "pin not shared: the database is unreachable");
+                Vec::new()
+            }),
+            None => pinned,
+        }
     }
 
     fn block_stats(&self) -> (usize, [u64; 4]) {
@@ -608,22 +733,22 @@ impl RulesPolicy {
         price: Option<&(String, f64)>,
         readings: &mut Vec<CounterReading>,
         spend: &mut Vec<(CounterKey, i64, f64)>,
-    ) -> bool {
+    ) -> Result<bool, PolicyError> {
         let mut cx = CounterContext {
             rule: &rule.name,
             facts: f,
             now_ms,
             price,
-            counters: &self.counters,
+            counters: self.counters(),
             readings,
             spend,
         };
         // Every limiter counts, even once one is under its limit.
         let mut over = true;
         for limiter in &rule.limiters {
-            over &= limiter.over(&mut cx);
+            over &= limiter.over(&mut cx)?;
         }
-        over
+        Ok(over)
     }
 }
 

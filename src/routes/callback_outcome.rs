@@ -47,6 +47,11 @@ pub enum CallbackOutcome<'a> {
     NotRecorded { event_type: &'a str, error: String },
 }
 
+/// Store failures are logged once per interval (each callback's own line still says
+/// what it was answered): an outage fails every callback alike.
+static STORE_FAILURES: crate::telemetry::OncePer =
+    crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));
+
 impl CallbackOutcome<'_> {
     pub fn finish(self, metrics: &Metrics, span: &RootSpan) -> HttpResponse {
         match self {
@@ -110,13 +115,17 @@ impl CallbackOutcome<'_> {
                 metrics.decision(on_error.as_str(), "on_error");
                 span.record("decision", on_error.as_str());
                 span.record("rule", "on_error");
-                tracing::error!(error.message = %error, "recording a request event failed; answering on_error");
+                if let Some(held_back) = STORE_FAILURES.due() {
+                    tracing::error!(error.message = %error, held_back, "recording a request event failed; answering on_error");
+                }
                 HttpResponse::Ok().json(CallbackResponse::bare(on_error))
             }
             Self::NotRecorded { event_type, error } => {
                 metrics.callback(Some(event_type), outcome::STORE_ERROR);
                 span.record("error_code", ErrorCode::StoreUnavailable.as_str());
-                tracing::error!(error.message = %error, "recording an event failed; not acknowledged");
+                if let Some(held_back) = STORE_FAILURES.due() {
+                    tracing::error!(error.message = %error, held_back, "recording an event failed; not acknowledged");
+                }
                 ApiError::new(
                     ErrorCode::StoreUnavailable,
                     format!("the event could not be stored; retry later ({error})"),

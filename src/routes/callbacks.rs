@@ -264,7 +264,12 @@ async fn decide(
             Err(failure) => failure,
         }
     };
-    tracing::warn!(error.message = %failure, "answering on_error");
+    // Once per interval: a database outage fails every request the same way.
+    static POLICY_FAILURES: crate::telemetry::OncePer =
+        crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));
+    if let Some(held_back) = POLICY_FAILURES.due() {
+        tracing::warn!(error.message = %failure, held_back, "answering on_error");
+    }
     let decision = PolicyDecision {
         action: state.policy.on_error(),
         rule: None,
@@ -351,18 +356,39 @@ async fn report_outcome(
     if result.status == "PENDING" {
         return;
     }
-    if let Ok(Some(record)) = store.verification(&result.id).await {
-        if let Some(decision) = &record.decision {
-            learning.observe_outcome(Outcome {
-                id: &result.id,
-                rule: decision.rule.as_deref(),
-                shadow: &decision.explanation.shadow,
-                status: &result.status,
-                reason: result.reason.as_deref(),
-                at,
-            });
-        }
+    let Ok(Some(record)) = store.verification(&result.id).await else {
+        return;
+    };
+    let Some(decision) = record.decision else {
+        return;
+    };
+    if state.policy.bounded() {
+        return observe_outcome(learning, result, &decision, at);
     }
+    // A policy that waits (on a database) must not hold up this worker's other callbacks.
+    let (policy, result) = (Arc::clone(&state.policy), result.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Some(learning) = policy.learning() {
+            observe_outcome(learning, &result, &decision, at);
+        }
+    })
+    .await;
+}
+
+fn observe_outcome(
+    learning: &dyn crate::policy::Learning,
+    result: &VerificationResultEvent,
+    decision: &crate::decision::DecisionRecord,
+    at: DateTime<Utc>,
+) {
+    learning.observe_outcome(Outcome {
+        id: &result.id,
+        rule: decision.rule.as_deref(),
+        shadow: &decision.explanation.shadow,
+        status: &result.status,
+        reason: result.reason.as_deref(),
+        at,
+    });
 }
 
 fn record_span_facts(span: &RootSpan, event: &VerificationEvent) {

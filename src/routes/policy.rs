@@ -11,7 +11,15 @@ use crate::{
 /// `GET /v1/policy`: version, load time, rules with hits and the outcomes of the
 /// verifications each rule decided or shadow-matched, and the last reload error.
 pub async fn describe(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    HttpResponse::Ok().json(state.policy.describe())
+    let policy = state.policy.clone();
+    let described = off_worker(move || policy.describe()).await;
+    HttpResponse::Ok().json(described.unwrap_or(serde_json::Value::Null))
+}
+
+/// Runs `work` on the blocking pool: with shared state the policy waits on its database,
+/// which must not hold up the callbacks this worker is answering.
+async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    web::block(work).await.ok()
 }
 
 /// `POST /v1/policy/reload` (admin token): re-read the policy file now.
@@ -37,10 +45,10 @@ pub async fn reload_now(
 /// `GET /v1/policy/blocks`: keys in automatic quarantine, why, until when, and the
 /// verifications that tripped them.
 pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    let blocks = state
-        .policy
-        .quarantines()
-        .map(|q| q.blocks(state.clock.now()))
+    let (policy, now) = (state.policy.clone(), state.clock.now());
+    let blocks = off_worker(move || policy.quarantines().map(|q| q.blocks(now)))
+        .await
+        .flatten()
         .unwrap_or_default();
     HttpResponse::Ok().json(serde_json::json!({ "blocks": blocks }))
 }
@@ -51,10 +59,10 @@ pub async fn lift(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let lifted = state
-        .policy
-        .quarantines()
-        .map(|q| q.lift_block(&key, state.clock.now()))
+    let (policy, now, which) = (state.policy.clone(), state.clock.now(), key.clone());
+    let lifted = off_worker(move || policy.quarantines().map(|q| q.lift_block(&which, now)))
+        .await
+        .flatten()
         .unwrap_or_default();
     changed(&state, "lifted", lifted, &key).await
 }
@@ -66,10 +74,10 @@ pub async fn pin(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let pinned = state
-        .policy
-        .quarantines()
-        .map(|q| q.pin_block(&key, state.clock.now()))
+    let (policy, now, which) = (state.policy.clone(), state.clock.now(), key.clone());
+    let pinned = off_worker(move || policy.quarantines().map(|q| q.pin_block(&which, now)))
+        .await
+        .flatten()
         .unwrap_or_default();
     changed(&state, "pinned", pinned, &key).await
 }

@@ -14,6 +14,7 @@
 //! for writes and queries alike) and single flight, so that the same event delivered twice
 //! at the same moment is decided once and both deliveries get one answer.
 
+pub mod postgres;
 mod privacy;
 mod query;
 mod record;
@@ -231,6 +232,8 @@ pub struct StoreOptions {
     /// Events the embedded engine holds in memory (and in its write-ahead log) before it
     /// moves them into its index: more means fewer, larger checkpoints and more memory.
     pub checkpoint_events: usize,
+    /// Set: the PostgreSQL backend instead of the embedded one.
+    pub postgres: Option<postgres::PostgresOptions>,
 }
 
 impl StoreOptions {
@@ -240,6 +243,15 @@ impl StoreOptions {
             numbers: NumberPrivacy::Plain,
             cache_bytes: 32 << 20,
             checkpoint_events: 8_192,
+            postgres: None,
+        }
+    }
+
+    /// Where the store is, for logs: the folder, or the database URL without password.
+    pub fn location(&self) -> String {
+        match &self.postgres {
+            Some(pg) => postgres::redacted(secrecy::ExposeSecret::expose_secret(&pg.url)),
+            None => self.path.display().to_string(),
         }
     }
 }
@@ -278,6 +290,26 @@ impl Store {
     ) -> Result<Self, StoreError> {
         let engine = sled::SledStore::open(options, observer)?;
         Ok(Self::new(Arc::new(engine), options.numbers.clone()))
+    }
+
+    /// Opens the store `options` name: PostgreSQL (migrating its schema first) when
+    /// set, else the embedded store (on a blocking thread: it reads files).
+    pub async fn connect(
+        options: &StoreOptions,
+        observer: Arc<dyn StoreObserver>,
+    ) -> Result<Self, StoreError> {
+        match &options.postgres {
+            Some(pg) => {
+                let engine = postgres::PostgresStore::open(pg, true).await?;
+                Ok(Self::new(Arc::new(engine), options.numbers.clone()))
+            }
+            None => {
+                let options = options.clone();
+                tokio::task::spawn_blocking(move || Self::open(&options, observer))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string())))
+            }
+        }
     }
 
     /// Decides whether `incoming` is the first delivery of its event. A delivery that

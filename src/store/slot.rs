@@ -107,14 +107,12 @@ impl StoreSlot {
             while !stop.load(Ordering::SeqCst) {
                 let (opening, observer) = (options.clone(), Arc::clone(&observer));
                 let started = std::time::Instant::now();
-                let opened = tokio::task::spawn_blocking(move || Store::open(&opening, observer))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Failed(e.to_string())));
+                let opened = Store::connect(&opening, observer).await;
                 match opened {
                     Ok(store) => {
                         on_open(store.clone()).await;
                         tracing::info!(
-                            path = %options.path.display(),
+                            store = %options.location(),
                             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                             "store open"
                         );

@@ -18,5 +18,7 @@ mod monitoring;
 mod operations;
 mod policy;
 mod policy_plugin;
+mod postgres;
+mod replicas;
 mod restarts;
 mod store_contract;

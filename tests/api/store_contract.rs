@@ -21,6 +21,8 @@ use crate::helpers::{request_event, result_event, sms_delivered_event};
 pub struct Backend {
     pub name: &'static str,
     pub open: fn(&Path, NumberPrivacy) -> Store,
+    /// Whether what the backend needs is there (false only when skipping on request).
+    pub available: fn() -> bool,
 }
 
 pub const SLED: Backend = Backend {
@@ -32,14 +34,39 @@ pub const SLED: Backend = Backend {
             cache_bytes: 16 << 20,
             // Small, so that the checks cross many checkpoints (memory and index).
             checkpoint_events: 16,
+            postgres: None,
         };
         Store::open(&options, Arc::new(Unobserved)).expect("the sled store opens")
     },
+    available: || true,
+};
+
+/// A database of its own per folder, on the test PostgreSQL server.
+pub const POSTGRES: Backend = Backend {
+    name: "postgres",
+    open: |dir, numbers| {
+        let url = crate::postgres::database(&dir.display().to_string());
+        let options = StoreOptions {
+            numbers,
+            postgres: Some(verigate::store::postgres::PostgresOptions {
+                url: url.into(),
+                pool_size: 8,
+            }),
+            ..StoreOptions::at(dir.join("unused"))
+        };
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current()
+                .block_on(Store::connect(&options, Arc::new(Unobserved)))
+        })
+        .expect("the PostgreSQL store opens")
+    },
+    available: crate::postgres::available,
 };
 
 fn backend_named(name: &str) -> &'static Backend {
     match name {
         "sled" => &SLED,
+        "postgres" => &POSTGRES,
         other => panic!("no backend `{other}`"),
     }
 }
@@ -756,7 +783,9 @@ macro_rules! contract_tests {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() {
-                    super::$check(&$backend).await
+                    if ($backend.available)() {
+                        super::$check(&$backend).await
+                    }
                 }
             )+
         }
@@ -764,3 +793,4 @@ macro_rules! contract_tests {
 }
 
 contract_tests!(sled, SLED);
+contract_tests!(postgres, POSTGRES);

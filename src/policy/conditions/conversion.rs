@@ -5,6 +5,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::policy::PolicyError;
 use super::{duration_ms, CompileContext, Compiled, Condition, CounterContext, Limit};
 use crate::policy::{
     adaptive::{conversion_counters, wilson_upper, z_for, TrackedKey},
@@ -118,22 +119,22 @@ impl Limit for ConversionLimit {
         self.written.clone()
     }
 
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool {
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         let window_ms = self.spec.window_ms;
-        let read = |spec_text: &str, value: &str| {
+        let read = |spec_text: &str, value: &str| -> Result<(f64, f64), PolicyError> {
             let (ok, all) = conversion_counters(cx.rule, spec_text, value);
-            (
-                cx.counters.total(&ok, window_ms, cx.now_ms),
-                cx.counters.total(&all, window_ms, cx.now_ms),
-            )
+            Ok((
+                cx.counters.total(&ok, window_ms, cx.now_ms)?,
+                cx.counters.total(&all, window_ms, cx.now_ms)?,
+            ))
         };
         let value = self.spec.value(cx.facts);
-        let (ok, all) = read(&self.spec.text, &value);
+        let (ok, all) = read(&self.spec.text, &value)?;
         let enough = all >= f64::from(self.min_samples);
         let limit = match self.threshold {
             Threshold::Below(rate) => Some(rate),
             Threshold::BelowBaseline(share) => {
-                let (base_ok, base_all) = read("country", cx.facts.country);
+                let (base_ok, base_all) = read("country", cx.facts.country)?;
                 (base_all >= f64::from(self.min_samples)).then(|| share * base_ok / base_all)
             }
         };
@@ -146,7 +147,7 @@ impl Limit for ConversionLimit {
         );
         // Low only when the sample is large enough and even its optimistic bound is
         // under the limit.
-        enough && limit.is_some_and(|l| upper < l)
+        Ok(enough && limit.is_some_and(|l| upper < l))
     }
 
     fn is_adaptive(&self) -> bool {

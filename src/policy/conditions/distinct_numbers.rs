@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::policy::PolicyError;
 use super::{CompileContext, Compiled, Condition, CounterContext, Limit};
 use crate::policy::counters::CounterSpec;
 
@@ -56,16 +57,16 @@ impl Limit for DistinctLimit {
         )
     }
 
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool {
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         let k = self.spec.counter(cx.rule, "distinct_numbers", cx.facts);
         let seen = cx
             .counters
-            .see(&k, self.spec.window_ms, cx.now_ms, &cx.facts.number);
-        cx.reading(
+            .see(&k, self.spec.window_ms, cx.now_ms, &cx.facts.number)?;
+        Ok(cx.reading(
             "distinct_numbers".into(),
             k.value,
             seen as f64,
             f64::from(self.max),
-        )
+        ))
     }
 }

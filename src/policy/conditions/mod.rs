@@ -26,9 +26,9 @@ use toml::Spanned;
 
 use super::{
     adaptive::TrackedKey,
-    counters::{CounterKey, CounterSpec, Counters},
+    counters::{CounterKey, CounterSpec, CounterStore},
     facts::Facts,
-    CounterReading, Mode,
+    CounterReading, Mode, PolicyError,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 
@@ -91,8 +91,9 @@ pub(super) trait Limit: fmt::Debug + Send + Sync {
     /// One line for GET /v1/policy and `policy check`.
     fn describe(&self) -> String;
     /// Counts this request where the condition counts requests, records its reading,
-    /// and says whether the key is over the limit.
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool;
+    /// and says whether the key is over the limit (an error: the counters cannot be
+    /// reached, and the request gets `on_error`).
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError>;
     /// Whether it learns from outcomes, so every allowed request must be tracked.
     fn is_adaptive(&self) -> bool {
         false
@@ -114,9 +115,10 @@ pub(super) struct CounterContext<'a> {
     pub(super) now_ms: i64,
     /// The request's price: upper-case currency and amount.
     pub(super) price: Option<&'a (String, f64)>,
-    pub(super) counters: &'a Counters,
+    pub(super) counters: &'a dyn CounterStore,
     pub(super) readings: &'a mut Vec<CounterReading>,
-    /// Spend to add once the request is allowed: counter, window, amount.
+    /// Spend reserved for this request: counter, window, amount. Taken back when the
+    /// request is denied after all, since Sinch charges only allowed attempts.
     pub(super) spend: &'a mut Vec<(CounterKey, i64, f64)>,
 }
 

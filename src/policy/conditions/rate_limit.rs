@@ -3,6 +3,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::policy::PolicyError;
 use super::{CompileContext, Compiled, Condition, CounterContext, Limit};
 use crate::policy::counters::CounterSpec;
 
@@ -54,9 +55,9 @@ impl Limit for RequestRate {
         )
     }
 
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool {
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         let k = self.spec.counter(cx.rule, "rate_limit", cx.facts);
-        let value = cx.counters.add(&k, self.spec.window_ms, cx.now_ms, 1.0);
-        cx.reading("rate_limit".into(), k.value, value, f64::from(self.max))
+        let value = cx.counters.add(&k, self.spec.window_ms, cx.now_ms, 1.0)?;
+        Ok(cx.reading("rate_limit".into(), k.value, value, f64::from(self.max)))
     }
 }

@@ -4,6 +4,7 @@
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::policy::PolicyError;
 use super::{CompileContext, Compiled, Condition, CounterContext, Limit};
 use crate::policy::{adaptive::TrackedKey, counters::CounterSpec, facts::Facts};
 
@@ -54,10 +55,10 @@ impl Limit for FraudVerdicts {
         )
     }
 
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool {
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         let k = self.spec.counter(cx.rule, "sinch_fraud", cx.facts);
-        let value = cx.counters.total(&k, self.spec.window_ms, cx.now_ms);
-        cx.reading("sinch_fraud".into(), k.value, value, f64::from(self.max))
+        let value = cx.counters.total(&k, self.spec.window_ms, cx.now_ms)?;
+        Ok(cx.reading("sinch_fraud".into(), k.value, value, f64::from(self.max)))
     }
 
     fn is_adaptive(&self) -> bool {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
 
+use crate::policy::PolicyError;
 use super::{CompileContext, Compiled, Condition, CounterContext, Limit};
 use crate::policy::counters::CounterSpec;
 
@@ -62,20 +63,25 @@ impl Limit for SpendCap {
         self.written.clone()
     }
 
-    fn over(&self, cx: &mut CounterContext<'_>) -> bool {
+    fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         // No price, or a currency without a cap: this spend rule cannot hold.
         let Some((cap, currency, amount)) = cx
             .price
             .and_then(|(c, a)| Some((*self.max.get(c)?, c, *a)))
         else {
-            return false;
+            return Ok(false);
         };
         let k = self
             .spec
             .counter(cx.rule, &format!("spend:{currency}"), cx.facts);
-        let value = cx.counters.total(&k, self.spec.window_ms, cx.now_ms) + amount;
-        // Added only once the request is allowed: a denied attempt costs nothing.
-        cx.spend.push((k.clone(), self.spec.window_ms, amount));
-        cx.reading("spend".into(), k.value, value, cap)
+        // Check and add in one step, so that two decisions (on any replicas) cannot
+        // both spend the last euro; taken back if the request is denied after all.
+        let (value, added) =
+            cx.counters
+                .add_within(&k, self.spec.window_ms, cx.now_ms, amount, cap)?;
+        if added {
+            cx.spend.push((k.clone(), self.spec.window_ms, amount));
+        }
+        Ok(cx.reading("spend".into(), k.value, value, cap))
     }
 }

@@ -1,0 +1,366 @@
+//! Three real verigate processes on one PostgreSQL database, with callbacks spread over
+//! them round-robin (no proxy): they must decide as one service would.
+
+use std::{collections::HashSet, time::Duration};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::helpers::{request_event, result_event, RunningBinary, API_TOKEN};
+
+/// N replicas, each with its own folder and copy of `policy`, on the database `name`.
+struct Replicas {
+    running: Vec<RunningBinary>,
+    _dirs: Vec<TempDir>,
+}
+
+const POLICY_HEAD: &str = "default = \"allow\"\non_error = \"deny\"\n";
+
+async fn replicas(name: &str, n: usize, policy: &str) -> Option<Replicas> {
+    if !crate::postgres::available() {
+        return None;
+    }
+    let url = crate::postgres::database(&format!("replicas-{name}-{}", std::process::id()));
+    Some(replicas_on(&url, n, policy).await)
+}
+
+async fn replicas_on(url: &str, n: usize, policy: &str) -> Replicas {
+    let mut dirs = Vec::new();
+    let mut running = Vec::new();
+    for _ in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("policy.toml"),
+            format!("{POLICY_HEAD}{policy}"),
+        )
+        .unwrap();
+        let binary = RunningBinary::launch(
+            &dir,
+            &[
+                ("VERIGATE__STORE__BACKEND", "postgres"),
+                ("VERIGATE__STORE__POSTGRES_URL", url),
+                ("VERIGATE__STORE__POSTGRES_POOL_SIZE", "8"),
+            ],
+        );
+        running.push(binary);
+        dirs.push(dir);
+    }
+    for binary in &running {
+        binary.wait_ready().await;
+    }
+    Replicas {
+        running,
+        _dirs: dirs,
+    }
+}
+
+impl Replicas {
+    /// Posts `body` to replica `i % n`; the status and the answer.
+    async fn post(&self, i: usize, body: String) -> (u16, Value) {
+        let r = &self.running[i % self.running.len()];
+        r.sender().post(body).await
+    }
+
+    async fn get(&self, i: usize, path: &str) -> (u16, Value) {
+        let r = &self.running[i % self.running.len()];
+        let reply = r
+            .client
+            .get(format!("{}{path}", r.base))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status().as_u16();
+        (status, reply.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn priced(id: &str, number: &str, eur: f64) -> String {
+    let mut event: Value = serde_json::from_str(&request_event(id, "sms", number)).unwrap();
+    event["price"] = serde_json::json!({ "amount": eur, "currencyId": "EUR" });
+    event.to_string()
+}
+
+/// Sends every body at once, body i to replica i; the answers, in order.
+async fn all_at_once(r: &Replicas, bodies: Vec<String>) -> Vec<(u16, Value)> {
+    let senders: Vec<_> = r.running.iter().map(RunningBinary::sender).collect();
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, body)| {
+            let sender = senders[i % senders.len()].clone();
+            tokio::spawn(async move { sender.post(body).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await.unwrap());
+    }
+    out
+}
+
+fn allowed(answers: &[(u16, Value)]) -> usize {
+    answers
+        .iter()
+        .filter(|(status, body)| *status == 200 && body["action"] == "allow")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_number_limit_holds_across_replicas() {
+    let Some(r) = replicas(
+        "limit",
+        3,
+        "[[rule]]\nname = \"per-number\"\naction = \"deny\"\n\
+         rate_limit = { key = \"number\", max = 3, window = \"1h\" }\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let bodies = (0..15)
+        .map(|i| request_event(&format!("limit-{i}"), "sms", "+46700000101"))
+        .collect();
+    let answers = all_at_once(&r, bodies).await;
+    assert_eq!(allowed(&answers), 3, "{answers:?}");
+    let denied_by_rule = answers
+        .iter()
+        .filter(|(_, b)| b["action"] == "deny")
+        .count();
+    assert_eq!(denied_by_rule, 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spend_cap_is_never_exceeded_across_replicas() {
+    let Some(r) = replicas(
+        "spend",
+        3,
+        "[[rule]]\nname = \"budget\"\naction = \"deny\"\n\
+         spend = { per = \"global\", max = { EUR = 10 }, window = \"1h\" }\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let bodies = (0..45)
+        .map(|i| priced(&format!("spend-{i}"), &format!("+467001{i:05}"), 1.0))
+        .collect();
+    let answers = all_at_once(&r, bodies).await;
+    // Exactly the budget: never more, and no euro lost to a race either.
+    assert_eq!(allowed(&answers), 10, "{answers:?}");
+    // A deny gives its reservation back: a cheaper attempt still fits nothing more.
+    let (_, late) = r.post(1, priced("spend-late", "+46700299999", 0.5)).await;
+    assert_eq!(late["action"], "deny");
+}
+
+const QUARANTINE: &str = "[[rule]]\nname = \"pumping\"\naction = \"deny\"\n\
+    conversion = { per = \"prefix:7\", window = \"1h\", min_samples = 6, below = 0.5, complete_after = \"1h\" }\n\
+    block_for = \"1h\"\n";
+
+/// Six verifications under +46701 allowed and failed, spread over replicas 0 and 1.
+async fn failures_on_two_replicas(r: &Replicas) {
+    for i in 0..6 {
+        let id = format!("q-{i}");
+        let (_, answer) = r
+            .post(
+                i % 2,
+                request_event(&id, "sms", &format!("+46701000{i:03}")),
+            )
+            .await;
+        assert_eq!(answer["action"], "allow", "{answer}");
+        let status = r.running[(i + 1) % 2]
+            .post_callback(result_event(&id, "FAIL"))
+            .await;
+        assert_eq!(status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_tripped_on_two_replicas_blocks_on_the_third_and_a_lift_is_seen_by_all() {
+    let Some(r) = replicas("quarantine", 3, QUARANTINE).await else {
+        return;
+    };
+    failures_on_two_replicas(&r).await;
+    // The third replica never saw any of it, and denies.
+    let (_, answer) = r
+        .post(2, request_event("q-third", "sms", "+46701000999"))
+        .await;
+    assert_eq!(answer["action"], "deny", "{answer}");
+    let (_, record) = r.get(2, "/v1/verifications/q-third").await;
+    assert_eq!(record["decision"]["rule"], "pumping", "{record}");
+    // Within a second every replica lists the block and denies under it.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for i in 0..3 {
+        let (_, blocks) = r.get(i, "/v1/policy/blocks").await;
+        assert_eq!(
+            blocks["blocks"].as_array().map(Vec::len),
+            Some(1),
+            "replica {i}: {blocks}"
+        );
+        assert_eq!(blocks["blocks"][0]["key"], "+4670100");
+    }
+    let (_, blocked) = r
+        .post(0, request_event("q-after", "sms", "+46701000998"))
+        .await;
+    assert_eq!(blocked["action"], "deny");
+
+    // Lifted on replica 1: seen by all within a second, and not undone by another.
+    let lift = r.running[1]
+        .client
+        .delete(format!("{}/v1/policy/blocks/%2B4670100", r.running[1].base))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lift.status(), 200, "{:?}", lift.text().await);
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    for i in 0..3 {
+        let (_, blocks) = r.get(i, "/v1/policy/blocks").await;
+        assert_eq!(blocks["blocks"], serde_json::json!([]), "replica {i}");
+    }
+    let (_, free) = r
+        .post(2, request_event("q-lifted", "sms", "+46701000997"))
+        .await;
+    assert_eq!(free["action"], "allow", "{free}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_sent_to_different_replicas_get_one_answer_and_one_record() {
+    let Some(r) = replicas(
+        "duplicates",
+        3,
+        "[[rule]]\nname = \"once\"\naction = \"deny\"\n\
+         rate_limit = { key = \"number\", max = 1, window = \"1h\" }\n",
+    )
+    .await
+    else {
+        return;
+    };
+    for round in 0..5 {
+        let body = request_event(&format!("dup-{round}"), "sms", "+46700000301");
+        let answers = all_at_once(&r, vec![body.clone(), body.clone(), body]).await;
+        let actions: HashSet<String> = answers
+            .iter()
+            .map(|(status, b)| {
+                assert_eq!(*status, 200);
+                b["action"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(actions.len(), 1, "round {round}: {answers:?}");
+        let (_, record) = r
+            .get(round, &format!("/v1/verifications/dup-{round}"))
+            .await;
+        assert_eq!(record["event_count"], 1, "{record}");
+    }
+    // The policy counted each event once: only the first verification was allowed.
+    let (_, first) = r.get(0, "/v1/verifications/dup-0").await;
+    assert_eq!(first["decision"]["action"], "allow");
+    let (_, second) = r.get(0, "/v1/verifications/dup-1").await;
+    assert_eq!(second["decision"]["action"], "deny");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_replica_mid_load_loses_no_acknowledged_event() {
+    let Some(mut r) = replicas("kill", 3, "").await else {
+        return;
+    };
+    let senders: Vec<_> = r.running.iter().map(RunningBinary::sender).collect();
+    let writers: Vec<_> = (0..6)
+        .map(|task| {
+            let senders = senders.clone();
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut failed_after_ack = 0;
+                for i in 0..120 {
+                    let id = format!("kill-{task}-{i}");
+                    let body = request_event(&id, "sms", "+46700000401");
+                    match senders[(task + i) % 3].try_post(body).await {
+                        Ok(200) => acked.push(id),
+                        Ok(_) | Err(_) => failed_after_ack += 1,
+                    }
+                }
+                (acked, failed_after_ack)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.running.remove(1).kill();
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for writer in writers {
+        let (ids, failed) = writer.await.unwrap();
+        acked.extend(ids);
+        refused += failed;
+    }
+    // The survivors kept answering: only what went to the killed replica failed.
+    assert!(acked.len() >= 6 * 120 * 2 / 3, "{} acked", acked.len());
+    assert!(refused <= 6 * 120 / 3 + 6, "{refused} failed");
+    for (n, id) in acked.iter().enumerate() {
+        let (status, record) = r.running[n % 2].record(id).await;
+        assert_eq!(status, 200, "{id} acknowledged but not stored: {record}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_gives_on_error_answers_and_then_recovery_without_restarts() {
+    if !crate::postgres::available() {
+        return;
+    }
+    // A server of its own: stopping the shared one would break the other tests.
+    let own = crate::postgres::OwnServer::start("outage");
+    let r = replicas_on(
+        &own.url,
+        2,
+        "[[rule]]\nname = \"per-number\"\naction = \"deny\"\n\
+         rate_limit = { key = \"number\", max = 100, window = \"1h\" }\n",
+    )
+    .await;
+    let (_, before) = r
+        .post(0, request_event("outage-before", "sms", "+46700000501"))
+        .await;
+    assert_eq!(before["action"], "allow");
+
+    own.stop();
+    let mut on_error = 0;
+    for i in 0..10 {
+        let (status, answer) = r
+            .post(
+                i,
+                request_event(&format!("outage-{i}"), "sms", "+46700000502"),
+            )
+            .await;
+        assert_eq!(status, 200, "Sinch always gets allow or deny: {answer}");
+        if answer["action"] == "deny" {
+            on_error += 1;
+        }
+    }
+    assert_eq!(
+        on_error, 10,
+        "every request answered on_error while the database is down"
+    );
+    let (ready, why) = r.running[0].readiness().await;
+    assert_eq!(ready, 503, "{why}");
+    std::thread::sleep(Duration::from_secs(5));
+    own.start_again();
+
+    // Back without a restart: within a few seconds both replicas answer and store.
+    let mut recovered = false;
+    for attempt in 0..60 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let id = format!("outage-after-{attempt}");
+        let (_, a) = r
+            .post(attempt, request_event(&id, "sms", "+46700000503"))
+            .await;
+        if a["action"] == "allow" {
+            let (status, _) = r.running[attempt % 2].record(&id).await;
+            recovered = status == 200;
+            if recovered {
+                break;
+            }
+        }
+    }
+    assert!(recovered, "no recovery after the database came back");
+    for binary in &r.running {
+        binary.wait_ready().await;
+    }
+}
