@@ -12,7 +12,8 @@ port="${VERIGATE_PG_PORT:-54329}"
 
 bin=""
 if command -v pg_ctl >/dev/null 2>&1; then
-    bin="$(dirname "$(command -v pg_ctl)")"
+    # Where the server binaries really are (pg_ctl on the PATH may be a lone symlink).
+    bin="$(dirname "$(readlink -f "$(command -v pg_ctl)")")"
 else
     for candidate in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r); do
         bin="$candidate"
