@@ -44,6 +44,23 @@ pub(crate) fn schema_errors(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Runs `work` on `policy` where it may wait: at once when the policy is bounded (it
+/// answers from memory), else on the blocking pool, so that a policy waiting on its
+/// database never holds up the other callbacks of an async worker. `None`: `work`
+/// panicked.
+pub async fn off_async_workers<T: Send + 'static>(
+    policy: &std::sync::Arc<dyn Policy>,
+    work: impl FnOnce(&dyn Policy) -> T + Send + 'static,
+) -> Option<T> {
+    if policy.bounded() {
+        return Some(work(policy.as_ref()));
+    }
+    let policy = std::sync::Arc::clone(policy);
+    tokio::task::spawn_blocking(move || work(policy.as_ref()))
+        .await
+        .ok()
+}
+
 /// Whether a rule decides or only records what it would have decided.
 #[derive(
     Debug,

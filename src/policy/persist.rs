@@ -89,18 +89,13 @@ pub async fn run(slot: StoreSlot, policy: Arc<dyn Policy>, clock: Clock) {
     let mut saved = learning.saved_state().map(|(generation, _)| generation);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let (ticking, now) = (Arc::clone(&policy), clock.now());
-        let tick = move || {
-            if let Some(quarantines) = ticking.quarantines() {
+        let now = clock.now();
+        super::off_async_workers(&policy, move |policy| {
+            if let Some(quarantines) = policy.quarantines() {
                 quarantines.blocks(now);
             }
-        };
-        if policy.bounded() {
-            tick();
-        } else {
-            // A policy that waits on a database does it off the async workers.
-            let _ = tokio::task::spawn_blocking(tick).await;
-        }
+        })
+        .await;
         if let Err(err) = save_if_changed(&store, policy.as_ref(), &mut saved).await {
             tracing::error!(error.message = %err, "saving the policy state failed");
         }

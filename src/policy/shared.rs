@@ -12,17 +12,12 @@
 
 use std::{
     future::Future,
-    sync::{
-        atomic::{AtomicI64, Ordering},
-        Arc, Mutex, PoisonError, Weak,
-    },
+    sync::{Arc, Mutex, PoisonError, Weak},
     time::Duration,
 };
 
 use chrono::{DateTime, TimeZone, Utc};
 use deadpool_postgres::{Object, Pool};
-use secrecy::ExposeSecret;
-use tokio_postgres::NoTls;
 
 use super::{
     adaptive::{Block, BlockSpec, Evidence, Quarantine, QuarantineState, Tracked},
@@ -30,14 +25,14 @@ use super::{
     PolicyError,
 };
 use crate::{
-    store::postgres::{Cached, PostgresOptions},
+    store::postgres::{pool, Cached, PostgresOptions},
     telemetry::OncePer,
 };
 
 /// How often each replica reloads the quarantines and reports its policy version.
 pub const SYNC_EVERY: Duration = Duration::from_millis(500);
 /// How often a replica looks for verifications whose time to complete has passed.
-const EXPIRE_EVERY_MS: i64 = 1_000;
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const EVIDENCE_PER_KEY: i64 = 10;
 
 pub struct SharedState {
@@ -50,7 +45,7 @@ pub struct SharedState {
     safe: Pool,
     replica: String,
     version: Mutex<String>,
-    last_expiry_ms: AtomicI64,
+    expiry: OncePer,
     outage_log: OncePer,
 }
 
@@ -67,27 +62,6 @@ fn failed<E: std::fmt::Display + 'static>(err: E) -> PolicyError {
 
 fn at(ms: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(ms).single().unwrap_or_default()
-}
-
-fn pool(options: &PostgresOptions, asynchronous_commit: bool) -> Result<Pool, PolicyError> {
-    let mut config: tokio_postgres::Config = options.url.expose_secret().parse().map_err(failed)?;
-    if asynchronous_commit {
-        config.options("-c synchronous_commit=off");
-    }
-    let manager = deadpool_postgres::Manager::from_config(
-        config,
-        NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    Pool::builder(manager)
-        .max_size(options.pool_size.max(2))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .wait_timeout(Some(Duration::from_secs(2)))
-        .create_timeout(Some(Duration::from_secs(2)))
-        .build()
-        .map_err(failed)
 }
 
 /// The bucket a count goes into: windows are kept in tenths.
@@ -107,7 +81,11 @@ impl SharedState {
             .map_err(failed)?;
         let (fast, safe) = {
             let _entered = runtime.enter();
-            (pool(options, true)?, pool(options, false)?)
+            let timeout = Duration::from_secs(2);
+            (
+                pool(options, Some("-c synchronous_commit=off"), timeout).map_err(failed)?,
+                pool(options, None, timeout).map_err(failed)?,
+            )
         };
         Ok(Arc::new(Self {
             runtime: Some(runtime),
@@ -115,7 +93,7 @@ impl SharedState {
             safe,
             replica,
             version: Mutex::new(String::new()),
-            last_expiry_ms: AtomicI64::new(0),
+            expiry: OncePer::new(EXPIRE_EVERY),
             outage_log: OncePer::new(Duration::from_secs(10)),
         }))
     }
@@ -200,13 +178,7 @@ impl SharedState {
     /// Takes out the tracked verifications whose time to complete has passed (at most
     /// once a second per replica; whichever replica takes one counts it).
     pub fn due(&self, now_ms: i64) -> Result<Vec<(String, Tracked)>, PolicyError> {
-        let last = self.last_expiry_ms.load(Ordering::Relaxed);
-        if now_ms - last < EXPIRE_EVERY_MS
-            || self
-                .last_expiry_ms
-                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
+        if self.expiry.due().is_none() {
             return Ok(Vec::new());
         }
         let pool = self.fast.clone();

@@ -32,7 +32,7 @@ use crate::{
         CallbackResponse, VerificationEvent, VerificationRequestEvent, VerificationResultEvent,
     },
     metrics::Metrics,
-    policy::{Outcome, Policy},
+    policy::{off_async_workers, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
     store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot},
     telemetry::MaskedNumber,
@@ -350,10 +350,7 @@ async fn report_outcome(
     result: &VerificationResultEvent,
     at: DateTime<Utc>,
 ) {
-    let Some(learning) = state.policy.learning() else {
-        return;
-    };
-    if result.status == "PENDING" {
+    if state.policy.learning().is_none() || result.status == "PENDING" {
         return;
     }
     let Ok(Some(record)) = store.verification(&result.id).await else {
@@ -362,33 +359,20 @@ async fn report_outcome(
     let Some(decision) = record.decision else {
         return;
     };
-    if state.policy.bounded() {
-        return observe_outcome(learning, result, &decision, at);
-    }
-    // A policy that waits (on a database) must not hold up this worker's other callbacks.
-    let (policy, result) = (Arc::clone(&state.policy), result.clone());
-    let _ = tokio::task::spawn_blocking(move || {
+    let result = result.clone();
+    off_async_workers(&state.policy, move |policy| {
         if let Some(learning) = policy.learning() {
-            observe_outcome(learning, &result, &decision, at);
+            learning.observe_outcome(Outcome {
+                id: &result.id,
+                rule: decision.rule.as_deref(),
+                shadow: &decision.explanation.shadow,
+                status: &result.status,
+                reason: result.reason.as_deref(),
+                at,
+            });
         }
     })
     .await;
-}
-
-fn observe_outcome(
-    learning: &dyn crate::policy::Learning,
-    result: &VerificationResultEvent,
-    decision: &crate::decision::DecisionRecord,
-    at: DateTime<Utc>,
-) {
-    learning.observe_outcome(Outcome {
-        id: &result.id,
-        rule: decision.rule.as_deref(),
-        shadow: &decision.explanation.shadow,
-        status: &result.status,
-        reason: result.reason.as_deref(),
-        at,
-    });
 }
 
 fn record_span_facts(span: &RootSpan, event: &VerificationEvent) {

@@ -5,21 +5,14 @@ use actix_web::{web, HttpResponse};
 use super::{AdminCaller, ApiCaller, CallbackState};
 use crate::{
     error::{ApiError, ErrorCode},
-    policy::{adaptive::Block, persist, reload},
+    policy::{adaptive::Block, off_async_workers, persist, reload},
 };
 
 /// `GET /v1/policy`: version, load time, rules with hits and the outcomes of the
 /// verifications each rule decided or shadow-matched, and the last reload error.
 pub async fn describe(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    let policy = state.policy.clone();
-    let described = off_worker(move || policy.describe()).await;
+    let described = off_async_workers(&state.policy, |policy| policy.describe()).await;
     HttpResponse::Ok().json(described.unwrap_or(serde_json::Value::Null))
-}
-
-/// Runs `work` on the blocking pool: with shared state the policy waits on its database,
-/// which must not hold up the callbacks this worker is answering.
-async fn off_worker<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    web::block(work).await.ok()
 }
 
 /// `POST /v1/policy/reload` (admin token): re-read the policy file now.
@@ -45,11 +38,13 @@ pub async fn reload_now(
 /// `GET /v1/policy/blocks`: keys in automatic quarantine, why, until when, and the
 /// verifications that tripped them.
 pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    let (policy, now) = (state.policy.clone(), state.clock.now());
-    let blocks = off_worker(move || policy.quarantines().map(|q| q.blocks(now)))
-        .await
-        .flatten()
-        .unwrap_or_default();
+    let now = state.clock.now();
+    let blocks = off_async_workers(&state.policy, move |p| {
+        p.quarantines().map(|q| q.blocks(now))
+    })
+    .await
+    .flatten()
+    .unwrap_or_default();
     HttpResponse::Ok().json(serde_json::json!({ "blocks": blocks }))
 }
 
@@ -59,11 +54,13 @@ pub async fn lift(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let (policy, now, which) = (state.policy.clone(), state.clock.now(), key.clone());
-    let lifted = off_worker(move || policy.quarantines().map(|q| q.lift_block(&which, now)))
-        .await
-        .flatten()
-        .unwrap_or_default();
+    let (now, which) = (state.clock.now(), key.clone());
+    let lifted = off_async_workers(&state.policy, move |p| {
+        p.quarantines().map(|q| q.lift_block(&which, now))
+    })
+    .await
+    .flatten()
+    .unwrap_or_default();
     changed(&state, "lifted", lifted, &key).await
 }
 
@@ -74,11 +71,13 @@ pub async fn pin(
     state: web::Data<CallbackState>,
     key: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let (policy, now, which) = (state.policy.clone(), state.clock.now(), key.clone());
-    let pinned = off_worker(move || policy.quarantines().map(|q| q.pin_block(&which, now)))
-        .await
-        .flatten()
-        .unwrap_or_default();
+    let (now, which) = (state.clock.now(), key.clone());
+    let pinned = off_async_workers(&state.policy, move |p| {
+        p.quarantines().map(|q| q.pin_block(&which, now))
+    })
+    .await
+    .flatten()
+    .unwrap_or_default();
     changed(&state, "pinned", pinned, &key).await
 }
 

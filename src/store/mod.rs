@@ -300,7 +300,7 @@ impl Store {
     ) -> Result<Self, StoreError> {
         match &options.postgres {
             Some(pg) => {
-                let engine = postgres::PostgresStore::open(pg, true).await?;
+                let engine = postgres::PostgresStore::open(pg).await?;
                 Ok(Self::new(Arc::new(engine), options.numbers.clone()))
             }
             None => {

@@ -1,8 +1,7 @@
 //! `custom`: the request's custom field matches a regular expression.
 
-use super::{case_text, pattern, CaseFields, Check, CompileContext, Compiled, Condition};
+use super::{case_text, field_pattern, CaseFields, CompileContext, Compiled, Condition};
 use crate::events::VerificationRequestEvent;
-use crate::policy::facts::Facts;
 
 pub(in crate::policy) struct Custom;
 
@@ -13,29 +12,11 @@ impl Condition for Custom {
     type File = String;
 
     fn compile(file: &String, _: &CompileContext<'_>) -> Result<Compiled, String> {
-        Ok(Compiled::Check(Box::new(CustomMatches(pattern(
-            file, "custom",
-        )?))))
+        field_pattern(file, "custom", |r| r.custom.as_deref())
     }
 
     fn apply_case(case: &CaseFields, request: &mut VerificationRequestEvent) -> Result<(), String> {
         request.custom = case_text(case, "custom")?.map(str::to_owned);
         Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct CustomMatches(regex::Regex);
-
-impl Check for CustomMatches {
-    fn holds(&self, f: &Facts<'_>) -> bool {
-        f.request
-            .custom
-            .as_deref()
-            .is_some_and(|c| self.0.is_match(c))
-    }
-
-    fn describe(&self) -> String {
-        format!("custom ~ /{}/", self.0.as_str())
     }
 }

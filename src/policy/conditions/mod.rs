@@ -287,12 +287,44 @@ pub(super) fn e164_entries(
     }
 }
 
-/// A regular expression from the policy file, with a bound on its compiled size.
-pub(super) fn pattern(text: &str, what: &str) -> Result<regex::Regex, String> {
-    regex::RegexBuilder::new(text)
+/// A check that a text field of the request matches a regular expression from the
+/// policy file (compiled with a bound on its size); a request without the field fails it.
+pub(super) fn field_pattern(
+    text: &str,
+    name: &'static str,
+    field: fn(&VerificationRequestEvent) -> Option<&str>,
+) -> Result<Compiled, String> {
+    let pattern = regex::RegexBuilder::new(text)
         .size_limit(1 << 20)
         .build()
-        .map_err(|e| format!("{what} pattern does not compile: {e}"))
+        .map_err(|e| format!("{name} pattern does not compile: {e}"))?;
+    Ok(Compiled::Check(Box::new(FieldMatches {
+        name,
+        field,
+        pattern,
+    })))
+}
+
+struct FieldMatches {
+    name: &'static str,
+    field: fn(&VerificationRequestEvent) -> Option<&str>,
+    pattern: regex::Regex,
+}
+
+impl fmt::Debug for FieldMatches {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ~ /{}/", self.name, self.pattern.as_str())
+    }
+}
+
+impl Check for FieldMatches {
+    fn holds(&self, f: &Facts<'_>) -> bool {
+        (self.field)(f.request).is_some_and(|v| self.pattern.is_match(v))
+    }
+
+    fn describe(&self) -> String {
+        format!("{self:?}")
+    }
 }
 
 /// A duration like `10m` (not zero), in milliseconds.

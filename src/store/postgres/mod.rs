@@ -226,39 +226,49 @@ fn after_of(cursor: Option<&Cursor>) -> Result<i64, StoreError> {
     }
 }
 
+/// The connection settings in `options.url`.
+fn config(options: &PostgresOptions) -> Result<tokio_postgres::Config, String> {
+    options
+        .url
+        .expose_secret()
+        .parse()
+        .map_err(|e| format!("store.postgres_url: {e}"))
+}
+
+/// A pool of connections to `options.url`, made on first use; `session` are server
+/// settings for each connection (e.g. `-c synchronous_commit=off`).
+pub(crate) fn pool(
+    options: &PostgresOptions,
+    session: Option<&str>,
+    timeout: std::time::Duration,
+) -> Result<Pool, String> {
+    let mut config = config(options)?;
+    if let Some(session) = session {
+        config.options(session);
+    }
+    let manager = deadpool_postgres::Manager::from_config(
+        config,
+        NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(options.pool_size.max(2))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(timeout))
+        .create_timeout(Some(timeout))
+        .build()
+        .map_err(|e| format!("PostgreSQL pool: {e}"))
+}
+
 impl PostgresStore {
-    /// Connects, and migrates the schema when `migrate` is set (else refuses an old one).
-    pub async fn open(options: &PostgresOptions, migrate: bool) -> Result<Self, StoreError> {
-        let config: tokio_postgres::Config = options
-            .url
-            .expose_secret()
-            .parse()
-            .map_err(|e| StoreError::Failed(format!("store.postgres_url: {e}")))?;
-        let manager = deadpool_postgres::Manager::from_config(
-            config,
-            NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool_size.max(1))
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .wait_timeout(Some(std::time::Duration::from_secs(5)))
-            .create_timeout(Some(std::time::Duration::from_secs(5)))
-            .build()
-            .map_err(|e| StoreError::Failed(format!("PostgreSQL pool: {e}")))?;
+    /// Connects and brings the schema up to date (a newer one is refused).
+    pub async fn open(options: &PostgresOptions) -> Result<Self, StoreError> {
+        let pool =
+            pool(options, None, std::time::Duration::from_secs(5)).map_err(StoreError::Failed)?;
         let mut client = pool.get().await.map_err(pool_failed)?;
-        let at = schema::version(&client).await?;
-        if at != schema::current_version() {
-            if !migrate || at > schema::current_version() {
-                return Err(StoreError::NeedsMigration(format!(
-                    "the database schema is at version {at}, this verigate needs {}: run `verigate store migrate`",
-                    schema::current_version()
-                )));
-            }
-            schema::migrate(&mut client).await?;
-        }
+        schema::migrate(&mut client).await?;
         drop(client);
         let health = Arc::new(Mutex::new(StoreHealth::Ready));
         let probe = tokio::spawn(probe(pool.clone(), Arc::clone(&health)));
@@ -271,21 +281,12 @@ impl PostgresStore {
 
     /// Applies the missing migrations; returns the versions applied.
     pub async fn migrate(options: &PostgresOptions) -> Result<Vec<i32>, StoreError> {
-        let store = Self::open(options, false).await;
-        let mut client = match store {
-            Ok(_) => return Ok(Vec::new()),
-            Err(StoreError::NeedsMigration(_)) => {
-                let config: tokio_postgres::Config = options
-                    .url
-                    .expose_secret()
-                    .parse()
-                    .map_err(|e| StoreError::Failed(format!("store.postgres_url: {e}")))?;
-                let (client, connection) = config.connect(NoTls).await.map_err(failed)?;
-                tokio::spawn(connection);
-                client
-            }
-            Err(other) => return Err(other),
-        };
+        let (mut client, connection) = config(options)
+            .map_err(StoreError::Failed)?
+            .connect(NoTls)
+            .await
+            .map_err(failed)?;
+        tokio::spawn(connection);
         schema::migrate(&mut client).await
     }
 
