@@ -1,4 +1,5 @@
-//! Policy decisions with 10,000 prefixes in 1,000 rules and active counters.
+//! Policy decisions with 10,000 prefixes in 1,000 rules and active counters, and the
+//! shipped sample policy's decide + observe on a simulated day's traffic.
 //!
 //! `cargo bench --bench policy` runs criterion on one core (ns per decision), then
 //! measures decisions/s on one thread and on every core in the same run, to show that
@@ -10,15 +11,14 @@ use std::{sync::Arc, time::Instant};
 use chrono::{Duration, TimeZone, Utc};
 use criterion::{black_box, Criterion};
 use verigate::{
+    events::Action,
     events::{Identity, Price, VerificationMethod, VerificationRequestEvent},
-    policy::{Policy, RulesPolicy},
+    policy::{Learning, Outcome, Policy, RulesPolicy},
+    rng::Rng,
+    simulate::{self, Knobs},
 };
 
 const CODES: [&str; 10] = ["1", "44", "46", "49", "33", "225", "234", "63", "91", "880"];
-
-#[path = "common/rng.rs"]
-mod rng;
-use rng::Rng;
 
 /// 1,000 rules of 10 prefixes each (4 to 8 digits), every tenth with a per-number rate
 /// limit, plus per-range, range-walking and spend rules that every request meets.
@@ -31,8 +31,8 @@ fn policy_text() -> String {
     for i in 0..1000 {
         let prefixes: Vec<String> = (0..10)
             .map(|_| {
-                let code = CODES[(rng.next() % 10) as usize];
-                let len = 4 + (rng.next() % 5) as usize;
+                let code = CODES[(rng.bits() % 10) as usize];
+                let len = 4 + (rng.bits() % 5) as usize;
                 format!(
                     "\"+{code}{}\"",
                     rng.digits(len.saturating_sub(code.len()).max(1))
@@ -54,7 +54,7 @@ fn requests(n: usize) -> Vec<VerificationRequestEvent> {
     let mut rng = Rng(7);
     (0..n)
         .map(|i| {
-            let code = CODES[(rng.next() % 10) as usize];
+            let code = CODES[(rng.bits() % 10) as usize];
             VerificationRequestEvent {
                 id: format!("b-{i}"),
                 method: VerificationMethod::Sms,
@@ -97,6 +97,7 @@ fn main() {
             )
         })
     });
+    sample_policy(&mut criterion);
     criterion.final_summary();
 
     let run = |threads: usize| {
@@ -128,4 +129,50 @@ fn main() {
         1e9 / one,
         all / one
     );
+}
+
+/// The sample policy (static and adaptive rules) on a synthetic day of traffic, warm
+/// after a first pass: each iteration decides one verification and reports the outcome
+/// of an allowed one, as verigate does for a request and its result.
+fn sample_policy(criterion: &mut Criterion) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = RulesPolicy::load(&path).unwrap();
+    let knobs = Knobs {
+        warmup_days: 0,
+        ..Knobs::default()
+    };
+    let traffic = simulate::synthetic(&knobs, simulate::SYNTHETIC_START_MS);
+    let day_ms = 24 * 3_600_000;
+    let mut round = 0i64;
+    let mut i = 0usize;
+    let mut step = |policy: &RulesPolicy| {
+        let v = &traffic[i];
+        let at_ms = v.at_ms + round * day_ms;
+        let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap();
+        let d = policy.decide(&v.request, at).unwrap();
+        if d.action == Action::Allow {
+            if let Some((status, reason, after)) = &v.result {
+                policy.observe_outcome(Outcome {
+                    id: &v.request.id,
+                    rule: d.rule.as_deref(),
+                    shadow: &d.explanation.shadow,
+                    status,
+                    reason: reason.as_deref(),
+                    at: at + Duration::milliseconds(*after),
+                });
+            }
+        }
+        i += 1;
+        if i == traffic.len() {
+            i = 0;
+            round += 1;
+        }
+        black_box(d)
+    };
+    for _ in 0..traffic.len() {
+        step(&policy);
+    }
+    criterion.bench_function("sample policy: decide + observe, a simulated day", |b| {
+        b.iter(|| step(&policy))
+    });
 }

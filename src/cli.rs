@@ -17,6 +17,7 @@ use crate::{
     policy::{tools, RulesPolicy},
     routes::analytics::{export_stream, ExportFormat},
     signature::AppCredentials,
+    simulate::{self, AttackKind, Knobs},
     startup::Application,
     store::{self, Store, StoreError, Unobserved, VerificationQuery},
 };
@@ -99,6 +100,43 @@ pub enum Command {
     /// Maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Play a synthetic day of verifications with SMS-pumping attacks of every kind
+    /// against a policy, in compressed time, and print how much it blocked of each and
+    /// how many real users it turned away (docs/fraud-defence.md).
+    Simulate {
+        /// The policy file; default: the configured one.
+        policy: Option<PathBuf>,
+        /// Seeds of the generator, comma-separated: one run each.
+        #[arg(long, value_delimiter = ',', default_value = "7")]
+        seeds: Vec<u64>,
+        /// Legitimate verifications a minute at the evening peak.
+        #[arg(long, default_value_t = 24.0)]
+        legit_per_minute: f64,
+        /// Days of legitimate traffic before the attacked day (learned from, not scored).
+        #[arg(long, default_value_t = 1)]
+        warmup_days: u32,
+        /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
+        /// spread, mimicry), or none; default: all.
+        #[arg(long, value_delimiter = ',')]
+        attacks: Option<Vec<String>>,
+        /// Multiplies every attack's rate.
+        #[arg(long, default_value_t = 1.0)]
+        attack_scale: f64,
+        /// Leave out the marketing spike (five times the French traffic for an hour).
+        #[arg(long)]
+        no_spike: bool,
+        /// Instead of synthetic users, replay the store's own verifications since this
+        /// time ("7d" or RFC 3339), with the attacks mixed into their last day. The
+        /// service must be stopped.
+        #[arg(long, value_name = "SINCE")]
+        replay_store: Option<String>,
+        /// Print the scorecards as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a scorecard misses a target.
+        #[arg(long)]
+        check: bool,
+    },
     /// Exit 0 if verigate answers ready, 1 otherwise (container health checks).
     Healthcheck {
         /// Default: /readyz on this configuration's listen address.
@@ -323,6 +361,87 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 ExitCode::FAILURE
             })
         }
+        Command::Simulate {
+            policy,
+            seeds,
+            legit_per_minute,
+            warmup_days,
+            attacks,
+            attack_scale,
+            no_spike,
+            replay_store,
+            json,
+            check,
+        } => {
+            let attacks = match attacks {
+                None => AttackKind::ALL.to_vec(),
+                Some(names) if names.iter().all(|n| n == "none") => Vec::new(),
+                Some(names) => names
+                    .iter()
+                    .map(|n| {
+                        AttackKind::parse(n).ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--attacks: `{n}` is not an attack kind (burst, slow-wide, rotating, busy-prefix, spread, mimicry, none)"
+                            )
+                        })
+                    })
+                    .collect::<anyhow::Result<_>>()?,
+            };
+            let policy = policy.unwrap_or_else(|| settings.policy.path.clone());
+            let stored = match replay_store {
+                Some(since) => {
+                    let now = chrono::Utc::now();
+                    let since = time_arg("--replay-store", &since, now)?;
+                    let store = open_offline(&settings, "stop it first").await?;
+                    let records = all_records(&store, since, now).await?;
+                    store.shutdown().await?;
+                    Some(records)
+                }
+                None => None,
+            };
+            let mut cards = Vec::new();
+            for seed in seeds {
+                let knobs = Knobs {
+                    seed,
+                    legit_per_minute,
+                    warmup_days,
+                    attacks: attacks.clone(),
+                    attack_scale,
+                    spike: !no_spike,
+                };
+                let card = match &stored {
+                    Some(records) => simulate::run_with_stored(&policy, &knobs, records)?
+                        .ok_or_else(|| {
+                            anyhow::anyhow!("the store has no replayable verifications in that period (numbers hashed, or none stored)")
+                        })?,
+                    None => simulate::run_synthetic(&policy, &knobs)?,
+                };
+                cards.push((seed, card));
+            }
+            let missed = cards.iter().any(|(_, c)| !c.misses().is_empty());
+            if json {
+                let out: Vec<_> = cards
+                    .iter()
+                    .map(|(seed, card)| {
+                        serde_json::json!({ "seed": seed, "scorecard": card, "missed_targets": card.misses() })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for (seed, card) in &cards {
+                    println!("{}, seed {seed}:", policy.display());
+                    print!("{card}");
+                    for miss in card.misses() {
+                        println!("  target missed: {miss}");
+                    }
+                }
+            }
+            Ok(if check && missed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Command::Healthcheck { url } => {
             let url = match url {
                 Some(url) => url,
@@ -403,20 +522,7 @@ async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Resu
                 Some(url) => fetch_records(&url, token.as_deref(), since).await?,
                 None => {
                     let store = open_offline(settings, "pass --url").await?;
-                    let mut records = Vec::new();
-                    let mut after = None;
-                    loop {
-                        let page = store
-                            .verifications(
-                                VerificationQuery::between(since, now, 1000).after(after),
-                            )
-                            .await?;
-                        records.extend(page.items);
-                        match page.next {
-                            Some(next) => after = Some(next),
-                            None => break,
-                        }
-                    }
+                    let records = all_records(&store, since, now).await?;
                     store.shutdown().await?;
                     records
                 }
@@ -441,6 +547,26 @@ async fn open_offline(settings: &Settings, otherwise: &str) -> anyhow::Result<St
             StoreError::NeedsMigration(_) => anyhow::anyhow!("{e}"),
             _ => anyhow::anyhow!("{e}\n(is verigate running on this store? then {otherwise})"),
         })
+}
+
+/// Every stored record first seen in [since, until).
+async fn all_records(
+    store: &Store,
+    since: chrono::DateTime<chrono::Utc>,
+    until: chrono::DateTime<chrono::Utc>,
+) -> anyhow::Result<Vec<crate::store::VerificationRecord>> {
+    let mut records = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .verifications(VerificationQuery::between(since, until, 1000).after(after))
+            .await?;
+        records.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(records),
+        }
+    }
 }
 
 /// Every record first seen since `since`, from a running service's export.

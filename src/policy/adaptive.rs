@@ -21,7 +21,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    counters::{CounterKey, CounterStore, Counters},
+    counters::{joined, CounterKey, CounterStore, Counters},
     PolicyError,
 };
 use crate::telemetry::MaskedNumber;
@@ -47,6 +47,50 @@ pub fn z_for(confidence: f64) -> f64 {
     let t = (-2.0 * p.ln()).sqrt();
     t - (2.515_517 + 0.802_853 * t + 0.010_328 * t * t)
         / (1.0 + 1.432_788 * t + 0.189_269 * t * t + 0.001_308 * t * t * t)
+}
+
+/// The evidence that a key's verifications convert at the low rate `p1` rather than at
+/// its normal rate `p0`: the log-likelihood ratio of `ok` successes among `all`. Each
+/// failure adds ln((1 - p1) / (1 - p0)), each success ln(p1 / p0) (negative).
+///
+/// Keys keep it as a CUSUM (Page's test): a level that adds each outcome's step and
+/// never drops below zero, so a long honest history cannot hide an attack that starts
+/// now. A key that trips at level ln(1 / α) while converting at its normal rate (or
+/// better) does so at most once per 1 / α outcomes on average (Lorden's bound), however
+/// often it is looked at: repeated looks add no false alarms. A key where every attempt
+/// fails crosses after a handful of failures; one near its normal rate never.
+pub fn evidence(ok: f64, all: f64, p0: f64, p1: f64) -> f64 {
+    let (on_success, on_failure) = evidence_steps(p0, p1);
+    ok.max(0.0) * on_success + (all - ok).max(0.0) * on_failure
+}
+
+/// The low rate `p1` whose test against `p0` is balanced at `boundary`: a key
+/// converting at exactly `boundary` gains no evidence on average, one above it loses
+/// evidence, one below gains it (`boundary` must lie between 0 and `p0`). So the rate a
+/// rule is written with (`below`) is where its test starts to lean towards tripping.
+pub fn balanced_low_rate(p0: f64, boundary: f64) -> f64 {
+    let p0 = p0.clamp(1e-3, 1.0 - 1e-3);
+    let boundary = boundary.clamp(1e-4, p0 - 1e-4);
+    // Zero at p1 = p0 and at the root below `boundary`; positive in between.
+    let drift =
+        |p1: f64| boundary * (p1 / p0).ln() + (1.0 - boundary) * ((1.0 - p1) / (1.0 - p0)).ln();
+    let (mut lo, mut hi) = (1e-6_f64, boundary);
+    for _ in 0..60 {
+        let mid = (lo + hi) / 2.0;
+        if drift(mid) > 0.0 {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    (lo + hi) / 2.0
+}
+
+/// What one success and one failure add to [`evidence`].
+pub fn evidence_steps(p0: f64, p1: f64) -> (f64, f64) {
+    let p0 = p0.clamp(1e-6, 1.0 - 1e-3);
+    let p1 = p1.clamp(1e-6, 1.0 - 1e-3);
+    ((p1 / p0).ln(), ((1.0 - p1) / (1.0 - p0)).ln())
 }
 
 /// How a final result counts.
@@ -92,21 +136,67 @@ pub enum TrackedKey {
         value: String,
         country: String,
         window_ms: i64,
+        /// The sequential test's normal rates learn from it (over this long): its key
+        /// was not under suspicion when it was allowed. Zero: the rule keeps no baseline.
+        #[serde(default)]
+        baseline_ms: i64,
+        /// The sequential test's steps for a success and a failure (the log-likelihood
+        /// ratios at the rates in force when it was allowed).
+        #[serde(default)]
+        steps: Option<(f64, f64)>,
+        /// The pool it adds to (`spec`, value): its key had no success in the window
+        /// when it was allowed.
+        #[serde(default)]
+        pool: Option<(String, String)>,
     },
     SinchFraud {
         count: CounterKey,
         window_ms: i64,
     },
+    /// Counts under a `surge` key: its recent outcomes and sequential level, and (when
+    /// `baseline_ms` is not zero: the key was calm) its normal rate.
+    Surge {
+        rule: String,
+        spec: String,
+        value: String,
+        window_ms: i64,
+        baseline_ms: i64,
+        steps: Option<(f64, f64)>,
+    },
+}
+
+/// The outcome counters of a `surge` key: recent (`kind` = surge) or normal
+/// (surge_normal).
+pub fn surge_counters(rule: &str, kind: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
+    conversion_counters(rule, &joined(&[kind, ":", spec]), value)
 }
 
 /// The counters of a conversion key: (successes, finished attempts).
 pub fn conversion_counters(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
     let key = |kind: &str| CounterKey {
         rule: rule.to_owned(),
-        condition: format!("{kind}:{spec}"),
+        condition: joined(&[kind, ":", spec]),
         value: value.to_owned(),
     };
     (key("conversion_ok"), key("conversion_all"))
+}
+
+/// The level of a key's sequential test: its evidence of a low rate since the last
+/// time it looked normal (a CUSUM of [`evidence`] steps). A pool's is under
+/// `pool:{spec}`: the outcomes of the verifications under it whose own key had not
+/// converted once in the window.
+pub fn evidence_level(rule: &str, spec: &str, value: &str) -> CounterKey {
+    CounterKey {
+        rule: rule.to_owned(),
+        condition: joined(&["evidence:", spec]),
+        value: value.to_owned(),
+    }
+}
+
+/// The counters a sequential test learns its normal rate from: a country's, or every
+/// country's (`global`, `*`), over the rule's baseline.
+pub fn baseline_counters(rule: &str, key: &str, value: &str) -> (CounterKey, CounterKey) {
+    conversion_counters(rule, &joined(&["baseline:", key]), value)
 }
 
 impl TrackedKey {
@@ -114,6 +204,7 @@ impl TrackedKey {
         match self {
             Self::Conversion { rule, value, .. } => (rule, value),
             Self::SinchFraud { count, .. } => (&count.rule, &count.value),
+            Self::Surge { rule, value, .. } => (rule, value),
         }
     }
 }
@@ -395,16 +486,73 @@ pub fn count_outcome(
                     value,
                     country,
                     window_ms,
+                    baseline_ms,
+                    steps,
+                    pool,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
                 let success = f64::from(u8::from(resolution == Resolution::Success));
-                for (ok, all) in [
-                    conversion_counters(rule, spec, value),
-                    conversion_counters(rule, "country", country),
-                ] {
-                    counters.add(&ok, *window_ms, now_ms, success)?;
-                    counters.add(&all, *window_ms, now_ms, 1.0)?;
+                let add = |(ok, all): (CounterKey, CounterKey), window_ms: i64| {
+                    counters.add(&ok, window_ms, now_ms, success)?;
+                    counters.add(&all, window_ms, now_ms, 1.0).map(|_| ())
+                };
+                add(conversion_counters(rule, spec, value), *window_ms)?;
+                if *baseline_ms == 0 && steps.is_none() {
+                    // The Wilson test's `below_baseline` reads the country over the window.
+                    add(conversion_counters(rule, "country", country), *window_ms)?;
+                }
+                if let Some((on_success, on_failure)) = steps {
+                    let step = if success > 0.0 {
+                        *on_success
+                    } else {
+                        *on_failure
+                    };
+                    let level = evidence_level(rule, spec, value);
+                    counters.accumulate(&level, *window_ms, now_ms, step)?;
+                    if let Some((pool_spec, pool_value)) = pool {
+                        let level =
+                            evidence_level(rule, &joined(&["pool:", pool_spec]), pool_value);
+                        counters.accumulate(&level, *window_ms, now_ms, step)?;
+                    }
+                }
+                if *baseline_ms > 0 {
+                    for (key, value) in [("country", country.as_str()), ("global", "*")] {
+                        add(baseline_counters(rule, key, value), *baseline_ms)?;
+                    }
+                }
+            }
+            (
+                TrackedKey::Surge {
+                    rule,
+                    spec,
+                    value,
+                    window_ms,
+                    baseline_ms,
+                    steps,
+                },
+                Resolution::Success | Resolution::Failure,
+            ) => {
+                let success = f64::from(u8::from(resolution == Resolution::Success));
+                let mut windows = vec![(surge_counters(rule, "surge", spec, value), *window_ms)];
+                if *baseline_ms > 0 {
+                    windows.push((
+                        surge_counters(rule, "surge_normal", spec, value),
+                        *baseline_ms,
+                    ));
+                }
+                for ((ok, all), window_ms) in windows {
+                    counters.add(&ok, window_ms, now_ms, success)?;
+                    counters.add(&all, window_ms, now_ms, 1.0)?;
+                }
+                if let Some((on_success, on_failure)) = steps {
+                    let step = if success > 0.0 {
+                        *on_success
+                    } else {
+                        *on_failure
+                    };
+                    let level = evidence_level(rule, &joined(&["surge:", spec]), value);
+                    counters.accumulate(&level, *window_ms, now_ms, step)?;
                 }
             }
             (TrackedKey::SinchFraud { count, window_ms }, Resolution::SinchFraud) => {

@@ -18,6 +18,9 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         value: range.into(),
         country: country.into(),
         window_ms: 6 * HOUR,
+        baseline_ms: 0,
+        steps: None,
+        pool: None,
     }
 }
 
@@ -228,4 +231,63 @@ fn a_restored_quarantine_is_the_same_quarantine() {
     // The remembered strike escalates the next block of the expired key.
     let next = restored.trip("r", "+22508", 3 * HOUR, &spec, "low".into(), vec![]);
     assert_eq!(next.strikes, 2);
+}
+
+#[test]
+fn evidence_grows_with_failures_and_shrinks_with_successes() {
+    let (on_success, on_failure) = evidence_steps(0.8, 0.2);
+    assert!(on_success < 0.0 && on_failure > 0.0);
+    assert!((evidence(0.0, 5.0, 0.8, 0.2) - 5.0 * on_failure).abs() < 1e-9);
+    assert!(evidence(8.0, 10.0, 0.8, 0.2) < 0.0);
+    // Every attempt failing: a handful crosses ln(1e5) = 11.5 against a normal of 0.83.
+    let low = balanced_low_rate(0.83, 0.35);
+    let (_, fail) = evidence_steps(0.83, low);
+    let needed = ((1e5_f64).ln() / fail).ceil();
+    assert!((6.0..=8.0).contains(&needed), "{needed} failures");
+}
+
+#[test]
+fn the_balanced_low_rate_puts_no_drift_at_the_boundary() {
+    for (p0, boundary) in [(0.83, 0.35), (0.35, 0.1), (0.6, 0.5), (0.9, 0.2)] {
+        let p1 = balanced_low_rate(p0, boundary);
+        assert!(p1 > 0.0 && p1 < boundary, "{p0} {boundary}: {p1}");
+        let (s, f) = evidence_steps(p0, p1);
+        let drift = |p: f64| p * s + (1.0 - p) * f;
+        assert!(drift(boundary).abs() < 1e-6);
+        assert!(drift(boundary + 0.02) < 0.0);
+        assert!(drift(boundary - 0.02) > 0.0);
+    }
+}
+
+/// A CUSUM at ln(1 / α) on a key converting at its normal rate: false alarms come at
+/// most about once per 1 / α outcomes (Lorden). With α = 1e-3 that is checkable here:
+/// over 200,000 outcomes, at most a few hundred, far fewer in practice.
+#[test]
+fn false_alarms_stay_under_the_designed_rate_over_many_looks() {
+    let counters = Counters::default();
+    let key = CounterKey {
+        rule: "r".into(),
+        condition: "evidence:range:4".into(),
+        value: "+4670123".into(),
+    };
+    let alpha: f64 = 1e-3;
+    let threshold = (1.0 / alpha).ln();
+    let (p0, boundary) = (0.8, 0.4);
+    let (s, f) = evidence_steps(p0, balanced_low_rate(p0, boundary));
+    let mut rng = crate::rng::Rng::seeded(3);
+    let (mut alarms, n) = (0u32, 200_000_u32);
+    for i in 0..i64::from(n) {
+        let step = if rng.unit() < p0 { s } else { f };
+        if counters.accumulate(&key, i64::MAX / 4, i, step).unwrap() >= threshold {
+            alarms += 1;
+            counters
+                .accumulate(&key, i64::MAX / 4, i, f64::NEG_INFINITY)
+                .unwrap();
+        }
+    }
+    let designed = alpha * f64::from(n);
+    assert!(
+        f64::from(alarms) <= designed,
+        "{alarms} alarms, designed for at most {designed}"
+    );
 }

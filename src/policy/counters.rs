@@ -1,4 +1,5 @@
-//! Sliding-window counters for `rate_limit`, `distinct_numbers` and `spend`.
+//! Sliding-window counters for `rate_limit`, `distinct_numbers` and `spend`, and the
+//! levels of the sequential tests of `conversion` and `surge`.
 //!
 //! They live outside the policy snapshot, keyed by rule name, condition and key value, so
 //! a reload keeps them (renaming a rule or changing its key starts afresh). The map is
@@ -28,6 +29,68 @@ pub struct CounterKey {
     pub rule: String,
     pub condition: String,
     pub value: String,
+}
+
+/// The pieces as one string. Keys are built on every decision: this is several times
+/// quicker than `format!`, which grows its string piece by piece.
+pub(super) fn joined(pieces: &[&str]) -> String {
+    let mut out = String::with_capacity(pieces.iter().map(|p| p.len()).sum());
+    pieces.iter().for_each(|p| out.push_str(p));
+    out
+}
+
+/// Readings that move slowly (a key's normal rate over a day), kept per key for a
+/// minute so that a decision does not read them every time: with shared state each read
+/// is a database round trip.
+pub(super) struct SlowReadings<V> {
+    held: Mutex<FastMap<String, (i64, V)>>,
+}
+
+impl<V> Default for SlowReadings<V> {
+    fn default() -> Self {
+        Self {
+            held: Mutex::new(FastMap::default()),
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for SlowReadings<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SlowReadings")
+    }
+}
+
+/// How long a slow reading is used before it is read again.
+const SLOW_READING_MS: i64 = 60_000;
+/// Beyond this many keys the readings start afresh (keys of one number range each).
+const SLOW_READING_KEYS: usize = 100_000;
+
+impl<V: Clone> SlowReadings<V> {
+    /// The reading for `key`: held if read less than a minute before `now_ms`, else
+    /// `read` (and held).
+    pub(super) fn get(
+        &self,
+        key: &str,
+        now_ms: i64,
+        read: impl FnOnce() -> Result<V, PolicyError>,
+    ) -> Result<V, PolicyError> {
+        if let Some((at_ms, value)) = self.lock().get(key) {
+            if (0..SLOW_READING_MS).contains(&(now_ms - at_ms)) {
+                return Ok(value.clone());
+            }
+        }
+        let value = read()?;
+        let mut held = self.lock();
+        if held.len() >= SLOW_READING_KEYS {
+            held.clear();
+        }
+        held.insert(key.to_owned(), (now_ms, value.clone()));
+        Ok(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<String, (i64, V)>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What a counter is kept per.
@@ -71,8 +134,8 @@ impl KeyDef {
         let digits = number.trim_start_matches('+');
         match self {
             KeyDef::Number => number.to_owned(),
-            KeyDef::Prefix(k) => format!("+{}", &digits[..(*k).min(digits.len())]),
-            KeyDef::Range(n) => format!("+{}", &digits[..digits.len().saturating_sub(*n)]),
+            KeyDef::Prefix(k) => joined(&["+", &digits[..(*k).min(digits.len())]]),
+            KeyDef::Range(n) => joined(&["+", &digits[..digits.len().saturating_sub(*n)]]),
             KeyDef::Country => country.to_owned(),
             KeyDef::Method => method.as_str().to_owned(),
             KeyDef::Global => "*".to_owned(),
@@ -111,7 +174,7 @@ impl CounterSpec {
     pub(super) fn counter(&self, rule: &str, kind: &str, f: &Facts<'_>) -> CounterKey {
         CounterKey {
             rule: rule.to_owned(),
-            condition: format!("{kind}:{}", self.text),
+            condition: joined(&[kind, ":", &self.text]),
             value: self.value(f),
         }
     }
@@ -127,10 +190,19 @@ enum Window {
         values: [f64; BUCKETS],
         head: usize,
     },
+    /// A level that never drops below zero (the statistic of a CUSUM test), forgotten
+    /// when it has not moved for `idle_ms`.
+    Level {
+        value: f64,
+        updated_ms: i64,
+        idle_ms: i64,
+    },
     /// Distinct numbers and when each was last seen.
     Distinct {
         window_ms: i64,
         seen: FastMap<String, i64>,
+        /// No number was seen before this: until it leaves the window, nothing does.
+        oldest_ms: i64,
     },
 }
 
@@ -164,9 +236,25 @@ impl Window {
                 }
                 *head_ms += steps * *width_ms;
             }
-            Window::Distinct { window_ms, seen } => {
+            Window::Level {
+                value,
+                updated_ms,
+                idle_ms,
+            } => {
+                if now_ms - *updated_ms > *idle_ms {
+                    *value = 0.0;
+                }
+            }
+            Window::Distinct {
+                window_ms,
+                seen,
+                oldest_ms,
+            } => {
                 let cutoff = now_ms - *window_ms;
-                seen.retain(|_, at| *at > cutoff);
+                if *oldest_ms <= cutoff {
+                    seen.retain(|_, at| *at > cutoff);
+                    *oldest_ms = seen.values().copied().min().unwrap_or(i64::MAX);
+                }
             }
         }
     }
@@ -174,6 +262,7 @@ impl Window {
     fn total(&self) -> f64 {
         match self {
             Window::Buckets { values, .. } => values.iter().sum(),
+            Window::Level { value, .. } => *value,
             Window::Distinct { seen, .. } => seen.len() as f64,
         }
     }
@@ -181,6 +270,7 @@ impl Window {
     fn idle_since(&self) -> i64 {
         match self {
             Window::Buckets { head_ms, .. } => *head_ms,
+            Window::Level { updated_ms, .. } => *updated_ms,
             Window::Distinct { seen, .. } => seen.values().copied().max().unwrap_or(i64::MIN),
         }
     }
@@ -188,6 +278,7 @@ impl Window {
     fn span_ms(&self) -> i64 {
         match self {
             Window::Buckets { width_ms, .. } => width_ms * BUCKETS as i64,
+            Window::Level { idle_ms, .. } => *idle_ms,
             Window::Distinct { window_ms, .. } => *window_ms,
         }
     }
@@ -206,6 +297,17 @@ pub trait CounterStore: Send + Sync {
     ) -> Result<f64, PolicyError>;
     /// The current total of a count or sum.
     fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> Result<f64, PolicyError>;
+    /// Adds `step` to a level that never drops below zero (a CUSUM statistic) and
+    /// restarts from zero once it has not moved for `idle_ms`; returns the new level.
+    fn accumulate(
+        &self,
+        key: &CounterKey,
+        idle_ms: i64,
+        now_ms: i64,
+        step: f64,
+    ) -> Result<f64, PolicyError>;
+    /// The current level of an accumulated statistic (`0` when unknown or idle).
+    fn level(&self, key: &CounterKey, idle_ms: i64, now_ms: i64) -> Result<f64, PolicyError>;
     /// Records `member` as seen; returns how many distinct members the window holds.
     fn see(
         &self,
@@ -305,11 +407,21 @@ impl Counters {
             || Window::Distinct {
                 window_ms,
                 seen: FastMap::default(),
+                oldest_ms: i64::MAX,
             },
             now_ms,
             |w| {
-                if let Window::Distinct { seen, .. } = w {
-                    seen.insert(number.to_owned(), now_ms);
+                if let Window::Distinct {
+                    seen, oldest_ms, ..
+                } = w
+                {
+                    *oldest_ms = (*oldest_ms).min(now_ms);
+                    match seen.get_mut(number) {
+                        Some(at) => *at = now_ms,
+                        None => {
+                            seen.insert(number.to_owned(), now_ms);
+                        }
+                    }
                     seen.len()
                 } else {
                     0
@@ -360,6 +472,38 @@ impl CounterStore for Counters {
 
     fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
         Ok(Counters::total(self, key, window_ms, now_ms))
+    }
+
+    fn accumulate(
+        &self,
+        key: &CounterKey,
+        idle_ms: i64,
+        now_ms: i64,
+        step: f64,
+    ) -> Result<f64, PolicyError> {
+        Ok(self.with(
+            key,
+            || Window::Level {
+                value: 0.0,
+                updated_ms: now_ms,
+                idle_ms,
+            },
+            now_ms,
+            |w| {
+                if let Window::Level {
+                    value, updated_ms, ..
+                } = w
+                {
+                    *value = (*value + step).max(0.0);
+                    *updated_ms = now_ms;
+                }
+                w.total()
+            },
+        ))
+    }
+
+    fn level(&self, key: &CounterKey, idle_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
+        Ok(Counters::total(self, key, idle_ms, now_ms))
     }
 
     fn see(
@@ -436,6 +580,19 @@ mod tests {
         assert_eq!(c.total(&key("a"), 10 * minute, 12 * minute), 2.0);
         assert_eq!(c.total(&key("a"), 10 * minute, 30 * minute), 0.0);
         assert_eq!(c.total(&key("b"), 10 * minute, 30 * minute), 0.0);
+    }
+
+    #[test]
+    fn a_level_never_drops_below_zero_and_restarts_when_idle() {
+        let c = Counters::default();
+        let k = key("cusum");
+        assert_eq!(c.accumulate(&k, 1000, 0, -2.0), Ok(0.0));
+        assert_eq!(c.accumulate(&k, 1000, 10, 1.5), Ok(1.5));
+        assert_eq!(c.accumulate(&k, 1000, 20, 1.5), Ok(3.0));
+        assert_eq!(c.accumulate(&k, 1000, 30, -1.0), Ok(2.0));
+        assert_eq!(c.level(&k, 1000, 900), Ok(2.0));
+        assert_eq!(c.level(&k, 1000, 1031), Ok(0.0));
+        assert_eq!(c.accumulate(&k, 1000, 2000, 1.0), Ok(1.0));
     }
 
     #[test]

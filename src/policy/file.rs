@@ -375,7 +375,13 @@ fn compile_block(rule: &RuleFile, has_limiter: bool) -> Result<Option<BlockSpec>
     if rule.action != Action::Deny || rule.mode != Mode::Enforce || !has_limiter {
         return Err((
             at,
-            "block_for quarantines the key of an enforced deny rule with conversion, sinch_fraud, rate_limit, distinct_numbers or spend".into(),
+            "block_for quarantines the key of an enforced deny rule with conversion, sinch_fraud, surge, rate_limit, distinct_numbers or spend".into(),
+        ));
+    }
+    if rule.surge.as_ref().is_some_and(|s| s.get_ref().throttles()) {
+        return Err((
+            at,
+            "block_for would block the whole key that surge's throttle keeps open: use one or the other".into(),
         ));
     }
     let for_ms = duration_ms(block_for.get_ref()).ok_or((

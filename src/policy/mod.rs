@@ -18,6 +18,9 @@ mod rules;
 pub mod shared;
 pub mod tools;
 
+#[cfg(test)]
+mod sequential_tests;
+
 use chrono::{DateTime, Utc};
 
 pub use conditions::reference as conditions_reference;

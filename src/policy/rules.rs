@@ -23,11 +23,11 @@ use chrono::{DateTime, Utc};
 use super::{
     adaptive::{
         count_outcome, Block, BlockCheck, BlockSpec, Evidence, OutcomeBook, Quarantine,
-        QuarantineState, Resolution, Tracked,
+        QuarantineState, Resolution, Tracked, TrackedKey,
     },
     compiled::{Rule, RuleStats, Snapshot},
-    conditions::{Conditions, CounterContext, LintScope},
-    counters::{CounterKey, CounterStore, Counters},
+    conditions::{Conditions, CounterContext, LintScope, Pending},
+    counters::{CounterStore, Counters},
     facts::Facts,
     file::{compile, load, PolicyLoadError},
     shared::SharedState,
@@ -343,7 +343,7 @@ impl Policy for RulesPolicy {
         }
         let mut decided: Option<usize> = None;
         let mut matched_prefix = None;
-        let mut spend_reserved: Vec<(CounterKey, i64, f64)> = Vec::new();
+        let mut pending = Pending::default();
         for i in Self::candidates(&s, &facts.number, country) {
             let i = i as usize;
             let rule = &s.rules[i];
@@ -380,8 +380,9 @@ impl Policy for RulesPolicy {
                 now_ms,
                 price.as_ref(),
                 &mut explanation.counters,
-                &mut spend_reserved,
+                &mut pending,
             )?;
+            pending.counted.push(i);
             if !over {
                 continue;
             }
@@ -418,11 +419,11 @@ impl Policy for RulesPolicy {
         let action = rule.map_or(s.default, |r| r.action);
         // Spend caps sum what Sinch will charge: only allowed attempts count.
         if action == Action::Allow {
-            if let Some(tracked) = self.tracked(&s, &facts, now_ms) {
+            if let Some(tracked) = self.tracked(&s, &facts, self.counters(), now_ms, pending)? {
                 self.observe_allowed(&facts.request.id, tracked)?;
             }
         } else {
-            for (key, window_ms, amount) in spend_reserved {
+            for (key, window_ms, amount) in pending.spend {
                 self.counters().add(&key, window_ms, now_ms, -amount)?;
             }
         }
@@ -441,8 +442,10 @@ impl Policy for RulesPolicy {
         explanation.matched_prefix = matched_prefix;
         explanation.eval_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let n = self.decisions.fetch_add(1, Ordering::Relaxed);
-        if n % 1024 == 0 {
-            self.counters().sweep(n / 1024, now_ms);
+        // Each of the 64 shards is swept every 32,768 decisions: idle keys (most are
+        // one number's) go before the maps grow far.
+        if n % 512 == 0 {
+            self.counters().sweep(n / 512, now_ms);
         }
 
         Ok(PolicyDecision {
@@ -625,7 +628,12 @@ impl Learning for RulesPolicy {
             let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
             if !resolved {
                 let facts = past.request.as_ref().and_then(|r| Facts::of(r, when));
-                if let Some(tracked) = facts.and_then(|f| self.tracked(&s, &f, at_ms)) {
+                let tracked = facts.and_then(|f| {
+                    self.tracked(&s, &f, &self.counters, at_ms, Pending::default())
+                        .ok()
+                        .flatten()
+                });
+                if let Some(tracked) = tracked {
                     self.book.track(&past.id, tracked);
                 }
             } else if let Some((status, reason, _)) = &past.result {
@@ -694,23 +702,37 @@ fn note(block: &Block, state: &str) -> QuarantineNote {
 impl RulesPolicy {
     /// What to track of an allowed request for the adaptive rules that apply to it, so
     /// its result can be counted under each rule's key (`None`: no rule applies).
-    fn tracked(&self, s: &Snapshot, f: &Facts<'_>, now_ms: i64) -> Option<Tracked> {
-        let mut keys = Vec::new();
-        let mut complete_after_ms = 0;
+    fn tracked(
+        &self,
+        s: &Snapshot,
+        f: &Facts<'_>,
+        counters: &dyn CounterStore,
+        now_ms: i64,
+        pending: Pending,
+    ) -> Result<Option<Tracked>, PolicyError> {
+        let mut complete_after_ms = pending
+            .tracked
+            .iter()
+            .map(|(_, after)| *after)
+            .max()
+            .unwrap_or(0);
+        let mut keys: Vec<TrackedKey> = pending.tracked.into_iter().map(|(key, _)| key).collect();
         for &i in &s.adaptive {
             let rule = &s.rules[i];
-            if !rule.conditions.holds(f) {
+            if pending.counted.contains(&i) || !rule.conditions.holds(f) {
                 continue;
             }
-            for (key, after) in rule.limiters.iter().filter_map(|l| l.track(&rule.name, f)) {
-                complete_after_ms = complete_after_ms.max(after);
-                keys.push(key);
+            for limiter in &rule.limiters {
+                if let Some((key, after)) = limiter.track(&rule.name, f, counters, now_ms)? {
+                    complete_after_ms = complete_after_ms.max(after);
+                    keys.push(key);
+                }
             }
         }
         if keys.is_empty() {
-            return None;
+            return Ok(None);
         }
-        Some(Tracked {
+        Ok(Some(Tracked {
             keys,
             allowed_ms: now_ms,
             // Sinch's own default expiry is 10 minutes; sinch_fraud needs no wait.
@@ -720,7 +742,7 @@ impl RulesPolicy {
                 600_000
             },
             number: f.number.clone(),
-        })
+        }))
     }
 
     /// Updates and checks a rule's counters; true when every limiter is over its max
@@ -732,7 +754,7 @@ impl RulesPolicy {
         now_ms: i64,
         price: Option<&(String, f64)>,
         readings: &mut Vec<CounterReading>,
-        spend: &mut Vec<(CounterKey, i64, f64)>,
+        pending: &mut Pending,
     ) -> Result<bool, PolicyError> {
         let mut cx = CounterContext {
             rule: &rule.name,
@@ -741,7 +763,7 @@ impl RulesPolicy {
             price,
             counters: self.counters(),
             readings,
-            spend,
+            pending,
         };
         // Every limiter counts, even once one is under its limit.
         let mut over = true;

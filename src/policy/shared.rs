@@ -590,6 +590,52 @@ impl CounterStore for SharedState {
         })
     }
 
+    /// Kept in the counts table under bucket -1, with `expires_ms` as the time it goes
+    /// idle: the sweep drops idle levels as it drops old buckets.
+    fn accumulate(
+        &self,
+        key: &CounterKey,
+        idle_ms: i64,
+        now_ms: i64,
+        step: f64,
+    ) -> Result<f64, PolicyError> {
+        let (pool, key) = (self.fast.clone(), key.clone());
+        self.run(async move {
+            let row = Self::client(&pool)
+                .await?
+                .cached_one(
+                    "INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
+                     VALUES ($1, $2, $3, -1, greatest(0, $4::float8), $5::bigint + $6::bigint)
+                     ON CONFLICT (rule, condition, value, bucket) DO UPDATE SET
+                         amount = greatest(0, CASE WHEN verigate_counts.expires_ms < $5::bigint
+                                                  THEN 0 ELSE verigate_counts.amount END + $4::float8),
+                         expires_ms = $5::bigint + $6::bigint
+                     RETURNING amount",
+                    &[&key.rule, &key.condition, &key.value, &step, &now_ms, &idle_ms],
+                )
+                .await
+                .map_err(failed)?;
+            Ok(row.get(0))
+        })
+    }
+
+    fn level(&self, key: &CounterKey, _idle_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
+        let (pool, key) = (self.fast.clone(), key.clone());
+        self.run(async move {
+            let row = Self::client(&pool)
+                .await?
+                .cached_one(
+                    "SELECT coalesce(max(amount), 0) FROM verigate_counts
+                     WHERE rule = $1 AND condition = $2 AND value = $3
+                       AND bucket = -1 AND expires_ms >= $4",
+                    &[&key.rule, &key.condition, &key.value, &now_ms],
+                )
+                .await
+                .map_err(failed)?;
+            Ok(row.get(0))
+        })
+    }
+
     fn see(
         &self,
         key: &CounterKey,

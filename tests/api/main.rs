@@ -21,4 +21,5 @@ mod policy_plugin;
 mod postgres;
 mod replicas;
 mod restarts;
+mod simulate;
 mod store_contract;

@@ -229,7 +229,7 @@ async fn sighup_reloads_the_real_binary() {
     binary.terminate();
 }
 
-fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_verigate"))
         .args(args)
         .envs(env.iter().copied())

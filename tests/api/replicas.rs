@@ -224,6 +224,55 @@ async fn a_quarantine_tripped_on_two_replicas_blocks_on_the_third_and_a_lift_is_
     assert_eq!(free["action"], "allow", "{free}");
 }
 
+/// The sequential test keeps its evidence in the shared counters: failures spread over
+/// two replicas trip the key on the third, after a handful, not a fixed sample.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_evidence_gathered_on_two_replicas_trips_on_the_third() {
+    let policy = "[[rule]]\nname = \"sequential\"\naction = \"deny\"\n\
+        conversion = { per = \"prefix:7\", window = \"1h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"country\", complete_after = \"1h\" }\n";
+    let Some(r) = replicas("sequential", 3, policy).await else {
+        return;
+    };
+    let mut allowed = 0;
+    for i in 0..20 {
+        let id = format!("s-{i}");
+        let (_, answer) = r
+            .post(
+                i % 2,
+                request_event(&id, "sms", &format!("+46702000{i:03}")),
+            )
+            .await;
+        if answer["action"] == "deny" {
+            break;
+        }
+        allowed += 1;
+        let status = r.running[(i + 1) % 2]
+            .post_callback(result_event(&id, "FAIL"))
+            .await;
+        assert_eq!(status, 200);
+    }
+    assert!(
+        (6..=9).contains(&allowed),
+        "{allowed} allowed before the first denial"
+    );
+    let (_, answer) = r
+        .post(2, request_event("s-third", "sms", "+46702000999"))
+        .await;
+    assert_eq!(answer["action"], "deny", "{answer}");
+    let (_, record) = r.get(2, "/v1/verifications/s-third").await;
+    let reading = &record["decision"]["explanation"]["counters"][0];
+    assert!(
+        reading["condition"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("conversion 0/")),
+        "{record}"
+    );
+    assert!(
+        reading["value"].as_f64() >= reading["max"].as_f64(),
+        "{record}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicates_sent_to_different_replicas_get_one_answer_and_one_record() {
     let Some(r) = replicas(

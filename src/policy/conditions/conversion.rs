@@ -1,16 +1,32 @@
 //! `conversion` (adaptive): the verifications verigate allowed under a key convert
-//! below a rate, or below a share of their country's rate. Judged by the upper bound
-//! of the Wilson interval, so a small or borderline sample never trips it.
+//! below a rate, or below a share of their country's rate.
+//!
+//! Two tests. With `false_alarm` set, a sequential test (see [`evidence`]): the key
+//! trips as soon as its outcomes are `1 / false_alarm` times likelier under the low rate
+//! than under the normal one, so an attack where every attempt fails trips after a
+//! handful, a borderline key needs many, and repeated looks do not add false alarms.
+//! The normal rate is learned per country (the country's rate over `baseline`, from
+//! verifications whose own key was not under suspicion), and a `pool` lets keys of one
+//! wider key that fail together (fresh ranges of one operator, fresh blocks of one
+//! country) trip on less evidence each. Without it, the older test: at least
+//! `min_samples` finished, and the upper bound of the Wilson interval under the
+//! threshold.
 
 use schemars::JsonSchema;
 use serde::Deserialize;
 
-use crate::policy::PolicyError;
-use super::{duration_ms, CompileContext, Compiled, Condition, CounterContext, Limit};
+use super::{
+    default_baseline, default_complete_after, duration_ms, pair_totals, CompileContext,
+    Compiled, Condition, CounterContext, Limit,
+};
 use crate::policy::{
-    adaptive::{conversion_counters, wilson_upper, z_for, TrackedKey},
-    counters::CounterSpec,
+    adaptive::{
+        balanced_low_rate, baseline_counters, conversion_counters, evidence_level,
+        evidence_steps, wilson_upper, z_for, TrackedKey,
+    },
+    counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
+    PolicyError,
 };
 
 pub(in crate::policy) struct Conversion;
@@ -36,7 +52,40 @@ pub(in crate::policy) struct ConversionFile {
     /// How long after being allowed a verification without a result counts as failed.
     #[serde(default = "default_complete_after")]
     complete_after: String,
+    /// Use the sequential test, tripping a key whose outcomes are this many times
+    /// likelier under a normal rate than under the low one, inverted (e.g. 1e-5): the
+    /// chance that a key converting normally ever trips.
+    false_alarm: Option<f64>,
+    /// The normal rate (0 to 1) for the sequential test; default: learned per country.
+    normal: Option<f64>,
+    /// How far back the normal rate is learned, e.g. 24h.
+    #[serde(default = "default_baseline")]
+    baseline: String,
+    /// A wider key (prefix:k, country or global) whose keys that never converted are
+    /// judged together: once their pooled outcomes trip, each trips at `pooled_false_alarm`.
+    pool: Option<String>,
+    /// The false-alarm rate for a key while its pool has tripped, e.g. 0.05.
+    #[serde(default = "default_pooled_false_alarm")]
+    pooled_false_alarm: f64,
+    /// How long a pool that tripped keeps its keys on `pooled_false_alarm`, e.g. 1h.
+    #[serde(default = "default_pool_alert_for")]
+    pool_alert_for: String,
 }
+
+fn default_pool_alert_for() -> String {
+    "1h".into()
+}
+
+fn default_pooled_false_alarm() -> f64 {
+    0.05
+}
+
+/// Normal rates are rounded to 1 / NORMAL_STEPS.
+const NORMAL_STEPS: u32 = 200;
+
+/// A normal rate is learned from at least this many outcomes; with fewer the country
+/// falls back to every country's rate, and that to no judgement.
+const BASELINE_SAMPLES: f64 = 50.0;
 
 fn default_min_samples() -> u32 {
     20
@@ -46,13 +95,11 @@ fn default_confidence() -> f64 {
     0.95
 }
 
-fn default_complete_after() -> String {
-    "10m".into()
-}
+
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the success rate of the verifications verigate **allowed** under the key, over the window, is low: at least `min_samples` (20) finished, and even the upper bound of its Wilson interval at `confidence` (0.95) is under `below`, or under `below_baseline` × the rate of the number's country. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
-    const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", min_samples = 30, below = 0.3, complete_after = "3m" }"#;
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h). With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
     fn compile(f: &ConversionFile, _: &CompileContext<'_>) -> Result<Compiled, String> {
@@ -70,25 +117,101 @@ impl Condition for Conversion {
                 f.complete_after
             )
         })?;
+        let spec = CounterSpec::parse(&f.per, &f.window)?;
+        let test = match f.false_alarm {
+            None => {
+                if f.pool.is_some() || f.normal.is_some() {
+                    return Err("conversion: `pool` and `normal` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
+                }
+                Test::Wilson {
+                    min_samples: f.min_samples,
+                    z: z_for(f.confidence),
+                }
+            }
+            Some(alarm) => {
+                let rate = |v: f64| v > 0.0 && v < 0.5;
+                if !rate(alarm) || !rate(f.pooled_false_alarm) {
+                    return Err("conversion.false_alarm and pooled_false_alarm must be between 0 and 0.5 (e.g. 1e-5 and 0.05)".into());
+                }
+                if f.normal.is_some_and(|n| !(n > 0.0 && n < 1.0)) {
+                    return Err("conversion.normal must be a rate between 0 and 1".into());
+                }
+                let baseline_ms = duration_ms(&f.baseline).ok_or_else(|| {
+                    format!("baseline `{}` is not a duration like 24h", f.baseline)
+                })?;
+                let pool = f
+                    .pool
+                    .as_deref()
+                    .map(|text| pool_of(&spec.key, text))
+                    .transpose()?;
+                // The test's low rate for every normal rate, to the half percent: a
+                // root to find, too slow to find on every decision.
+                let alternatives = (0..=NORMAL_STEPS)
+                    .map(|i| {
+                        let normal = f64::from(i) / f64::from(NORMAL_STEPS);
+                        let boundary = threshold.rate(normal);
+                        (boundary < normal).then(|| balanced_low_rate(normal, boundary))
+                    })
+                    .collect();
+                Test::Sequential {
+                    alternatives,
+                    threshold: (1.0 / alarm).ln(),
+                    pooled_threshold: (1.0 / f.pooled_false_alarm).ln(),
+                    alert_ms: duration_ms(&f.pool_alert_for).ok_or_else(|| {
+                        format!("pool_alert_for `{}` is not a duration like 1h", f.pool_alert_for)
+                    })?,
+                    normal: f.normal,
+                    baseline_ms,
+                    pool,
+                }
+            }
+        };
         let written = format!(
-            "conversion per {} over {} {} (min {} samples, {} confidence)",
+            "conversion per {} over {} {} ({}), complete after {}",
             f.per,
             f.window,
             match threshold {
                 Threshold::Below(v) => format!("below {v}"),
-                Threshold::BelowBaseline(v) => format!("below {v} x the country's rate"),
+                Threshold::BelowBaseline(v) => format!("below {v} x the normal rate"),
             },
-            f.min_samples,
-            f.confidence
+            match &test {
+                Test::Wilson { .. } => format!(
+                    "min {} samples, {} confidence",
+                    f.min_samples, f.confidence
+                ),
+                Test::Sequential { normal, pool, .. } => format!(
+                    "sequential, false alarm {}, normal {}{}",
+                    f.false_alarm.unwrap_or_default(),
+                    normal.map_or_else(
+                        || format!("the country's rate over {}", f.baseline),
+                        |n| n.to_string()
+                    ),
+                    pool.as_ref().map_or_else(String::new, |p| format!(
+                        ", pooled per {} at false alarm {} for {} after it trips",
+                        p.text, f.pooled_false_alarm, f.pool_alert_for
+                    ))
+                ),
+            },
+            f.complete_after
         );
         Ok(Compiled::Limit(Box::new(ConversionLimit {
-            spec: CounterSpec::parse(&f.per, &f.window)?,
-            min_samples: f.min_samples,
+            spec,
             threshold,
-            z: z_for(f.confidence),
+            test,
             complete_after_ms,
             written,
+            normals: Default::default(),
         })))
+    }
+}
+
+impl Threshold {
+    /// The rate it stands for, given the normal rate.
+    fn rate(self, normal: f64) -> f64 {
+        match self {
+            Threshold::Below(rate) => rate,
+            Threshold::BelowBaseline(share) => share * normal,
+        }
     }
 }
 
@@ -100,14 +223,257 @@ enum Threshold {
     BelowBaseline(f64),
 }
 
+/// A pool's key: wider than the rule's own (fewer digits of the number, or the country).
+fn pool_of(own: &KeyDef, text: &str) -> Result<CounterSpec, String> {
+    let pool = CounterSpec::parse(text, "1h")?;
+    let wider = match (own, &pool.key) {
+        (_, KeyDef::Global) => true,
+        (KeyDef::Number | KeyDef::Range(_) | KeyDef::Prefix(_), KeyDef::Country) => true,
+        (KeyDef::Prefix(own), KeyDef::Prefix(pool)) => pool < own,
+        (KeyDef::Number | KeyDef::Range(_), KeyDef::Prefix(_)) => true,
+        (KeyDef::Number, KeyDef::Range(_)) => true,
+        (KeyDef::Range(own), KeyDef::Range(pool)) => pool > own,
+        _ => false,
+    };
+    if wider {
+        Ok(pool)
+    } else {
+        Err(format!(
+            "conversion.pool `{text}` must be a wider key than `per` (e.g. prefix:5 for range:4, country for prefix:5)"
+        ))
+    }
+}
+
+#[derive(Debug)]
+enum Test {
+    Wilson {
+        min_samples: u32,
+        z: f64,
+    },
+    Sequential {
+        /// The low rate tested against each normal rate (index: normal × NORMAL_STEPS).
+        alternatives: Vec<Option<f64>>,
+        /// ln(1 / false_alarm).
+        threshold: f64,
+        /// The threshold while the key's pool has tripped.
+        pooled_threshold: f64,
+        /// How long a pool stays alerted after it last tripped.
+        alert_ms: i64,
+        /// A fixed normal rate; `None`: learned over `baseline_ms`.
+        normal: Option<f64>,
+        baseline_ms: i64,
+        pool: Option<CounterSpec>,
+    },
+}
+
 #[derive(Debug)]
 struct ConversionLimit {
     spec: CounterSpec,
-    min_samples: u32,
     threshold: Threshold,
-    z: f64,
+    test: Test,
     complete_after_ms: i64,
     written: String,
+    /// Normal rates by country, read once a minute.
+    normals: SlowReadings<Option<f64>>,
+}
+
+
+
+impl ConversionLimit {
+    /// The normal rate a request's key is judged against, when known.
+    fn normal_rate(
+        &self,
+        rule: &str,
+        f: &Facts<'_>,
+        counters: &dyn CounterStore,
+        now_ms: i64,
+    ) -> Result<Option<f64>, PolicyError> {
+        let Test::Sequential {
+            normal, baseline_ms, ..
+        } = &self.test
+        else {
+            return Ok(None);
+        };
+        if normal.is_some() {
+            return Ok(*normal);
+        }
+        self.normals.get(f.country, now_ms, || {
+            for (key, value) in [("country", f.country), ("global", "*")] {
+                let pair = baseline_counters(rule, key, value);
+                let (ok, all) = pair_totals(counters, &pair, *baseline_ms, now_ms)?;
+                if all >= BASELINE_SAMPLES {
+                    return Ok(Some(ok / all));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    /// The test's steps (a success's, a failure's) for a key whose normal rate is
+    /// `normal`; `None` when the rule's rate is not under it.
+    fn steps(&self, normal: f64) -> Option<(f64, f64)> {
+        let Test::Sequential { alternatives, .. } = &self.test else {
+            return None;
+        };
+        let i = (normal.clamp(0.0, 1.0) * f64::from(NORMAL_STEPS)).round();
+        let low = alternatives.get(i as usize).copied().flatten()?;
+        Some(evidence_steps(i / f64::from(NORMAL_STEPS), low))
+    }
+
+    /// The request key's sequential level.
+    fn key_level(
+        &self,
+        rule: &str,
+        f: &Facts<'_>,
+        counters: &dyn CounterStore,
+        now_ms: i64,
+    ) -> Result<f64, PolicyError> {
+        let level = evidence_level(rule, &self.spec.text, &self.spec.value(f));
+        counters.level(&level, self.spec.window_ms, now_ms)
+    }
+
+    /// What to track of an allowed request, given its key's normal rate, level and
+    /// successes in the window when it was decided.
+    fn tracked(
+        &self,
+        rule: &str,
+        f: &Facts<'_>,
+        normal: Option<f64>,
+        level: f64,
+        ok: f64,
+    ) -> TrackedKey {
+        let mut baseline_ms = 0;
+        let mut pool = None;
+        if let Test::Sequential {
+            baseline_ms: learn_ms,
+            pool: pool_spec,
+            ..
+        } = &self.test
+        {
+            // A key already under suspicion (more than a failure's worth of evidence)
+            // would teach the normal rate what the attack looks like.
+            if level < std::f64::consts::LN_2 {
+                baseline_ms = *learn_ms;
+            }
+            if ok == 0.0 {
+                pool = pool_spec.as_ref().map(|p| (p.text.clone(), p.value(f)));
+            }
+        }
+        TrackedKey::Conversion {
+            rule: rule.to_owned(),
+            spec: self.spec.text.clone(),
+            value: self.spec.value(f),
+            country: f.country.to_owned(),
+            window_ms: self.spec.window_ms,
+            baseline_ms,
+            steps: normal.and_then(|n| self.steps(n)),
+            pool,
+        }
+    }
+
+    fn wilson(
+        &self,
+        cx: &mut CounterContext<'_>,
+        min_samples: u32,
+        z: f64,
+    ) -> Result<bool, PolicyError> {
+        let window_ms = self.spec.window_ms;
+        let value = self.spec.value(cx.facts);
+        let pair = conversion_counters(cx.rule, &self.spec.text, &value);
+        let (ok, all) = pair_totals(cx.counters, &pair, window_ms, cx.now_ms)?;
+        let enough = all >= f64::from(min_samples);
+        let limit = match self.threshold {
+            Threshold::Below(rate) => Some(rate),
+            Threshold::BelowBaseline(share) => {
+                let country = conversion_counters(cx.rule, "country", cx.facts.country);
+                let (base_ok, base_all) = pair_totals(cx.counters, &country, window_ms, cx.now_ms)?;
+                (base_all >= f64::from(min_samples)).then(|| share * base_ok / base_all)
+            }
+        };
+        let tracked = self.tracked(cx.rule, cx.facts, None, 0.0, ok);
+        cx.pending.tracked.push((tracked, self.complete_after_ms));
+        let upper = wilson_upper(ok, all, z);
+        cx.reading(
+            format!("conversion ({ok}/{all})"),
+            value,
+            upper,
+            limit.unwrap_or(0.0),
+        );
+        // Low only when the sample is large enough and even its optimistic bound is
+        // under the limit.
+        Ok(enough && limit.is_some_and(|l| upper < l))
+    }
+
+    fn sequential(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
+        let Test::Sequential {
+            threshold,
+            pooled_threshold,
+            pool,
+            alert_ms,
+            ..
+        } = &self.test
+        else {
+            return Ok(false);
+        };
+        let value = self.spec.value(cx.facts);
+        let normal = self.normal_rate(cx.rule, cx.facts, cx.counters, cx.now_ms)?;
+        let key = self.key_level(cx.rule, cx.facts, cx.counters, cx.now_ms)?;
+        let pair = conversion_counters(cx.rule, &self.spec.text, &value);
+        let (ok, all) = pair_totals(cx.counters, &pair, self.spec.window_ms, cx.now_ms)?;
+        let tracked = self.tracked(cx.rule, cx.facts, normal, key, ok);
+        cx.pending.tracked.push((tracked, self.complete_after_ms));
+        let Some(normal) = normal else {
+            cx.reading("conversion (no normal rate learned yet)".into(), value, 0.0, *threshold);
+            return Ok(false);
+        };
+        let low = self.threshold.rate(normal);
+        let mut limit = *threshold;
+        let mut pooled = String::new();
+        // Only a key that never converted in the window is judged with its pool: one
+        // that did is not one of the fresh keys failing together.
+        if let Some(pool) = pool.as_ref().filter(|_| ok == 0.0) {
+            let pool_value = pool.value(cx.facts);
+            let level = evidence_level(cx.rule, &joined(&["pool:", &pool.text]), &pool_value);
+            let pool_level = cx.counters.level(&level, self.spec.window_ms, cx.now_ms)?;
+            // A pool that tripped stays alerted for a while: as its keys get blocked their
+            // failures stop coming in, but the attack on its other keys goes on.
+            let alert = evidence_level(cx.rule, &joined(&["alert:", &pool.text]), &pool_value);
+            let alerted = if pool_level >= *threshold {
+                cx.counters.accumulate(&alert, *alert_ms, cx.now_ms, 1.0)?;
+                true
+            } else {
+                cx.counters.level(&alert, *alert_ms, cx.now_ms)? > 0.0
+            };
+            if alerted {
+                limit = *pooled_threshold;
+                pooled = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
+            }
+        }
+        // The evidence says the recent outcomes lean low; the window's rate must be low
+        // too, or a streak of failures inside a busy, converting key would trip it.
+        let tripped = low < normal && key >= limit && ok < low * all;
+        // Integers format several times quicker than floats, on every decision.
+        let percent = |rate: f64| ((rate * 100.0).round() as u32).to_string();
+        let condition = joined(&[
+            "conversion ",
+            &(ok as u64).to_string(),
+            "/",
+            &(all as u64).to_string(),
+            " vs normal ",
+            &percent(normal),
+            " %, trips below ",
+            &percent(low),
+            " %: evidence",
+            &pooled,
+        ]);
+        cx.reading(
+            condition,
+            value,
+            key,
+            limit,
+        );
+        Ok(tripped)
+    }
 }
 
 impl Limit for ConversionLimit {
@@ -120,53 +486,44 @@ impl Limit for ConversionLimit {
     }
 
     fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
-        let window_ms = self.spec.window_ms;
-        let read = |spec_text: &str, value: &str| -> Result<(f64, f64), PolicyError> {
-            let (ok, all) = conversion_counters(cx.rule, spec_text, value);
-            Ok((
-                cx.counters.total(&ok, window_ms, cx.now_ms)?,
-                cx.counters.total(&all, window_ms, cx.now_ms)?,
-            ))
-        };
-        let value = self.spec.value(cx.facts);
-        let (ok, all) = read(&self.spec.text, &value)?;
-        let enough = all >= f64::from(self.min_samples);
-        let limit = match self.threshold {
-            Threshold::Below(rate) => Some(rate),
-            Threshold::BelowBaseline(share) => {
-                let (base_ok, base_all) = read("country", cx.facts.country)?;
-                (base_all >= f64::from(self.min_samples)).then(|| share * base_ok / base_all)
-            }
-        };
-        let upper = wilson_upper(ok, all, self.z);
-        cx.reading(
-            format!("conversion ({ok}/{all})"),
-            value,
-            upper,
-            limit.unwrap_or(0.0),
-        );
-        // Low only when the sample is large enough and even its optimistic bound is
-        // under the limit.
-        Ok(enough && limit.is_some_and(|l| upper < l))
+        match self.test {
+            Test::Wilson { min_samples, z } => self.wilson(cx, min_samples, z),
+            Test::Sequential { .. } => self.sequential(cx),
+        }
     }
 
     fn is_adaptive(&self) -> bool {
         true
     }
 
-    fn track(&self, rule: &str, f: &Facts<'_>) -> Option<(TrackedKey, i64)> {
-        let key = TrackedKey::Conversion {
-            rule: rule.to_owned(),
-            spec: self.spec.text.clone(),
-            value: self.spec.value(f),
-            country: f.country.to_owned(),
-            window_ms: self.spec.window_ms,
+    fn track(
+        &self,
+        rule: &str,
+        f: &Facts<'_>,
+        counters: &dyn CounterStore,
+        now_ms: i64,
+    ) -> Result<Option<(TrackedKey, i64)>, PolicyError> {
+        let (normal, level, ok) = match self.test {
+            Test::Sequential { .. } => {
+                let pair = conversion_counters(rule, &self.spec.text, &self.spec.value(f));
+                (
+                    self.normal_rate(rule, f, counters, now_ms)?,
+                    self.key_level(rule, f, counters, now_ms)?,
+                    counters.total(&pair.0, self.spec.window_ms, now_ms)?,
+                )
+            }
+            Test::Wilson { .. } => (None, 0.0, 0.0),
         };
-        Some((key, self.complete_after_ms))
+        Ok(Some((self.tracked(rule, f, normal, level, ok), self.complete_after_ms)))
     }
 
-    /// The window, and the wait before an unanswered verification counts as failed.
+    /// The window (or the baseline), and the wait before an unanswered verification
+    /// counts as failed.
     fn lookback_ms(&self) -> i64 {
-        self.spec.window_ms + self.complete_after_ms
+        let learned = match &self.test {
+            Test::Sequential { baseline_ms, .. } => *baseline_ms,
+            Test::Wilson { .. } => 0,
+        };
+        self.spec.window_ms.max(learned) + self.complete_after_ms
     }
 }

@@ -98,9 +98,19 @@ pub(super) trait Limit: fmt::Debug + Send + Sync {
     fn is_adaptive(&self) -> bool {
         false
     }
-    /// What to count of an allowed request's outcome, and how long to wait for it.
-    fn track(&self, _rule: &str, _f: &Facts<'_>) -> Option<(TrackedKey, i64)> {
-        None
+    /// What to count of an allowed request's outcome, and how long to wait for it
+    /// (`counters` as they are when it is allowed, for conditions that learn only from
+    /// part of it). An adaptive condition whose `over` ran pushes the same to
+    /// `cx.pending.tracked` from what it read there; this is for a request allowed
+    /// before its rule was reached.
+    fn track(
+        &self,
+        _rule: &str,
+        _f: &Facts<'_>,
+        _counters: &dyn CounterStore,
+        _now_ms: i64,
+    ) -> Result<Option<(TrackedKey, i64)>, PolicyError> {
+        Ok(None)
     }
     /// How much history it needs to be relearned from the store at start.
     fn lookback_ms(&self) -> i64 {
@@ -117,9 +127,21 @@ pub(super) struct CounterContext<'a> {
     pub(super) price: Option<&'a (String, f64)>,
     pub(super) counters: &'a dyn CounterStore,
     pub(super) readings: &'a mut Vec<CounterReading>,
+    /// What this decision keeps for later: spend reserved, what to track if allowed.
+    pub(super) pending: &'a mut Pending,
+}
+
+/// What a decision's counting leaves for its end.
+#[derive(Default)]
+pub(super) struct Pending {
     /// Spend reserved for this request: counter, window, amount. Taken back when the
     /// request is denied after all, since Sinch charges only allowed attempts.
-    pub(super) spend: &'a mut Vec<(CounterKey, i64, f64)>,
+    pub(super) spend: Vec<(CounterKey, i64, f64)>,
+    /// What adaptive conditions track of the request if it is allowed (and how long to
+    /// wait for its result), from the counters they just read: see [`Limit::track`].
+    pub(super) tracked: Vec<(TrackedKey, i64)>,
+    /// The rules whose counters ran, so whose tracking is in `tracked`.
+    pub(super) counted: Vec<usize>,
 }
 
 impl CounterContext<'_> {
@@ -327,6 +349,30 @@ impl Check for FieldMatches {
     }
 }
 
+/// How long after being allowed a verification without a result counts as failed,
+/// unless the rule says otherwise.
+pub(super) fn default_complete_after() -> String {
+    "10m".into()
+}
+
+/// How far back adaptive conditions learn what is normal, unless the rule says otherwise.
+pub(super) fn default_baseline() -> String {
+    "24h".into()
+}
+
+/// The totals of a (successes, finished) counter pair over a window.
+pub(super) fn pair_totals(
+    counters: &dyn CounterStore,
+    (ok, all): &(CounterKey, CounterKey),
+    window_ms: i64,
+    now_ms: i64,
+) -> Result<(f64, f64), PolicyError> {
+    Ok((
+        counters.total(ok, window_ms, now_ms)?,
+        counters.total(all, window_ms, now_ms)?,
+    ))
+}
+
 /// A duration like `10m` (not zero), in milliseconds.
 pub(super) fn duration_ms(text: &str) -> Option<i64> {
     humantime::parse_duration(text)
@@ -531,6 +577,7 @@ registry! {
     time => time::Time,
     conversion => conversion::Conversion,
     sinch_fraud => sinch_fraud::SinchFraud,
+    surge => surge::Surge,
     rate_limit => rate_limit::RateLimit,
     distinct_numbers => distinct_numbers::DistinctNumbers,
     spend => spend::Spend,

@@ -6,7 +6,11 @@ use serde::Deserialize;
 
 use crate::policy::PolicyError;
 use super::{CompileContext, Compiled, Condition, CounterContext, Limit};
-use crate::policy::{adaptive::TrackedKey, counters::CounterSpec, facts::Facts};
+use crate::policy::{
+    adaptive::TrackedKey,
+    counters::{CounterSpec, CounterStore},
+    facts::Facts,
+};
 
 pub(in crate::policy) struct SinchFraud;
 
@@ -58,6 +62,9 @@ impl Limit for FraudVerdicts {
     fn over(&self, cx: &mut CounterContext<'_>) -> Result<bool, PolicyError> {
         let k = self.spec.counter(cx.rule, "sinch_fraud", cx.facts);
         let value = cx.counters.total(&k, self.spec.window_ms, cx.now_ms)?;
+        if let Some(tracked) = self.track(cx.rule, cx.facts, cx.counters, cx.now_ms)? {
+            cx.pending.tracked.push(tracked);
+        }
         Ok(cx.reading("sinch_fraud".into(), k.value, value, f64::from(self.max)))
     }
 
@@ -66,11 +73,17 @@ impl Limit for FraudVerdicts {
     }
 
     /// A verdict arrives with the result; there is nothing to wait for.
-    fn track(&self, rule: &str, f: &Facts<'_>) -> Option<(TrackedKey, i64)> {
+    fn track(
+        &self,
+        rule: &str,
+        f: &Facts<'_>,
+        _: &dyn CounterStore,
+        _: i64,
+    ) -> Result<Option<(TrackedKey, i64)>, PolicyError> {
         let key = TrackedKey::SinchFraud {
             count: self.spec.counter(rule, "sinch_fraud", f),
             window_ms: self.spec.window_ms,
         };
-        Some((key, 0))
+        Ok(Some((key, 0)))
     }
 }

@@ -80,7 +80,7 @@ impl Limit for SpendCap {
             cx.counters
                 .add_within(&k, self.spec.window_ms, cx.now_ms, amount, cap)?;
         if added {
-            cx.spend.push((k.clone(), self.spec.window_ms, amount));
+            cx.pending.spend.push((k.clone(), self.spec.window_ms, amount));
         }
         Ok(cx.reading("spend".into(), k.value, value, cap))
     }

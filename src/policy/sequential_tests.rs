@@ -1,0 +1,328 @@
+//! The sequential `conversion` test, pooling and `surge`, driven through the policy as
+//! verigate drives it: decide, then the result when Sinch would send it.
+
+use super::rules::RulesPolicy;
+use super::{Learning, Outcome, Policy, PolicyDecision};
+use crate::events::{Action, Identity, Price, VerificationMethod, VerificationRequestEvent};
+use chrono::{DateTime, Utc};
+
+const MIN: i64 = 60_000;
+const START: i64 = 1_795_392_000_000;
+
+fn policy(text: &str) -> RulesPolicy {
+    RulesPolicy::parse(&format!("default = \"allow\"\n{text}"), "p.toml").unwrap()
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+/// A verification of `number` at `at_ms`: decided, and if allowed ended a minute later
+/// (`converted` or not).
+fn verify(p: &RulesPolicy, id: &str, number: &str, at_ms: i64, converted: bool) -> PolicyDecision {
+    let request = VerificationRequestEvent {
+        id: id.into(),
+        method: VerificationMethod::Sms,
+        identity: Identity {
+            kind: Some("number".into()),
+            endpoint: number.into(),
+        },
+        price: Some(Price {
+            currency_id: Some("EUR".into()),
+            amount: Some(0.1),
+        }),
+        rate: None,
+        reference: None,
+        custom: None,
+        accept_language: None,
+    };
+    let d = p.decide(&request, time(at_ms)).unwrap();
+    if d.action == Action::Allow {
+        p.observe_outcome(Outcome {
+            id,
+            rule: d.rule.as_deref(),
+            shadow: &d.explanation.shadow,
+            status: if converted { "SUCCESSFUL" } else { "FAIL" },
+            reason: None,
+            at: time(at_ms + MIN),
+        });
+    }
+    d
+}
+
+const RANGE: &str = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+    conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, complete_after = \"3m\" }\n";
+
+#[test]
+fn a_key_where_every_attempt_fails_trips_after_a_handful() {
+    let p = policy(RANGE);
+    let mut allowed = 0;
+    for i in 0..20 {
+        let d = verify(
+            &p,
+            &format!("a{i}"),
+            &format!("+2250512{i:04}"),
+            START + i * 2 * MIN,
+            false,
+        );
+        if d.action == Action::Deny {
+            let reading = &d.explanation.counters[0];
+            assert!(reading.condition.contains("vs normal 80 %"), "{reading:?}");
+            assert!(reading.value >= reading.max, "{reading:?}");
+            break;
+        }
+        allowed += 1;
+    }
+    // ln(1e5) / ln((1 - p1) / 0.2) with p1 balanced at 0.3: 7 or 8 failures.
+    assert!(
+        (6..=9).contains(&allowed),
+        "{allowed} allowed before the first denial"
+    );
+}
+
+#[test]
+fn a_key_converting_normally_never_trips_however_long_it_is_watched() {
+    let p = policy(RANGE);
+    let mut rng = crate::rng::Rng::seeded(5);
+    for i in 0..5_000 {
+        let converted = rng.unit() < 0.8;
+        let d = verify(
+            &p,
+            &format!("h{i}"),
+            &format!("+4670123{:04}", i % 10_000),
+            START + i * 20_000,
+            converted,
+        );
+        assert_eq!(
+            d.action,
+            Action::Allow,
+            "honest verification {i} denied: {:?}",
+            d.explanation.counters
+        );
+    }
+}
+
+#[test]
+fn a_busy_key_whose_window_rate_is_above_the_rule_is_not_tripped_by_a_streak() {
+    let p = policy(RANGE);
+    // Mostly converting, then ten failures in a row: the evidence crosses, the window's
+    // rate (40 of 50) does not.
+    for i in 0..40 {
+        verify(
+            &p,
+            &format!("ok{i}"),
+            &format!("+4670123{i:04}"),
+            START + i * MIN,
+            true,
+        );
+    }
+    let mut last = None;
+    for i in 0..10 {
+        last = Some(verify(
+            &p,
+            &format!("f{i}"),
+            &format!("+4670123{:04}", 100 + i),
+            START + (40 + i) * MIN,
+            false,
+        ));
+    }
+    assert_eq!(last.unwrap().action, Action::Allow);
+}
+
+#[test]
+fn fresh_keys_failing_together_trip_sooner_with_a_pool() {
+    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
+    // Twelve fresh ranges of one block, one attempt each in turn: no range alone sees
+    // enough failures for a while.
+    let first_denial = |text: &str| {
+        let p = policy(text);
+        (0..200).find(|i| {
+            let number = format!("+22505{:03}{:04}", i % 12, i);
+            verify(&p, &format!("s{i}"), &number, START + i * MIN, false).action == Action::Deny
+        })
+    };
+    let alone = first_denial(RANGE).unwrap();
+    let together = first_denial(pooled).unwrap();
+    assert!(
+        together * 2 < alone,
+        "pooled first denial {together}, alone {alone}"
+    );
+}
+
+#[test]
+fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
+    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
+    let p = policy(pooled);
+    // The pool trips on failing fresh ranges.
+    for i in 0..40 {
+        verify(
+            &p,
+            &format!("s{i}"),
+            &format!("+22505{:03}{:04}", i % 12, i),
+            START + i * MIN,
+            false,
+        );
+    }
+    // A range of the same block that converted once, then fails twice: not denied.
+    let t = START + 50 * MIN;
+    verify(&p, "c0", "+225059990001", t, true);
+    verify(&p, "c1", "+225059990002", t + MIN, false);
+    verify(&p, "c2", "+225059990003", t + 2 * MIN, false);
+    assert_eq!(
+        verify(&p, "c3", "+225059990004", t + 3 * MIN, false).action,
+        Action::Allow
+    );
+}
+
+/// How a surge went: allowed before it was first denied, allowed in all, denied, and
+/// the last denial.
+struct Surged {
+    before: u32,
+    allowed: u32,
+    denied: u32,
+    last: PolicyDecision,
+}
+
+/// A block with steady traffic that converts at 0.8 for eight hours, then three times
+/// the volume at 0.3 for an hour.
+fn surging(throttle: &str) -> Surged {
+    let p = policy(&format!(
+        "[[rule]]\nname = \"surge\"\naction = \"deny\"\n\
+         surge = {{ per = \"prefix:5\", window = \"1h\", baseline = \"8h\", volume_above = 1.5, conversion_below = 0.6, complete_after = \"3m\"{throttle} }}\n"
+    ));
+    let mut rng = crate::rng::Rng::seeded(9);
+    let mut id = 0;
+    let mut number = || {
+        id += 1;
+        (format!("v{id}"), format!("+4479{id:07}"))
+    };
+    // Calm: one a minute.
+    for m in 0..8 * 60 {
+        let (id, n) = number();
+        let d = verify(&p, &id, &n, START + m * MIN, rng.unit() < 0.8);
+        assert_eq!(d.action, Action::Allow, "calm minute {m}");
+    }
+    let (mut before, mut allowed, mut denied) = (0, 0, 0);
+    let mut last = None;
+    for m in 0..60 {
+        for k in 0..3 {
+            let (id, n) = number();
+            let d = verify(
+                &p,
+                &id,
+                &n,
+                START + (8 * 60 + m) * MIN + k * 1000,
+                rng.unit() < 0.3,
+            );
+            if d.action == Action::Deny {
+                denied += 1;
+                last = Some(d);
+            } else {
+                allowed += 1;
+                if last.is_none() {
+                    before += 1;
+                }
+            }
+        }
+    }
+    Surged {
+        before,
+        allowed,
+        denied,
+        last: last.expect("the surge was never denied"),
+    }
+}
+
+#[test]
+fn a_surge_against_the_keys_own_normal_is_denied_and_explained() {
+    let s = surging("");
+    let reading = &s.last.explanation.counters[0];
+    assert!(
+        reading.condition.starts_with("surge: volume "),
+        "{reading:?}"
+    );
+    assert!(
+        reading.condition.contains("x normal, conversion"),
+        "{reading:?}"
+    );
+    // Seen within the first half hour, then every request denied.
+    assert!(
+        s.before < 90,
+        "{} allowed before the surge was seen",
+        s.before
+    );
+    assert_eq!(s.allowed, s.before);
+}
+
+#[test]
+fn a_throttled_surge_lets_the_normal_volume_through_and_denies_the_excess() {
+    // The same traffic, denied outright once the surge is seen and throttled.
+    let denied = surging("");
+    let s = surging(", throttle = 1.2");
+    // Once the surge is seen, 1.2 x the normal 60 an hour pass, then the excess is denied.
+    let passed = s.allowed - denied.before;
+    assert!(
+        (60..=80).contains(&passed),
+        "{passed} passed while throttled"
+    );
+    assert!(s.denied >= 30, "{} denied", s.denied);
+    assert_eq!(
+        s.last.explanation.counters[0].rule, "surge",
+        "{:?}",
+        s.last.explanation
+    );
+}
+
+#[test]
+fn the_new_knobs_are_checked_where_they_are_written() {
+    let err = |text: &str| {
+        RulesPolicy::parse(&format!("default = \"allow\"\n{text}"), "p.toml")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let narrower = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, false_alarm = 1e-5, pool = \"range:4\" }\n");
+    assert!(
+        narrower.contains("wider key than `per`") && narrower.contains("p.toml:5:"),
+        "{narrower}"
+    );
+    let no_test = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"range:4\", window = \"6h\", below = 0.3, pool = \"prefix:5\" }\n");
+    assert!(no_test.contains("set `false_alarm` too"), "{no_test}");
+    let alarm = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"range:4\", window = \"6h\", below = 0.3, false_alarm = 0.7 }\n");
+    assert!(alarm.contains("between 0 and 0.5"), "{alarm}");
+    let blocked_throttle = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nsurge = { per = \"prefix:5\", window = \"1h\", conversion_below = 0.6, throttle = 1.2 }\nblock_for = \"1h\"\n");
+    assert!(
+        blocked_throttle.contains("use one or the other"),
+        "{blocked_throttle}"
+    );
+    let per_number = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nsurge = { per = \"number\", window = \"1h\", conversion_below = 0.6 }\n");
+    assert!(per_number.contains("no normal to learn"), "{per_number}");
+    let short = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nsurge = { per = \"prefix:5\", window = \"1h\", baseline = \"2h\", conversion_below = 0.6 }\n");
+    assert!(short.contains("at least four windows"), "{short}");
+}
+
+#[test]
+fn policy_check_shows_every_new_knob() {
+    let p = policy(
+        "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+         conversion = { per = \"range:4\", window = \"6h\", below_baseline = 0.5, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, pool_alert_for = \"3h\", baseline = \"2d\", complete_after = \"3m\" }\n\
+         [[rule]]\nname = \"surge\"\naction = \"deny\"\nmode = \"shadow\"\n\
+         surge = { per = \"prefix:5\", window = \"1h\", baseline = \"24h\", volume_above = 2.0, conversion_below = 0.6, false_alarm = 1e-6, throttle = 2.5, complete_after = \"3m\" }\n",
+    );
+    let summary = p.summary();
+    for knob in [
+        "below 0.5 x the normal rate",
+        "false alarm 0.00001",
+        "the country's rate over 2d",
+        "pooled per prefix:5 at false alarm 0.2 for 3h",
+        "complete after 3m",
+        "volume at least 2x",
+        "conversion below 0.6x",
+        "false alarm 0.000001",
+        "throttled to 2.5x normal volume",
+    ] {
+        assert!(summary.contains(knob), "`{knob}` missing from:\n{summary}");
+    }
+}

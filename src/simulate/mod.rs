@@ -1,0 +1,480 @@
+//! `verigate simulate`: plays verification traffic with SMS-pumping attacks against a
+//! policy file in compressed time, and scores what the policy did against the ground
+//! truth only the simulator knows.
+//!
+//! The policy is the real one (the same [`RulesPolicy`] that answers Sinch), driven
+//! through `decide` and `observe_outcome` with the simulated time: results arrive when
+//! Sinch would send them, only for what was allowed. Traffic is synthetic (`traffic.rs`:
+//! warm-up days, then a day with every attack kind) or an operator's own stored
+//! verifications with the synthetic attacks mixed in (`with_stored`).
+
+mod traffic;
+
+use std::{
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap},
+    fmt,
+    time::Instant,
+};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+pub use crate::rng::Rng;
+pub use traffic::{attacks_only, synthetic, AttackKind, Knobs};
+
+use crate::{
+    events::{Action, VerificationRequestEvent},
+    policy::{Outcome, Policy, RulesPolicy},
+    store::VerificationRecord,
+};
+
+/// One verification of the simulation.
+#[derive(Debug, Clone)]
+pub struct SimVerification {
+    pub at_ms: i64,
+    pub request: VerificationRequestEvent,
+    pub truth: Truth,
+    /// What Sinch reports if verigate allows it: status, reason, and how long after the
+    /// request (`None`: no result ever arrives).
+    pub result: Option<(String, Option<String>, i64)>,
+}
+
+/// Who is really behind a verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Truth {
+    /// A real user; `spike` marks the marketing campaign's extra traffic.
+    Legit {
+        country: String,
+        spike: bool,
+    },
+    Attack(AttackKind),
+}
+
+/// Stored verifications as simulation traffic: each request when it arrived, with the
+/// result it really got, `shift_ms` later. What the store keeps without a clear number
+/// cannot be replayed and is left out.
+pub fn from_records(records: &[VerificationRecord], shift_ms: i64) -> Vec<SimVerification> {
+    let mut out: Vec<SimVerification> = records
+        .iter()
+        .filter_map(|record| {
+            let stored = record.request.as_ref()?;
+            let request = crate::policy::tools::request_of(record)?;
+            let at_ms = stored.received_at.timestamp_millis();
+            let country = crate::phone::country::CountryTable::get()
+                .country_of(&request.identity.endpoint)
+                .unwrap_or("unknown")
+                .to_owned();
+            let result = record.result.as_ref().map(|r| {
+                (
+                    r.status.clone(),
+                    r.reason.clone(),
+                    (r.received_at.timestamp_millis() - at_ms).max(0),
+                )
+            });
+            Some(SimVerification {
+                at_ms: at_ms + shift_ms,
+                request,
+                truth: Truth::Legit {
+                    country,
+                    spike: false,
+                },
+                result,
+            })
+        })
+        .collect();
+    out.sort_by_key(|v| v.at_ms);
+    out
+}
+
+/// Mixes two time-ordered traffics into one.
+pub fn merge(a: Vec<SimVerification>, b: Vec<SimVerification>) -> Vec<SimVerification> {
+    let mut out: Vec<SimVerification> = a.into_iter().chain(b).collect();
+    out.sort_by_key(|v| v.at_ms);
+    out
+}
+
+/// How one group of verifications fared.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tally {
+    pub attempts: u64,
+    pub denied: u64,
+    pub cost_eur: f64,
+    pub cost_denied_eur: f64,
+    /// Minutes from the group's start to its first denial (attacks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_denied_after_min: Option<f64>,
+}
+
+impl Tally {
+    fn add(&mut self, price: f64, denied: bool) {
+        self.attempts += 1;
+        self.cost_eur += price;
+        if denied {
+            self.denied += 1;
+            self.cost_denied_eur += price;
+        }
+    }
+
+    /// Share of attempts denied.
+    pub fn denied_share(&self) -> f64 {
+        ratio(self.denied as f64, self.attempts as f64)
+    }
+
+    /// Share of cost denied.
+    pub fn cost_share(&self) -> f64 {
+        ratio(self.cost_denied_eur, self.cost_eur)
+    }
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// What the policy did, against the truth.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Scorecard {
+    /// Every legitimate verification of the scored period.
+    pub legit: Tally,
+    /// Legitimate verifications by country.
+    pub legit_by_country: BTreeMap<String, Tally>,
+    /// The marketing spike's extra traffic.
+    pub spike: Tally,
+    pub attacks: Tally,
+    pub by_attack: BTreeMap<AttackKind, Tally>,
+    /// Rules that denied legitimate verifications, and how many.
+    pub legit_denied_by_rule: BTreeMap<String, u64>,
+    /// Mean time of one decide plus one outcome report, in ns.
+    pub decide_and_observe_ns: f64,
+    /// Verifications played, warm-up included.
+    pub played: u64,
+}
+
+/// A result waiting to be reported: when, then an order among equal times.
+struct Due {
+    at_ms: i64,
+    order: u64,
+    id: String,
+    rule: Option<String>,
+    shadow: Vec<crate::decision::ShadowMatch>,
+    status: String,
+    reason: Option<String>,
+}
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at_ms, self.order) == (other.at_ms, other.order)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at_ms, self.order).cmp(&(other.at_ms, other.order))
+    }
+}
+
+/// Plays `traffic` (time-ordered) against `policy`; verifications from `scored_from_ms`
+/// on are scored. An attack kind's time to first denial counts from its first attempt.
+pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i64) -> Scorecard {
+    let mut card = Scorecard::default();
+    let mut due: BinaryHeap<Reverse<Due>> = BinaryHeap::new();
+    let mut first_attempt: BTreeMap<AttackKind, i64> = BTreeMap::new();
+    let mut spent_ns: u128 = 0;
+    let learning = policy.learning();
+    let report = |d: Due, spent_ns: &mut u128| {
+        let Some(learning) = learning else { return };
+        let at = time(d.at_ms);
+        let started = Instant::now();
+        learning.observe_outcome(Outcome {
+            id: &d.id,
+            rule: d.rule.as_deref(),
+            shadow: &d.shadow,
+            status: &d.status,
+            reason: d.reason.as_deref(),
+            at,
+        });
+        *spent_ns += started.elapsed().as_nanos();
+    };
+    for (order, v) in traffic.iter().enumerate() {
+        while due.peek().is_some_and(|Reverse(d)| d.at_ms <= v.at_ms) {
+            if let Some(Reverse(d)) = due.pop() {
+                report(d, &mut spent_ns);
+            }
+        }
+        let started = Instant::now();
+        let decision = policy.decide(&v.request, time(v.at_ms));
+        spent_ns += started.elapsed().as_nanos();
+        card.played += 1;
+        let (denied, rule, shadow) = match decision {
+            Ok(d) => (d.action == Action::Deny, d.rule, d.explanation.shadow),
+            Err(_) => (policy.on_error() == Action::Deny, None, Vec::new()),
+        };
+        if !denied {
+            if let Some((status, reason, after)) = &v.result {
+                due.push(Reverse(Due {
+                    at_ms: v.at_ms + after,
+                    order: order as u64,
+                    id: v.request.id.clone(),
+                    rule: rule.clone(),
+                    shadow,
+                    status: status.clone(),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+        if v.at_ms < scored_from_ms {
+            continue;
+        }
+        let price = v
+            .request
+            .price
+            .as_ref()
+            .and_then(|p| p.amount)
+            .unwrap_or(0.0);
+        match &v.truth {
+            Truth::Legit { country, spike } => {
+                card.legit.add(price, denied);
+                card.legit_by_country
+                    .entry(country.clone())
+                    .or_default()
+                    .add(price, denied);
+                if *spike {
+                    card.spike.add(price, denied);
+                }
+                if denied {
+                    let rule = rule.unwrap_or_else(|| "(default or on_error)".to_owned());
+                    *card.legit_denied_by_rule.entry(rule).or_default() += 1;
+                }
+            }
+            Truth::Attack(kind) => {
+                card.attacks.add(price, denied);
+                let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
+                let tally = card.by_attack.entry(*kind).or_default();
+                tally.add(price, denied);
+                if denied && tally.first_denied_after_min.is_none() {
+                    tally.first_denied_after_min = Some((v.at_ms - start) as f64 / 60_000.0);
+                }
+            }
+        }
+    }
+    while let Some(Reverse(d)) = due.pop() {
+        report(d, &mut spent_ns);
+    }
+    card.decide_and_observe_ns = ratio(spent_ns as f64, card.played as f64);
+    card
+}
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Where synthetic days begin (a Monday; any fixed time would do).
+pub const SYNTHETIC_START_MS: i64 = 1_795_392_000_000;
+
+/// Plays the knobs' synthetic days against a fresh policy from `policy`; the day with
+/// the attacks is scored.
+pub fn run_synthetic(
+    policy: &std::path::Path,
+    knobs: &Knobs,
+) -> Result<Scorecard, crate::policy::PolicyLoadError> {
+    let policy = RulesPolicy::load(policy)?;
+    let traffic = synthetic(knobs, SYNTHETIC_START_MS);
+    let scored_from = SYNTHETIC_START_MS + i64::from(knobs.warmup_days) * DAY_MS;
+    Ok(play(&policy, &traffic, scored_from))
+}
+
+/// Plays stored verifications with the knobs' attacks mixed into their last day against
+/// a fresh policy from `policy`; that day is scored (the days before it are the
+/// warm-up). `None` when no stored verification can be replayed.
+pub fn run_with_stored(
+    policy: &std::path::Path,
+    knobs: &Knobs,
+    records: &[VerificationRecord],
+) -> Result<Option<Scorecard>, crate::policy::PolicyLoadError> {
+    let policy = RulesPolicy::load(policy)?;
+    let stored = from_records(records, 0);
+    let (Some(first), Some(last)) = (stored.first(), stored.last()) else {
+        return Ok(None);
+    };
+    let day_start = (last.at_ms - DAY_MS).max(first.at_ms);
+    let traffic = merge(stored, attacks_only(knobs, day_start));
+    Ok(Some(play(&policy, &traffic, day_start)))
+}
+
+fn time(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+/// The targets verigate's sample policy is held to (docs/fraud-defence.md).
+pub struct Targets;
+
+impl Targets {
+    pub const ATTACK_COST_BLOCKED: f64 = 0.90;
+    pub const EACH_KIND_BLOCKED: f64 = 0.75;
+    pub const LEGIT_BLOCKED: f64 = 0.005;
+    pub const LEGIT_BLOCKED_PER_COUNTRY: f64 = 0.01;
+    pub const MEDIAN_MINUTES_TO_BLOCK: f64 = 15.0;
+    pub const DECIDE_AND_OBSERVE_NS: f64 = 10_000.0;
+}
+
+impl Scorecard {
+    /// Median minutes to the first denial over the attack kinds that fail every attempt
+    /// (a kind never denied counts as never: infinitely late).
+    pub fn median_minutes_to_block(&self) -> Option<f64> {
+        let mut times: Vec<f64> = self
+            .by_attack
+            .iter()
+            .filter(|(kind, _)| kind.fails_every_attempt())
+            .map(|(_, t)| t.first_denied_after_min.unwrap_or(f64::INFINITY))
+            .collect();
+        if times.is_empty() {
+            return None;
+        }
+        times.sort_by(f64::total_cmp);
+        let mid = times.len() / 2;
+        Some(if times.len() % 2 == 1 {
+            times[mid]
+        } else {
+            (times[mid - 1] + times[mid]) / 2.0
+        })
+    }
+
+    /// The targets this scorecard misses, in words (empty: all met).
+    pub fn misses(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |ok: bool, what: String| {
+            if !ok {
+                out.push(what);
+            }
+        };
+        if self.attacks.attempts > 0 {
+            check(
+                self.attacks.cost_share() >= Targets::ATTACK_COST_BLOCKED,
+                format!(
+                    "attack cost blocked {:.1} % < {:.0} %",
+                    100.0 * self.attacks.cost_share(),
+                    100.0 * Targets::ATTACK_COST_BLOCKED
+                ),
+            );
+        }
+        for (kind, t) in &self.by_attack {
+            check(
+                t.cost_share() >= Targets::EACH_KIND_BLOCKED,
+                format!(
+                    "{kind}: {:.1} % of its cost blocked < {:.0} %",
+                    100.0 * t.cost_share(),
+                    100.0 * Targets::EACH_KIND_BLOCKED
+                ),
+            );
+        }
+        check(
+            self.legit.denied_share() <= Targets::LEGIT_BLOCKED,
+            format!(
+                "legitimate blocked {:.2} % > {:.1} %",
+                100.0 * self.legit.denied_share(),
+                100.0 * Targets::LEGIT_BLOCKED
+            ),
+        );
+        for (country, t) in &self.legit_by_country {
+            check(
+                t.denied_share() <= Targets::LEGIT_BLOCKED_PER_COUNTRY,
+                format!(
+                    "legitimate blocked in {country} {:.2} % > {:.0} %",
+                    100.0 * t.denied_share(),
+                    100.0 * Targets::LEGIT_BLOCKED_PER_COUNTRY
+                ),
+            );
+        }
+        check(
+            self.spike.denied == 0,
+            format!("{} of the marketing spike blocked", self.spike.denied),
+        );
+        if let Some(median) = self.median_minutes_to_block() {
+            check(
+                median <= Targets::MEDIAN_MINUTES_TO_BLOCK,
+                format!(
+                    "median time to first block {median:.1} min > {:.0} min",
+                    Targets::MEDIAN_MINUTES_TO_BLOCK
+                ),
+            );
+        }
+        check(
+            self.decide_and_observe_ns < Targets::DECIDE_AND_OBSERVE_NS,
+            format!(
+                "decide + observe {:.0} ns >= {:.0} ns",
+                self.decide_and_observe_ns,
+                Targets::DECIDE_AND_OBSERVE_NS
+            ),
+        );
+        out
+    }
+}
+
+impl fmt::Display for Scorecard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "  attack cost blocked:              {:>6.1} %  ({:.2} of {:.2} EUR, {} attempts)",
+            100.0 * self.attacks.cost_share(),
+            self.attacks.cost_denied_eur,
+            self.attacks.cost_eur,
+            self.attacks.attempts
+        )?;
+        for (kind, t) in &self.by_attack {
+            let first = t
+                .first_denied_after_min
+                .map_or_else(|| "never".to_owned(), |m| format!("{m:.0} min"));
+            writeln!(
+                f,
+                "    {:<14} {:>6.1} % of its cost blocked, first denial after {first}",
+                kind.name(),
+                100.0 * t.cost_share()
+            )?;
+        }
+        if let Some(median) = self.median_minutes_to_block() {
+            writeln!(
+                f,
+                "    median time to first denial (attacks that never convert): {median:.1} min"
+            )?;
+        }
+        writeln!(
+            f,
+            "  legitimate verifications blocked: {:>6.2} %  ({} of {})",
+            100.0 * self.legit.denied_share(),
+            self.legit.denied,
+            self.legit.attempts
+        )?;
+        let countries: Vec<String> = self
+            .legit_by_country
+            .iter()
+            .map(|(c, t)| format!("{c} {:.2} %", 100.0 * t.denied_share()))
+            .collect();
+        writeln!(f, "    by country: {}", countries.join(", "))?;
+        if self.spike.attempts > 0 {
+            writeln!(
+                f,
+                "    marketing spike: {} of {} blocked",
+                self.spike.denied, self.spike.attempts
+            )?;
+        }
+        for (rule, n) in &self.legit_denied_by_rule {
+            writeln!(f, "    denied by {rule}: {n}")?;
+        }
+        writeln!(
+            f,
+            "  decide + observe: {:.2} µs a verification ({} played)",
+            self.decide_and_observe_ns / 1000.0,
+            self.played
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests;
