@@ -95,8 +95,6 @@ fn default_confidence() -> f64 {
     0.95
 }
 
-
-
 impl Condition for Conversion {
     const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h). With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
@@ -276,8 +274,6 @@ struct ConversionLimit {
     /// Normal rates by country, read once a minute.
     normals: SlowReadings<Option<f64>>,
 }
-
-
 
 impl ConversionLimit {
     /// The normal rate a request's key is judged against, when known.
