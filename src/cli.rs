@@ -112,6 +112,10 @@ pub enum Command {
         /// Legitimate verifications a minute at the evening peak.
         #[arg(long, default_value_t = 24.0)]
         legit_per_minute: f64,
+        /// Multiplies every country's conversion of legitimate users (0.6: a business
+        /// whose users enter the code half the time).
+        #[arg(long, default_value_t = 1.0)]
+        legit_conversion: f64,
         /// Days of legitimate traffic before the attacked day (learned from, not scored).
         #[arg(long, default_value_t = 1)]
         warmup_days: u32,
@@ -365,6 +369,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
             policy,
             seeds,
             legit_per_minute,
+            legit_conversion,
             warmup_days,
             attacks,
             attack_scale,
@@ -404,6 +409,7 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
                 let knobs = Knobs {
                     seed,
                     legit_per_minute,
+                    legit_conversion,
                     warmup_days,
                     attacks: attacks.clone(),
                     attack_scale,

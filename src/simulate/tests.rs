@@ -69,3 +69,25 @@ fn a_policy_that_allows_everything_blocks_nothing_and_one_that_denies_blocks_all
         assert!(!missed.is_empty(), "{action}: {missed:?}");
     }
 }
+
+#[test]
+fn the_conversion_knob_scales_every_countrys_users() {
+    let rate = |scale: f64, iso: &str| {
+        let knobs = Knobs {
+            legit_conversion: scale,
+            ..Knobs::default()
+        };
+        let users: Vec<SimVerification> = synthetic(&knobs, SYNTHETIC_START_MS)
+            .into_iter()
+            .filter(|v| matches!(&v.truth, Truth::Legit { country, .. } if country == iso))
+            .collect();
+        let ok = users
+            .iter()
+            .filter(|v| v.result.as_ref().is_some_and(|r| r.0 == "SUCCESSFUL"))
+            .count();
+        ok as f64 / users.len() as f64
+    };
+    assert!((0.80..0.86).contains(&rate(1.0, "SE")));
+    assert!((0.38..0.45).contains(&rate(0.5, "SE")));
+    assert!((0.14..0.21).contains(&rate(0.5, "KE")));
+}

@@ -181,6 +181,9 @@ pub struct Knobs {
     pub seed: u64,
     /// Legitimate verifications a minute at the evening peak.
     pub legit_per_minute: f64,
+    /// Multiplies every country's share of users who enter the code (1: as listed,
+    /// 83 % in most countries; 0.6: a business whose users convert half the time).
+    pub legit_conversion: f64,
     /// Days of legitimate traffic before the attacked day, for the policy to learn what
     /// is normal (not scored).
     pub warmup_days: u32,
@@ -196,6 +199,7 @@ impl Default for Knobs {
         Self {
             seed: 7,
             legit_per_minute: 24.0,
+            legit_conversion: 1.0,
             warmup_days: 1,
             attacks: AttackKind::ALL.to_vec(),
             attack_scale: 1.0,
@@ -269,12 +273,12 @@ impl Generator {
         self.start_ms + minute * MINUTE_MS + (self.rng.bits() % 60_000) as i64
     }
 
-    fn legit(&mut self, minute: i64, c: &Country, spike: bool) -> SimVerification {
+    fn legit(&mut self, minute: i64, c: &Country, spike: bool, scale: f64) -> SimVerification {
         let at_ms = self.at(minute);
         let number = format!("{}{}", c.block, self.rng.digits(c.digits));
         let request = self.request(at_ms, number, c.price);
         // Most who enter the code do so within two minutes; a few take longer.
-        let result = if self.rng.unit() < c.conversion {
+        let result = if self.rng.unit() < (c.conversion * scale).min(0.99) {
             let after = if self.rng.unit() < 0.95 {
                 30_000 + self.rng.below(90_000)
             } else {
@@ -338,7 +342,7 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
                     pick < acc
                 })
                 .unwrap_or(&COUNTRIES[0]);
-            out.push(g.legit(minute, c, false));
+            out.push(g.legit(minute, c, false, knobs.legit_conversion));
         }
         let of_day = minute - attacked_day;
         if of_day < 0 {
@@ -348,7 +352,7 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
             if let Some(france) = COUNTRIES.iter().find(|c| c.block == SPIKE.2) {
                 let extra = legit_rate(knobs.legit_per_minute, minute) * france.share * 4.0;
                 for _ in 0..g.rng.count(extra) {
-                    out.push(g.legit(minute, france, true));
+                    out.push(g.legit(minute, france, true, knobs.legit_conversion));
                 }
             }
         }
