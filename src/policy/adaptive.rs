@@ -193,6 +193,17 @@ pub fn evidence_level(rule: &str, spec: &str, value: &str) -> CounterKey {
     }
 }
 
+/// The sequential level of a pool: `pool_spec` = `pool_value`'s keys that never
+/// converted in the window.
+pub fn pool_level(rule: &str, pool_spec: &str, pool_value: &str) -> CounterKey {
+    evidence_level(rule, &joined(&["pool:", pool_spec]), pool_value)
+}
+
+/// The sequential level of a `surge` key.
+pub fn surge_level(rule: &str, spec: &str, value: &str) -> CounterKey {
+    evidence_level(rule, &joined(&["surge:", spec]), value)
+}
+
 /// The counters a sequential test learns its normal rate from: a country's, or every
 /// country's (`global`, `*`), over the rule's baseline.
 pub fn baseline_counters(rule: &str, key: &str, value: &str) -> (CounterKey, CounterKey) {
@@ -511,8 +522,7 @@ pub fn count_outcome(
                     let level = evidence_level(rule, spec, value);
                     counters.accumulate(&level, *window_ms, now_ms, step)?;
                     if let Some((pool_spec, pool_value)) = pool {
-                        let level =
-                            evidence_level(rule, &joined(&["pool:", pool_spec]), pool_value);
+                        let level = pool_level(rule, pool_spec, pool_value);
                         counters.accumulate(&level, *window_ms, now_ms, step)?;
                     }
                 }
@@ -551,7 +561,7 @@ pub fn count_outcome(
                     } else {
                         *on_failure
                     };
-                    let level = evidence_level(rule, &joined(&["surge:", spec]), value);
+                    let level = surge_level(rule, spec, value);
                     counters.accumulate(&level, *window_ms, now_ms, step)?;
                 }
             }

@@ -18,6 +18,7 @@ use std::{
 
 use chrono::{DateTime, TimeZone, Utc};
 use deadpool_postgres::{Object, Pool};
+use tokio_postgres::types::ToSql;
 
 use super::{
     adaptive::{Block, BlockSpec, Evidence, Quarantine, QuarantineState, Tracked},
@@ -532,6 +533,32 @@ impl Drop for SharedState {
     }
 }
 
+/// A statement's parameters after the counter key's three.
+type Params = Vec<Box<dyn ToSql + Send + Sync>>;
+
+impl SharedState {
+    /// The one number a statement on one counter returns: $1 to $3 are the key's rule,
+    /// condition and value, then `params`.
+    fn counter_number(
+        &self,
+        sql: &'static str,
+        key: &CounterKey,
+        params: Params,
+    ) -> Result<f64, PolicyError> {
+        let (pool, key) = (self.fast.clone(), key.clone());
+        self.run(async move {
+            let mut all: Vec<&(dyn ToSql + Sync)> = vec![&key.rule, &key.condition, &key.value];
+            all.extend(params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)));
+            let row = Self::client(&pool)
+                .await?
+                .cached_one(sql, &all)
+                .await
+                .map_err(failed)?;
+            Ok(row.get(0))
+        })
+    }
+}
+
 impl CounterStore for SharedState {
     fn add(
         &self,
@@ -540,54 +567,36 @@ impl CounterStore for SharedState {
         now_ms: i64,
         amount: f64,
     ) -> Result<f64, PolicyError> {
-        let (pool, key) = (self.fast.clone(), key.clone());
-        self.run(async move {
-            let b = bucket(window_ms, now_ms);
-            let row = Self::client(&pool)
-                .await?
-                .cached_one(
-                    "WITH added AS (
-                         INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
-                         VALUES ($1, $2, $3, $4::bigint, $5::float8, $4::bigint + $6::bigint)
-                         ON CONFLICT (rule, condition, value, bucket)
-                         DO UPDATE SET amount = verigate_counts.amount + excluded.amount
-                         RETURNING amount
-                     )
-                     SELECT (SELECT amount FROM added) + coalesce((
-                         SELECT sum(amount) FROM verigate_counts
-                         WHERE rule = $1 AND condition = $2 AND value = $3
-                           AND bucket > $7::bigint AND bucket < $4::bigint
-                     ), 0)",
-                    &[
-                        &key.rule,
-                        &key.condition,
-                        &key.value,
-                        &b,
-                        &amount,
-                        &window_ms,
-                        &(now_ms - window_ms),
-                    ],
-                )
-                .await
-                .map_err(failed)?;
-            Ok(row.get(0))
-        })
+        self.counter_number(
+            "WITH added AS (
+                 INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
+                 VALUES ($1, $2, $3, $4::bigint, $5::float8, $4::bigint + $6::bigint)
+                 ON CONFLICT (rule, condition, value, bucket)
+                 DO UPDATE SET amount = verigate_counts.amount + excluded.amount
+                 RETURNING amount
+             )
+             SELECT (SELECT amount FROM added) + coalesce((
+                 SELECT sum(amount) FROM verigate_counts
+                 WHERE rule = $1 AND condition = $2 AND value = $3
+                   AND bucket > $7::bigint AND bucket < $4::bigint
+             ), 0)",
+            key,
+            vec![
+                Box::new(bucket(window_ms, now_ms)),
+                Box::new(amount),
+                Box::new(window_ms),
+                Box::new(now_ms - window_ms),
+            ],
+        )
     }
 
     fn total(&self, key: &CounterKey, window_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
-        let (pool, key) = (self.fast.clone(), key.clone());
-        self.run(async move {
-            let row = Self::client(&pool)
-                .await?
-                .cached_one(
-                    "SELECT coalesce(sum(amount), 0) FROM verigate_counts
-                     WHERE rule = $1 AND condition = $2 AND value = $3 AND bucket > $4",
-                    &[&key.rule, &key.condition, &key.value, &(now_ms - window_ms)],
-                )
-                .await
-                .map_err(failed)?;
-            Ok(row.get(0))
-        })
+        self.counter_number(
+            "SELECT coalesce(sum(amount), 0) FROM verigate_counts
+             WHERE rule = $1 AND condition = $2 AND value = $3 AND bucket > $4",
+            key,
+            vec![Box::new(now_ms - window_ms)],
+        )
     }
 
     /// Kept in the counts table under bucket -1, with `expires_ms` as the time it goes
@@ -599,41 +608,27 @@ impl CounterStore for SharedState {
         now_ms: i64,
         step: f64,
     ) -> Result<f64, PolicyError> {
-        let (pool, key) = (self.fast.clone(), key.clone());
-        self.run(async move {
-            let row = Self::client(&pool)
-                .await?
-                .cached_one(
-                    "INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
-                     VALUES ($1, $2, $3, -1, greatest(0, $4::float8), $5::bigint + $6::bigint)
-                     ON CONFLICT (rule, condition, value, bucket) DO UPDATE SET
-                         amount = greatest(0, CASE WHEN verigate_counts.expires_ms < $5::bigint
-                                                  THEN 0 ELSE verigate_counts.amount END + $4::float8),
-                         expires_ms = $5::bigint + $6::bigint
-                     RETURNING amount",
-                    &[&key.rule, &key.condition, &key.value, &step, &now_ms, &idle_ms],
-                )
-                .await
-                .map_err(failed)?;
-            Ok(row.get(0))
-        })
+        self.counter_number(
+            "INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
+             VALUES ($1, $2, $3, -1, greatest(0, $4::float8), $5::bigint + $6::bigint)
+             ON CONFLICT (rule, condition, value, bucket) DO UPDATE SET
+                 amount = greatest(0, CASE WHEN verigate_counts.expires_ms < $5::bigint
+                                          THEN 0 ELSE verigate_counts.amount END + $4::float8),
+                 expires_ms = $5::bigint + $6::bigint
+             RETURNING amount",
+            key,
+            vec![Box::new(step), Box::new(now_ms), Box::new(idle_ms)],
+        )
     }
 
     fn level(&self, key: &CounterKey, _idle_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
-        let (pool, key) = (self.fast.clone(), key.clone());
-        self.run(async move {
-            let row = Self::client(&pool)
-                .await?
-                .cached_one(
-                    "SELECT coalesce(max(amount), 0) FROM verigate_counts
-                     WHERE rule = $1 AND condition = $2 AND value = $3
-                       AND bucket = -1 AND expires_ms >= $4",
-                    &[&key.rule, &key.condition, &key.value, &now_ms],
-                )
-                .await
-                .map_err(failed)?;
-            Ok(row.get(0))
-        })
+        self.counter_number(
+            "SELECT coalesce(max(amount), 0) FROM verigate_counts
+             WHERE rule = $1 AND condition = $2 AND value = $3
+               AND bucket = -1 AND expires_ms >= $4",
+            key,
+            vec![Box::new(now_ms)],
+        )
     }
 
     fn see(

@@ -21,7 +21,7 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        balanced_low_rate, baseline_counters, conversion_counters, evidence_level,
+        balanced_low_rate, baseline_counters, conversion_counters, evidence_level, pool_level,
         evidence_steps, wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
@@ -316,24 +316,25 @@ impl ConversionLimit {
         Some(evidence_steps(i / f64::from(NORMAL_STEPS), low))
     }
 
-    /// The request key's sequential level.
+    /// The sequential level of the request's key (`value`).
     fn key_level(
         &self,
         rule: &str,
-        f: &Facts<'_>,
+        value: &str,
         counters: &dyn CounterStore,
         now_ms: i64,
     ) -> Result<f64, PolicyError> {
-        let level = evidence_level(rule, &self.spec.text, &self.spec.value(f));
+        let level = evidence_level(rule, &self.spec.text, value);
         counters.level(&level, self.spec.window_ms, now_ms)
     }
 
-    /// What to track of an allowed request, given its key's normal rate, level and
-    /// successes in the window when it was decided.
+    /// What to track of an allowed request under its key (`value`), given the key's
+    /// normal rate, level and successes in the window when it was decided.
     fn tracked(
         &self,
         rule: &str,
         f: &Facts<'_>,
+        value: String,
         normal: Option<f64>,
         level: f64,
         ok: f64,
@@ -358,7 +359,7 @@ impl ConversionLimit {
         TrackedKey::Conversion {
             rule: rule.to_owned(),
             spec: self.spec.text.clone(),
-            value: self.spec.value(f),
+            value,
             country: f.country.to_owned(),
             window_ms: self.spec.window_ms,
             baseline_ms,
@@ -386,7 +387,7 @@ impl ConversionLimit {
                 (base_all >= f64::from(min_samples)).then(|| share * base_ok / base_all)
             }
         };
-        let tracked = self.tracked(cx.rule, cx.facts, None, 0.0, ok);
+        let tracked = self.tracked(cx.rule, cx.facts, value.clone(), None, 0.0, ok);
         cx.pending.tracked.push((tracked, self.complete_after_ms));
         let upper = wilson_upper(ok, all, z);
         cx.reading(
@@ -413,10 +414,10 @@ impl ConversionLimit {
         };
         let value = self.spec.value(cx.facts);
         let normal = self.normal_rate(cx.rule, cx.facts, cx.counters, cx.now_ms)?;
-        let key = self.key_level(cx.rule, cx.facts, cx.counters, cx.now_ms)?;
+        let key = self.key_level(cx.rule, &value, cx.counters, cx.now_ms)?;
         let pair = conversion_counters(cx.rule, &self.spec.text, &value);
         let (ok, all) = pair_totals(cx.counters, &pair, self.spec.window_ms, cx.now_ms)?;
-        let tracked = self.tracked(cx.rule, cx.facts, normal, key, ok);
+        let tracked = self.tracked(cx.rule, cx.facts, value.clone(), normal, key, ok);
         cx.pending.tracked.push((tracked, self.complete_after_ms));
         let Some(normal) = normal else {
             cx.reading("conversion (no normal rate learned yet)".into(), value, 0.0, *threshold);
@@ -429,7 +430,7 @@ impl ConversionLimit {
         // that did is not one of the fresh keys failing together.
         if let Some(pool) = pool.as_ref().filter(|_| ok == 0.0) {
             let pool_value = pool.value(cx.facts);
-            let level = evidence_level(cx.rule, &joined(&["pool:", &pool.text]), &pool_value);
+            let level = pool_level(cx.rule, &pool.text, &pool_value);
             let pool_level = cx.counters.level(&level, self.spec.window_ms, cx.now_ms)?;
             // A pool that tripped stays alerted for a while: as its keys get blocked their
             // failures stop coming in, but the attack on its other keys goes on.
@@ -499,18 +500,20 @@ impl Limit for ConversionLimit {
         counters: &dyn CounterStore,
         now_ms: i64,
     ) -> Result<Option<(TrackedKey, i64)>, PolicyError> {
+        let value = self.spec.value(f);
         let (normal, level, ok) = match self.test {
             Test::Sequential { .. } => {
-                let pair = conversion_counters(rule, &self.spec.text, &self.spec.value(f));
+                let pair = conversion_counters(rule, &self.spec.text, &value);
                 (
                     self.normal_rate(rule, f, counters, now_ms)?,
-                    self.key_level(rule, f, counters, now_ms)?,
+                    self.key_level(rule, &value, counters, now_ms)?,
                     counters.total(&pair.0, self.spec.window_ms, now_ms)?,
                 )
             }
             Test::Wilson { .. } => (None, 0.0, 0.0),
         };
-        Ok(Some((self.tracked(rule, f, normal, level, ok), self.complete_after_ms)))
+        let tracked = self.tracked(rule, f, value, normal, level, ok);
+        Ok(Some((tracked, self.complete_after_ms)))
     }
 
     /// The window (or the baseline), and the wait before an unanswered verification

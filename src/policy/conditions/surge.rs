@@ -19,7 +19,7 @@ use super::{
     Compiled, Condition, CounterContext, Limit,
 };
 use crate::policy::{
-    adaptive::{balanced_low_rate, evidence_level, evidence_steps, surge_counters, TrackedKey},
+    adaptive::{balanced_low_rate, evidence_steps, surge_counters, surge_level, TrackedKey},
     counters::{joined, CounterKey, CounterSpec, CounterStore, SlowReadings},
     facts::Facts,
     PolicyError,
@@ -189,10 +189,10 @@ impl SurgeLimit {
         &self,
         rule: &str,
         value: &str,
+        keys: &SurgeKeys,
         counters: &dyn CounterStore,
         now_ms: i64,
     ) -> Result<Option<Standing>, PolicyError> {
-        let keys = self.keys(rule, value);
         let normal = self.calm.get(value, now_ms, || {
             let (base_ok, base_all) = pair_totals(
                 counters,
@@ -228,7 +228,7 @@ impl SurgeLimit {
             recent: counters.total(&keys.recent, self.spec.window_ms, now_ms)?,
             outcomes,
             level: counters.level(
-                &evidence_level(rule, &joined(&["surge:", &self.spec.text]), value),
+                &surge_level(rule, &self.spec.text, value),
                 self.spec.window_ms,
                 now_ms,
             )?,
@@ -283,7 +283,7 @@ impl Limit for SurgeLimit {
             cx.counters
                 .accumulate(&keys.since, self.baseline_ms, now_ms, now_ms as f64)?;
         }
-        let standing = self.standing(cx.rule, &value, cx.counters, now_ms)?;
+        let standing = self.standing(cx.rule, &value, &keys, cx.counters, now_ms)?;
         let surging = standing.as_ref().is_some_and(|s| self.surging(s));
         let tracked = self.tracked(cx.rule, value.clone(), standing.as_ref());
         cx.pending.tracked.push((tracked, self.complete_after_ms));
@@ -329,7 +329,8 @@ impl Limit for SurgeLimit {
         now_ms: i64,
     ) -> Result<Option<(TrackedKey, i64)>, PolicyError> {
         let value = self.spec.value(f);
-        let standing = self.standing(rule, &value, counters, now_ms)?;
+        let keys = self.keys(rule, &value);
+        let standing = self.standing(rule, &value, &keys, counters, now_ms)?;
         let key = self.tracked(rule, value, standing.as_ref());
         Ok(Some((key, self.complete_after_ms)))
     }
