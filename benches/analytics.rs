@@ -1,7 +1,7 @@
 //! The store over 1,000,000 verifications (`VERIGATE_BENCH_RECORDS` to change): loading
 //! them through the durable write path, lookups by number and by reference (warm, and
-//! again after dropping the page cache and reopening the store), a one-day stats query
-//! and NDJSON export throughput, each next to a baseline measured in the same run.
+//! again after dropping the page cache and reopening the store), a one-day stats query,
+//! what one refresh of the console's overview costs, and NDJSON export throughput, each next to a baseline measured in the same run.
 //!
 //! `cargo bench --bench analytics`. The first run loads the records into
 //! `target/bench-analytics-v2-<N>/` and reuses them. Dropping the page cache needs root;
@@ -170,6 +170,36 @@ async fn main() {
     println!(
         "1-day stats:  {stats_s:.3} s for {day_records} verifications in {} groups",
         groups.len()
+    );
+
+    // What one refresh of the console's overview asks: three hours by rule and minute
+    // (every 10 s), and 24 hours by country (once a minute).
+    let now = day.1;
+    let t = Instant::now();
+    let windowed = store
+        .stats(StatsQuery {
+            since: now - Duration::hours(3),
+            until: now,
+            group_by: vec![GroupBy::Rule, GroupBy::Minute],
+        })
+        .await
+        .unwrap();
+    let windowed_ms = t.elapsed().as_secs_f64() * 1e3;
+    let t = Instant::now();
+    store
+        .stats(StatsQuery {
+            since: now - Duration::hours(24),
+            until: now,
+            group_by: vec![GroupBy::Country],
+        })
+        .await
+        .unwrap();
+    let countries_ms = t.elapsed().as_secs_f64() * 1e3;
+    let windowed_records: u64 = windowed.iter().map(|g| g.verifications).sum();
+    println!(
+        "console overview: 3 h by rule and minute {windowed_ms:.1} ms ({windowed_records} verifications, {} groups); 24 h by country {countries_ms:.1} ms; {:.2}% of one core at a 10 s / 60 s refresh",
+        windowed.len(),
+        (windowed_ms / 10_000.0 + countries_ms / 60_000.0) * 100.0
     );
 
     // Export one day as NDJSON, against encoding the same records already in memory.

@@ -169,7 +169,7 @@ pub fn filter_from_params(params: &Params<'_>) -> Result<VerificationFilter, Par
     })
 }
 
-/// `group_by`: a comma-separated list of country, method, day, rule.
+/// `group_by`: a comma-separated list of the dimensions in [`GroupBy::ALL`].
 pub fn group_by_from_params(params: &Params<'_>) -> Result<Vec<GroupBy>, ParamError> {
     let Some(list) = params.text("group_by")? else {
         return Ok(Vec::new());
@@ -177,9 +177,10 @@ pub fn group_by_from_params(params: &Params<'_>) -> Result<Vec<GroupBy>, ParamEr
     let mut out = Vec::new();
     for part in list.split(',').map(str::trim) {
         let g = GroupBy::parse(part).ok_or_else(|| {
+            let names: Vec<&str> = GroupBy::ALL.iter().map(|g| g.name()).collect();
             param_error(
                 "group_by",
-                format!("`{part}` is not one of country, method, day, rule"),
+                format!("`{part}` is not one of {}", names.join(", ")),
             )
         })?;
         if !out.contains(&g) {

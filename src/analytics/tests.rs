@@ -254,3 +254,22 @@ fn csv_rows_have_one_value_per_column() {
         assert_eq!(csv_row(&r).len(), CSV_COLUMNS.len());
     }
 }
+
+#[test]
+fn minute_and_hour_buckets_are_times_in_order_and_add_up_to_the_total() {
+    for (dimension, name) in [(GroupBy::Minute, "minute"), (GroupBy::Hour, "hour")] {
+        let mut by = StatsBuilder::new(vec![dimension]);
+        add_all(&mut by);
+        let groups = by.finish();
+        let labels: Vec<&str> = groups.iter().map(|g| g.group[name].as_str()).collect();
+        let mut sorted = labels.clone();
+        sorted.sort_by_key(|l| chrono::DateTime::parse_from_rfc3339(l).expect(l));
+        assert_eq!(labels, sorted, "{name}: labels sort as the times they name");
+        let verifications: u64 = groups.iter().map(|g| g.verifications).sum();
+        assert_eq!(verifications, 6, "{name}");
+    }
+    let mut by = StatsBuilder::new(vec![GroupBy::Minute]);
+    add_all(&mut by);
+    let first = &by.finish()[0];
+    assert!(first.group["minute"].ends_with(":00Z"), "{:?}", first.group);
+}

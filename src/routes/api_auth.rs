@@ -18,9 +18,21 @@ pub struct ApiToken {
     pub read: Option<SecretString>,
 }
 
-/// Proof that a request carried an API token (either one: every endpoint so far only
-/// reads); take it as a handler argument.
-pub struct ApiCaller;
+/// Which token a caller holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// `api.token`: reads and changes things.
+    Admin,
+    /// `api.read_token`: reads only.
+    Read,
+}
+
+/// Proof that a request carried an API token (either one), and which; take it as a
+/// handler argument.
+pub struct ApiCaller {
+    pub role: Role,
+}
 
 impl FromRequest for ApiCaller {
     type Error = ApiError;
@@ -39,42 +51,23 @@ impl FromRequest for AdminCaller {
     type Future = Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(authenticate(req).and_then(|_| {
-            let admin = req
-                .app_data::<web::Data<ApiToken>>()
-                .and_then(|t| t.admin.as_ref())
-                .map(|t| t.expose_secret().as_bytes().to_vec());
-            let given = bearer(req).unwrap_or_default();
-            match admin {
-                Some(admin) if bool::from(given.as_bytes().ct_eq(&admin)) => Ok(AdminCaller),
-                _ => Err(ApiError::new(
-                    ErrorCode::Forbidden,
-                    "this needs the admin token (api.token)",
-                )),
-            }
+        ready(authenticate(req).and_then(|caller| match caller.role {
+            Role::Admin => Ok(AdminCaller),
+            Role::Read => Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "this needs the admin token (api.token)",
+            )),
         }))
     }
 }
 
-fn bearer(req: &HttpRequest) -> Option<String> {
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(|v| v.trim().to_owned())
-}
-
 fn authenticate(req: &HttpRequest) -> Result<ApiCaller, ApiError> {
     let tokens = req.app_data::<web::Data<ApiToken>>();
-    let configured: Vec<&SecretString> = tokens
-        .iter()
-        .flat_map(|t| [t.admin.as_ref(), t.read.as_ref()])
-        .flatten()
-        .collect();
-    if configured.is_empty() {
+    let (admin, read) = match tokens {
+        Some(t) => (t.admin.as_ref(), t.read.as_ref()),
+        None => (None, None),
+    };
+    if admin.is_none() && read.is_none() {
         return Err(ApiError::new(
             ErrorCode::ApiDisabled,
             "the query API is disabled: set api.token",
@@ -88,23 +81,24 @@ fn authenticate(req: &HttpRequest) -> Result<ApiCaller, ApiError> {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
+        .map(str::trim)
         .ok_or_else(|| {
             ApiError::new(
                 ErrorCode::MissingToken,
                 "send `Authorization: Bearer <api token>`",
             )
         })?;
-    // Compare with every token, so timing does not tell which one nearly matched.
-    let matched = configured
-        .iter()
-        .fold(subtle::Choice::from(0), |acc, token| {
-            acc | given
-                .trim()
-                .as_bytes()
-                .ct_eq(token.expose_secret().as_bytes())
-        });
-    if bool::from(matched) {
-        Ok(ApiCaller)
+    // Compare with both tokens, so timing does not tell which one nearly matched.
+    let matches = |token: Option<&SecretString>| {
+        token.map_or(subtle::Choice::from(0), |t| {
+            given.as_bytes().ct_eq(t.expose_secret().as_bytes())
+        })
+    };
+    let (is_admin, is_read) = (matches(admin), matches(read));
+    if bool::from(is_admin) {
+        Ok(ApiCaller { role: Role::Admin })
+    } else if bool::from(is_read) {
+        Ok(ApiCaller { role: Role::Read })
     } else {
         Err(ApiError::new(
             ErrorCode::InvalidToken,

@@ -6,11 +6,12 @@ mod callback_outcome;
 mod callbacks;
 mod health;
 mod policy;
+mod status;
 mod verifications;
 
 use actix_web::{web, HttpResponse};
 
-pub use api_auth::{AdminCaller, ApiCaller};
+pub use api_auth::{AdminCaller, ApiCaller, Role};
 pub use callbacks::CallbackState;
 
 use crate::error::{ApiError, ErrorCode};
@@ -28,11 +29,15 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
         .route("/v1/export", web::get().to(analytics::export))
         .route("/v1/stats", web::get().to(analytics::stats))
         .route("/v1/events", web::get().to(analytics::events))
+        .route("/v1/status", web::get().to(status::status))
         .route("/v1/policy", web::get().to(policy::describe))
         .route("/v1/policy/reload", web::post().to(policy::reload_now))
         .route("/v1/policy/blocks", web::get().to(policy::blocks))
         .route("/v1/policy/blocks/{key}", web::delete().to(policy::lift))
         .route("/v1/policy/blocks/{key}/pin", web::post().to(policy::pin))
+        .route("/console", web::get().to(crate::console::page))
+        .route("/console/", web::get().to(crate::console::page))
+        .route("/console/{file}", web::get().to(crate::console::asset))
         .route("/healthz", web::get().to(health::healthz))
         .route("/readyz", web::get().to(health::readyz))
         .route("/metrics", web::get().to(health::metrics))

@@ -34,14 +34,20 @@ pub enum GroupBy {
     Method,
     Day,
     Rule,
+    /// The UTC hour of first sight, for time series.
+    Hour,
+    /// The UTC minute of first sight, for time series of the last hours.
+    Minute,
 }
 
 impl GroupBy {
-    pub const ALL: [GroupBy; 4] = [
+    pub const ALL: [GroupBy; 6] = [
         GroupBy::Country,
         GroupBy::Method,
         GroupBy::Day,
         GroupBy::Rule,
+        GroupBy::Hour,
+        GroupBy::Minute,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +56,8 @@ impl GroupBy {
             GroupBy::Method => "method",
             GroupBy::Day => "day",
             GroupBy::Rule => "rule",
+            GroupBy::Hour => "hour",
+            GroupBy::Minute => "minute",
         }
     }
 
@@ -63,6 +71,10 @@ impl GroupBy {
             GroupBy::Method => row.method.unwrap_or("unknown").to_owned(),
             GroupBy::Day => row.first_seen.format("%Y-%m-%d").to_string(),
             GroupBy::Rule => row.rule().to_owned(),
+            // RFC 3339 at the bucket's start, so a client parses it as a time; sorting the
+            // labels sorts the buckets.
+            GroupBy::Hour => row.first_seen.format("%Y-%m-%dT%H:00:00Z").to_string(),
+            GroupBy::Minute => row.first_seen.format("%Y-%m-%dT%H:%M:00Z").to_string(),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::helpers::*;
 
 const READ_TOKEN: &str = "read-only-token-0123456789";
 
-const RULE: &str = r#"
+pub const RULE: &str = r#"
 [[rule]]
 name = "low-conversion"
 action = "deny"
@@ -16,11 +16,7 @@ block_for = "1h"
 "#;
 
 async fn send(app: &TestApp, method: reqwest::Method, path: &str, token: &str) -> Reply {
-    let request = app
-        .client
-        .request(method, format!("{}{path}", app.address))
-        .bearer_auth(token);
-    reply(request.send().await.unwrap()).await
+    api_call(&app.client, &app.address, method, path, token).await
 }
 
 /// Five verifications in the range of `prefix` (8 digits after `+`) that never complete.

@@ -219,6 +219,20 @@ pub async fn reply(response: reqwest::Response) -> Reply {
     }
 }
 
+/// `method path` on the service at `base`, with `token` as the bearer.
+pub async fn api_call(
+    client: &reqwest::Client,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+) -> Reply {
+    let request = client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(token);
+    reply(request.send().await.unwrap()).await
+}
+
 pub fn timestamp(at: DateTime<Utc>) -> String {
     at.to_rfc3339_opts(SecondsFormat::Nanos, true)
 }

@@ -7,6 +7,7 @@ mod analytics;
 mod authentication;
 mod callbacks;
 mod concurrency;
+mod console;
 mod crash;
 mod disk_full;
 mod durability;
