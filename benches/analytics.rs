@@ -1,7 +1,8 @@
 //! The store over 1,000,000 verifications (`VERIGATE_BENCH_RECORDS` to change): loading
 //! them through the durable write path, lookups by number and by reference (warm, and
 //! again after dropping the page cache and reopening the store), a one-day stats query,
-//! what one refresh of the console's overview costs, and NDJSON export throughput, each next to a baseline measured in the same run.
+//! what one refresh of the console's overview and of its rule outcomes cost, and NDJSON
+//! export throughput, each next to a baseline measured in the same run.
 //!
 //! `cargo bench --bench analytics`. The first run loads the records into
 //! `target/bench-analytics-v2-<N>/` and reuses them. Dropping the page cache needs root;
@@ -12,7 +13,7 @@ use std::{path::PathBuf, sync::Arc, time::Instant};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use verigate::{
-    routes::analytics::{export_stream, ExportFormat},
+    routes::analytics::{export_stream, stored_rule_outcomes, ExportFormat},
     store::{
         GroupBy, StatsQuery, Store, StoreOptions, Unobserved, VerificationFilter, VerificationQuery,
     },
@@ -200,6 +201,16 @@ async fn main() {
         "console overview: 3 h by rule and minute {windowed_ms:.1} ms ({windowed_records} verifications, {} groups); 24 h by country {countries_ms:.1} ms; {:.2}% of one core at a 10 s / 60 s refresh",
         windowed.len(),
         (windowed_ms / 10_000.0 + countries_ms / 60_000.0) * 100.0
+    );
+
+    // What the console's Rules view asks once a minute: every rule's stored outcomes
+    // over a day, walked as `GET /v1/stats/rules` walks it.
+    let t = Instant::now();
+    let rules = stored_rule_outcomes(&store, day.0, day.1).await.unwrap();
+    println!(
+        "rule outcomes: {:.3} s for one day ({} rules), against {stats_s:.3} s for the day's stats",
+        t.elapsed().as_secs_f64(),
+        rules.len()
     );
 
     // Export one day as NDJSON, against encoding the same records already in memory.

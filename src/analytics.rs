@@ -8,6 +8,9 @@ use chrono::{DateTime, Utc};
 
 use crate::store::{GroupBy, VerificationFilter, VerificationRecord};
 
+mod rule_outcomes;
+pub use rule_outcomes::{Decided, RuleOutcome, RuleOutcomes, Shadowed};
+
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 

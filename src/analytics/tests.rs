@@ -273,3 +273,52 @@ fn minute_and_hour_buckets_are_times_in_order_and_add_up_to_the_total() {
     let first = &by.finish()[0];
     assert!(first.group["minute"].ends_with(":00Z"), "{:?}", first.group);
 }
+
+/// A verification allowed by the default, with `shadow` rules that would have denied it,
+/// ending `status`.
+fn shadowed(id: &str, shadow: &[&str], status: Option<&str>) -> VerificationRecord {
+    let mut r = record(id, "GB", "sms", Some(Action::Allow), status, 0.05, t(1, 10));
+    if let Some(d) = r.decision.as_mut() {
+        d.explanation.shadow = shadow
+            .iter()
+            .map(|rule| crate::decision::ShadowMatch {
+                rule: (*rule).to_owned(),
+                would: Action::Deny,
+            })
+            .collect();
+    }
+    r
+}
+
+#[test]
+fn a_shadow_rules_precision_counts_only_what_it_would_have_denied_and_is_finished() {
+    let mut outcomes = RuleOutcomes::default();
+    for r in [
+        shadowed("1", &["watch"], Some("SUCCESSFUL")),
+        shadowed("2", &["watch"], Some("FAIL")),
+        shadowed("3", &["watch", "other"], Some("ABORTED")),
+        shadowed("4", &["watch"], Some("PENDING")),
+        shadowed("5", &["watch"], None),
+        shadowed("6", &[], Some("SUCCESSFUL")),
+    ] {
+        outcomes.add(&r);
+    }
+    // Not asked: no decision, so no rule to credit.
+    outcomes.add(&record("7", "GB", "sms", None, Some("FAIL"), 0.0, t(1, 11)));
+    let rules = outcomes.finish();
+    let names: Vec<&str> = rules.iter().map(|r| r.rule.as_str()).collect();
+    assert_eq!(names, ["default", "other", "watch"]);
+    let watch = &rules[2].shadow;
+    assert_eq!((watch.verifications, watch.would_deny), (5, 5));
+    assert_eq!(
+        (watch.would_deny_finished, watch.would_deny_successful),
+        (3, 1)
+    );
+    assert_eq!(watch.precision, Some(1.0 - 1.0 / 3.0));
+    assert_eq!(watch.results["NONE"], 1);
+    assert_eq!(rules[2].decided.verifications, 0);
+    assert_eq!(rules[1].shadow.precision, Some(1.0));
+    let default = &rules[0].decided;
+    assert_eq!((default.verifications, default.allowed), (6, 6));
+    assert_eq!(rules[0].shadow.precision, None);
+}

@@ -43,7 +43,7 @@ const ASSETS: &[Asset] = &[
 /// What the console's pages may do. No inline script or style, no eval, no plug-ins, no
 /// framing, no form posts, and no assignment of strings to HTML sinks.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; \
-     style-src 'self'; img-src 'self' data:; connect-src 'self'; base-uri 'none'; \
+     style-src 'self'; connect-src 'self'; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'; require-trusted-types-for 'script'; \
      trusted-types 'none'";
 

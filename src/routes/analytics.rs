@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use super::{ApiCaller, CallbackState};
 use crate::{
     analytics::{
-        csv_row, filter_from_params, group_by_from_params, ParamError, Params, CSV_COLUMNS,
-        LIST_PARAMS,
+        csv_row, filter_from_params, group_by_from_params, ParamError, Params, RuleOutcome,
+        RuleOutcomes, CSV_COLUMNS, LIST_PARAMS,
     },
     error::{ApiError, ErrorCode},
     store::{
@@ -238,6 +238,45 @@ pub async fn stats(
         "until": until,
         "groups": groups,
     })))
+}
+
+/// `GET /v1/stats/rules`: per rule, how the verifications it decided or matched in
+/// shadow ended, from the stored records (one walk of the range, chunk by chunk).
+pub async fn rule_outcomes(
+    _: ApiCaller,
+    query: Query,
+    state: web::Data<CallbackState>,
+) -> Result<HttpResponse, ApiError> {
+    let values = query.into_inner();
+    let params = Params::new(&values, &["since", "until"])?;
+    let (since, until) = params.range()?;
+    let rules = stored_rule_outcomes(state.store.ready()?, since, until).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "since": since,
+        "until": until,
+        "rules": rules,
+    })))
+}
+
+/// Every rule's outcomes over the verifications first seen in `[since, until)`, read
+/// chunk by chunk (constant memory however long the range).
+pub async fn stored_rule_outcomes(
+    store: &Store,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Result<Vec<RuleOutcome>, StoreError> {
+    let mut outcomes = RuleOutcomes::default();
+    let mut after = None;
+    loop {
+        let page = store
+            .verifications(VerificationQuery::between(since, until, CHUNK).after(after))
+            .await?;
+        page.items.iter().for_each(|record| outcomes.add(record));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(outcomes.finish()),
+        }
+    }
 }
 
 /// `GET /v1/events`: the raw event log, oldest first, paginated.

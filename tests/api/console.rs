@@ -467,6 +467,12 @@ async fn the_read_token_sees_everything_but_no_action_and_its_forged_call_is_ref
             .await,
         READ_TOKEN
     );
+    // A reload keeps the tab signed in, with the same role.
+    browser.client().refresh().await.unwrap();
+    browser
+        .text_when("#blocks-list", |t| t.contains("+22507123"))
+        .await;
+    assert_eq!(browser.text_when("#who", |_| true).await, "read token");
     // Signing out forgets it.
     browser.click("#sign-out").await;
     assert_eq!(
@@ -636,4 +642,69 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
         (wrong.status, wrong.error_code().as_str()),
         (401, "invalid_token")
     );
+}
+
+#[tokio::test]
+async fn stored_rule_outcomes_give_a_shadow_rules_precision_and_survive_a_restart() {
+    let (binary, dir) = start_binary().await;
+    seed(&binary).await;
+    let read = |binary: &RunningBinary| {
+        let (client, base) = (binary.client.clone(), binary.base.clone());
+        async move {
+            let reply = api_call(
+                &client,
+                &base,
+                reqwest::Method::GET,
+                "/v1/stats/rules?since=2026-01-01T00:00:00Z",
+                READ_TOKEN,
+            )
+            .await;
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            reply.json()["rules"].as_array().unwrap().clone()
+        }
+    };
+    let rule = |rules: &[Value], name: &str| {
+        rules
+            .iter()
+            .find(|r| r["rule"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {name} in {rules:?}"))
+    };
+    let before = read(&binary).await;
+    let watch = rule(&before, "watch-uk-mobiles");
+    assert_eq!(watch["shadow"]["would_deny"], 3);
+    assert_eq!(watch["shadow"]["would_deny_successful"], 1);
+    assert_eq!(watch["shadow"]["results"]["FAIL"], 2);
+    let precision = watch["shadow"]["precision"].as_f64().unwrap();
+    assert!((precision - 2.0 / 3.0).abs() < 1e-9, "{precision}");
+    assert_eq!(watch["decided"]["verifications"], 0);
+    let listed = rule(&before, "blocked-numbers");
+    assert_eq!(
+        (
+            listed["decided"]["denied"].as_u64(),
+            listed["decided"]["results"]["NONE"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+    assert_eq!(rule(&before, "default")["decided"]["allowed"], 12);
+
+    // The policy's own counts start again with the process; the stored ones do not.
+    binary.terminate();
+    let binary = RunningBinary::start(&dir, &[("VERIGATE__API__READ_TOKEN", READ_TOKEN)]).await;
+    let after = read(&binary).await;
+    assert_eq!(after, before);
+
+    let bad = api_call(
+        &binary.client,
+        &binary.base,
+        reqwest::Method::GET,
+        "/v1/stats/rules?group_by=rule",
+        READ_TOKEN,
+    )
+    .await;
+    assert_eq!(
+        (bad.status, bad.error_code().as_str()),
+        (400, "bad_request")
+    );
+    assert!(bad.text.contains("group_by"), "{}", bad.text);
 }

@@ -148,6 +148,7 @@
     session.token = null;
     session.role = null;
     countryCache = null;
+    ruleCache = null;
     sessionStorage.removeItem(TOKEN_KEY);
     $('app').hidden = true;
     $('nav').hidden = true;
@@ -497,73 +498,76 @@
 
   // ---- rules -----------------------------------------------------------------------------
 
+  // The stored outcomes walk every record of the period: read once a minute, or when the
+  // period changes.
+  let ruleCache = null;
+
   async function showRules() {
     const [status, policy] = await Promise.all([api('/v1/status'), api('/v1/policy')]);
     const now = new Date(status.service.now).getTime();
-    const since = new Date(now - 24 * 3600000).toISOString();
-    const decided = await api('/v1/stats?' + query({ since, group_by: 'rule' }));
-    const byRule = new Map(decided.groups.map((g) => [g.group.rule, g]));
+    const hours = Number($('rules-period').value) || 24;
+    if (!ruleCache || ruleCache.hours !== hours || now - ruleCache.at >= 60000) {
+      const since = new Date(now - hours * 3600000).toISOString();
+      const stored = await api('/v1/stats/rules?' + query({ since }));
+      ruleCache = { at: now, hours, byRule: new Map(stored.rules.map((r) => [r.rule, r])) };
+    }
+    const byRule = ruleCache.byRule;
+    const period = hours === 24 ? '24 h' : `${hours / 24} days`;
     $('rules-hint').textContent =
-      `Policy ${policy.version}, loaded ${utc(policy.loaded_at)}. Hits and outcomes count ` +
-      'since the policy was loaded; decisions are the last 24 hours from the store. For a ' +
-      'shadow rule, the outcomes are how the verifications it would have decided ended: ' +
-      'the ones that succeeded are real users it would have turned away.';
+      `Policy ${policy.version}, loaded ${utc(policy.loaded_at)}. Hits count since then; ` +
+      `decisions and outcomes are the stored verifications of the last ${period}. For a ` +
+      'shadow rule, the outcomes are how the verifications it would have decided ended, and ' +
+      'its precision is the share of those it would have denied that did not succeed: the ' +
+      'ones that succeeded are real users it would have turned away.';
+    const builtins = ['default', 'on_error'].filter((name) => byRule.has(name));
     fill($('rules-list'), h('div', { class: 'table-wrap' }, labelled(h('table', { class: 'rules cards' },
-      h('thead', {}, h('tr', {}, ['Rule', 'Mode', 'Conditions', 'Hits', 'Decided (24 h)',
-        'Outcomes', 'Precision'].map((t) => h('th', {}, t)))),
+      h('thead', {}, h('tr', {}, ['Rule', 'Mode', 'Conditions', 'Hits', `Decided (${period})`,
+        `Outcomes (${period})`, 'Precision'].map((t) => h('th', {}, t)))),
       h('tbody', {}, policy.rules.map((rule) => ruleRow(rule, byRule.get(rule.name))),
-        defaultRow(byRule))))));
+        builtins.map((name) => builtinRow(name, byRule.get(name))))))));
     stamp('rules-updated');
   }
 
-  // Of the finished verifications a deny rule matched, the share that did not succeed:
-  // how often it would be right to deny them.
-  function precision(outcomes) {
-    const finished = Object.entries(outcomes || {}).filter(([s]) => s !== 'PENDING');
-    const total = finished.reduce((s, [, n]) => s + n, 0);
-    if (!total) return null;
-    const successful = (outcomes && outcomes.SUCCESSFUL) || 0;
-    return { rate: 1 - successful / total, successful, total };
-  }
-
-  function outcomeList(outcomes) {
-    const entries = Object.entries(outcomes || {}).sort((a, b) => b[1] - a[1]);
+  function outcomeList(results) {
+    const entries = Object.entries(results || {}).sort((a, b) => b[1] - a[1]);
     if (!entries.length) return h('span', { class: 'empty' }, 'none yet');
     return h('ul', { class: 'outcomes' }, entries.map(([s, n]) =>
       h('li', { class: 'status-' + s.toLowerCase() }, `${s} ${count(n)}`)));
   }
 
-  function ruleRow(rule, decided) {
+  const decidedText = (d) => (d && d.verifications
+    ? `${count(d.allowed)} allowed, ${count(d.denied)} denied` : '–');
+
+  function ruleRow(rule, stored) {
     const shadow = rule.mode === 'shadow';
-    const p = rule.action === 'deny' ? precision(rule.outcomes) : null;
-    const precisionCell = p
-      ? [h('strong', {}, percent(p.rate)), h('br'),
-        h('small', {}, `${p.successful} of ${p.total} finished ` +
-          (shadow ? 'would have been real users turned away' : 'had succeeded'))]
-      : h('span', { class: 'empty' }, rule.action === 'deny' ? 'no outcomes yet' : '–');
+    const s = stored && stored.shadow;
+    let precision = h('span', { class: 'empty' }, '–');
+    if (shadow && rule.action === 'deny') {
+      precision = s && s.precision !== null
+        ? [h('strong', {}, percent(s.precision)), h('br'),
+          h('small', {}, `${count(s.would_deny_successful)} of ${count(s.would_deny_finished)} ` +
+            'finished would have been real users turned away')]
+        : h('span', { class: 'empty' }, 'no finished outcomes yet');
+    }
+    const results = shadow ? s && s.results : stored && stored.decided.results;
     return h('tr', { 'data-rule': rule.name, class: shadow ? 'shadow' : null },
       h('td', {}, h('strong', {}, rule.name), rule.note ? [h('br'), h('small', {}, rule.note)] : null),
       h('td', {}, h('span', { class: 'mode ' + rule.mode }, rule.mode), ' ', rule.action),
       h('td', {}, h('ul', { class: 'conditions' }, rule.conditions.map((c) => h('li', {}, c)))),
       h('td', { class: 'n' }, count(rule.hits)),
-      h('td', { class: 'n' }, decided
-        ? `${count(decided.allowed)} allowed, ${count(decided.denied)} denied` : '–'),
-      h('td', {}, outcomeList(rule.outcomes)),
-      h('td', { class: 'precision' }, precisionCell));
+      h('td', { class: 'n' }, shadow
+        ? (s && s.verifications ? `would have decided ${count(s.verifications)}` : '–')
+        : decidedText(stored && stored.decided)),
+      h('td', {}, outcomeList(results)),
+      h('td', { class: 'precision' }, precision));
   }
 
-  function defaultRow(byRule) {
-    const rows = [];
-    for (const name of ['default', 'on_error']) {
-      const g = byRule.get(name);
-      if (!g) continue;
-      rows.push(h('tr', { 'data-rule': name, class: 'builtin' },
-        h('td', {}, h('em', {}, name === 'default' ? 'policy default' : 'on_error answer')),
-        h('td', {}, '–'), h('td', {}, '–'), h('td', { class: 'n' }, '–'),
-        h('td', { class: 'n' }, `${count(g.allowed)} allowed, ${count(g.denied)} denied`),
-        h('td', {}, outcomeList(g.results)), h('td', {}, '–')));
-    }
-    return rows;
+  function builtinRow(name, stored) {
+    return h('tr', { 'data-rule': name, class: 'builtin' },
+      h('td', {}, h('em', {}, name === 'default' ? 'policy default' : 'on_error answer')),
+      h('td', {}, '–'), h('td', {}, '–'), h('td', { class: 'n' }, '–'),
+      h('td', { class: 'n' }, decidedText(stored.decided)),
+      h('td', {}, outcomeList(stored.decided.results)), h('td', {}, '–'));
   }
 
   // ---- verification ----------------------------------------------------------------------
@@ -787,6 +791,7 @@
     });
     $('sign-out').addEventListener('click', () => signOut(null));
     $('window').addEventListener('change', () => refresh('overview', '', true));
+    $('rules-period').addEventListener('change', () => refresh('rules', '', true));
     $('search-form').addEventListener('submit', async (event) => {
       event.preventDefault();
       try {
@@ -803,13 +808,20 @@
       refresh(name, arg, false);
     }, REFRESH_MS);
 
+    // A reload keeps the tab's session. A refused token is forgotten; a service that does
+    // not answer (restarting, say) is asked again, keeping the token meanwhile.
     const saved = sessionStorage.getItem(TOKEN_KEY);
-    if (saved) {
-      signIn(saved).catch((err) => signOut(err instanceof ApiError && err.status === 401
-        ? 'The saved token is no longer accepted: ' + err.message : 'Could not sign in: ' + err.message));
-    } else {
-      signOut(null);
-    }
+    const resume = () => !session.token && signIn(saved).catch((err) => {
+      if (err instanceof ApiError && (err.status === 401 || err.status === 403)) {
+        signOut('The saved token is no longer accepted: ' + err.message);
+        return;
+      }
+      signOut('verigate is not answering (' + err.message + '); trying again in 5 seconds.');
+      sessionStorage.setItem(TOKEN_KEY, saved);
+      setTimeout(resume, 5000);
+    });
+    if (saved) resume();
+    else signOut(null);
   }
 
   start();
