@@ -26,6 +26,10 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
         )
         .route("/v1/verifications", web::get().to(analytics::list))
         .route("/v1/verifications/{id}", web::get().to(verifications::get))
+        .route(
+            "/v1/verifications/{id}/events",
+            web::get().to(verifications::events),
+        )
         .route("/v1/export", web::get().to(analytics::export))
         .route("/v1/stats", web::get().to(analytics::stats))
         .route("/v1/stats/rules", web::get().to(analytics::rule_outcomes))

@@ -3,7 +3,14 @@
 use actix_web::{web, HttpResponse};
 
 use super::{ApiCaller, CallbackState};
-use crate::error::{ApiError, ErrorCode};
+use crate::{
+    error::{ApiError, ErrorCode},
+    store::VerificationRecord,
+};
+
+/// Events of the log one request for a verification's events may read while looking for
+/// them: bounds the cost when its events lie far apart on a busy store.
+const EVENT_SCAN_BUDGET: usize = 100_000;
 
 /// `GET /v1/verifications/{id}`: the joined record of one verification.
 pub async fn get(
@@ -11,12 +18,32 @@ pub async fn get(
     id: web::Path<String>,
     state: web::Data<CallbackState>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
-    match state.store.ready()?.verification(&id).await? {
-        Some(record) => Ok(HttpResponse::Ok().json(record)),
-        None => Err(ApiError::new(
+    Ok(HttpResponse::Ok().json(stored(&state, &id).await?))
+}
+
+/// `GET /v1/verifications/{id}/events`: its callbacks exactly as received, oldest first.
+/// `complete` is false when the search stopped at its budget before finding all of them.
+pub async fn events(
+    _caller: ApiCaller,
+    id: web::Path<String>,
+    state: web::Data<CallbackState>,
+) -> Result<HttpResponse, ApiError> {
+    let record = stored(&state, &id).await?;
+    let store = state.store.ready()?;
+    let (events, complete) = store.events_of(&record, EVENT_SCAN_BUDGET).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "id": record.id,
+        "event_count": record.event_count,
+        "complete": complete,
+        "events": events,
+    })))
+}
+
+async fn stored(state: &CallbackState, id: &str) -> Result<VerificationRecord, ApiError> {
+    state.store.ready()?.verification(id).await?.ok_or_else(|| {
+        ApiError::new(
             ErrorCode::NotFound,
             format!("no verification with id `{id}`"),
-        )),
-    }
+        )
+    })
 }

@@ -390,6 +390,40 @@ impl Store {
         self.engine.events(query).await
     }
 
+    /// The accepted callbacks of one verification, as received, oldest first, and whether
+    /// that is all of them. They are found in the event log between the record's first
+    /// and last event (with a margin for the write order lagging the receive time), so a
+    /// verification whose events lie far apart reads the log between them; `scan_budget`
+    /// bounds how many events that may read.
+    pub async fn events_of(
+        &self,
+        record: &VerificationRecord,
+        scan_budget: usize,
+    ) -> Result<(Vec<StoredEvent>, bool), StoreError> {
+        const MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+        let wanted = usize::try_from(record.event_count).unwrap_or(usize::MAX);
+        let mut query = EventQuery {
+            since: record.first_seen - MARGIN,
+            until: record.updated_at.max(record.first_seen) + MARGIN,
+            after: None,
+            limit: 1000,
+        };
+        let (mut found, mut read) = (Vec::new(), 0);
+        loop {
+            let page = self.engine.events(query.clone()).await?;
+            read += page.items.len();
+            found.extend(page.items.into_iter().filter(|e| e.id == record.id));
+            match page.next {
+                Some(next) if found.len() < wanted && read < scan_budget => {
+                    query.after = Some(next);
+                }
+                _ => break,
+            }
+        }
+        let complete = found.len() >= wanted;
+        Ok((found, complete))
+    }
+
     pub async fn delete_before(&self, cutoff: DateTime<Utc>) -> Result<Deleted, StoreError> {
         self.engine.delete_before(cutoff).await
     }

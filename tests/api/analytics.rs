@@ -494,3 +494,53 @@ async fn the_export_command_reads_a_stopped_store() {
     assert!(csv.starts_with("id,first_seen"));
     drop(dir);
 }
+
+#[tokio::test]
+async fn one_verifications_callbacks_are_served_as_received_in_order() {
+    let app = spawn_app().await;
+    let request = request_event("story-1", "sms", "+46701234567");
+    assert_eq!(app.post_callback(&request).await.status, 200);
+    app.post_callback(&request_event("story-2", "sms", "+46701234568"))
+        .await;
+    app.post_callback(&sms_delivered_event("story-1")).await;
+    let result = result_event("story-1", "SUCCESSFUL");
+    app.post_callback(&result).await;
+    // Sinch retrying the result is not another callback of the verification.
+    app.post_callback(&result).await;
+
+    let reply = app
+        .get("/v1/verifications/story-1/events", Some(API_TOKEN))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.text);
+    let body = reply.json();
+    assert_eq!(
+        (body["complete"].as_bool(), body["event_count"].as_u64()),
+        (Some(true), Some(3))
+    );
+    let events = body["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "VerificationRequestEvent",
+            "VerificationSmsDeliveredEvent",
+            "VerificationResultEvent"
+        ]
+    );
+    let sent: Value = serde_json::from_str(&request).unwrap();
+    assert_eq!(events[0]["body"], sent);
+    assert!(events.iter().all(|e| e["id"] == "story-1"));
+
+    let missing = app
+        .get("/v1/verifications/nobody/events", Some(API_TOKEN))
+        .await;
+    assert_eq!(
+        (missing.status, missing.error_code().as_str()),
+        (404, "not_found")
+    );
+    let anonymous = app.get("/v1/verifications/story-1/events", None).await;
+    assert_eq!(anonymous.status, 401);
+}

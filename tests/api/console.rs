@@ -414,6 +414,20 @@ async fn admin_sees_the_overview_as_the_api_counts_it_and_lifts_a_tripped_block(
         .text_when("#record .explanation", |t| t.contains("quarantine"))
         .await;
     assert!(explained.contains("+22507123"), "{explained}");
+    // Each callback as received, its body one click away.
+    let events = browser
+        .text_when("#record .events", |t| t.contains("Request received"))
+        .await;
+    assert!(events.contains("Answered deny"), "{events}");
+    let body = browser
+        .eval("document.querySelector('#record pre.body').textContent")
+        .await;
+    assert!(
+        body.as_str()
+            .unwrap()
+            .contains("\"VerificationRequestEvent\""),
+        "{body}"
+    );
     browser.screenshot("verification").await;
     browser.close().await;
 }

@@ -271,6 +271,62 @@ pub async fn events_join_into_one_record_whatever_their_order(backend: &Backend)
     store.shutdown().await.unwrap();
 }
 
+pub async fn a_verifications_own_events_are_found_among_others(backend: &Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
+    let allow = decision(Action::Allow, None);
+    let mine = [
+        request_event("mine", "sms", "+46700000004"),
+        sms_delivered_event("mine"),
+        result_event("mine", "SUCCESSFUL"),
+    ];
+    put(&store, &mine[0], 0, Some(&allow)).await;
+    put(
+        &store,
+        &request_event("other", "sms", "+46700000005"),
+        1,
+        Some(&allow),
+    )
+    .await;
+    put(&store, &mine[1], 2, None).await;
+    put(&store, &result_event("other", "FAIL"), 3, None).await;
+    put(&store, &mine[2], 4, None).await;
+    // A second delivery of a result is not another event.
+    put(&store, &mine[2], 5, None).await;
+    put(
+        &store,
+        &request_event("after", "sms", "+46700000006"),
+        6,
+        Some(&allow),
+    )
+    .await;
+
+    let record = store.verification("mine").await.unwrap().unwrap();
+    let (events, complete) = store.events_of(&record, 100).await.unwrap();
+    assert!(complete, "{}", backend.name);
+    let kinds: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "VerificationRequestEvent",
+            "VerificationSmsDeliveredEvent",
+            "VerificationResultEvent"
+        ],
+        "{}",
+        backend.name
+    );
+    for (event, body) in events.iter().zip(&mine) {
+        assert_eq!(event.id, "mine");
+        let stored: serde_json::Value = serde_json::from_str(event.body.get()).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(stored, sent, "{}", backend.name);
+    }
+    let other = store.verification("other").await.unwrap().unwrap();
+    let (events, complete) = store.events_of(&other, 100).await.unwrap();
+    assert_eq!((events.len(), complete), (2, true), "{}", backend.name);
+    store.shutdown().await.unwrap();
+}
+
 pub async fn listings_follow_creation_order_and_filters(backend: &Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
@@ -769,6 +825,7 @@ macro_rules! contract_tests {
             duplicates_get_the_first_answer_and_change_nothing,
             concurrent_deliveries_of_one_event_are_admitted_once,
             events_join_into_one_record_whatever_their_order,
+            a_verifications_own_events_are_found_among_others,
             listings_follow_creation_order_and_filters,
             pagination_has_no_gaps_under_concurrent_writes,
             retention_deletes_a_verification_with_everything_derived_from_it,

@@ -661,9 +661,15 @@
   }
 
   async function showRecord(id) {
+    const path = '/v1/verifications/' + encodeURIComponent(id);
     let record;
+    let logged;
     try {
-      record = await api('/v1/verifications/' + encodeURIComponent(id));
+      [record, logged] = await Promise.all([
+        api(path),
+        // Without its log entries the record still tells the story, from its own parts.
+        api(path + '/events').catch(() => null),
+      ]);
     } catch (err) {
       if (err instanceof ApiError && err.status === 404) {
         fill($('record'), h('p', { class: 'empty' }, `No verification with id “${id}”.`));
@@ -671,10 +677,10 @@
       }
       throw err;
     }
-    fill($('record'), recordView(record));
+    fill($('record'), recordView(record, logged));
   }
 
-  function recordView(r) {
+  function recordView(r, logged) {
     const facts = [
       ['Id', r.id], ['Number', r.number || '–'], ['Country', r.country || 'unknown'],
       ['Prefix', r.prefix || '–'], ['Method', METHODS[r.method] || r.method || '–'],
@@ -688,7 +694,7 @@
       h('dl', { class: 'facts' }, facts.map(([k, v]) => [h('dt', {}, k),
         h('dd', { class: 'field-' + k.toLowerCase().replace(/ /g, '-') }, v)])),
       h('h3', {}, 'Events'),
-      h('ol', { class: 'events' }, events(r)),
+      h('ol', { class: 'events' }, events(r, logged)),
       r.decision ? decisionView(r.decision) : null);
   }
 
@@ -715,27 +721,50 @@
     return parts.join(' ');
   }
 
-  function events(r) {
+  // The verification in time order: each callback as received (from the event log, with
+  // its body) and the answer verigate gave; without the log, the record's own parts.
+  function events(r, logged) {
     const list = [];
-    if (r.request) {
-      const price = r.request.price && r.request.price.amount !== undefined
-        ? `, price ${r.request.price.amount} ${r.request.price.currencyId || r.request.price.currency_id || ''}`
-        : '';
-      list.push([r.request.received_at, 'Request event received' + price]);
+    if (logged && logged.events.length) {
+      for (const e of logged.events) list.push([e.received_at, describe(e.event, e.body), e.body]);
+    } else {
+      if (r.request) list.push([r.request.received_at, describe('VerificationRequestEvent', r.request)]);
+      if (r.sms_delivery) {
+        list.push([r.sms_delivery.received_at, describe('VerificationSmsDeliveredEvent',
+          { smsResult: r.sms_delivery.result })]);
+      }
+      if (r.result) list.push([r.result.received_at, describe('VerificationResultEvent', r.result)]);
     }
+    // After the events, so that it follows a request received in the same millisecond.
     if (r.decision) {
       list.push([r.decision.decided_at, `Answered ${r.decision.action}: ${r.decision.reason}`]);
     }
-    if (r.sms_delivery) {
-      list.push([r.sms_delivery.received_at, `SMS delivery reported: ${r.sms_delivery.result}`]);
+    const ms = (iso) => new Date(iso).getTime() || 0;
+    list.sort((a, b) => ms(a[0]) - ms(b[0]));
+    const items = list.map(([at, what, body]) => h('li', {}, h('time', {}, utc(at)), ' ', what,
+      body ? h('details', {}, h('summary', {}, 'as received'),
+        h('pre', { class: 'body' }, JSON.stringify(body, null, 2))) : null));
+    if (logged && !logged.complete) {
+      items.push(h('li', { class: 'empty' }, `${logged.events.length} of the ${logged.event_count} ` +
+        'callbacks were found in the log near this verification; the facts above include them all.'));
     }
-    if (r.result) {
-      const extra = [r.result.reason, r.result.source && 'source ' + r.result.source]
-        .filter(Boolean).join(', ');
-      list.push([r.result.received_at, `Result ${r.result.status}` + (extra ? ` (${extra})` : '')]);
+    return items;
+  }
+
+  // One callback in words, from its body (or the record's part of the same shape).
+  function describe(type, body) {
+    const b = body || {};
+    if (type === 'VerificationRequestEvent') {
+      const p = b.price;
+      const currency = p && (p.currencyId || p.currency_id);
+      return 'Request received' + (p && p.amount !== undefined ? `, price ${p.amount} ${currency || ''}` : '');
     }
-    list.sort((a, b) => String(a[0]).localeCompare(String(b[0])));
-    return list.map(([at, what]) => h('li', {}, h('time', {}, utc(at)), ' ', what));
+    if (type === 'VerificationResultEvent') {
+      const extra = [b.reason, b.source && 'source ' + b.source].filter(Boolean).join(', ');
+      return `Result ${b.status}` + (extra ? ` (${extra})` : '');
+    }
+    if (type === 'VerificationSmsDeliveredEvent') return `SMS delivery reported: ${b.smsResult}`;
+    return type;
   }
 
   function decisionView(d) {
