@@ -7,7 +7,7 @@
   const TOKEN_KEY = 'verigate.token';
   const SVG = 'http://www.w3.org/2000/svg';
 
-  const session = { token: null, role: null, status: null };
+  const session = { token: null, role: null };
   let countryCache = null;
   let refreshing = false;
 
@@ -139,7 +139,6 @@
     const status = await api('/v1/status', { token });
     session.token = token;
     session.role = status.role;
-    session.status = status;
     sessionStorage.setItem(TOKEN_KEY, token);
     showSignedIn();
   }
@@ -234,7 +233,6 @@
 
   async function showOverview() {
     const status = await api('/v1/status');
-    session.status = status;
     const now = new Date(status.service.now).getTime();
     const minutes = Number($('window').value) || 180;
     const since = new Date(now - minutes * 60000).toISOString();
