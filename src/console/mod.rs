@@ -49,22 +49,22 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'
 
 /// `GET /console`: the page.
 pub async fn page(req: HttpRequest) -> Result<HttpResponse, ApiError> {
-    asset(req, web::Path::from("index.html".to_owned())).await
+    serve(&req, "index.html")
 }
 
 /// `GET /console/{file}`: its script and style sheet.
 pub async fn asset(req: HttpRequest, file: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    serve(&req, &file).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::NotFound,
-            format!("the console has no file `{file}`"),
-        )
-    })
+    serve(&req, &file)
 }
 
-/// The file's answer (304 when the browser has it), or `None` for a name not embedded.
-fn serve(req: &HttpRequest, name: &str) -> Option<HttpResponse> {
-    let asset = ASSETS.iter().find(|a| a.name == name)?;
+/// The file's answer (304 when the browser has it), or 404 for a name not embedded.
+fn serve(req: &HttpRequest, name: &str) -> Result<HttpResponse, ApiError> {
+    let asset = ASSETS.iter().find(|a| a.name == name).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::NotFound,
+            format!("the console has no file `{name}`"),
+        )
+    })?;
     let etag = format!("\"{:08x}\"", crc32fast::hash(asset.body.as_bytes()));
     let fresh = req
         .headers()
@@ -84,16 +84,14 @@ fn serve(req: &HttpRequest, name: &str) -> Option<HttpResponse> {
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((header::ETAG, etag));
     if fresh {
-        return Some(answer.finish());
+        return Ok(answer.finish());
     }
-    Some(
-        answer
-            .insert_header((
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(asset.content_type),
-            ))
-            .body(asset.body),
-    )
+    Ok(answer
+        .insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(asset.content_type),
+        ))
+        .body(asset.body))
 }
 
 #[cfg(test)]

@@ -8,45 +8,45 @@
   const SVG = 'http://www.w3.org/2000/svg';
 
   const session = { token: null, role: null };
-  let countryCache = null;
+
+  // Reads that walk many records run at most once a minute, or again when what they ask
+  // changes; the rest refresh with the page.
+  const slowReads = new Map();
+  async function atMostEveryMinute(name, ask, nowMs, read) {
+    const kept = slowReads.get(name);
+    if (kept && kept.ask === ask && nowMs - kept.at < 60000) return kept.value;
+    const value = await read();
+    slowReads.set(name, { ask, at: nowMs, value });
+    return value;
+  }
   let refreshing = false;
 
   // ---- building the page, as text only ------------------------------------------------
 
   const $ = (id) => document.getElementById(id);
 
+  // Null, undefined and false stand for "nothing here", so callers can write conditions
+  // inline; everything else is a node, or a string that becomes a text node.
+  const present = (v) => v !== null && v !== undefined && v !== false;
+  const nodes = (children) => children.flat(Infinity).filter(present)
+    .map((c) => (c instanceof Node ? c : String(c)));
+
   // h('td', {class: 'n'}, 'text', node, ...): an element whose strings become text nodes.
-  function h(tag, props, ...children) {
-    const el = document.createElement(tag);
-    setProps(el, props);
-    for (const child of children.flat(Infinity)) {
-      if (child === null || child === undefined || child === false) continue;
-      el.append(child instanceof Node ? child : String(child));
-    }
-    return el;
-  }
+  const h = (tag, props, ...children) => build(document.createElement(tag), props, children);
+  const svg = (tag, attrs, ...children) =>
+    build(document.createElementNS(SVG, tag), attrs, children);
 
-  function svg(tag, attrs, ...children) {
-    const el = document.createElementNS(SVG, tag);
-    setProps(el, attrs);
-    for (const child of children.flat(Infinity)) {
-      if (child === null || child === undefined) continue;
-      el.append(child instanceof Node ? child : String(child));
-    }
-    return el;
-  }
-
-  function setProps(el, props) {
+  function build(el, props, children) {
     for (const [key, value] of Object.entries(props || {})) {
-      if (value === null || value === undefined || value === false) continue;
+      if (!present(value)) continue;
       if (key.startsWith('on')) el.addEventListener(key.slice(2), value);
       else el.setAttribute(key, value === true ? '' : String(value));
     }
+    el.append(...nodes(children));
+    return el;
   }
 
-  function fill(el, ...children) {
-    el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined));
-  }
+  const fill = (el, ...children) => el.replaceChildren(...nodes(children));
 
   const count = (n) => (typeof n === 'number' ? n.toLocaleString('en-US') : '–');
   const percent = (r) => (typeof r === 'number' ? (r * 100).toFixed(1) + ' %' : '–');
@@ -146,8 +146,7 @@
   function signOut(message) {
     session.token = null;
     session.role = null;
-    countryCache = null;
-    ruleCache = null;
+    slowReads.clear();
     sessionStorage.removeItem(TOKEN_KEY);
     $('app').hidden = true;
     $('nav').hidden = true;
@@ -240,16 +239,13 @@
     const bucket = minutes > 360 ? 'hour' : 'minute';
     // One pass over the window's records gives the totals, the series and the rules; the
     // 24-hour country pass is the costly one and is repeated once a minute.
-    const countriesDue = !countryCache || now - countryCache.at >= 60000;
     const [windowed, policy, blocks, countries] = await Promise.all([
       api('/v1/stats?' + query({ since, group_by: 'rule,' + bucket })),
       api('/v1/policy'),
       api('/v1/policy/blocks'),
-      countriesDue
-        ? api('/v1/stats?' + query({ since: daySince, group_by: 'country' }))
-        : Promise.resolve(countryCache.stats),
+      atMostEveryMinute('countries', '', now,
+        () => api('/v1/stats?' + query({ since: daySince, group_by: 'country' }))),
     ]);
-    countryCache = { at: countriesDue ? now : countryCache.at, stats: countries };
     const sum = summed(windowed.groups, () => 'all').get('all') || {};
     $('stat-verifications').textContent = count(sum.verifications || 0);
     $('stat-allowed').textContent = count(sum.allowed || 0);
@@ -496,20 +492,14 @@
 
   // ---- rules -----------------------------------------------------------------------------
 
-  // The stored outcomes walk every record of the period: read once a minute, or when the
-  // period changes.
-  let ruleCache = null;
-
   async function showRules() {
     const [status, policy] = await Promise.all([api('/v1/status'), api('/v1/policy')]);
     const now = new Date(status.service.now).getTime();
     const hours = Number($('rules-period').value) || 24;
-    if (!ruleCache || ruleCache.hours !== hours || now - ruleCache.at >= 60000) {
-      const since = new Date(now - hours * 3600000).toISOString();
-      const stored = await api('/v1/stats/rules?' + query({ since }));
-      ruleCache = { at: now, hours, byRule: new Map(stored.rules.map((r) => [r.rule, r])) };
-    }
-    const byRule = ruleCache.byRule;
+    // The stored outcomes walk every record of the period.
+    const stored = await atMostEveryMinute('rules', hours, now, () =>
+      api('/v1/stats/rules?' + query({ since: new Date(now - hours * 3600000).toISOString() })));
+    const byRule = new Map(stored.rules.map((r) => [r.rule, r]));
     const period = hours === 24 ? '24 h' : `${hours / 24} days`;
     $('rules-hint').textContent =
       `Policy ${policy.version}, loaded ${utc(policy.loaded_at)}. Hits count since then; ` +
