@@ -6,7 +6,6 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
 };
 
 use crate::helpers::*;
@@ -49,17 +48,6 @@ impl SmallDisk {
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
-async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !done().await {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not happen within 15 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

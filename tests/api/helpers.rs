@@ -2,7 +2,7 @@ use std::{
     collections::HashMap,
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use actix_web::dev::ServerHandle;
@@ -21,6 +21,19 @@ pub const APP_KEY: &str = "5F5C418A-0F91-4BBC-8234-A9BF5EDDAD97";
 pub const APP_SECRET: &str = "JViE5vDor0Sw3WllZka15Q==";
 pub const API_TOKEN: &str = "test-api-token-0123456789";
 pub const JSON: &str = "application/json; charset=utf-8";
+
+/// Polls `done` every 100 ms until it holds; fails after 15 s. For what happens in the
+/// background (a sync, a recovery): the test asserts that it happens, not how fast.
+pub async fn wait_for(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not happen within 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Silent unless TEST_LOG is set, so failures are readable.
 fn init_tracing() {
