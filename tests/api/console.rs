@@ -602,13 +602,16 @@ async fn every_view_fits_a_phone_width_screen() {
 #[tokio::test]
 async fn the_console_is_served_from_the_binary_under_a_strict_content_security_policy() {
     let (binary, _dir) = start_binary().await;
+    // The headers matter here, so the raw response rather than a `Reply`.
+    let fetch = async |path: &str, if_none_match: Option<&str>| {
+        let mut request = binary.client.get(format!("{}{path}", binary.base));
+        if let Some(etag) = if_none_match {
+            request = request.header("if-none-match", etag);
+        }
+        request.send().await.unwrap()
+    };
     for path in ["/console", "/console/console.js", "/console/console.css"] {
-        let reply = binary
-            .client
-            .get(format!("{}{path}", binary.base))
-            .send()
-            .await
-            .unwrap();
+        let reply = fetch(path, None).await;
         assert_eq!(reply.status(), 200, "{path}");
         let csp = reply.headers()["content-security-policy"]
             .to_str()
@@ -622,24 +625,10 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
         assert_eq!(reply.headers()["x-frame-options"], "DENY");
         let etag = reply.headers()["etag"].to_str().unwrap().to_owned();
         // A browser that has the file is told so without the body.
-        let again = binary
-            .client
-            .get(format!("{}{path}", binary.base))
-            .header("if-none-match", &etag)
-            .send()
-            .await
-            .unwrap();
+        let again = fetch(path, Some(&etag)).await;
         assert_eq!(again.status(), 304, "{path}");
     }
-    let missing = reply(
-        binary
-            .client
-            .get(format!("{}/console/secrets.txt", binary.base))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let missing = reply(fetch("/console/secrets.txt", None).await).await;
     assert_eq!(
         (missing.status, missing.error_code().as_str()),
         (404, "not_found")
