@@ -7,6 +7,11 @@
 //! `cargo bench --bench analytics`. The first run loads the records into
 //! `target/bench-analytics-v2-<N>/` and reuses them. Dropping the page cache needs root;
 //! without it the "cold" figures are labelled as warm.
+//!
+//! `VERIGATE_BENCH_STORE=postgres` runs the same on PostgreSQL: the database
+//! `verigate_analytics_<N>` on the test server (tests/support/postgres.sh), loaded once
+//! through the group commit and reused while it holds all N verifications. There the
+//! "cold" figures only reopen the store: the server's own cache stays warm.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{path::PathBuf, sync::Arc, time::Instant};
@@ -29,8 +34,72 @@ fn start() -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 10, 1, 0, 0, 0).unwrap()
 }
 
-fn open(dir: &std::path::Path) -> Store {
-    Store::open(&StoreOptions::at(dir.join("db")), Arc::new(Unobserved)).unwrap()
+/// Where the records are: a sled folder, or a PostgreSQL database.
+enum Backend {
+    Sled,
+    Postgres(String),
+}
+
+async fn open(dir: &std::path::Path, backend: &Backend) -> Store {
+    match backend {
+        Backend::Sled => {
+            Store::open(&StoreOptions::at(dir.join("db")), Arc::new(Unobserved)).unwrap()
+        }
+        Backend::Postgres(url) => {
+            let options = StoreOptions {
+                postgres: Some(verigate::store::postgres::PostgresOptions {
+                    url: url.clone().into(),
+                    pool_size: 8,
+                }),
+                ..StoreOptions::at(dir.join("unused"))
+            };
+            Store::connect(&options, Arc::new(Unobserved))
+                .await
+                .unwrap()
+        }
+    }
+}
+
+/// The analytics database on the test server, made if missing; its URL and whether it
+/// already holds `n` verifications.
+async fn postgres_database(n: u64) -> (String, bool) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/support/postgres.sh");
+    let out = std::process::Command::new("bash")
+        .arg(script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "PostgreSQL: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let name = format!("verigate_analytics_{n}");
+    let (base, _) = server.rsplit_once('/').unwrap();
+    let url = format!("{base}/{name}");
+    let query = |url: String, sql: String| async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .ok()?;
+        tokio::spawn(connection);
+        client.query_opt(&sql, &[]).await.ok().flatten()
+    };
+    let held: i64 = query(
+        url.clone(),
+        "SELECT count(*) FROM verigate_verifications".into(),
+    )
+    .await
+    .map_or(0, |row| row.get(0));
+    if held as u64 == n {
+        return (url, true);
+    }
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        let _ = query(server.clone(), sql).await;
+    }
+    (url, false)
 }
 
 fn by(filter: VerificationFilter) -> VerificationQuery {
@@ -100,22 +169,32 @@ async fn main() {
     let n: u64 = corpus::knob("VERIGATE_BENCH_RECORDS", 1_000_000);
     let dir =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("target/bench-analytics-v2-{n}"));
-    let done = dir.join("loaded");
-    let store = open(&dir);
-    if !done.exists() {
+    let (backend, loaded) = match std::env::var("VERIGATE_BENCH_STORE").as_deref() {
+        Ok("postgres") => {
+            let (url, loaded) = postgres_database(n).await;
+            (Backend::Postgres(url), loaded)
+        }
+        _ => (Backend::Sled, dir.join("loaded").exists()),
+    };
+    let store = open(&dir, &backend).await;
+    if !loaded {
         corpus::load(&store, n, start(), Duration::days(DAYS)).await;
         store.shutdown().await.unwrap();
-        std::fs::write(&done, b"").unwrap();
+        if let Backend::Sled = backend {
+            std::fs::write(dir.join("loaded"), b"").unwrap();
+        }
         println!("peak RSS while loading: {:.0} MiB", peak_rss_mib());
     }
     drop(store);
-    let store = open(&dir);
-    let size = store.size_on_disk().unwrap();
-    println!(
-        "{n} verifications, {:.0} MB on disk, {:.0} bytes per stored event",
-        size as f64 / 1e6,
-        size as f64 / (n + n / 5) as f64
-    );
+    let store = open(&dir, &backend).await;
+    match store.size_on_disk() {
+        Some(size) => println!(
+            "{n} verifications, {:.0} MB on disk, {:.0} bytes per stored event",
+            size as f64 / 1e6,
+            size as f64 / (n + n / 5) as f64
+        ),
+        None => println!("{n} verifications on PostgreSQL"),
+    }
 
     // Lookups by number and reference (indexes), against a scan for one number.
     let (number_us, reference_us) = lookups(&store, n, 0).await;
@@ -245,10 +324,14 @@ async fn main() {
     drop(store);
 
     // Cold: the page cache dropped and the store reopened (its own cache empty too).
-    let cold = drop_page_cache();
-    let store = open(&dir);
+    let cold = drop_page_cache() && matches!(backend, Backend::Sled);
+    let store = open(&dir, &backend).await;
     let (number_us, reference_us) = lookups(&store, n, 11).await;
-    let label = if cold { "cold" } else { "warm, no root" };
+    let label = match (&backend, cold) {
+        (_, true) => "cold",
+        (Backend::Sled, false) => "warm, no root",
+        (Backend::Postgres(_), false) => "reopened",
+    };
     println!(
         "by number ({label}):    p50 {:>6.0} us  p99 {:>6.0} us",
         number_us[0], number_us[1]

@@ -13,7 +13,10 @@
 //! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_ONLY=verigate (skip the bare
 //! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
 //! LOAD_REPLICAS=1,2,3 (also run that many verigate replicas on one PostgreSQL database,
-//! started by tests/support/postgres.sh, with the connections spread over them).
+//! started by tests/support/postgres.sh, with the connections spread over them). For
+//! those it also prints the `on_error` answers the replicas gave (and how many of them
+//! for the decision deadline), and what a callback cost: CPU in verigate and in the
+//! PostgreSQL server, WAL bytes and WAL syncs (from `pg_stat_wal`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
@@ -98,6 +101,7 @@ fn main() {
         let dir = tempfile::tempdir().unwrap();
         let verigate = Server::verigate(dir.path(), workers, &log_level, &[]);
         let ours = runtime.block_on(drive(&[verigate.port], &requests, concurrency));
+        let sled_cpu = cpu_seconds(verigate.child.id(), false);
         let peak_rss = verigate.peak_rss_kib();
         let commits = verigate.commit_figures();
         drop(verigate);
@@ -125,6 +129,10 @@ fn main() {
             store_bytes as f64 / requests.len() as f64
         );
         println!("  {commits}");
+        println!(
+            "  per callback: verigate {:.0} us CPU",
+            sled_cpu * 1e6 / requests.len() as f64
+        );
         for &n in &replica_counts {
             let database = postgres_database(&runtime, &format!("verigate_load_{round}_{n}"));
             let dirs: Vec<_> = (0..n).map(|_| tempfile::tempdir().unwrap()).collect();
@@ -137,8 +145,32 @@ fn main() {
                 .map(|d| Server::verigate(d.path(), workers, &log_level, &env))
                 .collect();
             let ports: Vec<u16> = replicas.iter().map(|r| r.port).collect();
+            let before = database_cost(&runtime);
             let run = runtime.block_on(drive(&ports, &requests, concurrency));
             run.print(&format!("pg x{n} replicas"));
+            let (on_error, late) = replicas
+                .iter()
+                .map(Server::on_error_answers)
+                .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d));
+            println!(
+                "  on_error answers {on_error:.0} ({late:.0} of them for the decision deadline)"
+            );
+            let ours_cpu: f64 = replicas
+                .iter()
+                .map(|r| cpu_seconds(r.child.id(), false))
+                .sum();
+            drop(replicas);
+            // The database's processes for the replicas' connections end meanwhile.
+            std::thread::sleep(Duration::from_millis(500));
+            let after = database_cost(&runtime);
+            let per = requests.len() as f64;
+            println!(
+                "  per callback: verigate {:.0} us CPU; PostgreSQL {:.0} us CPU, {:.0} bytes of WAL, {:.3} WAL syncs",
+                ours_cpu * 1e6 / per,
+                (after[0] - before[0]) * 1e6 / per,
+                (after[1] - before[1]) / per,
+                (after[2] - before[2]) / per
+            );
             println!(
                 "  ratio pg x{n} / sled: {:.2}  (throughput); request events (decisions on shared counters) {:.0}/s",
                 run.rate() / ours.rate(),
@@ -148,8 +180,8 @@ fn main() {
     }
 }
 
-/// A fresh, empty database on the test PostgreSQL server; its URL.
-fn postgres_database(runtime: &tokio::runtime::Runtime, name: &str) -> String {
+/// The test PostgreSQL server's URL (its `postgres` database), started if need be.
+fn test_server() -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/postgres.sh");
     let out = Command::new("bash").arg(script).output().unwrap();
     assert!(
@@ -157,7 +189,12 @@ fn postgres_database(runtime: &tokio::runtime::Runtime, name: &str) -> String {
         "PostgreSQL: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let server = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A fresh, empty database on the test PostgreSQL server; its URL.
+fn postgres_database(runtime: &tokio::runtime::Runtime, name: &str) -> String {
+    let server = test_server();
     runtime.block_on(async {
         let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
             .await
@@ -174,6 +211,67 @@ fn postgres_database(runtime: &tokio::runtime::Runtime, name: &str) -> String {
     });
     let (base, _) = server.rsplit_once('/').unwrap();
     format!("{base}/{name}")
+}
+
+/// CPU seconds a process has used (Linux, 100 ticks a second), with those of its
+/// children that ended if `ended_children`.
+fn cpu_seconds(pid: u32, ended_children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces); utime is field 14.
+    let fields: Vec<f64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0.0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let take = if ended_children { 4 } else { 2 };
+    fields.iter().skip(11).take(take).sum::<f64>() / 100.0
+}
+
+/// What the test PostgreSQL server has spent so far: CPU seconds (the postmaster, its
+/// live processes and those that ended), WAL bytes and WAL syncs.
+fn database_cost(runtime: &tokio::runtime::Runtime) -> [f64; 3] {
+    let dir = std::env::var("VERIGATE_PG_DIR")
+        .unwrap_or_else(|_| format!("{}/target/test-postgres", env!("CARGO_MANIFEST_DIR")));
+    let postmaster: u32 = std::fs::read_to_string(Path::new(&dir).join("postmaster.pid"))
+        .ok()
+        .and_then(|pid| pid.lines().next()?.trim().parse().ok())
+        .unwrap_or(0);
+    let mut cpu = cpu_seconds(postmaster, true);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let parent = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(postmaster) {
+            cpu += cpu_seconds(pid, false);
+        }
+    }
+    let server = test_server();
+    let [wal_bytes, wal_syncs] = runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&server, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let row = client
+            .query_one(
+                "SELECT wal_bytes::float8, wal_sync::float8 FROM pg_stat_wal",
+                &[],
+            )
+            .await
+            .unwrap();
+        [row.get(0), row.get(1)]
+    });
+    [cpu, wal_bytes, wal_syncs]
 }
 
 fn knob(name: &str, default: usize) -> usize {
@@ -289,8 +387,8 @@ impl Server {
         Self { child, port }
     }
 
-    /// Group commits: how many, events per commit and sync time, from /metrics.
-    fn commit_figures(&self) -> String {
+    /// The server's /metrics text (empty if it cannot be fetched).
+    fn scrape(&self) -> String {
         use std::io::{Read, Write};
         let mut text = String::new();
         let fetched = std::net::TcpStream::connect(("127.0.0.1", self.port)).and_then(|mut s| {
@@ -298,6 +396,31 @@ impl Server {
             s.read_to_string(&mut text)
         });
         if fetched.is_err() {
+            text.clear();
+        }
+        text
+    }
+
+    /// Request events answered `on_error` (any cause), and those of them answered so
+    /// because the policy missed the decision deadline.
+    fn on_error_answers(&self) -> (f64, f64) {
+        let text = self.scrape();
+        let sum = |keep: &dyn Fn(&str) -> bool| -> f64 {
+            text.lines()
+                .filter(|l| !l.starts_with('#') && keep(l))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        (
+            sum(&|l| l.starts_with("verigate_decisions_total") && l.contains("rule=\"on_error\"")),
+            sum(&|l| l.starts_with("verigate_decision_deadline_exceeded_total")),
+        )
+    }
+
+    /// Group commits: how many, events per commit and sync time, from /metrics.
+    fn commit_figures(&self) -> String {
+        let text = self.scrape();
+        if text.is_empty() {
             return "commit figures unavailable".into();
         }
         let sample = |name: &str| {

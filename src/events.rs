@@ -164,6 +164,12 @@ pub const SMS_DELIVERED_EVENT: &str = "VerificationSmsDeliveredEvent";
 
 /// Longest `id` and `event` we accept; real ones are under 64 characters.
 const MAX_ID_LEN: usize = 256;
+/// Longest number and method we accept. A real number has at most 16 characters (E.164);
+/// the bound keeps what verigate counts and indexes by within what any store can index
+/// (PostgreSQL refuses an index entry over about 2.7 kB).
+const MAX_KEY_LEN: usize = 256;
+/// Longest `reference` we accept: the customer's own, indexed for lookups.
+const MAX_REFERENCE_LEN: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -209,13 +215,36 @@ impl VerificationEvent {
         };
         let id = required_string(envelope.id, "id")?;
         let event = required_string(envelope.event, "event")?;
+        if holds_nul(body) {
+            // Text columns and keys cannot hold it, and no real callback carries one.
+            return Err(EventError::Invalid(
+                "the body holds a NUL character (\\u0000), which no callback field may contain"
+                    .into(),
+            ));
+        }
         let typed = |e: serde_json::Error| EventError::Invalid(format!("invalid {event}: {e}"));
-        Ok(match event.as_str() {
+        let parsed = match event.as_str() {
             REQUEST_EVENT => Self::Request(serde_json::from_slice(body).map_err(typed)?),
             RESULT_EVENT => Self::Result(serde_json::from_slice(body).map_err(typed)?),
             SMS_DELIVERED_EVENT => Self::SmsDelivered(serde_json::from_slice(body).map_err(typed)?),
             _ => Self::Unknown { id, event },
-        })
+        };
+        parsed.check_lengths()?;
+        Ok(parsed)
+    }
+
+    /// The fields verigate counts and indexes by stay within what stores can index.
+    fn check_lengths(&self) -> Result<(), EventError> {
+        let within = |field: &str, value: Option<&str>, max: usize| match value {
+            Some(v) if v.len() > max => Err(EventError::Invalid(format!(
+                "`{field}` is {} bytes long; at most {max} are accepted",
+                v.len()
+            ))),
+            _ => Ok(()),
+        };
+        within("identity.endpoint", self.number(), MAX_KEY_LEN)?;
+        within("method", self.method().map(|m| m.as_str()), MAX_KEY_LEN)?;
+        within("reference", self.reference(), MAX_REFERENCE_LEN)
     }
 
     pub fn id(&self) -> &str {
@@ -262,6 +291,23 @@ impl VerificationEvent {
             Self::Unknown { .. } => None,
         }
     }
+}
+
+/// Whether a JSON text holds the escape `\\u0000` (a raw NUL byte is not valid JSON).
+fn holds_nul(json: &[u8]) -> bool {
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] == b'\\' {
+            if json.get(i + 1) == Some(&b'u') && json.get(i + 2..i + 6) == Some(b"0000") {
+                return true;
+            }
+            // Whatever is escaped (a backslash, too) is not the start of another escape.
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    false
 }
 
 fn required_string(value: Option<serde_json::Value>, field: &str) -> Result<String, EventError> {

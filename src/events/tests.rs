@@ -198,6 +198,53 @@ fn answers_match_sinch_published_examples() {
     );
 }
 
+#[test]
+fn a_nul_character_anywhere_is_refused_but_an_escaped_backslash_before_u0000_is_not() {
+    let with = |custom: &str| {
+        format!(
+            r#"{{"id":"n1","event":"VerificationRequestEvent","method":"sms",
+                "identity":{{"type":"number","endpoint":"+46700000001"}},"custom":"{custom}"}}"#
+        )
+    };
+    for nul in [r"a\u0000b", r"\u0000", r"x\\\u0000"] {
+        let refused = VerificationEvent::parse(with(nul).as_bytes());
+        assert!(
+            matches!(&refused, Err(EventError::Invalid(m)) if m.contains("NUL")),
+            "{nul}: {refused:?}"
+        );
+    }
+    // `\\u0000` is a backslash followed by the text u0000.
+    for fine in [r"\\u0000", r"\u0001", r"u0000"] {
+        assert!(
+            VerificationEvent::parse(with(fine).as_bytes()).is_ok(),
+            "{fine}"
+        );
+    }
+}
+
+#[test]
+fn numbers_methods_and_references_past_their_bounds_are_refused() {
+    let event = |number: &str, method: &str, reference: &str| {
+        format!(
+            r#"{{"id":"l1","event":"VerificationRequestEvent","method":"{method}",
+                "identity":{{"type":"number","endpoint":"{number}"}},"reference":"{reference}"}}"#
+        )
+    };
+    let long = |n: usize| "1".repeat(n);
+    assert!(VerificationEvent::parse(event(&long(256), "sms", &long(1024)).as_bytes()).is_ok());
+    for (body, field) in [
+        (event(&long(257), "sms", "r"), "identity.endpoint"),
+        (event("+46700000001", &long(257), "r"), "method"),
+        (event("+46700000001", "sms", &long(1025)), "reference"),
+    ] {
+        let refused = VerificationEvent::parse(body.as_bytes());
+        assert!(
+            matches!(&refused, Err(EventError::Invalid(m)) if m.contains(field)),
+            "{field}: {refused:?}"
+        );
+    }
+}
+
 proptest::proptest! {
     #[test]
     fn the_parser_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {

@@ -786,6 +786,15 @@ impl Quarantine {
         }
     }
 
+    /// Whether `key` is blocked by `rule` now, without counting the request toward
+    /// probing (for planning what a decision will read).
+    pub fn peek(&self, rule: &str, key: &str, now_ms: i64) -> bool {
+        let q = self.lock();
+        q.active
+            .get(&(rule.to_owned(), key.to_owned()))
+            .is_some_and(|b| b.until.is_none_or(|u| u.timestamp_millis() > now_ms))
+    }
+
     /// Blocks `key` for `rule`: for the spec's time, doubled for each repeat, capped.
     pub fn trip(
         &self,

@@ -67,11 +67,12 @@ const SLOW_READING_KEYS: usize = 100_000;
 
 impl<V: Clone> SlowReadings<V> {
     /// The reading for `key`: held if read less than a minute before `now_ms`, else
-    /// `read` (and held).
+    /// `read` from `counters` (and held, unless `counters` only plans).
     pub(super) fn get(
         &self,
         key: &str,
         now_ms: i64,
+        counters: &dyn CounterStore,
         read: impl FnOnce() -> Result<V, PolicyError>,
     ) -> Result<V, PolicyError> {
         if let Some((at_ms, value)) = self.lock().get(key) {
@@ -80,6 +81,9 @@ impl<V: Clone> SlowReadings<V> {
             }
         }
         let value = read()?;
+        if counters.planning() {
+            return Ok(value);
+        }
         let mut held = self.lock();
         if held.len() >= SLOW_READING_KEYS {
             held.clear();
@@ -333,6 +337,11 @@ pub trait CounterStore: Send + Sync {
     fn sweep(&self, round: usize, now_ms: i64);
     /// Keys held, for the `verigate_rate_limit_keys` gauge (`0` when not known here).
     fn keys(&self) -> usize;
+    /// True for a dry run that only notes what is asked (answers are made up): nothing
+    /// read from it may be kept.
+    fn planning(&self) -> bool {
+        false
+    }
 }
 
 pub struct Counters {

@@ -211,11 +211,18 @@ pub trait Quarantines: Send + Sync {
     /// Keys in quarantine now, oldest first.
     fn blocks(&self, now: DateTime<Utc>) -> Vec<adaptive::Block>;
 
-    /// Lifts every block on `key`; returns what was lifted.
-    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<adaptive::Block>;
+    /// Lifts every block on `key`; returns what was lifted. Fails, changing nothing,
+    /// when the shared state that replicas mirror cannot be reached.
+    fn lift_block(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<adaptive::Block>, PolicyError>;
 
-    /// Makes every block on `key` permanent; returns what was pinned.
-    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<adaptive::Block>;
+    /// Makes every block on `key` permanent; returns what was pinned. Fails, changing
+    /// nothing, when the shared state that replicas mirror cannot be reached.
+    fn pin_block(&self, key: &str, now: DateTime<Utc>)
+        -> Result<Vec<adaptive::Block>, PolicyError>;
 
     /// Active blocks and the number of blocks, expiries, lifts and pins since start.
     fn block_stats(&self) -> (usize, [u64; 4]);

@@ -22,15 +22,15 @@ use chrono::{DateTime, Utc};
 
 use super::{
     adaptive::{
-        count_outcome, Block, BlockCheck, BlockSpec, Evidence, OutcomeBook, Quarantine,
-        QuarantineState, Resolution, Tracked, TrackedKey,
+        Block, BlockCheck, BlockSpec, Evidence, OutcomeBook, Quarantine, QuarantineState,
+        Resolution, Tracked, TrackedKey,
     },
     compiled::{Rule, RuleStats, Snapshot},
     conditions::{Conditions, CounterContext, LintScope, Pending},
-    counters::{CounterStore, Counters},
+    counters::{CounterKey, CounterStore, Counters},
     facts::Facts,
     file::{compile, load, PolicyLoadError},
-    shared::SharedState,
+    shared::{Planner, SharedState},
     CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyError, QuarantineNote, Quarantines, ShadowMatch,
 };
@@ -121,44 +121,15 @@ impl RulesPolicy {
         }
     }
 
-    fn observe_allowed(&self, id: &str, tracked: Tracked) -> Result<(), PolicyError> {
+    /// Counts as failed what had its time to complete without a result.
+    fn catch_up(&self, now_ms: i64) -> Result<(), PolicyError> {
         match &self.shared {
-            Some(shared) => shared.track(id, &tracked),
+            Some(shared) => shared.expire_overdue(now_ms),
             None => {
-                self.book.observe_allowed(id, tracked);
+                self.book.catch_up(&self.counters, now_ms);
                 Ok(())
             }
         }
-    }
-
-    /// Counts as failed what had its time to complete without a result.
-    fn catch_up(&self, now_ms: i64) -> Result<(), PolicyError> {
-        let Some(shared) = &self.shared else {
-            self.book.catch_up(&self.counters, now_ms);
-            return Ok(());
-        };
-        for (id, tracked) in shared.due(now_ms)? {
-            self.count_shared(&id, &tracked, Resolution::Failure, now_ms)?;
-        }
-        Ok(())
-    }
-
-    fn count_shared(
-        &self,
-        id: &str,
-        tracked: &Tracked,
-        resolution: Resolution,
-        now_ms: i64,
-    ) -> Result<(), PolicyError> {
-        let Some(shared) = &self.shared else {
-            return Ok(());
-        };
-        for ((rule, key), evidence) in
-            count_outcome(shared.as_ref(), id, tracked, resolution, now_ms)?
-        {
-            shared.remember(&rule, &key, &evidence, now_ms)?;
-        }
-        Ok(())
     }
 
     fn evidence(&self, rule: &str, key: &str) -> Vec<Evidence> {
@@ -325,108 +296,57 @@ impl Policy for RulesPolicy {
                 "identity.endpoint is not an E.164 number, so no rule can be checked".into(),
             )
         })?;
-        let country = facts.country;
         let now_ms = now.timestamp_millis();
         let price = request
             .price
             .as_ref()
             .and_then(|p| Some((p.currency_id.as_deref()?.to_ascii_uppercase(), p.amount?)));
-
-        let mut explanation = Explanation {
-            country: Some(country.to_owned()),
-            policy_version: s.version.clone(),
-            ..Explanation::default()
+        let request = Request {
+            facts: &facts,
+            now_ms,
+            price: price.as_ref(),
         };
-        if !s.adaptive.is_empty() {
-            // Verifications that had their time without a result now count as failed.
-            self.catch_up(now_ms)?;
-        }
-        let mut decided: Option<usize> = None;
-        let mut matched_prefix = None;
-        let mut pending = Pending::default();
-        for i in Self::candidates(&s, &facts.number, country) {
-            let i = i as usize;
-            let rule = &s.rules[i];
-            if rule.mode == Mode::Enforce && decided.is_some() {
-                continue; // only shadow rules are still evaluated
-            }
-            if !rule.conditions.holds(&facts) {
-                continue;
-            }
-            let quarantine_key = rule
-                .block
-                .as_ref()
-                .zip(rule.limiters.first())
-                .filter(|_| rule.mode == Mode::Enforce)
-                .map(|(spec, limiter)| (spec, limiter.spec().value(&facts)));
-            if let Some((spec, key)) = &quarantine_key {
-                match self.quarantine.check(&rule.name, key, now_ms, spec) {
-                    BlockCheck::Free => {}
-                    BlockCheck::Blocked(block) => {
-                        s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
-                        explanation.quarantine = Some(note(&block, "blocked"));
-                        decided = Some(i);
-                        continue;
-                    }
-                    BlockCheck::Probe(block) => {
-                        explanation.quarantine = Some(note(&block, "probe"));
-                        continue;
-                    }
+        let evaluation = match &self.shared {
+            None => {
+                if !s.adaptive.is_empty() {
+                    // Verifications that had their time without a result now count as failed.
+                    self.book.catch_up(&self.counters, now_ms);
                 }
-            }
-            let over = self.limits_exceeded(
-                rule,
-                &facts,
-                now_ms,
-                price.as_ref(),
-                &mut explanation.counters,
-                &mut pending,
-            )?;
-            pending.counted.push(i);
-            if !over {
-                continue;
-            }
-            s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
-            match rule.mode {
-                Mode::Shadow => explanation.shadow.push(ShadowMatch {
-                    rule: rule.name.clone(),
-                    would: rule.action,
-                }),
-                Mode::Enforce => {
-                    decided = Some(i);
-                    matched_prefix = rule.conditions.matched_prefix(&facts);
-                    if let Some((spec, key)) = quarantine_key {
-                        let why = explanation
-                            .counters
-                            .iter()
-                            .filter(|r| r.rule == rule.name)
-                            .map(|r| {
-                                format!(
-                                    "{} {} = {:.3} (limit {:.3})",
-                                    r.condition, r.key, r.value, r.max
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; ");
-                        let evidence = self.evidence(&rule.name, &key);
-                        let block = self.trip(&rule.name, &key, now_ms, spec, why, evidence)?;
-                        explanation.quarantine = Some(note(&block, "tripped"));
-                    }
+                let evaluation = self.evaluate(&s, &request, &self.counters, Pass::Decide)?;
+                if let Some(tracked) = evaluation.tracked.clone() {
+                    self.book
+                        .observe_allowed(&request.facts.request.id, tracked);
                 }
+                // Spend caps sum what Sinch will charge: only allowed attempts count.
+                for (key, window_ms, amount) in &evaluation.refunds {
+                    self.counters.add(key, *window_ms, now_ms, -amount);
+                }
+                evaluation
             }
-        }
+            Some(shared) => {
+                // Shared counters cost a round trip each: a dry run finds every one the
+                // decision will touch, one round trip reads and bumps them all, and the
+                // decision runs on those answers; a second settles what it left over.
+                let plan = Planner::default();
+                self.evaluate(&s, &request, &plan, Pass::Plan)?;
+                let replay = shared.prefetch(plan.into_ops(), now_ms)?;
+                let evaluation = self.evaluate(&s, &request, &replay, Pass::Decide)?;
+                let tracked = evaluation
+                    .tracked
+                    .as_ref()
+                    .map(|t| (request.facts.request.id.as_str(), t));
+                shared.settle(replay, &evaluation.refunds, tracked)?;
+                evaluation
+            }
+        };
+        let Evaluation {
+            decided,
+            matched_prefix,
+            mut explanation,
+            ..
+        } = evaluation;
         let rule = decided.map(|i| &s.rules[i]);
         let action = rule.map_or(s.default, |r| r.action);
-        // Spend caps sum what Sinch will charge: only allowed attempts count.
-        if action == Action::Allow {
-            if let Some(tracked) = self.tracked(&s, &facts, self.counters(), now_ms, pending)? {
-                self.observe_allowed(&facts.request.id, tracked)?;
-            }
-        } else {
-            for (key, window_ms, amount) in pending.spend {
-                self.counters().add(&key, window_ms, now_ms, -amount)?;
-            }
-        }
         let reason = match (rule, &matched_prefix) {
             (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
             (Some(r), None) => format!("rule `{}` matched", r.name),
@@ -436,9 +356,11 @@ impl Policy for RulesPolicy {
             Action::Allow => rule
                 .and_then(|r| r.response.as_ref())
                 .unwrap_or(&s.response)
-                .for_method(&request.method),
+                .for_method(&request.facts.request.method),
             Action::Deny => ResponseFields::default(),
         };
+        explanation.country = Some(facts.country.to_owned());
+        explanation.policy_version = s.version.clone();
         explanation.matched_prefix = matched_prefix;
         explanation.eval_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let n = self.decisions.fetch_add(1, Ordering::Relaxed);
@@ -539,13 +461,19 @@ impl Policy for RulesPolicy {
 
 impl Learning for RulesPolicy {
     fn observe_outcome(&self, outcome: Outcome<'_>) {
-        if let Some(resolution) = Resolution::of(outcome.status, outcome.reason) {
+        // Without adaptive rules nothing is tracked (what was, under rules removed since,
+        // counts for no rule now).
+        let adaptive = !self.current.load().adaptive.is_empty();
+        if let Some(resolution) =
+            Resolution::of(outcome.status, outcome.reason).filter(|_| adaptive)
+        {
             let at_ms = outcome.at.timestamp_millis();
             match &self.shared {
                 Some(shared) => {
                     // Whichever replica takes it out of the shared book counts it.
                     if let Ok(Some(tracked)) = shared.resolve(outcome.id) {
-                        let _ = self.count_shared(outcome.id, &tracked, resolution, at_ms);
+                        let counted = (outcome.id.to_owned(), tracked, resolution);
+                        let _ = shared.count_outcomes(&[counted], at_ms);
                     }
                 }
                 None => self
@@ -629,7 +557,7 @@ impl Learning for RulesPolicy {
             if !resolved {
                 let facts = past.request.as_ref().and_then(|r| Facts::of(r, when));
                 let tracked = facts.and_then(|f| {
-                    self.tracked(&s, &f, &self.counters, at_ms, Pending::default())
+                    self.tracked(&s, &f, &self.counters, at_ms, Vec::new(), &[])
                         .ok()
                         .flatten()
                 });
@@ -653,35 +581,35 @@ impl Quarantines for RulesPolicy {
         self.quarantine.list(now.timestamp_millis())
     }
 
-    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
+    fn lift_block(&self, key: &str, now: DateTime<Utc>) -> Result<Vec<Block>, PolicyError> {
         let now_ms = now.timestamp_millis();
-        let mut lifted = self.quarantine.lift(key, now_ms);
-        if let Some(shared) = &self.shared {
-            // The shared state is what every replica mirrors: it is the lift that counts.
-            match shared.lift(key) {
-                Ok(blocks) => lifted = blocks,
-                Err(err) => {
-                    tracing::error!(error.message = %err.0, "lift not shared: the database is unreachable");
-                    return Vec::new();
-                }
+        let lifted = match &self.shared {
+            // The shared state is what every replica mirrors: it is the lift that counts,
+            // and when it cannot be made the local mirror stays as it is too.
+            Some(shared) => {
+                let lifted = shared.lift(key)?;
+                self.quarantine.lift(key, now_ms);
+                lifted
             }
-        }
+            None => self.quarantine.lift(key, now_ms),
+        };
         for block in &lifted {
             // What tripped it is forgotten too: only fresh evidence can block it again.
             let _ = self.counters().forget(&block.rule, &block.key);
             self.book.forget(&block.rule, &block.key);
         }
-        lifted
+        Ok(lifted)
     }
 
-    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Vec<Block> {
-        let pinned = self.quarantine.pin(key, now.timestamp_millis());
+    fn pin_block(&self, key: &str, now: DateTime<Utc>) -> Result<Vec<Block>, PolicyError> {
+        let now_ms = now.timestamp_millis();
         match &self.shared {
-            Some(shared) => shared.pin(key).unwrap_or_else(|err| {
-                tracing::error!(error.message = %err.0, "pin not shared: the database is unreachable");
-                Vec::new()
-            }),
-            None => pinned,
+            Some(shared) => {
+                let pinned = shared.pin(key)?;
+                self.quarantine.pin(key, now_ms);
+                Ok(pinned)
+            }
+            None => Ok(self.quarantine.pin(key, now_ms)),
         }
     }
 
@@ -699,27 +627,179 @@ fn note(block: &Block, state: &str) -> QuarantineNote {
     }
 }
 
+/// One request as a pass over the rules sees it.
+struct Request<'a> {
+    facts: &'a Facts<'a>,
+    now_ms: i64,
+    /// Upper-case currency and amount.
+    price: Option<&'a (String, f64)>,
+}
+
+/// What a pass over the rules is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Finds the counters a decision will touch and changes nothing: blocks are looked
+    /// at without counting toward probes, nothing trips, no hit is counted, and every
+    /// request is taken as allowed so that what tracking reads is found too.
+    Plan,
+    /// Decides: counts, trips, and counts hits.
+    Decide,
+}
+
+/// What one pass over the rules found.
+struct Evaluation {
+    /// The enforced rule that decided (`None`: the default).
+    decided: Option<usize>,
+    matched_prefix: Option<String>,
+    /// Shadow matches, counter readings and quarantine note.
+    explanation: Explanation,
+    /// Spend reserved by a request that is denied after all, to give back.
+    refunds: Vec<(CounterKey, i64, f64)>,
+    /// What to track of an allowed request for the adaptive rules.
+    tracked: Option<Tracked>,
+}
+
 impl RulesPolicy {
+    /// Runs the request through the candidate rules in order: the first enforced rule
+    /// that matches decides, shadow rules are evaluated throughout.
+    fn evaluate(
+        &self,
+        s: &Snapshot,
+        r: &Request<'_>,
+        counters: &dyn CounterStore,
+        pass: Pass,
+    ) -> Result<Evaluation, PolicyError> {
+        let (facts, now_ms) = (r.facts, r.now_ms);
+        let mut explanation = Explanation::default();
+        let mut decided: Option<usize> = None;
+        let mut matched_prefix = None;
+        let mut pending = Pending::default();
+        for i in Self::candidates(s, &facts.number, facts.country) {
+            let i = i as usize;
+            let rule = &s.rules[i];
+            if rule.mode == Mode::Enforce && decided.is_some() {
+                continue; // only shadow rules are still evaluated
+            }
+            if !rule.conditions.holds(facts) {
+                continue;
+            }
+            let quarantine_key = rule
+                .block
+                .as_ref()
+                .zip(rule.limiters.first())
+                .filter(|_| rule.mode == Mode::Enforce)
+                .map(|(spec, limiter)| (spec, limiter.spec().value(facts)));
+            if let Some((spec, key)) = &quarantine_key {
+                let check = match pass {
+                    // A probe is the exception: plan for the block.
+                    Pass::Plan if self.quarantine.peek(&rule.name, key, now_ms) => {
+                        decided = Some(i);
+                        continue;
+                    }
+                    Pass::Plan => BlockCheck::Free,
+                    Pass::Decide => self.quarantine.check(&rule.name, key, now_ms, spec),
+                };
+                match check {
+                    BlockCheck::Free => {}
+                    BlockCheck::Blocked(block) => {
+                        s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
+                        explanation.quarantine = Some(note(&block, "blocked"));
+                        decided = Some(i);
+                        continue;
+                    }
+                    BlockCheck::Probe(block) => {
+                        explanation.quarantine = Some(note(&block, "probe"));
+                        continue;
+                    }
+                }
+            }
+            let over = Self::limits_exceeded(
+                rule,
+                facts,
+                now_ms,
+                r.price,
+                counters,
+                &mut explanation.counters,
+                &mut pending,
+            )?;
+            pending.counted.push(i);
+            let uncertain = pass == Pass::Plan && !rule.limiters.is_empty();
+            if !over || uncertain && rule.mode == Mode::Enforce {
+                // Planning cannot know whether a counter is over: it plans for the rules
+                // after it too (a decision that stops here leaves them unused).
+                continue;
+            }
+            if pass == Pass::Decide {
+                s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
+            }
+            match rule.mode {
+                Mode::Shadow => explanation.shadow.push(ShadowMatch {
+                    rule: rule.name.clone(),
+                    would: rule.action,
+                }),
+                Mode::Enforce => {
+                    decided = Some(i);
+                    matched_prefix = rule.conditions.matched_prefix(facts);
+                    if let Some((spec, key)) = quarantine_key {
+                        let why = explanation
+                            .counters
+                            .iter()
+                            .filter(|r| r.rule == rule.name)
+                            .map(|r| {
+                                format!(
+                                    "{} {} = {:.3} (limit {:.3})",
+                                    r.condition, r.key, r.value, r.max
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("; ");
+                        let evidence = self.evidence(&rule.name, &key);
+                        let block = self.trip(&rule.name, &key, now_ms, spec, why, evidence)?;
+                        explanation.quarantine = Some(note(&block, "tripped"));
+                    }
+                }
+            }
+        }
+        let action = decided.map_or(s.default, |i| s.rules[i].action);
+        let (tracked, refunds) = if action == Action::Allow || pass == Pass::Plan {
+            let tracked = self.tracked(
+                s,
+                facts,
+                counters,
+                now_ms,
+                pending.tracked,
+                &pending.counted,
+            )?;
+            (tracked, Vec::new())
+        } else {
+            (None, pending.spend)
+        };
+        Ok(Evaluation {
+            decided,
+            matched_prefix,
+            explanation,
+            refunds,
+            tracked,
+        })
+    }
+
     /// What to track of an allowed request for the adaptive rules that apply to it, so
     /// its result can be counted under each rule's key (`None`: no rule applies).
+    /// `pending` is what the rules evaluated (`counted`) already found to track.
     fn tracked(
         &self,
         s: &Snapshot,
         f: &Facts<'_>,
         counters: &dyn CounterStore,
         now_ms: i64,
-        pending: Pending,
+        pending: Vec<(TrackedKey, i64)>,
+        counted: &[usize],
     ) -> Result<Option<Tracked>, PolicyError> {
-        let mut complete_after_ms = pending
-            .tracked
-            .iter()
-            .map(|(_, after)| *after)
-            .max()
-            .unwrap_or(0);
-        let mut keys: Vec<TrackedKey> = pending.tracked.into_iter().map(|(key, _)| key).collect();
+        let mut complete_after_ms = pending.iter().map(|(_, after)| *after).max().unwrap_or(0);
+        let mut keys: Vec<TrackedKey> = pending.into_iter().map(|(key, _)| key).collect();
         for &i in &s.adaptive {
             let rule = &s.rules[i];
-            if pending.counted.contains(&i) || !rule.conditions.holds(f) {
+            if counted.contains(&i) || !rule.conditions.holds(f) {
                 continue;
             }
             for limiter in &rule.limiters {
@@ -748,11 +828,11 @@ impl RulesPolicy {
     /// Updates and checks a rule's counters; true when every limiter is over its max
     /// (a rule without limiters is always "over": its static conditions decide).
     fn limits_exceeded(
-        &self,
         rule: &Rule,
         f: &Facts<'_>,
         now_ms: i64,
         price: Option<&(String, f64)>,
+        counters: &dyn CounterStore,
         readings: &mut Vec<CounterReading>,
         pending: &mut Pending,
     ) -> Result<bool, PolicyError> {
@@ -761,7 +841,7 @@ impl RulesPolicy {
             facts: f,
             now_ms,
             price,
-            counters: self.counters(),
+            counters,
             readings,
             pending,
         };

@@ -719,14 +719,14 @@ fn lifting_a_block_forgets_its_evidence_and_pinning_keeps_it() {
         attempt(&p, &format!("a{k}"), &format!("+22507123{k:03}"), k, "FAIL");
     }
     let now = at(NOON) + chrono::Duration::seconds(100);
-    assert_eq!(p.pin_block("+22507123", now).len(), 1);
+    assert_eq!(p.pin_block("+22507123", now).unwrap().len(), 1);
     assert_eq!(p.blocks(now + chrono::Duration::days(30))[0].until, None);
-    assert_eq!(p.lift_block("+22507123", now).len(), 1);
+    assert_eq!(p.lift_block("+22507123", now).unwrap().len(), 1);
     assert!(p.blocks(now).is_empty());
     // Fresh evidence is needed to block it again.
     let d = attempt(&p, "after", "+22507123777", 200, "FAIL");
     assert_eq!(d.action, Action::Allow);
-    assert!(p.lift_block("+22507123", now).is_empty());
+    assert!(p.lift_block("+22507123", now).unwrap().is_empty());
 }
 
 /// The low-conversion rule's reading (condition, value) for a probe in the range

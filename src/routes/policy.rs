@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::{AdminCaller, ApiCaller, CallbackState};
 use crate::{
     error::{ApiError, ErrorCode},
-    policy::{adaptive::Block, off_async_workers, persist, reload},
+    policy::{adaptive::Block, off_async_workers, persist, reload, PolicyError},
 };
 
 /// `GET /v1/policy`: version, load time, rules with hits and the outcomes of the
@@ -60,6 +60,8 @@ pub async fn lift(
     })
     .await
     .flatten()
+    .transpose()
+    .map_err(|err| not_shared("lift", err))?
     .unwrap_or_default();
     changed(&state, "lifted", lifted, &key).await
 }
@@ -77,8 +79,18 @@ pub async fn pin(
     })
     .await
     .flatten()
+    .transpose()
+    .map_err(|err| not_shared("pin", err))?
     .unwrap_or_default();
     changed(&state, "pinned", pinned, &key).await
+}
+
+/// A lift or pin that the replicas' shared state did not take: nothing changed.
+fn not_shared(change: &str, err: PolicyError) -> ApiError {
+    ApiError::new(
+        ErrorCode::StoreUnavailable,
+        format!("the {change} was not made, on this replica or any other: {err}"),
+    )
 }
 
 /// Answers a lift or pin, once the change is saved.

@@ -159,7 +159,9 @@ pub struct Deleted {
 /// tasks at once.
 #[async_trait::async_trait]
 pub trait VerificationStore: Send + Sync + 'static {
-    /// The first delivery of this event, if one is stored; only ever durable data.
+    /// The first delivery of this event, if one is stored; only ever durable data. An
+    /// engine may answer `None` for an event that is not a request (nothing is decided
+    /// for it) when its `record` answers a repeat as a duplicate by itself.
     async fn first_delivery(
         &self,
         identity: &EventIdentity,

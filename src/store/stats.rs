@@ -142,6 +142,12 @@ impl StatsBuilder {
     }
 
     pub fn add(&mut self, row: &StatsRow<'_>) {
+        self.add_many(row, 1);
+    }
+
+    /// Adds `n` verifications alike in every field stats read, `row.price` being their
+    /// price summed (what an engine that aggregates by itself hands over).
+    pub fn add_many(&mut self, row: &StatsRow<'_>, n: u64) {
         let key: Vec<String> = self.group_by.iter().map(|g| g.value(row)).collect();
         let group_by = &self.group_by;
         let stats = self
@@ -151,22 +157,22 @@ impl StatsBuilder {
                 group: group_by.iter().map(|g| g.name()).zip(key).collect(),
                 ..GroupStats::default()
             });
-        stats.verifications += 1;
+        stats.verifications += n;
         if row.requested {
-            stats.requests += 1;
+            stats.requests += n;
         }
-        *stats.results.entry(row.status().to_owned()).or_default() += 1;
+        *stats.results.entry(row.status().to_owned()).or_default() += n;
         match row.decision.map(|(action, _, _)| action) {
             Some(Action::Allow) => {
-                stats.allowed += 1;
+                stats.allowed += n;
                 if row.status() == "SUCCESSFUL" {
-                    stats.successful_allowed += 1;
+                    stats.successful_allowed += n;
                 }
                 if let Some((currency, amount)) = row.price {
                     *stats.price.entry(currency.to_owned()).or_default() += amount;
                 }
             }
-            Some(Action::Deny) => stats.denied += 1,
+            Some(Action::Deny) => stats.denied += n,
             None => {}
         }
     }

@@ -399,6 +399,21 @@ async fn a_database_outage_gives_on_error_answers_and_then_recovery_without_rest
     );
     let (ready, why) = r.running[0].readiness().await;
     assert_eq!(ready, 503, "{why}");
+    // An operator's lift or pin cannot reach the state every replica mirrors: they are
+    // told so, not that there is nothing to lift.
+    let blocks = format!("{}/v1/policy/blocks/%2B46700000502", r.running[1].base);
+    for change in [
+        r.running[1].client.delete(&blocks),
+        r.running[1].client.post(format!("{blocks}/pin")),
+    ] {
+        let reply = change.bearer_auth(API_TOKEN).send().await.unwrap();
+        let status = reply.status().as_u16();
+        let body: Value = reply.json().await.unwrap_or(Value::Null);
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "store_unavailable", "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("PostgreSQL"), "{body}");
+    }
     std::thread::sleep(Duration::from_secs(5));
     own.start_again();
 
@@ -421,5 +436,66 @@ async fn a_database_outage_gives_on_error_answers_and_then_recovery_without_rest
     assert!(recovered, "no recovery after the database came back");
     for binary in &r.running {
         binary.wait_ready().await;
+    }
+}
+
+/// The database stops while results pour in to two replicas: every event acknowledged
+/// with 2xx is in the database once it is back (a group commit that fails acknowledges
+/// none of its callbacks), and every other one was told 503 and can be sent again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_stopped_mid_load_loses_no_acknowledged_event() {
+    if !crate::postgres::available() {
+        return;
+    }
+    let own = crate::postgres::OwnServer::start("mid-load");
+    let r = replicas_on(&own.url, 2, "").await;
+    let senders: Vec<_> = r.running.iter().map(RunningBinary::sender).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|task| {
+            let (senders, stop) = (senders.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut refused, mut other) = (Vec::new(), 0, Vec::new());
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let id = format!("stopped-{task}-{i}");
+                    match senders[(task + i) % 2]
+                        .try_post(result_event(&id, "FAIL"))
+                        .await
+                    {
+                        Ok(200) => acked.push(id),
+                        Ok(503) => refused += 1,
+                        status => other.push(format!("{id}: {status:?}")),
+                    }
+                    i += 1;
+                }
+                (acked, refused, other)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::task::block_in_place(|| own.stop());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for writer in writers {
+        let (ids, no, other) = writer.await.unwrap();
+        assert!(other.is_empty(), "neither stored nor refused: {other:?}");
+        acked.extend(ids);
+        refused += no;
+    }
+    assert!(
+        !acked.is_empty() && refused > 0,
+        "{} acked, {refused} refused",
+        acked.len()
+    );
+
+    tokio::task::block_in_place(|| own.start_again());
+    for binary in &r.running {
+        binary.wait_ready().await;
+    }
+    for (n, id) in acked.iter().enumerate() {
+        let (status, record) = r.running[n % 2].record(id).await;
+        assert_eq!(status, 200, "{id} acknowledged but not stored: {record}");
     }
 }

@@ -239,6 +239,62 @@ pub async fn concurrent_deliveries_of_one_event_are_admitted_once(backend: &Back
     store.shutdown().await.unwrap();
 }
 
+/// An event a backend cannot take (here a reference far longer than the HTTP layer lets
+/// in) fails on its own: the events written alongside it, in the same commit on a
+/// backend that groups them, are stored, and the store stays ready.
+pub async fn an_event_the_store_refuses_fails_alone(backend: &Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
+    let bodies: Vec<String> = (0..64)
+        .map(|i| result_event(&format!("alone-{i}"), "SUCCESSFUL"))
+        .collect();
+    let mut events: Vec<VerificationEvent> = bodies
+        .iter()
+        .map(|b| VerificationEvent::parse(b.as_bytes()).unwrap())
+        .collect();
+    let odd = 32;
+    if let VerificationEvent::Result(result) = &mut events[odd] {
+        // Varied, so that no compression brings it within an index entry.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let varied = (0..20_000).map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        });
+        result.reference = Some(varied.collect());
+    }
+    let writes = events.iter().zip(&bodies).map(|(event, body)| {
+        store.record_once(IncomingEvent {
+            event,
+            raw: body.as_bytes(),
+            app_key: "app",
+            received_at: at(0),
+            decision: None,
+        })
+    });
+    let outcomes = futures_util::future::join_all(writes).await;
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i != odd {
+            assert!(
+                matches!(outcome, Ok(RecordOutcome::Stored { .. })),
+                "{}: event {i}: {outcome:?}",
+                backend.name
+            );
+        }
+    }
+    let stored = all_ids(&store, 100).await;
+    let expected = 63 + usize::from(outcomes[odd].is_ok());
+    assert_eq!(stored.len(), expected, "{}: {stored:?}", backend.name);
+    assert_eq!(
+        store.health(),
+        verigate::store::StoreHealth::Ready,
+        "{}",
+        backend.name
+    );
+    store.shutdown().await.unwrap();
+}
+
 pub async fn events_join_into_one_record_whatever_their_order(backend: &Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
@@ -824,6 +880,7 @@ macro_rules! contract_tests {
             $backend,
             duplicates_get_the_first_answer_and_change_nothing,
             concurrent_deliveries_of_one_event_are_admitted_once,
+            an_event_the_store_refuses_fails_alone,
             events_join_into_one_record_whatever_their_order,
             a_verifications_own_events_are_found_among_others,
             listings_follow_creation_order_and_filters,

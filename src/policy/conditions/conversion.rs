@@ -293,7 +293,7 @@ impl ConversionLimit {
         if normal.is_some() {
             return Ok(*normal);
         }
-        self.normals.get(f.country, now_ms, || {
+        self.normals.get(f.country, now_ms, counters, || {
             for (key, value) in [("country", f.country), ("global", "*")] {
                 let pair = baseline_counters(rule, key, value);
                 let (ok, all) = pair_totals(counters, &pair, *baseline_ms, now_ms)?;

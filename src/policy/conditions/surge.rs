@@ -193,7 +193,7 @@ impl SurgeLimit {
         counters: &dyn CounterStore,
         now_ms: i64,
     ) -> Result<Option<Standing>, PolicyError> {
-        let normal = self.calm.get(value, now_ms, || {
+        let normal = self.calm.get(value, now_ms, counters, || {
             let (base_ok, base_all) = pair_totals(
                 counters,
                 &surge_counters(rule, "surge_normal", &self.spec.text, value),

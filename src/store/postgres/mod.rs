@@ -5,7 +5,10 @@
 //!   and answers what it answered.
 //! - A verification is one row in `verigate_verifications`, merged under a row lock by
 //!   whichever replica gets each event, so events join whatever replica receives them.
-//! - Every write commits with synchronous commit before the caller acknowledges it.
+//! - Every write commits with synchronous commit before the caller acknowledges it, in
+//!   a group commit shared with the callbacks that arrive meanwhile (commit.rs).
+//! - Short statements (claims, lookups) share a few pipelined connections (pipeline.rs);
+//!   transactions (group commits, pages) have connections of their own.
 //! - Listings are ordered by creation (the first event's sequence number). A page only
 //!   goes up to a sequence number below which every write has committed: each write holds
 //!   a shared advisory lock (the "write gate") for its transaction, and a page first takes
@@ -13,7 +16,12 @@
 //!   milliseconds) and so learns a point that no later commit can land behind. That is
 //!   what keeps pagination gap-free with writers on several replicas.
 
+pub(crate) mod batch;
+mod claims;
+mod commit;
+pub(crate) mod pipeline;
 mod schema;
+mod stats;
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -25,7 +33,7 @@ use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
     Cursor, Deleted, EventIdentity, EventQuery, FirstDelivery, GroupStats, NewEvent, Page,
-    RecordOutcome, RecordStamp, StatsBuilder, StatsQuery, StoreError, StoreHealth, StoredEvent,
+    RecordOutcome, StatsQuery, StoreError, StoreHealth, StoredEvent, VerificationFilter,
     VerificationQuery, VerificationRecord, VerificationStore,
 };
 
@@ -132,7 +140,13 @@ pub fn redacted(url: &str) -> String {
 }
 
 pub struct PostgresStore {
+    /// Connections for transactions (pages, retention).
     pool: Pool,
+    /// Shared connections for short statements, with asynchronous commit: what they
+    /// write (claims) need not survive a crash.
+    shared: Arc<pipeline::Pipeline>,
+    claims: batch::BatchQueue<EventIdentity, Result<claims::ClaimAnswer, StoreError>>,
+    commits: commit::GroupCommit,
     health: Arc<Mutex<StoreHealth>>,
     /// Checks the database every second, so readiness follows an outage and its end
     /// even when no callback arrives.
@@ -150,29 +164,34 @@ impl Drop for PostgresStore {
 const CLAIM_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 const CLAIM_WAIT_POLLS: u32 = 100;
 
+/// Shared connections for claims and lookups.
+const SHARED_CONNECTIONS: usize = 2;
+
 /// How often readiness re-checks the database.
 const PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn probe(pool: Pool, health: Arc<Mutex<StoreHealth>>) {
+async fn probe(shared: Arc<pipeline::Pipeline>, health: Arc<Mutex<StoreHealth>>) {
     for round in 0u64.. {
         tokio::time::sleep(PROBE_EVERY).await;
+        let connection = shared.get().await;
         if round % 60 == 59 {
             // Claims are only needed while an event is being decided.
-            if let Ok(client) = pool.get().await {
-                let _ = client
-                    .simple_query(
+            if let Ok(connection) = &connection {
+                let _ = connection
+                    .execute(
                         "DELETE FROM verigate_claims WHERE claimed_at < now() - interval '1 minute'",
+                        &[],
                     )
                     .await;
             }
         }
-        let checked = match pool.get().await {
-            Ok(client) => client
-                .simple_query("SELECT 1")
+        let checked = match connection {
+            Ok(connection) => connection
+                .query_one("SELECT 1", &[])
                 .await
                 .map(drop)
                 .map_err(failed),
-            Err(err) => Err(pool_failed(err)),
+            Err(err) => Err(StoreError::Unavailable(format!("PostgreSQL: {err}"))),
         };
         *health.lock().unwrap_or_else(PoisonError::into_inner) = match checked {
             Ok(()) => StoreHealth::Ready,
@@ -182,7 +201,11 @@ async fn probe(pool: Pool, health: Arc<Mutex<StoreHealth>>) {
 }
 
 pub(super) fn failed(err: tokio_postgres::Error) -> StoreError {
-    StoreError::Failed(format!("PostgreSQL: {}", explain(&err)))
+    failed_ref(&err)
+}
+
+pub(super) fn failed_ref(err: &tokio_postgres::Error) -> StoreError {
+    StoreError::Failed(format!("PostgreSQL: {}", explain(err)))
 }
 
 /// The server's own words when it said something, else what failed and why ("db
@@ -206,6 +229,21 @@ fn corrupt(err: serde_json::Error) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 
+/// A page of verifications in creation (`seq`) order, after a cursor. Each lookup has a
+/// statement of its own rather than one with optional conditions, so that its plan,
+/// prepared once, uses that lookup's index: by number, by reference, or by `seq`.
+const LIST_IN_RANGE: &str = "SELECT seq, record FROM verigate_verifications
+    WHERE seq > $1 AND seq <= $2 AND record IS NOT NULL AND first_seen >= $3 AND first_seen < $4
+    ORDER BY seq LIMIT $5";
+const LIST_BY_NUMBER: &str = "SELECT seq, record FROM verigate_verifications
+    WHERE number = $6 AND seq > $1 AND seq <= $2 AND record IS NOT NULL
+      AND first_seen >= $3 AND first_seen < $4
+    ORDER BY seq LIMIT $5";
+const LIST_BY_REFERENCE: &str = "SELECT seq, record FROM verigate_verifications
+    WHERE reference IS NOT NULL AND lower(reference) = lower($6) AND seq > $1 AND seq <= $2
+      AND record IS NOT NULL AND first_seen >= $3 AND first_seen < $4
+    ORDER BY seq LIMIT $5";
+
 fn seq_of(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
 }
@@ -227,7 +265,7 @@ fn after_of(cursor: Option<&Cursor>) -> Result<i64, StoreError> {
 }
 
 /// The connection settings in `options.url`.
-fn config(options: &PostgresOptions) -> Result<tokio_postgres::Config, String> {
+pub(crate) fn config(options: &PostgresOptions) -> Result<tokio_postgres::Config, String> {
     options
         .url
         .expose_secret()
@@ -270,10 +308,27 @@ impl PostgresStore {
         let mut client = pool.get().await.map_err(pool_failed)?;
         schema::migrate(&mut client).await?;
         drop(client);
+        let config = config(options).map_err(StoreError::Failed)?;
+        let shared = Arc::new(pipeline::Pipeline::new(
+            config.clone(),
+            Some(pipeline::INDEXED_ASYNC_COMMIT),
+            SHARED_CONNECTIONS,
+            std::time::Duration::from_secs(5),
+        ));
         let health = Arc::new(Mutex::new(StoreHealth::Ready));
-        let probe = tokio::spawn(probe(pool.clone(), Arc::clone(&health)));
+        let commits = commit::GroupCommit::start(config, Arc::clone(&health));
+        let claimers = (0..2)
+            .map(|_| claims::Claimer {
+                connections: Arc::clone(&shared),
+            })
+            .collect();
+        let claims = batch::BatchQueue::start(claimers, 256, 4096);
+        let probe = pipeline::runtime().spawn(probe(Arc::clone(&shared), Arc::clone(&health)));
         Ok(Self {
             pool,
+            shared,
+            claims,
+            commits,
             health,
             probe,
         })
@@ -323,123 +378,36 @@ impl PostgresStore {
         Ok(row.get(0))
     }
 
-    async fn claim(&self, identity: &EventIdentity) -> Result<Option<FirstDelivery>, StoreError> {
-        let client = self.client().await?;
-        if let Some(first) = first_delivery(&client, identity).await? {
-            return Ok(Some(first));
-        }
-        // A claim left by a replica that died deciding is taken over after a while.
-        let claimed = client
-            .cached_opt(
-                "INSERT INTO verigate_claims (id, event, discriminator, claimed_at)
-                 VALUES ($1, $2, $3, now())
-                 ON CONFLICT (id, event, discriminator) DO UPDATE SET claimed_at = now()
-                 WHERE verigate_claims.claimed_at < now() - interval '10 seconds'
-                 RETURNING 1",
-                &[&identity.id, &identity.event, &identity.discriminator],
-            )
+    async fn shared(&self) -> Result<Arc<pipeline::SharedConnection>, StoreError> {
+        self.shared
+            .get()
             .await
-            .map_err(failed)?;
-        if claimed.is_some() {
-            return Ok(None);
+            .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
+    }
+
+    /// The first delivery of `identity` if stored, else a claim on deciding it (`None`);
+    /// while another replica holds the claim, waits for its answer.
+    async fn claim(&self, identity: &EventIdentity) -> Result<Option<FirstDelivery>, StoreError> {
+        let answer = self
+            .claims
+            .submit(identity.clone())
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the store is shutting down".into())))?;
+        match answer {
+            claims::ClaimAnswer::Stored(first) => return Ok(Some(first)),
+            claims::ClaimAnswer::Claimed => return Ok(None),
+            claims::ClaimAnswer::HeldElsewhere => {}
         }
+        let connection = self.shared().await?;
         for _ in 0..CLAIM_WAIT_POLLS {
             tokio::time::sleep(CLAIM_POLL).await;
-            if let Some(first) = first_delivery(&client, identity).await? {
+            if let Some(first) = first_delivery(&connection, identity).await? {
                 return Ok(Some(first));
             }
         }
         Err(StoreError::Unavailable(
             "another replica is still deciding this event".into(),
         ))
-    }
-
-    async fn record_inner(&self, event: NewEvent) -> Result<RecordOutcome, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(failed)?;
-        let identity = &event.identity;
-        let answer = event.decision.as_ref().map(|d| d.answer.clone());
-        let body = String::from_utf8_lossy(&event.body);
-        let inserted = tx
-            .cached_opt(
-                // The write gate first (see the module's comment), in the same statement.
-                "WITH gate AS (SELECT pg_advisory_xact_lock_shared($8))
-                 INSERT INTO verigate_events (id, event, discriminator, received_at, app_key, body, answer)
-                 SELECT $1, $2, $3, $4, $5, $6, $7 FROM gate
-                 ON CONFLICT (id, event, discriminator) DO NOTHING
-                 RETURNING seq",
-                &[
-                    &identity.id,
-                    &identity.event,
-                    &identity.discriminator,
-                    &event.received_at,
-                    &event.app_key,
-                    &body.as_ref(),
-                    &answer,
-                    &WRITE_GATE,
-                ],
-            )
-            .await
-            .map_err(failed)?;
-        let Some(inserted) = inserted else {
-            // Stored before (by this replica or another): answer what the first got.
-            drop(tx);
-            return Ok(match first_delivery(&client, identity).await? {
-                Some(first) => RecordOutcome::Duplicate(first),
-                None => {
-                    return Err(StoreError::Unavailable(
-                        "a concurrent delivery of this event did not commit; retry".into(),
-                    ))
-                }
-            });
-        };
-        let seq: i64 = inserted.get(0);
-        // The first event of a verification creates its row; later ones lock it (the
-        // no-op update) and merge.
-        let row = tx
-            .cached_one(
-                "INSERT INTO verigate_verifications (id, seq, first_seen) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET id = excluded.id
-                 RETURNING seq, first_seen, record",
-                &[&identity.id, &seq, &event.received_at],
-            )
-            .await
-            .map_err(failed)?;
-        let (record_seq, first_seen): (i64, DateTime<Utc>) = (row.get(0), row.get(1));
-        let existing: Option<serde_json::Value> = row.get(2);
-        let existing: Option<VerificationRecord> = existing
-            .map(serde_json::from_value)
-            .transpose()
-            .map_err(corrupt)?;
-        let lacks_number = existing.as_ref().is_none_or(|r| r.number.is_none());
-        let number = event
-            .number
-            .as_ref()
-            .filter(|_| lacks_number)
-            .map(|n| (n.stored.clone(), n.facts()));
-        let record = VerificationRecord::apply(
-            existing,
-            &event.event,
-            RecordStamp {
-                app_key: &event.app_key,
-                seq: seq_of(record_seq),
-                ordered_at: first_seen,
-                received_at: event.received_at,
-            },
-            number
-                .as_ref()
-                .map(|(stored, facts)| (stored.as_str(), facts)),
-            event.decision.as_ref(),
-        );
-        let json = serde_json::to_value(&record).map_err(corrupt)?;
-        tx.cached_execute(
-            "UPDATE verigate_verifications SET record = $2, number = $3, reference = $4 WHERE id = $1",
-            &[&identity.id, &json, &record.number, &record.reference],
-        )
-        .await
-        .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        Ok(RecordOutcome::Stored { seq: seq_of(seq) })
     }
 
     async fn verifications_inner(
@@ -449,36 +417,48 @@ impl PostgresStore {
         let mut client = self.client().await?;
         let mut after = after_of(query.after.as_ref())?;
         let settled = self.settled(&mut client).await?;
-        let batch = i64::try_from(query.limit.clamp(1, 1000) * 4).unwrap_or(4000);
+        // Rows are read ahead only where conditions checked here may pass over some.
+        let checked_here = VerificationFilter {
+            number: None,
+            reference: None,
+            ..query.filter.clone()
+        };
+        let read_ahead = if checked_here.is_empty() { 1 } else { 4 };
+        let batch = i64::try_from(query.limit.clamp(1, 1000) * read_ahead).unwrap_or(4000);
         let mut items = Vec::new();
         let mut examined = 0usize;
+        // The number or reference looked up, if any, and the statement whose index finds
+        // it; the rest of the filter is checked on each record below.
+        let (statement, key) = match (&query.filter.number, &query.filter.reference) {
+            (Some(number), _) => (LIST_BY_NUMBER, Some(number)),
+            (None, Some(reference)) => (LIST_BY_REFERENCE, Some(reference)),
+            (None, None) => (LIST_IN_RANGE, None),
+        };
         loop {
-            let rows = client
-                .cached_query(
-                    "SELECT seq, record FROM verigate_verifications
-                     WHERE seq > $1 AND seq <= $2 AND record IS NOT NULL
-                       AND first_seen >= $3 AND first_seen < $4
-                       AND ($5::text IS NULL OR number = $5)
-                       AND ($6::text IS NULL OR lower(reference) = lower($6))
-                     ORDER BY seq LIMIT $7",
-                    &[
-                        &after,
-                        &settled,
-                        &query.since,
-                        &query.until,
-                        &query.filter.number,
-                        &query.filter.reference,
-                        &batch,
-                    ],
-                )
-                .await
-                .map_err(failed)?;
+            let rows = match key {
+                Some(key) => {
+                    client
+                        .cached_query(
+                            statement,
+                            &[&after, &settled, &query.since, &query.until, &batch, key],
+                        )
+                        .await
+                }
+                None => {
+                    client
+                        .cached_query(
+                            statement,
+                            &[&after, &settled, &query.since, &query.until, &batch],
+                        )
+                        .await
+                }
+            }
+            .map_err(failed)?;
             let exhausted = i64::try_from(rows.len()).unwrap_or(0) < batch;
             for row in rows {
-                after = row.get(0);
+                after = row.try_get(0).map_err(failed)?;
                 examined += 1;
-                let record: VerificationRecord =
-                    serde_json::from_value(row.get(1)).map_err(corrupt)?;
+                let record = record_of(&row, 1)?;
                 if query.filter.matches(&record) {
                     items.push(record);
                     if items.len() == query.limit {
@@ -530,29 +510,14 @@ impl PostgresStore {
 
     async fn stats_inner(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError> {
         let client = self.client().await?;
-        let mut builder = StatsBuilder::new(query.group_by.clone());
-        let mut after = 0i64;
-        loop {
-            let rows = client
-                .cached_query(
-                    "SELECT seq, record FROM verigate_verifications
-                     WHERE seq > $1 AND record IS NOT NULL AND first_seen >= $2 AND first_seen < $3
-                     ORDER BY seq LIMIT 5000",
-                    &[&after, &query.since, &query.until],
-                )
-                .await
-                .map_err(failed)?;
-            if rows.is_empty() {
-                return Ok(builder.finish());
-            }
-            for row in rows {
-                after = row.get(0);
-                let record: VerificationRecord =
-                    serde_json::from_value(row.get(1)).map_err(corrupt)?;
-                builder.add(&record.stats_row());
-            }
-        }
+        stats::aggregate(&client, &query).await
     }
+}
+
+/// The record in column `at` of `row` (stored as JSON text).
+fn record_of(row: &Row, at: usize) -> Result<VerificationRecord, StoreError> {
+    let text: &str = row.try_get(at).map_err(failed)?;
+    serde_json::from_str(text).map_err(corrupt)
 }
 
 fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
@@ -568,53 +533,58 @@ fn stored_event(row: &Row) -> Result<StoredEvent, StoreError> {
 }
 
 async fn first_delivery(
-    client: &Object,
+    connection: &pipeline::SharedConnection,
     identity: &EventIdentity,
 ) -> Result<Option<FirstDelivery>, StoreError> {
-    let row = client
-        .cached_opt(
+    let row = connection
+        .query_opt(
             "SELECT seq, answer FROM verigate_events WHERE id = $1 AND event = $2 AND discriminator = $3",
             &[&identity.id, &identity.event, &identity.discriminator],
         )
         .await
         .map_err(failed)?;
-    Ok(row.map(|row| FirstDelivery {
-        seq: seq_of(row.get(0)),
-        answer: row.get(1),
-    }))
+    row.map(|row| {
+        Ok(FirstDelivery {
+            seq: seq_of(row.try_get(0).map_err(failed)?),
+            answer: row.try_get(1).map_err(failed)?,
+        })
+    })
+    .transpose()
 }
 
 #[async_trait::async_trait]
 impl VerificationStore for PostgresStore {
-    /// Across replicas too: the first replica to see an event claims it, and one that
-    /// gets the same event meanwhile waits for the first one's answer instead of
-    /// deciding (and counting) it again.
+    /// Across replicas too: the first replica to see a request event claims it, and one
+    /// that gets the same event meanwhile waits for the first one's answer instead of
+    /// deciding (and counting) it again. Other events are decided by nothing: `record`
+    /// tells a repeat apart by itself, at no extra round trip.
     async fn first_delivery(
         &self,
         identity: &EventIdentity,
     ) -> Result<Option<FirstDelivery>, StoreError> {
+        if identity.event != crate::events::REQUEST_EVENT {
+            return Ok(None);
+        }
         let found = self.claim(identity).await;
         self.note(&found);
         found
     }
 
     async fn record(&self, event: NewEvent) -> Result<RecordOutcome, StoreError> {
-        let outcome = self.record_inner(event).await;
-        self.note(&outcome);
-        outcome
+        // The writers keep health in step with what their commits do.
+        self.commits.record(event).await
     }
 
     async fn verification(&self, id: &str) -> Result<Option<VerificationRecord>, StoreError> {
-        let client = self.client().await?;
-        let row = client
-            .cached_opt(
+        let connection = self.shared().await?;
+        let row = connection
+            .query_opt(
                 "SELECT record FROM verigate_verifications WHERE id = $1 AND record IS NOT NULL",
                 &[&id],
             )
             .await
             .map_err(failed)?;
-        row.map(|row| serde_json::from_value(row.get(0)).map_err(corrupt))
-            .transpose()
+        row.map(|row| record_of(&row, 0)).transpose()
     }
 
     async fn verifications(

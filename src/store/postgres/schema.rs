@@ -108,6 +108,76 @@ const MIGRATIONS: &[&str] = &[
         seen_at timestamptz NOT NULL
     );
     "#,
+    // 3: production speed.
+    // - A verification's stats fields as columns, so that stats aggregate in SQL instead
+    //   of decoding every record; filled in from the records already stored.
+    // - The record as JSON text: written and read whole, never queried inside, so the
+    //   server need not parse it into jsonb on every write nor print it on every read.
+    // - Claims live only while an event is decided: unlogged, they cost no WAL.
+    // - Room on each page for updates in place (HOT), which skip the indexes, and keys
+    //   that compare as bytes.
+    // - An index on creation order, which listings and exports page in.
+    // Then (4) one function for the counters of a batch of decisions (counter_ops.sql).
+    r#"
+    ALTER TABLE verigate_verifications
+        ADD COLUMN country text,
+        ADD COLUMN method text,
+        ADD COLUMN requested boolean NOT NULL DEFAULT false,
+        ADD COLUMN action text,
+        ADD COLUMN decision_rule text,
+        ADD COLUMN on_error boolean NOT NULL DEFAULT false,
+        ADD COLUMN status text,
+        ADD COLUMN price_currency text,
+        ADD COLUMN price_amount double precision;
+    UPDATE verigate_verifications SET
+        country = record->>'country',
+        method = record->>'method',
+        requested = jsonb_typeof(record->'request') = 'object',
+        action = record->'decision'->>'action',
+        decision_rule = record->'decision'->>'rule',
+        on_error = coalesce((record->'decision'->>'on_error')::boolean, false),
+        status = record->'result'->>'status',
+        price_currency = record->'request'->'price'->>'currencyId',
+        price_amount = (record->'request'->'price'->>'amount')::double precision
+    WHERE record IS NOT NULL;
+    ALTER TABLE verigate_verifications ALTER COLUMN record TYPE text USING record::text;
+    -- A record (1-3 KB) stays in its row, uncompressed: compressing it on every write
+    -- would cost more CPU than the disk it saves.
+    ALTER TABLE verigate_verifications SET (fillfactor = 80, toast_tuple_target = 8160);
+    -- Distinct members are counted by the bucket of their latest sighting (see the
+    -- counter function): those already seen, counted so.
+    INSERT INTO verigate_counts (rule, condition, value, bucket, amount, expires_ms)
+    SELECT rule, condition || ':latest', value, bucket, count(*), bucket + max(span)
+    FROM (
+        SELECT rule, condition, value, expires_ms - seen_ms AS span,
+               (seen_ms / greatest((expires_ms - seen_ms) / 10, 1)) * greatest((expires_ms - seen_ms) / 10, 1) AS bucket
+        FROM verigate_seen
+    ) seen
+    GROUP BY rule, condition, value, bucket;
+    -- Keys compare byte by byte: they are identifiers, not words, and a locale's
+    -- collation costs a library call per comparison on every index lookup.
+    ALTER TABLE verigate_counts ALTER COLUMN rule TYPE text COLLATE "C",
+        ALTER COLUMN condition TYPE text COLLATE "C", ALTER COLUMN value TYPE text COLLATE "C";
+    ALTER TABLE verigate_seen ALTER COLUMN rule TYPE text COLLATE "C",
+        ALTER COLUMN condition TYPE text COLLATE "C", ALTER COLUMN value TYPE text COLLATE "C",
+        ALTER COLUMN member TYPE text COLLATE "C";
+    ALTER TABLE verigate_events ALTER COLUMN id TYPE text COLLATE "C",
+        ALTER COLUMN event TYPE text COLLATE "C", ALTER COLUMN discriminator TYPE text COLLATE "C";
+    ALTER TABLE verigate_claims ALTER COLUMN id TYPE text COLLATE "C",
+        ALTER COLUMN event TYPE text COLLATE "C", ALTER COLUMN discriminator TYPE text COLLATE "C";
+    ALTER TABLE verigate_verifications ALTER COLUMN id TYPE text COLLATE "C",
+        ALTER COLUMN number TYPE text COLLATE "C";
+    ALTER TABLE verigate_pending ALTER COLUMN id TYPE text COLLATE "C";
+    ALTER TABLE verigate_evidence ALTER COLUMN rule TYPE text COLLATE "C",
+        ALTER COLUMN key TYPE text COLLATE "C";
+    ALTER TABLE verigate_counts SET (fillfactor = 75);
+    ALTER TABLE verigate_seen SET (fillfactor = 75);
+    ALTER TABLE verigate_claims SET UNLOGGED;
+    -- Listings and exports page through verifications in creation order; with the time
+    -- in the key, rows outside the range asked for are passed over in the index alone.
+    CREATE INDEX verigate_verifications_by_seq ON verigate_verifications (seq, first_seen);
+    "#,
+    include_str!("counter_ops.sql"),
 ];
 
 /// The schema version this build needs.

@@ -1,0 +1,120 @@
+//! Work that many callbacks hand in and a few workers do together: the group commit of
+//! events (commit.rs) and the counter operations of decisions and outcomes
+//! (`policy::shared`).
+//!
+//! A caller queues its item and waits for its output. Each worker takes everything
+//! queued (up to a batch's size), does it in one go, on a connection of its own, and
+//! answers each item. While one worker waits for the database the others take the next
+//! batches, so a batch is as large as the load makes it: one item when idle, dozens
+//! under load, and the database sees one round trip (and one commit) per batch instead
+//! of one per item.
+
+use std::{future::Future, sync::Arc};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::pipeline;
+
+/// Does batches of items; one per worker, each with its own connection.
+pub(crate) trait BatchWorker: Send + 'static {
+    type Item: Send + 'static;
+    type Output: Send + 'static;
+
+    /// Does `batch`; returns one output per item, in order. A batch that fails fails
+    /// every item in it.
+    fn run(&mut self, batch: Vec<Self::Item>) -> impl Future<Output = Vec<Self::Output>> + Send;
+}
+
+/// Where an item's output goes: a task awaiting it, or a thread blocked on it.
+enum Reply<O> {
+    Task(oneshot::Sender<O>),
+    Thread(std::sync::mpsc::SyncSender<O>),
+}
+
+impl<O> Reply<O> {
+    fn send(self, output: O) {
+        // The caller may have given up waiting: nothing to answer then.
+        match self {
+            Reply::Task(answer) => drop(answer.send(output)),
+            Reply::Thread(answer) => drop(answer.send(output)),
+        }
+    }
+}
+
+type Queued<I, O> = (I, Reply<O>);
+/// The queue's receiving end, shared by the workers (one takes a batch at a time).
+type Receiver<I, O> = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued<I, O>>>>;
+
+/// Where callers hand in their items.
+pub(crate) struct BatchQueue<I, O> {
+    queue: mpsc::Sender<Queued<I, O>>,
+}
+
+impl<I: Send + 'static, O: Send + 'static> BatchQueue<I, O> {
+    /// Starts `workers` on the database runtime. `capacity` items may wait; beyond that
+    /// callers wait to join the queue. The workers stop once the queue is dropped and
+    /// empty.
+    pub(crate) fn start<W>(workers: Vec<W>, max_batch: usize, capacity: usize) -> Self
+    where
+        W: BatchWorker<Item = I, Output = O>,
+    {
+        let (queue, receiver) = mpsc::channel::<Queued<I, O>>(capacity);
+        let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
+        for worker in workers {
+            pipeline::runtime().spawn(work(worker, Arc::clone(&receiver), max_batch));
+        }
+        Self { queue }
+    }
+
+    /// Does `item` in the next batch; `None` once the workers have stopped.
+    pub(crate) async fn submit(&self, item: I) -> Option<O> {
+        let (answer, answered) = oneshot::channel();
+        self.queue.send((item, Reply::Task(answer))).await.ok()?;
+        answered.await.ok()
+    }
+
+    /// [`submit`](Self::submit) from a thread that may block (a decision on the
+    /// blocking pool): the worker answers the thread directly, with no task between.
+    pub(crate) fn submit_blocking(&self, item: I) -> Option<O> {
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        match self.queue.try_send((item, Reply::Thread(answer))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return None,
+            // A full queue: wait for room from the database runtime (a thread that may be
+            // a runtime's own must not wait on a task's channel).
+            Err(mpsc::error::TrySendError::Full(queued)) => {
+                let queue = self.queue.clone();
+                pipeline::runtime().spawn(async move { queue.send(queued).await });
+            }
+        }
+        answered.recv().ok()
+    }
+}
+
+async fn work<W: BatchWorker>(
+    mut worker: W,
+    queue: Receiver<W::Item, W::Output>,
+    max_batch: usize,
+) {
+    loop {
+        let mut batch = Vec::new();
+        {
+            let mut queue = queue.lock().await;
+            let Some(first) = queue.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < max_batch {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+        }
+        let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let outputs = worker.run(items).await;
+        for (answer, output) in answers.into_iter().zip(outputs) {
+            answer.send(output);
+        }
+    }
+}

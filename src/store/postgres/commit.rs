@@ -1,0 +1,612 @@
+//! Group commit: the callbacks that arrive while a transaction is being written share the
+//! next one.
+//!
+//! A callback hands its event to a queue and waits (batch.rs). A few writers, each on a
+//! connection of its own, take everything queued (up to [`MAX_BATCH`]) and write it in
+//! one transaction of two round trips, whatever its size:
+//!
+//! 1. `BEGIN`; the batch's events in one insert (after the write gate, see the module
+//!    above; a delivery already stored is skipped), with an empty row for each new
+//!    verification; then the verifications' rows locked and read;
+//! 2. the merged records in one update, then `COMMIT` with synchronous commit.
+//!
+//! Only then is each callback answered, so nothing is acknowledged that is not durable,
+//! and a batch that fails fails every callback in it. While one writer waits for its
+//! commit the others fill and write the next batches, so a batch is as large as the
+//! load makes it: one event when idle, dozens under load.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::{Client, Row, Statement};
+
+use super::{
+    batch::{BatchQueue, BatchWorker},
+    pipeline, seq_of, StoreError, StoreHealth, VerificationRecord, WRITE_GATE,
+};
+use crate::store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp};
+
+/// At most this many events share a transaction: larger batches add latency to the
+/// first callback in them and gain little.
+pub(super) const MAX_BATCH: usize = 256;
+/// Events waiting for a writer beyond which callbacks wait to join the queue.
+const QUEUE: usize = 4096;
+/// Writers, each with a connection and at most one transaction in flight.
+const WRITERS: usize = 3;
+
+/// The queue callbacks hand their events to.
+pub(super) struct GroupCommit {
+    queue: BatchQueue<NewEvent, Result<RecordOutcome, StoreError>>,
+}
+
+impl GroupCommit {
+    /// Starts the writers on the database runtime; they connect on first use and stop
+    /// once this is dropped and the queue is empty.
+    pub(super) fn start(config: tokio_postgres::Config, health: Arc<Mutex<StoreHealth>>) -> Self {
+        let writers = (0..WRITERS)
+            .map(|_| Writer {
+                config: config.clone(),
+                connection: None,
+                health: Arc::clone(&health),
+            })
+            .collect();
+        Self {
+            queue: BatchQueue::start(writers, MAX_BATCH, QUEUE),
+        }
+    }
+
+    /// Stores `event` in the next group commit; resolves once that has committed.
+    pub(super) async fn record(&self, event: NewEvent) -> Result<RecordOutcome, StoreError> {
+        self.queue
+            .submit(event)
+            .await
+            .unwrap_or_else(|| Err(StoreError::Unavailable("the store is shutting down".into())))
+    }
+}
+
+/// A connection of a writer's own, with its statements prepared.
+struct WriterConnection {
+    client: Client,
+    insert_events: Statement,
+    lock_verifications: Statement,
+    update_verifications: Statement,
+    first_deliveries: Statement,
+}
+
+struct Writer {
+    config: tokio_postgres::Config,
+    connection: Option<WriterConnection>,
+    health: Arc<Mutex<StoreHealth>>,
+}
+
+impl BatchWorker for Writer {
+    type Item = NewEvent;
+    type Output = Result<RecordOutcome, StoreError>;
+
+    async fn run(&mut self, events: Vec<NewEvent>) -> Vec<Self::Output> {
+        match self.write(&events).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            // One event the database refuses (a value it cannot index, say) must not
+            // fail the callbacks that happened to share its transaction: each is
+            // written again on its own, so only that one fails.
+            Err(BatchError::Database(err)) if events.len() > 1 && refuses_the_data(&err) => {
+                let mut outcomes = Vec::with_capacity(events.len());
+                for event in &events {
+                    let alone = self.write(std::slice::from_ref(event)).await;
+                    outcomes.push(alone.map_err(StoreError::from).and_then(|mut one| {
+                        one.pop().ok_or_else(|| {
+                            StoreError::Failed("PostgreSQL: the event got no outcome".into())
+                        })
+                    }));
+                }
+                outcomes
+            }
+            Err(err) => vec![Err(StoreError::from(err)); events.len()],
+        }
+    }
+}
+
+/// The database refused what it was given (SQLSTATE class 22, data exception, or 54,
+/// a limit such as the size of an index entry), as opposed to being unreachable or busy.
+fn refuses_the_data(err: &tokio_postgres::Error) -> bool {
+    err.code()
+        .is_some_and(|code| matches!(code.code().get(..2), Some("22" | "54")))
+}
+
+impl Writer {
+    /// Readiness follows the last batch, except that an event the database refuses
+    /// says nothing about whether it takes the others.
+    fn note(&self, outcome: &Result<Vec<RecordOutcome>, BatchError>) {
+        let degraded = match outcome {
+            Ok(_) => None,
+            Err(BatchError::Database(err)) if refuses_the_data(err) => return,
+            Err(BatchError::Database(err)) => Some(super::failed_ref(err).to_string()),
+            Err(BatchError::Store(err)) => Some(err.to_string()),
+        };
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        *health = degraded.map_or(StoreHealth::Ready, StoreHealth::Degraded);
+    }
+
+    /// Writes one batch; on any failure the transaction is abandoned whole (and the
+    /// connection with it, whose state is then unknown).
+    async fn write(&mut self, events: &[NewEvent]) -> Result<Vec<RecordOutcome>, BatchError> {
+        if self
+            .connection
+            .as_ref()
+            .is_none_or(|c| c.client.is_closed())
+        {
+            match self.connect().await {
+                Ok(connection) => self.connection = Some(connection),
+                Err(err) => {
+                    let failed = Err(BatchError::Store(err));
+                    self.note(&failed);
+                    return failed;
+                }
+            }
+        }
+        let Some(connection) = self.connection.as_ref() else {
+            return Err(StoreError::Unavailable("PostgreSQL: not connected".into()).into());
+        };
+        let written = write_batch(connection, events).await;
+        if written.is_err() {
+            // The transaction may be open or broken: a fresh connection is simpler than
+            // telling which.
+            self.connection = None;
+        }
+        self.note(&written);
+        written
+    }
+
+    async fn connect(&self) -> Result<WriterConnection, StoreError> {
+        let mut config = self.config.clone();
+        config.options(pipeline::INDEXED);
+        let client = pipeline::connect(&config, Duration::from_secs(5))
+            .await
+            .map_err(|e| StoreError::Failed(format!("PostgreSQL: {e}")))?;
+        let prepare = |sql: &'static str| client.prepare(sql);
+        let (a, b, c, d) = futures_util::future::join4(
+            prepare(INSERT_EVENTS),
+            prepare(LOCK_VERIFICATIONS),
+            prepare(UPDATE_VERIFICATIONS),
+            prepare(FIRST_DELIVERIES),
+        )
+        .await;
+        let prepared = (|| Ok::<_, tokio_postgres::Error>((a?, b?, c?, d?)))();
+        let (insert_events, lock_verifications, update_verifications, first_deliveries) =
+            prepared.map_err(super::failed)?;
+        Ok(WriterConnection {
+            client,
+            insert_events,
+            lock_verifications,
+            update_verifications,
+            first_deliveries,
+        })
+    }
+}
+
+enum BatchError {
+    Database(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for BatchError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        BatchError::Database(err)
+    }
+}
+
+impl From<StoreError> for BatchError {
+    fn from(err: StoreError) -> Self {
+        BatchError::Store(err)
+    }
+}
+
+impl From<BatchError> for StoreError {
+    fn from(err: BatchError) -> Self {
+        match err {
+            BatchError::Database(err) => super::failed(err),
+            BatchError::Store(err) => err,
+        }
+    }
+}
+
+/// Inserts the batch's events after taking the write gate, sorted by identity (so that
+/// two batches sharing events take their locks in one order), and an empty row for each
+/// verification that is new, placed at its first new event; returns each new event's
+/// identity and sequence number.
+const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($8)),
+    events AS (
+        INSERT INTO verigate_events (id, event, discriminator, received_at, app_key, body, answer)
+        SELECT u.id, u.event, u.discriminator, u.received_at, u.app_key, u.body, u.answer
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+                    $7::jsonb[]) AS u(id, event, discriminator, received_at, app_key, body, answer)
+        CROSS JOIN gate
+        ORDER BY 1, 2, 3
+        ON CONFLICT (id, event, discriminator) DO NOTHING
+        RETURNING id, event, discriminator, seq, received_at
+    ), placed AS (
+        INSERT INTO verigate_verifications (id, seq, first_seen)
+        SELECT id, min(seq), min(received_at) FROM events GROUP BY id ORDER BY id
+        ON CONFLICT (id) DO NOTHING
+    )
+    SELECT id, event, discriminator, seq FROM events";
+
+/// Locks the batch's verifications (in id order) and reads them.
+const LOCK_VERIFICATIONS: &str = "SELECT id, seq, first_seen, record FROM verigate_verifications
+    WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE";
+
+/// Writes merged records and their stats columns.
+const UPDATE_VERIFICATIONS: &str = "UPDATE verigate_verifications v SET
+        number = u.number, reference = u.reference, record = u.record, country = u.country,
+        method = u.method, requested = u.requested, action = u.action,
+        decision_rule = u.decision_rule, on_error = u.on_error, status = u.status,
+        price_currency = u.price_currency, price_amount = u.price_amount
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+        $7::bool[], $8::text[], $9::text[], $10::bool[], $11::text[], $12::text[], $13::float8[])
+        AS u(id, number, reference, record, country, method, requested, action,
+             decision_rule, on_error, status, price_currency, price_amount)
+    WHERE v.id = u.id";
+
+/// What the first delivery of each of these events was answered with.
+const FIRST_DELIVERIES: &str =
+    "SELECT e.id, e.event, e.discriminator, e.seq, e.answer FROM verigate_events e
+    JOIN unnest($1::text[], $2::text[], $3::text[]) AS u(id, event, discriminator)
+      ON e.id = u.id AND e.event = u.event AND e.discriminator = u.discriminator";
+
+type Identity = (String, String, String);
+
+fn identity_of(e: &EventIdentity) -> Identity {
+    (e.id.clone(), e.event.clone(), e.discriminator.clone())
+}
+
+/// The transaction of one batch; see the module's comment.
+async fn write_batch(
+    c: &WriterConnection,
+    events: &[NewEvent],
+) -> Result<Vec<RecordOutcome>, BatchError> {
+    // A delivery repeated within the batch is written once and answered as a duplicate.
+    let mut firsts: Vec<usize> = Vec::with_capacity(events.len());
+    let mut seen: HashSet<&EventIdentity> = HashSet::with_capacity(events.len());
+    for (i, event) in events.iter().enumerate() {
+        if seen.insert(&event.identity) {
+            firsts.push(i);
+        }
+    }
+    let columns = EventColumns::of(events, &firsts);
+    let mut ids: Vec<&str> = firsts
+        .iter()
+        .map(|&i| events[i].identity.id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+
+    let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+        &columns.id,
+        &columns.event,
+        &columns.discriminator,
+        &columns.received_at,
+        &columns.app_key,
+        &columns.body,
+        &columns.answer,
+        &WRITE_GATE,
+    ];
+    let id_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
+    // Sent together (pipelined): one round trip.
+    let begin = c.client.batch_execute("BEGIN");
+    let inserted = c.client.query(&c.insert_events, &event_params);
+    let locked = c.client.query(&c.lock_verifications, &id_params);
+    let (begun, inserted, locked) = futures_util::future::join3(begin, inserted, locked).await;
+    begun?;
+    let (inserted, locked) = (inserted?, locked?);
+
+    let mut seqs: HashMap<Identity, i64> = HashMap::with_capacity(inserted.len());
+    for row in &inserted {
+        seqs.insert(
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+            row.try_get(3)?,
+        );
+    }
+    // Every verification with a new event has a row now (maybe just placed), locked.
+    let mut existing: HashMap<String, Existing> = HashMap::with_capacity(locked.len());
+    for row in &locked {
+        existing.insert(row.try_get(0)?, Existing::of(row)?);
+    }
+
+    // Merge each verification's new events, in arrival order, into what is stored.
+    let merged = merge(events, &firsts, &seqs, &mut existing)?;
+    let records = RecordColumns::of(merged.values())?;
+    let update = async {
+        if records.id.is_empty() {
+            return Ok(0);
+        }
+        c.client
+            .execute(&c.update_verifications, &records.params())
+            .await
+    };
+    let duplicates: Vec<&NewEvent> = firsts
+        .iter()
+        .map(|&i| &events[i])
+        .filter(|e| !seqs.contains_key(&identity_of(&e.identity)))
+        .collect();
+    let first_answers = first_deliveries(c, &duplicates);
+    // Sent together again: the second and last round trip.
+    let commit = c.client.batch_execute("COMMIT");
+    let (updated, first_answers, committed) =
+        futures_util::future::join3(update, first_answers, commit).await;
+    updated?;
+    let first_answers = first_answers?;
+    committed?;
+
+    // Every event answered: stored under its sequence number, or as the first delivery.
+    let mut is_first = vec![false; events.len()];
+    firsts.iter().for_each(|&i| is_first[i] = true);
+    let mut outcomes = Vec::with_capacity(events.len());
+    for (event, first_here) in events.iter().zip(is_first) {
+        let identity = identity_of(&event.identity);
+        let outcome = match seqs.get(&identity) {
+            Some(&seq) if first_here => RecordOutcome::Stored { seq: seq_of(seq) },
+            Some(&seq) => RecordOutcome::Duplicate(FirstDelivery {
+                seq: seq_of(seq),
+                answer: first_of_batch(events, &firsts, &event.identity),
+            }),
+            None => match first_answers.get(&identity) {
+                Some(first) => RecordOutcome::Duplicate(first.clone()),
+                None => {
+                    return Err(StoreError::Unavailable(
+                        "a concurrent delivery of this event did not commit; retry".into(),
+                    )
+                    .into())
+                }
+            },
+        };
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+/// The answer the first delivery of `identity` in this batch got.
+fn first_of_batch(
+    events: &[NewEvent],
+    firsts: &[usize],
+    identity: &EventIdentity,
+) -> Option<serde_json::Value> {
+    firsts
+        .iter()
+        .map(|&i| &events[i])
+        .find(|e| e.identity == *identity)
+        .and_then(|e| e.decision.as_ref().map(|d| d.answer.clone()))
+}
+
+/// The first deliveries of events the batch found stored already.
+async fn first_deliveries(
+    c: &WriterConnection,
+    duplicates: &[&NewEvent],
+) -> Result<HashMap<Identity, FirstDelivery>, tokio_postgres::Error> {
+    if duplicates.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let column = |f: fn(&EventIdentity) -> &String| -> Vec<&str> {
+        duplicates.iter().map(|e| f(&e.identity).as_str()).collect()
+    };
+    let rows = c
+        .client
+        .query(
+            &c.first_deliveries,
+            &[
+                &column(|i| &i.id),
+                &column(|i| &i.event),
+                &column(|i| &i.discriminator),
+            ],
+        )
+        .await?;
+    let mut out = HashMap::with_capacity(rows.len());
+    for row in rows {
+        out.insert(
+            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
+            FirstDelivery {
+                seq: seq_of(row.try_get(3)?),
+                answer: row.try_get(4)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// A verification's row as the batch found it (locked).
+struct Existing {
+    seq: i64,
+    first_seen: DateTime<Utc>,
+    record: Option<VerificationRecord>,
+}
+
+impl Existing {
+    fn of(row: &Row) -> Result<Self, BatchError> {
+        let record: Option<String> = row.try_get(3)?;
+        Ok(Self {
+            seq: row.try_get(1)?,
+            first_seen: row.try_get(2)?,
+            record: record
+                .map(|r| serde_json::from_str(&r))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        })
+    }
+}
+
+/// A verification's record after the batch.
+struct Merged {
+    seq: i64,
+    first_seen: DateTime<Utc>,
+    record: Option<VerificationRecord>,
+}
+
+/// Merges the new events among `which` (indexes into `events`, in arrival order) into
+/// their verifications' rows, `existing`.
+fn merge(
+    events: &[NewEvent],
+    which: &[usize],
+    seqs: &HashMap<Identity, i64>,
+    existing: &mut HashMap<String, Existing>,
+) -> Result<HashMap<String, Merged>, StoreError> {
+    let mut merged: HashMap<String, Merged> = HashMap::new();
+    for &i in which {
+        let event = &events[i];
+        if !seqs.contains_key(&identity_of(&event.identity)) {
+            continue; // stored before: nothing to merge
+        }
+        let id = &event.identity.id;
+        let current = match merged.remove(id) {
+            Some(current) => current,
+            None => {
+                let row = existing.remove(id).ok_or_else(|| {
+                    StoreError::Failed(format!("verification `{id}` has no row to merge into"))
+                })?;
+                Merged {
+                    seq: row.seq,
+                    first_seen: row.first_seen,
+                    record: row.record,
+                }
+            }
+        };
+        let lacks_number = current.record.as_ref().is_none_or(|r| r.number.is_none());
+        let number = event
+            .number
+            .as_ref()
+            .filter(|_| lacks_number)
+            .map(|n| (n.stored.clone(), n.facts()));
+        let record = VerificationRecord::apply(
+            current.record,
+            &event.event,
+            RecordStamp {
+                app_key: &event.app_key,
+                seq: seq_of(current.seq),
+                ordered_at: current.first_seen,
+                received_at: event.received_at,
+            },
+            number
+                .as_ref()
+                .map(|(stored, facts)| (stored.as_str(), facts)),
+            event.decision.as_ref(),
+        );
+        merged.insert(
+            id.clone(),
+            Merged {
+                record: Some(record),
+                ..current
+            },
+        );
+    }
+    Ok(merged)
+}
+
+/// The batch's events as the columns of their insert.
+struct EventColumns<'a> {
+    id: Vec<&'a str>,
+    event: Vec<&'a str>,
+    discriminator: Vec<&'a str>,
+    received_at: Vec<DateTime<Utc>>,
+    app_key: Vec<&'a str>,
+    body: Vec<std::borrow::Cow<'a, str>>,
+    answer: Vec<Option<&'a serde_json::Value>>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn of(events: &'a [NewEvent], which: &[usize]) -> Self {
+        let pick = || which.iter().map(|&i| &events[i]);
+        Self {
+            id: pick().map(|e| e.identity.id.as_str()).collect(),
+            event: pick().map(|e| e.identity.event.as_str()).collect(),
+            discriminator: pick().map(|e| e.identity.discriminator.as_str()).collect(),
+            received_at: pick().map(|e| e.received_at).collect(),
+            app_key: pick().map(|e| e.app_key.as_str()).collect(),
+            body: pick().map(|e| String::from_utf8_lossy(&e.body)).collect(),
+            answer: pick()
+                .map(|e| e.decision.as_ref().map(|d| &d.answer))
+                .collect(),
+        }
+    }
+}
+
+/// Merged records as the columns of their insert or update.
+struct RecordColumns {
+    id: Vec<String>,
+    number: Vec<Option<String>>,
+    reference: Vec<Option<String>>,
+    record: Vec<String>,
+    country: Vec<Option<String>>,
+    method: Vec<Option<String>>,
+    requested: Vec<bool>,
+    action: Vec<Option<&'static str>>,
+    decision_rule: Vec<Option<String>>,
+    on_error: Vec<bool>,
+    status: Vec<Option<String>>,
+    price_currency: Vec<Option<String>>,
+    price_amount: Vec<Option<f64>>,
+}
+
+impl RecordColumns {
+    fn of<'a>(merged: impl Iterator<Item = &'a Merged>) -> Result<Self, StoreError> {
+        let mut c = RecordColumns {
+            id: Vec::new(),
+            number: Vec::new(),
+            reference: Vec::new(),
+            record: Vec::new(),
+            country: Vec::new(),
+            method: Vec::new(),
+            requested: Vec::new(),
+            action: Vec::new(),
+            decision_rule: Vec::new(),
+            on_error: Vec::new(),
+            status: Vec::new(),
+            price_currency: Vec::new(),
+            price_amount: Vec::new(),
+        };
+        for m in merged {
+            let Some(r) = &m.record else { continue };
+            let row = r.stats_row();
+            c.id.push(r.id.clone());
+            c.number.push(r.number.clone());
+            c.reference.push(r.reference.clone());
+            c.record
+                .push(serde_json::to_string(r).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            c.country.push(r.country.clone());
+            c.method.push(r.method.clone());
+            c.requested.push(row.requested);
+            c.action
+                .push(row.decision.map(|(action, _, _)| action.as_str()));
+            c.decision_rule.push(
+                row.decision
+                    .and_then(|(_, rule, _)| rule.map(str::to_owned)),
+            );
+            c.on_error
+                .push(row.decision.is_some_and(|(_, _, on_error)| on_error));
+            c.status.push(row.status.map(str::to_owned));
+            c.price_currency
+                .push(row.price.map(|(currency, _)| currency.to_owned()));
+            c.price_amount.push(row.price.map(|(_, amount)| amount));
+        }
+        Ok(c)
+    }
+
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 13] {
+        [
+            &self.id,
+            &self.number,
+            &self.reference,
+            &self.record,
+            &self.country,
+            &self.method,
+            &self.requested,
+            &self.action,
+            &self.decision_rule,
+            &self.on_error,
+            &self.status,
+            &self.price_currency,
+            &self.price_amount,
+        ]
+    }
+}
