@@ -57,9 +57,10 @@ const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 const EVIDENCE_PER_KEY: i64 = 10;
 /// Overdue verifications counted per round, so one round stays short after an outage.
 const EXPIRE_BATCH: i64 = 1000;
-/// Shared connections per replica: enough to keep both cores of a small database busy,
-/// few enough that each carries a deep pipeline.
-const DECISION_CONNECTIONS: usize = 4;
+/// Connections for the policy's occasional statements (expiry sweeps, evidence,
+/// heartbeats; decisions go through the counter worker): two, so that one slow
+/// statement does not hold up the others.
+const SIDE_CONNECTIONS: usize = 2;
 /// Batches of counter jobs in flight at once per replica, and jobs per batch.
 /// One: batches of several replicas lock the same hot counters (a country's, a spend
 /// cap's), so more batches in flight wait on each other more than they gain. Measured on
@@ -125,7 +126,7 @@ impl SharedState {
         let fast = Arc::new(Pipeline::new(
             config,
             Some(pipeline::INDEXED_ASYNC_COMMIT),
-            DECISION_CONNECTIONS,
+            SIDE_CONNECTIONS,
             timeout,
         ));
         let safe = {

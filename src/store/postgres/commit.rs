@@ -36,7 +36,7 @@ pub(super) const MAX_BATCH: usize = 256;
 /// Events waiting for a writer beyond which callbacks wait to join the queue.
 const QUEUE: usize = 4096;
 /// Writers, each with a connection and at most one transaction in flight.
-const WRITERS: usize = 3;
+const WRITERS: usize = 2;
 
 /// The queue callbacks hand their events to.
 pub(super) struct GroupCommit {
