@@ -168,8 +168,6 @@ const MAX_ID_LEN: usize = 256;
 /// the bound keeps what verigate counts and indexes by within what any store can index
 /// (PostgreSQL refuses an index entry over about 2.7 kB).
 const MAX_KEY_LEN: usize = 256;
-/// Longest `reference` we accept: the customer's own, indexed for lookups.
-const MAX_REFERENCE_LEN: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EventError {
@@ -233,7 +231,8 @@ impl VerificationEvent {
         Ok(parsed)
     }
 
-    /// The fields verigate counts and indexes by stay within what stores can index.
+    /// The fields verigate counts by stay within what stores can index. (A reference
+    /// can be as long as the body allows: stores index a prefix of it.)
     fn check_lengths(&self) -> Result<(), EventError> {
         let within = |field: &str, value: Option<&str>, max: usize| match value {
             Some(v) if v.len() > max => Err(EventError::Invalid(format!(
@@ -243,8 +242,7 @@ impl VerificationEvent {
             _ => Ok(()),
         };
         within("identity.endpoint", self.number(), MAX_KEY_LEN)?;
-        within("method", self.method().map(|m| m.as_str()), MAX_KEY_LEN)?;
-        within("reference", self.reference(), MAX_REFERENCE_LEN)
+        within("method", self.method().map(|m| m.as_str()), MAX_KEY_LEN)
     }
 
     pub fn id(&self) -> &str {

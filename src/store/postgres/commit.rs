@@ -90,7 +90,7 @@ impl BatchWorker for Writer {
     async fn run(&mut self, events: Vec<NewEvent>) -> Vec<Self::Output> {
         match self.write(&events).await {
             Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            // One event the database refuses (a value it cannot index, say) must not
+            // One event the database refuses (a character text cannot hold, say) must not
             // fail the callbacks that happened to share its transaction: each is
             // written again on its own, so only that one fails.
             Err(BatchError::Database(err)) if events.len() > 1 && refuses_the_data(&err) => {

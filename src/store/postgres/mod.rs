@@ -240,7 +240,8 @@ const LIST_BY_NUMBER: &str = "SELECT seq, record FROM verigate_verifications
       AND first_seen >= $3 AND first_seen < $4
     ORDER BY seq LIMIT $5";
 const LIST_BY_REFERENCE: &str = "SELECT seq, record FROM verigate_verifications
-    WHERE reference IS NOT NULL AND lower(reference) = lower($6) AND seq > $1 AND seq <= $2
+    WHERE reference IS NOT NULL AND left(lower(reference), 512) = left(lower($6), 512)
+      AND lower(reference) = lower($6) AND seq > $1 AND seq <= $2
       AND record IS NOT NULL AND first_seen >= $3 AND first_seen < $4
     ORDER BY seq LIMIT $5";
 

@@ -173,6 +173,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE verigate_counts SET (fillfactor = 75);
     ALTER TABLE verigate_seen SET (fillfactor = 75);
     ALTER TABLE verigate_claims SET UNLOGGED;
+    -- A reference is the customer's own and may be long: the index keeps its first 512
+    -- characters (an entry must fit in a third of a page), lookups compare it whole.
+    DROP INDEX verigate_verifications_by_reference;
+    CREATE INDEX verigate_verifications_by_reference
+        ON verigate_verifications (left(lower(reference), 512), first_seen, seq)
+        WHERE reference IS NOT NULL;
     -- Listings and exports page through verifications in creation order; with the time
     -- in the key, rows outside the range asked for are passed over in the index alone.
     CREATE INDEX verigate_verifications_by_seq ON verigate_verifications (seq, first_seen);
