@@ -26,6 +26,7 @@ const RECORDS_PER_BLOCK: usize = 32;
 const EVENTS_PER_BLOCK: usize = 512;
 const EVENT_BLOCK_BYTES: usize = 256 << 10;
 const RETRY_EVERY: Duration = Duration::from_secs(1);
+const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The checkpointer's nice value (0 is normal, 19 the lowest priority).
 const CHECKPOINT_NICE: i32 = 10;
 /// At shutdown, attempts before giving up (the log keeps the data for the next start).
@@ -36,19 +37,24 @@ pub fn run(shared: &Shared) {
     // yields to the HTTP workers and the commit thread (Linux gives each thread its own
     // nice value). It cannot fall behind for long: commits wait for it when it does.
     let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), CHECKPOINT_NICE);
+    // Every failed retry is logged with its reason, at most once per interval.
+    let mut failures = FailureLog::default();
     while let Some(memtable) = shared.next_frozen() {
         let mut attempts = 0;
         loop {
             match checkpoint(shared, &memtable) {
                 Ok(()) => {
+                    if attempts > 0 {
+                        tracing::info!(attempts, "checkpointing into the index works again");
+                    }
                     shared.set_index_health(None);
                     break;
                 }
                 Err(err) => {
                     attempts += 1;
                     let why = format!("checkpointing into the index failed: {err}");
-                    if attempts == 1 {
-                        tracing::error!(error.message = %why, "reopening the index and retrying");
+                    if let Some(held_back) = failures.due() {
+                        tracing::error!(error.message = %why, attempts, held_back, "reopening the index and retrying");
                     }
                     shared.observer.write_failed("checkpoint");
                     shared.set_index_health(Some(why));
@@ -57,11 +63,34 @@ pub fn run(shared: &Shared) {
                         return;
                     }
                     std::thread::sleep(RETRY_EVERY);
-                    shared.reopen_index();
+                    if let Err(why) = shared.reopen_index() {
+                        if let Some(held_back) = failures.due() {
+                            tracing::error!(error.message = %why, attempts, held_back, "retrying");
+                        }
+                    }
                 }
             }
         }
         shared.checkpointed(&memtable);
+    }
+}
+
+/// When a failure was last logged, and how many were held back since.
+#[derive(Default)]
+struct FailureLog {
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl FailureLog {
+    /// The number held back since the last one logged, if this one is to be logged.
+    fn due(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|at| at.elapsed() < FAILURE_LOG_EVERY) {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.held_back))
     }
 }
 

@@ -195,7 +195,7 @@ impl Shared {
     }
 
     /// Drops the index and opens it again: sled stays failed after an I/O error.
-    pub(super) fn reopen_index(&self) {
+    pub(super) fn reopen_index(&self) -> Result<(), String> {
         if let Some(mut old) = self.index.swap(None) {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
@@ -211,7 +211,7 @@ impl Shared {
                     Err(still_used) => {
                         // A reader holds it; try again at the next attempt.
                         self.index.store(Some(still_used));
-                        return;
+                        return Err("the failed index is still in use by a reader".into());
                     }
                 }
             }
@@ -219,8 +219,15 @@ impl Shared {
         let reopened = Index::open(&self.index_dir, self.cache_bytes)
             .and_then(|index| self.runs.reload(&index).map(|()| index));
         match reopened {
-            Ok(index) => self.index.store(Some(Arc::new(index))),
-            Err(err) => self.set_index_health(Some(err.to_string())),
+            Ok(index) => {
+                self.index.store(Some(Arc::new(index)));
+                Ok(())
+            }
+            Err(err) => {
+                let why = format!("reopening the index failed: {err}");
+                self.set_index_health(Some(why.clone()));
+                Err(why)
+            }
         }
     }
 }
