@@ -45,6 +45,18 @@ impl SmallDisk {
     }
 }
 
+impl SmallDisk {
+    /// Grows the filesystem, as an operator gives a volume more space.
+    fn grow(&self, size: &str) {
+        let grown = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(grown, "remounting {} with size {size}", self.path.display());
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
@@ -187,6 +199,75 @@ async fn a_full_disk_makes_the_store_unready_and_it_recovers_by_itself_when_spac
             .collect();
         assert_eq!(listed, [id.as_str()], "{id} not found by its number");
     }
+    app.stop().await;
+    drop(disk);
+}
+
+/// The disk fills with the default settings (result events with a long reference, one
+/// after another), and the operator grows the filesystem instead of deleting anything:
+/// within seconds the store is ready and acknowledges again, with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_whose_disk_filled_recovers_when_the_filesystem_grows() {
+    let scratch = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&scratch.path().join("disk"), "6m") else {
+        skip_or_fail(
+            "cannot mount a tmpfs (needs root; CI runs as root)",
+            "VERIGATE_SKIP_ROOT_TESTS",
+        );
+        return;
+    };
+    let store_path = disk.path.join("db");
+    let app = spawn_app_with(|s| s.store.path = store_path.clone()).await;
+    let result_with_reference = |id: &str| {
+        let mut event: serde_json::Value =
+            serde_json::from_str(&result_event(id, "SUCCESSFUL")).unwrap();
+        event["reference"] = serde_json::Value::String(format!("{id}-{}", "r".repeat(1500)));
+        event.to_string()
+    };
+    let mut acknowledged = Vec::new();
+    let mut refused = false;
+    for i in 0..20_000 {
+        let id = format!("grow-{i}");
+        let answer = app.post_callback(&result_with_reference(&id)).await;
+        match answer.status {
+            200 => acknowledged.push(id),
+            503 => {
+                assert_eq!(answer.error_code(), "store_unavailable", "{}", answer.text);
+                refused = true;
+                break;
+            }
+            other => panic!("{other}: {}", answer.text),
+        }
+    }
+    assert!(refused, "6 MB never filled up");
+    let ready = app.get("/readyz", None).await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+
+    disk.grow("120m");
+    wait_for("readiness after the filesystem grew", async || {
+        app.get("/readyz", None).await.status == 200
+    })
+    .await;
+    for i in 0..20 {
+        let id = format!("grown-{i}");
+        let answer = app.post_callback(&result_with_reference(&id)).await;
+        assert_eq!(answer.status, 200, "{id}: {}", answer.text);
+        acknowledged.push(id);
+    }
+    for id in &acknowledged {
+        assert!(app.record(id).await.is_some(), "{id} lost");
+    }
+    let app = app.restart().await;
+    for id in &acknowledged {
+        assert!(app.record(id).await.is_some(), "{id} lost after a restart");
+    }
+    // A failed index is left behind until the restart, which deletes its folder.
+    let index_folders = std::fs::read_dir(&store_path)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().is_dir() && e.file_name().to_string_lossy().starts_with("index"))
+        .count();
+    assert_eq!(index_folders, 1);
     app.stop().await;
     drop(disk);
 }

@@ -12,7 +12,7 @@ use std::{
 
 use super::{
     codec::{self, LoggedEvent, StoredVerification},
-    index::{CHECKPOINT, LAST_MS},
+    index::{CHECKPOINT, LAST_MS, MAX_VALUE_BYTES},
     keys::{self, Stamp},
     memtable::Memtable,
     runs, Shared,
@@ -22,9 +22,11 @@ use crate::store::StoreError;
 /// Records per compressed block: small enough that reading one record decompresses little,
 /// large enough that the index holds one entry per many records.
 const RECORDS_PER_BLOCK: usize = 32;
-/// Raw events per block, and the most body bytes in one.
+/// Raw events per block.
 const EVENTS_PER_BLOCK: usize = 512;
-const EVENT_BLOCK_BYTES: usize = 256 << 10;
+/// The most raw bytes in a block of records or events: with zstd's framing, however
+/// little it saves, a block stays under the index's largest value.
+const BLOCK_BYTES: usize = MAX_VALUE_BYTES - (8 << 10);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The checkpointer's nice value (0 is normal, 19 the lowest priority).
@@ -118,21 +120,23 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
             }
         }
         created.sort_by_key(|v| v.stamp());
+        let encoded: Vec<Vec<u8>> = created
+            .iter()
+            .map(|v| {
+                let mut out = Vec::with_capacity(256);
+                codec::encode_record(v, &mut *symbols, &mut out);
+                out
+            })
+            .collect();
         let mut records = Vec::new();
-        for chunk in created.chunks(RECORDS_PER_BLOCK) {
-            let encoded: Vec<Vec<u8>> = chunk
-                .iter()
-                .map(|v| {
-                    let mut out = Vec::with_capacity(256);
-                    codec::encode_record(v, &mut *symbols, &mut out);
-                    out
-                })
-                .collect();
+        for (start, end) in blocks_of(&encoded, RECORDS_PER_BLOCK) {
             records.push((
-                keys::record_block(chunk[0].stamp()),
-                Some(codec::encode_block(encoded.iter().map(Vec::as_slice))),
+                keys::record_block(created[start].stamp()),
+                Some(codec::encode_block(
+                    encoded[start..end].iter().map(Vec::as_slice),
+                )),
             ));
-            for v in chunk {
+            for v in &created[start..end] {
                 records.push((keys::id(&v.record.id), Some(v.stamp().bytes().to_vec())));
             }
         }
@@ -152,18 +156,20 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
         .iter()
         .filter(|e| e.stamp >= cutoff)
         .collect();
-    for block in event_blocks(&events) {
-        let encoded: Vec<Vec<u8>> = block
-            .iter()
-            .map(|e| {
-                let mut out = Vec::with_capacity(e.body.len() + 64);
-                codec::encode_event(e, &mut out);
-                out
-            })
-            .collect();
+    let encoded: Vec<Vec<u8>> = events
+        .iter()
+        .map(|e| {
+            let mut out = Vec::with_capacity(e.body.len() + 64);
+            codec::encode_event(e, &mut out);
+            out
+        })
+        .collect();
+    for (start, end) in blocks_of(&encoded, EVENTS_PER_BLOCK) {
         writes.push((
-            keys::event_block(block[0].stamp),
-            Some(codec::encode_block(encoded.iter().map(Vec::as_slice))),
+            keys::event_block(events[start].stamp),
+            Some(codec::encode_block(
+                encoded[start..end].iter().map(Vec::as_slice),
+            )),
         ));
     }
     runs::apply(&index, writes)?;
@@ -201,21 +207,21 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Splits events into blocks by count and size.
-fn event_blocks<'a>(events: &'a [&'a LoggedEvent]) -> Vec<&'a [&'a LoggedEvent]> {
+/// Cuts encoded items into blocks (start, end) of at most `count` items and, unless one
+/// item alone is larger, of at most [`BLOCK_BYTES`] raw bytes.
+fn blocks_of(items: &[Vec<u8>], count: usize) -> Vec<(usize, usize)> {
     let mut blocks = Vec::new();
     let (mut start, mut bytes) = (0, 0);
-    for (i, e) in events.iter().enumerate() {
-        if i > start && (i - start >= EVENTS_PER_BLOCK || bytes + e.body.len() > EVENT_BLOCK_BYTES)
-        {
-            blocks.push(&events[start..i]);
+    for (i, item) in items.iter().enumerate() {
+        if i > start && (i - start >= count || bytes + item.len() > BLOCK_BYTES) {
+            blocks.push((start, i));
             start = i;
             bytes = 0;
         }
-        bytes += e.body.len();
+        bytes += item.len();
     }
-    if start < events.len() {
-        blocks.push(&events[start..]);
+    if start < items.len() {
+        blocks.push((start, items.len()));
     }
     blocks
 }

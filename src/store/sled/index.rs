@@ -3,7 +3,10 @@
 //! reference indexes, raw-event blocks, the symbol table and a few named values.
 //! See keys.rs for the layout.
 
-use std::{ops::ControlFlow, path::Path};
+use std::{
+    ops::ControlFlow,
+    path::{Path, PathBuf},
+};
 
 use super::{
     codec::{self, LoggedEvent, StoredVerification, Symbols},
@@ -19,6 +22,84 @@ pub const LAST_MS: &str = "last_ms";
 /// The store's format; absent while a migration is under way.
 pub const FORMAT: &str = "format";
 pub const FORMAT_VERSION: &[u8] = b"2";
+
+/// Names the index folder in use when it is not the first one (`index`).
+const FOLDER_IN_USE: &str = "index.in-use";
+/// The index folder in use under the store's `root`.
+pub fn folder_in_use(root: &Path, first: &str) -> PathBuf {
+    std::fs::read_to_string(root.join(FOLDER_IN_USE))
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty() && !name.contains(['/', '\\']) && name != "..")
+        .map_or_else(|| root.join(first), |name| root.join(name))
+}
+
+/// Copies the index folder `from` to a new folder under `root` and makes it the one in
+/// use: a failed index keeps its folder locked for as long as the process lives, and
+/// its files hold what a restart would have found. Returns the new folder.
+pub fn continue_in_copy(root: &Path, from: &Path) -> Result<PathBuf, StoreError> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = format!("index-{stamp}");
+    let to = root.join(&name);
+    let copied = copy_folder(from, &to).and_then(|()| {
+        let pointer = root.join(format!("{FOLDER_IN_USE}.tmp"));
+        std::fs::write(&pointer, &name)?;
+        std::fs::File::open(&pointer)?.sync_all()?;
+        std::fs::rename(&pointer, root.join(FOLDER_IN_USE))?;
+        std::fs::File::open(root)?.sync_all()
+    });
+    match copied {
+        Ok(()) => Ok(to),
+        Err(err) => {
+            let _ = std::fs::remove_dir_all(&to);
+            Err(StoreError::Failed(format!(
+                "copying the index to {} failed: {err}",
+                to.display()
+            )))
+        }
+    }
+}
+
+fn copy_folder(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_folder(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+            std::fs::File::open(&target)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
+}
+
+/// Deletes index folders under `root` other than `in_use`, left by an earlier copy.
+pub fn remove_other_folders(root: &Path, first: &str, in_use: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let is_index = name == first || name.starts_with(&format!("{first}-"));
+        if is_index && entry.path() != in_use && entry.path().is_dir() {
+            if let Err(err) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(folder = %entry.path().display(), error.message = %err, "cannot delete an index folder no longer in use");
+            }
+        }
+    }
+}
+
+/// The largest value verigate writes to the index. sled writes a value over a quarter of
+/// its 512 KiB segment to a file of its own (a blob), and a blob write that fails (a full
+/// disk) leaves sled waiting forever on its next flush, even when the index is closed to
+/// be reopened: the store could then never recover without a restart. So every value
+/// stays under it: blocks are cut by size, large run headers are stored in parts.
+pub const MAX_VALUE_BYTES: usize = 96 << 10;
 
 pub struct Index {
     pub db: sled::Db,

@@ -137,6 +137,28 @@ pub fn run_header(run: u64) -> Vec<u8> {
     tagged(RUN_HEADER, &run.to_be_bytes())
 }
 
+/// Part `k` of `total` of a run header too large for one value.
+pub fn run_header_part(run: u64, total: u16, k: u16) -> Vec<u8> {
+    let mut key = run_header(run);
+    key.extend_from_slice(&total.to_be_bytes());
+    key.extend_from_slice(&k.to_be_bytes());
+    key
+}
+
+/// The run a header key belongs to, and for a part of a header, its (total, k).
+pub fn run_of_header(key: &[u8]) -> Option<(u64, Option<(u16, u16)>)> {
+    let run = u64::from_be_bytes(key.get(1..9)?.try_into().ok()?);
+    match key.len() {
+        9 => Some((run, None)),
+        13 => {
+            let total = u16::from_be_bytes(key.get(9..11)?.try_into().ok()?);
+            let k = u16::from_be_bytes(key.get(11..13)?.try_into().ok()?);
+            Some((run, Some((total, k))))
+        }
+        _ => None,
+    }
+}
+
 pub fn run_chunk(run: u64, n: u32) -> Vec<u8> {
     let mut key = tagged(RUN_CHUNK, &run.to_be_bytes());
     key.extend_from_slice(&n.to_be_bytes());

@@ -77,11 +77,12 @@ impl SledStore {
     ) -> Result<Self, StoreError> {
         let root = options.path.clone();
         legacy::refuse_unmigrated(&root)?;
-        let index_dir = root.join(INDEX_DIR);
+        let index_dir = index::folder_in_use(&root, INDEX_DIR);
         let wal_dir = root.join(WAL_DIR);
         std::fs::create_dir_all(&wal_dir)
             .map_err(|e| StoreError::Failed(format!("cannot create {}: {e}", wal_dir.display())))?;
         let index = Index::open(&index_dir, options.cache_bytes)?;
+        index::remove_other_folders(&root, INDEX_DIR, &index_dir);
         check_format(&index)?;
         let symbols = index.symbols()?;
         let runs = runs::Runs::load(&index)?;
@@ -90,7 +91,8 @@ impl SledStore {
         let shared = Arc::new(Shared {
             root,
             wal_dir,
-            index_dir,
+            index_dir: Mutex::new(index_dir),
+            folder_held: AtomicBool::new(false),
             cache_bytes: options.cache_bytes,
             layers: RwLock::default(),
             index: ArcSwapOption::from_pointee(index),

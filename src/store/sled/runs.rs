@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     codec,
-    index::{failed, Index},
+    index::{failed, Index, MAX_VALUE_BYTES},
     keys::{self, Stamp},
 };
 use crate::store::StoreError;
@@ -86,6 +86,9 @@ impl Bloom {
     }
 }
 
+/// A part of a run header stored in parts: its key and bytes.
+type HeaderPart = (Vec<u8>, sled::IVec);
+
 /// What is kept of a run in memory (and stored as its header).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Run {
@@ -121,15 +124,39 @@ impl Runs {
     /// deleted.
     pub fn load(index: &Index) -> Result<Self, StoreError> {
         let mut list = Vec::new();
+        let decode = |header: &[u8]| {
+            postcard::from_bytes::<Run>(header)
+                .map_err(|e| corrupt(format!("a run header does not decode: {e}")))
+        };
+        // Headers stored in parts: run -> (parts expected, the parts' keys and bytes).
+        let mut split: std::collections::BTreeMap<u64, (u16, Vec<HeaderPart>)> = Default::default();
         for entry in index.tree.range(keys::run_headers()) {
-            let (_, header) = entry.map_err(failed)?;
-            let run: Run = postcard::from_bytes(&header)
-                .map_err(|e| corrupt(format!("a run header does not decode: {e}")))?;
-            list.push(Arc::new(run));
+            let (key, header) = entry.map_err(failed)?;
+            match keys::run_of_header(&key) {
+                Some((_, None)) => list.push(Arc::new(decode(&header)?)),
+                Some((run, Some((total, _)))) => {
+                    split
+                        .entry(run)
+                        .or_insert((total, Vec::new()))
+                        .1
+                        .push((key.to_vec(), header));
+                }
+                None => return Err(corrupt("a run header key has an unknown shape")),
+            }
+        }
+        let mut orphans = Vec::new();
+        for (total, parts) in split.into_values() {
+            // Parts come in key order, which is part order. A header whose parts are not
+            // all there was cut short by a crash: its run was never finished.
+            if parts.len() == usize::from(total) {
+                let header: Vec<u8> = parts.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+                list.push(Arc::new(decode(&header)?));
+            } else {
+                orphans.extend(parts.into_iter().map(|(key, _)| key));
+            }
         }
         list.sort_by_key(|r| (r.written_from, r.id));
         let known: BTreeSet<u64> = list.iter().map(|r| r.id).collect();
-        let mut orphans = Vec::new();
         for key in index.tree.range(keys::run_chunks()).keys() {
             let key = key.map_err(failed)?;
             if keys::run_of_chunk(&key).is_some_and(|id| !known.contains(&id)) {
@@ -284,10 +311,13 @@ impl Runs {
         // The old runs' headers go first, so a crash leaves orphan chunks (deleted at the
         // next start) rather than runs with missing chunks.
         let old: Vec<u64> = group.iter().map(|r| r.id).collect();
-        apply(
-            index,
-            old.iter().map(|id| (keys::run_header(*id), None)).collect(),
-        )?;
+        let mut headers = Vec::new();
+        for id in &old {
+            for key in index.tree.scan_prefix(keys::run_header(*id)).keys() {
+                headers.push((key.map_err(failed)?.to_vec(), None));
+            }
+        }
+        apply(index, headers)?;
         {
             let mut list = self.list.write().unwrap_or_else(PoisonError::into_inner);
             list.retain(|r| !old.contains(&r.id));
@@ -355,7 +385,7 @@ fn write_run(
         bloom,
     };
     let header = postcard::to_stdvec(&run).map_err(|e| corrupt(e.to_string()))?;
-    writes.push((keys::run_header(id), Some(header)));
+    writes.extend(header_writes(id, header));
     apply(index, writes)?;
     Ok(Arc::new(run))
 }
@@ -374,6 +404,21 @@ fn read_chunk(index: &Index, run: u64, n: u32) -> Result<Vec<Vec<u8>>, StoreErro
 }
 
 /// Applies writes (`None` removes) in small batches, in order.
+/// A run's header as index writes: one value, or parts of at most [`MAX_VALUE_BYTES`].
+fn header_writes(id: u64, header: Vec<u8>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    if header.len() <= MAX_VALUE_BYTES {
+        return vec![(keys::run_header(id), Some(header))];
+    }
+    let parts: Vec<&[u8]> = header.chunks(MAX_VALUE_BYTES).collect();
+    // 65,535 parts of 96 KiB hold a header of 6 GiB: far more than any run has.
+    let total = u16::try_from(parts.len()).unwrap_or(u16::MAX);
+    parts
+        .into_iter()
+        .zip(0..total)
+        .map(|(part, k)| (keys::run_header_part(id, total, k), Some(part.to_vec())))
+        .collect()
+}
+
 pub fn apply(index: &Index, writes: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), StoreError> {
     for part in writes.chunks(WRITES_PER_BATCH) {
         let mut batch = sled::Batch::default();
@@ -412,6 +457,72 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let index = Index::open(dir.path(), 8 << 20).unwrap();
         (dir, index)
+    }
+
+    /// Every value in the index, and its size.
+    fn value_sizes(index: &Index) -> Vec<usize> {
+        index
+            .tree
+            .iter()
+            .values()
+            .map(|v| v.unwrap().len())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_too_large_for_one_value_is_stored_in_parts_and_read_back_whole() {
+        let (_dir, index) = index();
+        let runs = Runs::default();
+        // Long references: a chunk holds a few, so the header lists many first entries.
+        let long = |i: u64| format!("{i:08}-{}", "x".repeat(2000));
+        let entries: Vec<Vec<u8>> = (0..2000)
+            .map(|i| keys::indexed(keys::REFERENCE, &long(i), Stamp { ms: i, seq: i }))
+            .collect();
+        runs.add(&index, entries, 0).unwrap();
+        assert!(value_sizes(&index).iter().all(|&n| n <= MAX_VALUE_BYTES));
+        let parts = index.tree.range(keys::run_headers()).count();
+        assert!(parts > 1, "{parts} header values");
+
+        let reloaded = Runs::load(&index).unwrap();
+        for i in [0, 777, 1999] {
+            assert_eq!(
+                reloaded.lookup(&index, keys::REFERENCE, &long(i)).unwrap(),
+                [Stamp { ms: i, seq: i }]
+            );
+        }
+        // Merged away, every part goes.
+        runs.add(&index, vec![entry("+46700000001", 5)], 10)
+            .unwrap();
+        assert!(runs.merge(&index, 10 * GRANULE_MS).unwrap());
+        let left = Runs::load(&index).unwrap();
+        assert_eq!(left.snapshot().len(), 1);
+        assert_eq!(
+            left.lookup(&index, keys::REFERENCE, &long(777)).unwrap(),
+            [Stamp { ms: 777, seq: 777 }]
+        );
+    }
+
+    #[test]
+    fn a_header_cut_short_by_a_crash_is_an_unfinished_run_and_is_cleared() {
+        let (_dir, index) = index();
+        let long = |i: u64| format!("{i:08}-{}", "y".repeat(2000));
+        let entries: Vec<Vec<u8>> = (0..2000)
+            .map(|i| keys::indexed(keys::REFERENCE, &long(i), Stamp { ms: i, seq: i }))
+            .collect();
+        Runs::default().add(&index, entries, 0).unwrap();
+        // The crash: the last part never written.
+        let last = index
+            .tree
+            .range(keys::run_headers())
+            .keys()
+            .last()
+            .unwrap()
+            .unwrap();
+        index.tree.remove(last).unwrap();
+        let loaded = Runs::load(&index).unwrap();
+        assert!(loaded.snapshot().is_empty());
+        assert_eq!(index.tree.range(keys::run_headers()).count(), 0);
+        assert_eq!(index.tree.range(keys::run_chunks()).count(), 0);
     }
 
     fn entry(value: &str, seq: u64) -> Vec<u8> {

@@ -16,7 +16,7 @@ use arc_swap::ArcSwapOption;
 use super::{
     checkpoint,
     codec::{StoredVerification, Symbols},
-    index::Index,
+    index::{self, Index},
     keys::Stamp,
     memtable::{Layers, Memtable},
     runs, wal,
@@ -27,7 +27,10 @@ use crate::store::{StoreError, StoreObserver};
 pub struct Shared {
     pub(super) root: PathBuf,
     pub(super) wal_dir: PathBuf,
-    pub(super) index_dir: PathBuf,
+    /// The index folder in use (another after a stuck index was left behind).
+    pub(super) index_dir: Mutex<PathBuf>,
+    /// Whether a failed index that could not be closed still holds that folder.
+    pub(super) folder_held: AtomicBool,
     pub(super) cache_bytes: u64,
     pub(super) layers: RwLock<Layers>,
     pub(super) index: ArcSwapOption<Index>,
@@ -194,14 +197,43 @@ impl Shared {
         }
     }
 
-    /// Drops the index and opens it again: sled stays failed after an I/O error.
+    /// A failed index holds its folder (a lock) for as long as the process lives: the
+    /// store carries on in a copy of it, which holds what a restart would have found.
+    fn continue_in_copy(&self) -> Result<(), String> {
+        let mut dir = self
+            .index_dir
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let copy = index::continue_in_copy(&self.root, &dir).map_err(|err| {
+            let why = format!("the failed index cannot be reopened in place, and {err}");
+            self.set_index_health(Some(why.clone()));
+            why
+        })?;
+        tracing::warn!(
+            stuck = %dir.display(),
+            copy = %copy.display(),
+            "carrying on in a copy of the failed index's folder"
+        );
+        *dir = copy;
+        self.folder_held.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Leaves the failed index behind and opens its data again: sled stays failed after
+    /// an I/O error.
     pub(super) fn reopen_index(&self) -> Result<(), String> {
         if let Some(mut old) = self.index.swap(None) {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match Arc::try_unwrap(old) {
                     Ok(index) => {
-                        drop(index);
+                        // Never closed: closing a failed sled instance can hang for good
+                        // (its flush waits for a write it will never make, holding a
+                        // process-wide lock every sled write needs). It is left as it is
+                        // (its memory and files are released at the next restart) and
+                        // the store carries on in a copy of its folder.
+                        std::mem::forget(index);
+                        self.folder_held.store(true, Ordering::SeqCst);
                         break;
                     }
                     Err(still_used) if Instant::now() < deadline => {
@@ -216,7 +248,15 @@ impl Shared {
                 }
             }
         }
-        let reopened = Index::open(&self.index_dir, self.cache_bytes)
+        if self.folder_held.load(Ordering::SeqCst) {
+            self.continue_in_copy()?;
+        }
+        let dir = self
+            .index_dir
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let reopened = Index::open(&dir, self.cache_bytes)
             .and_then(|index| self.runs.reload(&index).map(|()| index));
         match reopened {
             Ok(index) => {
