@@ -24,9 +24,9 @@ use crate::store::StoreError;
 const RECORDS_PER_BLOCK: usize = 32;
 /// Raw events per block.
 const EVENTS_PER_BLOCK: usize = 512;
-/// The most raw bytes in a block of records or events: with zstd's framing, however
-/// little it saves, a block stays under the index's largest value.
-const BLOCK_BYTES: usize = MAX_VALUE_BYTES - (8 << 10);
+/// The most raw bytes in a block of records or events (compressed, a block must also
+/// stay under the index's largest value).
+const BLOCK_BYTES: usize = 256 << 10;
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 const FAILURE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// The checkpointer's nice value (0 is normal, 19 the lowest priority).
@@ -129,13 +129,8 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
             })
             .collect();
         let mut records = Vec::new();
-        for (start, end) in blocks_of(&encoded, RECORDS_PER_BLOCK) {
-            records.push((
-                keys::record_block(created[start].stamp()),
-                Some(codec::encode_block(
-                    encoded[start..end].iter().map(Vec::as_slice),
-                )),
-            ));
+        for (start, end, block) in compressed_blocks(&encoded, RECORDS_PER_BLOCK) {
+            records.push((keys::record_block(created[start].stamp()), Some(block)));
             for v in &created[start..end] {
                 records.push((keys::id(&v.record.id), Some(v.stamp().bytes().to_vec())));
             }
@@ -164,13 +159,8 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
             out
         })
         .collect();
-    for (start, end) in blocks_of(&encoded, EVENTS_PER_BLOCK) {
-        writes.push((
-            keys::event_block(events[start].stamp),
-            Some(codec::encode_block(
-                encoded[start..end].iter().map(Vec::as_slice),
-            )),
-        ));
+    for (start, _, block) in compressed_blocks(&encoded, EVENTS_PER_BLOCK) {
+        writes.push((keys::event_block(events[start].stamp), Some(block)));
     }
     runs::apply(&index, writes)?;
     let mut entries = Vec::new();
@@ -207,26 +197,77 @@ fn checkpoint(shared: &Shared, memtable: &Memtable) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Cuts encoded items into blocks (start, end) of at most `count` items and, unless one
-/// item alone is larger, of at most [`BLOCK_BYTES`] raw bytes.
-fn blocks_of(items: &[Vec<u8>], count: usize) -> Vec<(usize, usize)> {
-    let mut blocks = Vec::new();
+/// Encoded items in compressed blocks (start, end, block) of at most `count` items and
+/// [`BLOCK_BYTES`] raw bytes each; a block that compresses to more than the index's
+/// largest value is split in two until it fits (or holds one item).
+fn compressed_blocks(items: &[Vec<u8>], count: usize) -> Vec<(usize, usize, Vec<u8>)> {
+    let mut ranges = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, item) in items.iter().enumerate() {
         if i > start && (i - start >= count || bytes + item.len() > BLOCK_BYTES) {
-            blocks.push((start, i));
+            ranges.push((start, i));
             start = i;
             bytes = 0;
         }
         bytes += item.len();
     }
     if start < items.len() {
-        blocks.push((start, items.len()));
+        ranges.push((start, items.len()));
     }
+    let mut blocks = Vec::with_capacity(ranges.len());
+    while let Some((start, end)) = ranges.pop() {
+        let block = codec::encode_block(items[start..end].iter().map(Vec::as_slice));
+        if block.len() > MAX_VALUE_BYTES && end - start > 1 {
+            let middle = start + (end - start) / 2;
+            ranges.push((middle, end));
+            ranges.push((start, middle));
+        } else {
+            blocks.push((start, end, block));
+        }
+    }
+    blocks.sort_by_key(|(start, _, _)| *start);
     blocks
 }
 
 /// The stamp below which nothing is kept (retention).
 pub fn cutoff_of(ms: u64) -> Stamp {
     Stamp { ms, seq: 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_every_item_in_order_and_stay_under_the_largest_value() {
+        // Incompressible items: 200 of 2 KiB, 400 KiB raw.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let items: Vec<Vec<u8>> = (0..200)
+            .map(|_| {
+                (0..2048)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect()
+            })
+            .collect();
+        let blocks = compressed_blocks(&items, EVENTS_PER_BLOCK);
+        assert!(blocks.len() > 4, "{} blocks", blocks.len());
+        assert!(blocks.iter().all(|(_, _, b)| b.len() <= MAX_VALUE_BYTES));
+        let mut next = 0;
+        for (start, end, _) in &blocks {
+            assert_eq!(*start, next);
+            next = *end;
+        }
+        assert_eq!(next, items.len());
+        // Compressible items keep whole blocks of the count.
+        let small: Vec<Vec<u8>> = (0..1000)
+            .map(|i| format!("event {i}").into_bytes())
+            .collect();
+        let counted = compressed_blocks(&small, EVENTS_PER_BLOCK);
+        assert_eq!(counted.len(), 2);
+    }
 }
