@@ -38,115 +38,127 @@ pub enum Command {
     /// Run the callback receiver (the default).
     Serve,
     /// Print the headers Sinch would send with a body, signed with a configured app.
-    Sign {
-        /// The body, exactly as it will be sent ("-" reads standard input).
-        #[arg(default_value = "-")]
-        body: PathBuf,
-        /// App key to sign with (default: the first configured app).
-        #[arg(long)]
-        key: Option<String>,
-        /// The path to sign (default: the configured signed callback path).
-        #[arg(long)]
-        path: Option<String>,
-        #[arg(long, default_value = client::CONTENT_TYPE)]
-        content_type: String,
-        /// x-timestamp to sign (default: now).
-        #[arg(long)]
-        timestamp: Option<String>,
-        /// Print a complete curl command posting to this URL instead of header lines.
-        #[arg(long, value_name = "URL")]
-        curl: Option<String>,
-    },
+    Sign(SignArgs),
     /// Sign and send a realistic sample callback, as Sinch would.
-    Trigger {
-        #[arg(value_enum)]
-        kind: SampleKind,
-        #[arg(long, default_value = "+46700000001")]
-        number: String,
-        /// sms, flashcall, callout, whatsapp, seamless.
-        #[arg(long, default_value = "sms")]
-        method: String,
-        /// Result events: SUCCESSFUL, FAIL, DENIED, ABORTED, ERROR, PENDING.
-        #[arg(long, default_value = "SUCCESSFUL")]
-        status: String,
-        /// Verification id (default: a new one; reuse one to join events).
-        #[arg(long)]
-        id: Option<String>,
-        /// Where to send it (default: this configuration's listen address and callback path).
-        #[arg(long)]
-        url: Option<String>,
-        /// App key to sign with (default: the first configured app).
-        #[arg(long)]
-        key: Option<String>,
-    },
+    Trigger(TriggerArgs),
     /// Check, test and replay policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
     /// Write stored verifications to standard output (or a file) while the service is
     /// stopped; a running service serves the same through GET /v1/export.
-    Export {
-        /// Start of the range: an RFC 3339 time, or a duration back from now ("7d").
-        #[arg(long)]
-        since: String,
-        /// End of the range (exclusive), same forms; default: now.
-        #[arg(long)]
-        until: Option<String>,
-        #[arg(long, value_enum, default_value = "ndjson")]
-        format: ExportFormatArg,
-        /// Write here instead of standard output.
-        #[arg(long)]
-        output: Option<PathBuf>,
-    },
+    Export(ExportArgs),
     /// Maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
     /// Play a synthetic day of verifications with SMS-pumping attacks of every kind
     /// against a policy, in compressed time, and print how much it blocked of each and
     /// how many real users it turned away (docs/fraud-defence.md).
-    Simulate {
-        /// The policy file; default: the configured one.
-        policy: Option<PathBuf>,
-        /// Seeds of the generator, comma-separated: one run each.
-        #[arg(long, value_delimiter = ',', default_value = "7")]
-        seeds: Vec<u64>,
-        /// Legitimate verifications a minute at the evening peak.
-        #[arg(long, default_value_t = 24.0)]
-        legit_per_minute: f64,
-        /// Multiplies every country's conversion of legitimate users (0.6: a business
-        /// whose users enter the code half the time).
-        #[arg(long, default_value_t = 1.0)]
-        legit_conversion: f64,
-        /// Days of legitimate traffic before the attacked day (learned from, not scored).
-        #[arg(long, default_value_t = 1)]
-        warmup_days: u32,
-        /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
-        /// spread, mimicry), or none; default: all.
-        #[arg(long, value_delimiter = ',')]
-        attacks: Option<Vec<String>>,
-        /// Multiplies every attack's rate.
-        #[arg(long, default_value_t = 1.0)]
-        attack_scale: f64,
-        /// Leave out the marketing spike (five times the French traffic for an hour).
-        #[arg(long)]
-        no_spike: bool,
-        /// Instead of synthetic users, replay the store's own verifications since this
-        /// time ("7d" or RFC 3339), with the attacks mixed into their last day. The
-        /// service must be stopped.
-        #[arg(long, value_name = "SINCE")]
-        replay_store: Option<String>,
-        /// Print the scorecards as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Exit 1 when a scorecard misses a target.
-        #[arg(long)]
-        check: bool,
-    },
+    Simulate(SimulateArgs),
     /// Exit 0 if verigate answers ready, 1 otherwise (container health checks).
     Healthcheck {
         /// Default: /readyz on this configuration's listen address.
         #[arg(long)]
         url: Option<String>,
     },
+}
+
+#[derive(clap::Args)]
+pub struct SignArgs {
+    /// The body, exactly as it will be sent ("-" reads standard input).
+    #[arg(default_value = "-")]
+    pub body: PathBuf,
+    /// App key to sign with (default: the first configured app).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// The path to sign (default: the configured signed callback path).
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(long, default_value = client::CONTENT_TYPE)]
+    pub content_type: String,
+    /// x-timestamp to sign (default: now).
+    #[arg(long)]
+    pub timestamp: Option<String>,
+    /// Print a complete curl command posting to this URL instead of header lines.
+    #[arg(long, value_name = "URL")]
+    pub curl: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct TriggerArgs {
+    #[arg(value_enum)]
+    pub kind: SampleKind,
+    #[arg(long, default_value = "+46700000001")]
+    pub number: String,
+    /// sms, flashcall, callout, whatsapp, seamless.
+    #[arg(long, default_value = "sms")]
+    pub method: String,
+    /// Result events: SUCCESSFUL, FAIL, DENIED, ABORTED, ERROR, PENDING.
+    #[arg(long, default_value = "SUCCESSFUL")]
+    pub status: String,
+    /// Verification id (default: a new one; reuse one to join events).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Where to send it (default: this configuration's listen address and callback path).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// App key to sign with (default: the first configured app).
+    #[arg(long)]
+    pub key: Option<String>,
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Start of the range: an RFC 3339 time, or a duration back from now ("7d").
+    #[arg(long)]
+    pub since: String,
+    /// End of the range (exclusive), same forms; default: now.
+    #[arg(long)]
+    pub until: Option<String>,
+    #[arg(long, value_enum, default_value = "ndjson")]
+    pub format: ExportFormatArg,
+    /// Write here instead of standard output.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct SimulateArgs {
+    /// The policy file; default: the configured one.
+    pub policy: Option<PathBuf>,
+    /// Seeds of the generator, comma-separated: one run each.
+    #[arg(long, value_delimiter = ',', default_value = "7")]
+    pub seeds: Vec<u64>,
+    /// Legitimate verifications a minute at the evening peak.
+    #[arg(long, default_value_t = 24.0)]
+    pub legit_per_minute: f64,
+    /// Multiplies every country's conversion of legitimate users (0.6: a business
+    /// whose users enter the code half the time).
+    #[arg(long, default_value_t = 1.0)]
+    pub legit_conversion: f64,
+    /// Days of legitimate traffic before the attacked day (learned from, not scored).
+    #[arg(long, default_value_t = 1)]
+    pub warmup_days: u32,
+    /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
+    /// spread, mimicry), or none; default: all.
+    #[arg(long, value_delimiter = ',')]
+    pub attacks: Option<Vec<String>>,
+    /// Multiplies every attack's rate.
+    #[arg(long, default_value_t = 1.0)]
+    pub attack_scale: f64,
+    /// Leave out the marketing spike (five times the French traffic for an hour).
+    #[arg(long)]
+    pub no_spike: bool,
+    /// Instead of synthetic users, replay the store's own verifications since this
+    /// time ("7d" or RFC 3339), with the attacks mixed into their last day. The
+    /// service must be stopped.
+    #[arg(long, value_name = "SINCE")]
+    pub replay_store: Option<String>,
+    /// Print the scorecards as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 1 when a scorecard misses a target.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Subcommand)]
@@ -198,274 +210,321 @@ pub enum ExportFormatArg {
 pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     match command {
         Command::Policy(command) => run_policy(command, &settings).await,
-        Command::Export {
-            since,
-            until,
-            format,
-            output,
-        } => {
-            let now = chrono::Utc::now();
-            let since = time_arg("--since", &since, now)?;
-            let until = until
-                .map(|u| time_arg("--until", &u, now))
-                .transpose()?
-                .unwrap_or(now);
-            let format = match format {
-                ExportFormatArg::Ndjson => ExportFormat::Ndjson,
-                ExportFormatArg::Csv => ExportFormat::Csv,
-            };
-            let store = open_offline(&settings, "use GET /v1/export").await?;
-            let mut out: Box<dyn Write> = match &output {
-                Some(path) => Box::new(std::io::BufWriter::new(
-                    std::fs::File::create(path)
-                        .with_context(|| format!("cannot create {}", path.display()))?,
-                )),
-                None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
-            };
-            let mut bytes = 0;
-            let mut chunks = std::pin::pin!(export_stream(store.clone(), since, until, format));
-            while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
-                let chunk = chunk?;
-                bytes += chunk.len();
-                out.write_all(&chunk)?;
+        Command::Export(args) => export(&settings, args).await,
+        Command::Store(StoreCommand::Migrate) => migrate(&settings).await,
+        Command::Serve => serve(&settings).await,
+        Command::Sign(args) => sign(&settings, args),
+        Command::Trigger(args) => trigger(&settings, args).await,
+        Command::Simulate(args) => simulate(&settings, args).await,
+        Command::Healthcheck { url } => healthcheck(&settings, url).await,
+    }
+}
+
+/// `export`: writes the stored verifications in a range, read from the store offline.
+async fn export(settings: &Settings, args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let ExportArgs {
+        since,
+        until,
+        format,
+        output,
+    } = args;
+    let now = chrono::Utc::now();
+    let since = time_arg("--since", &since, now)?;
+    let until = until
+        .map(|u| time_arg("--until", &u, now))
+        .transpose()?
+        .unwrap_or(now);
+    let format = match format {
+        ExportFormatArg::Ndjson => ExportFormat::Ndjson,
+        ExportFormatArg::Csv => ExportFormat::Csv,
+    };
+    let store = open_offline(settings, "use GET /v1/export").await?;
+    let mut out: Box<dyn Write> = match &output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut bytes = 0;
+    let mut chunks = std::pin::pin!(export_stream(store.clone(), since, until, format));
+    while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+        let chunk = chunk?;
+        bytes += chunk.len();
+        out.write_all(&chunk)?;
+    }
+    out.flush()?;
+    store.shutdown().await?;
+    eprintln!("exported {bytes} bytes of verifications first seen in [{since}, {until})");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `store migrate`: brings the store's schema or layout up to date.
+async fn migrate(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let options = settings.store_options();
+    if let Some(pg) = &options.postgres {
+        let applied = store::postgres::PostgresStore::migrate(pg).await?;
+        eprintln!(
+            "{}: {}",
+            options.location(),
+            if applied.is_empty() {
+                format!(
+                    "schema already at version {}, nothing to do",
+                    store::postgres::schema_version()
+                )
+            } else {
+                format!("applied schema migrations {applied:?}")
             }
-            out.flush()?;
-            store.shutdown().await?;
-            eprintln!("exported {bytes} bytes of verifications first seen in [{since}, {until})");
-            Ok(ExitCode::SUCCESS)
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = options.path.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        store::sled::legacy::migrate(&options.path, options.cache_bytes, |line| {
+            eprintln!("verigate store migrate: {line}");
+        })
+    })
+    .await??;
+    if report.already_current {
+        eprintln!(
+            "{}: already in the current layout, nothing to do",
+            path.display()
+        );
+    } else {
+        eprintln!(
+            "{}: migrated {} verifications, {} raw events and {} saved states",
+            path.display(),
+            report.verifications,
+            report.events,
+            report.states
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `serve`: runs the receiver until stopped.
+async fn serve(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let app = Application::build(settings, Clock::system())?;
+    tracing::info!(port = app.port(), path = %settings.server.callback_path, "verigate listening");
+    app.run_until_stopped().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sign`: prints the headers (or a curl command) Sinch would send with a body.
+fn sign(settings: &Settings, args: SignArgs) -> anyhow::Result<ExitCode> {
+    let SignArgs {
+        body,
+        key,
+        path,
+        content_type,
+        timestamp,
+        curl,
+    } = args;
+    let app = signing_app(settings, key.as_deref())?;
+    let body = read_body(&body)?;
+    let path = path.unwrap_or_else(|| settings.signed_path().to_owned());
+    let ts = timestamp.unwrap_or_else(|| client::sinch_timestamp(chrono::Utc::now()));
+    let headers = client::signed_headers(&app, &path, &body, &content_type, &ts);
+    match curl {
+        Some(url) => {
+            let mut line = format!("curl -i {}", shell_quote(&url));
+            for (name, value) in &headers {
+                line.push_str(&format!(" -H {}", shell_quote(&format!("{name}: {value}"))));
+            }
+            line.push_str(&format!(
+                " --data-binary {}",
+                shell_quote(&String::from_utf8_lossy(&body))
+            ));
+            println!("{line}");
         }
-        Command::Store(StoreCommand::Migrate) => {
-            let options = settings.store_options();
-            if let Some(pg) = &options.postgres {
-                let applied = store::postgres::PostgresStore::migrate(pg).await?;
-                eprintln!(
-                    "{}: {}",
-                    options.location(),
-                    if applied.is_empty() {
-                        format!(
-                            "schema already at version {}, nothing to do",
-                            store::postgres::schema_version()
-                        )
-                    } else {
-                        format!("applied schema migrations {applied:?}")
-                    }
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            let path = options.path.clone();
-            let report = tokio::task::spawn_blocking(move || {
-                store::sled::legacy::migrate(&options.path, options.cache_bytes, |line| {
-                    eprintln!("verigate store migrate: {line}");
+        None => headers
+            .iter()
+            .for_each(|(name, value)| println!("{name}: {value}")),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `trigger`: signs and sends a sample callback.
+async fn trigger(settings: &Settings, args: TriggerArgs) -> anyhow::Result<ExitCode> {
+    let TriggerArgs {
+        kind,
+        number,
+        method,
+        status,
+        id,
+        url,
+        key,
+    } = args;
+    let app = signing_app(settings, key.as_deref())?;
+    let id = id.unwrap_or_else(new_id);
+    let body = client::sample_body(&Sample {
+        kind,
+        id: &id,
+        number: &number,
+        method: &method,
+        status: &status,
+    });
+    let (url, signed_path) = match url {
+        Some(url) => {
+            let path = url
+                .parse::<awc::http::Uri>()
+                .with_context(|| format!("`{url}` is not a URL"))?
+                .path()
+                .to_owned();
+            (url, path)
+        }
+        None => (
+            format!(
+                "{}{}",
+                local_base_url(settings)?,
+                settings.server.callback_path
+            ),
+            settings.signed_path().to_owned(),
+        ),
+    };
+    let ts = client::sinch_timestamp(chrono::Utc::now());
+    let headers = client::signed_headers(
+        &app,
+        &signed_path,
+        body.as_bytes(),
+        client::CONTENT_TYPE,
+        &ts,
+    );
+    println!("POST {url}\n{body}");
+    let (status, answer) = client::post(&url, &headers, body.into_bytes()).await?;
+    println!("→ {status} {answer}");
+    Ok(if (200..300).contains(&status) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `simulate`: plays a day of traffic with attacks against a policy and prints
+/// the scorecards.
+async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<ExitCode> {
+    let attacks = attack_kinds(args.attacks.as_deref())?;
+    let policy = args
+        .policy
+        .clone()
+        .unwrap_or_else(|| settings.policy.path.clone());
+    let stored = match &args.replay_store {
+        Some(since) => Some(replayable_records(settings, since).await?),
+        None => None,
+    };
+    let mut cards = Vec::new();
+    for &seed in &args.seeds {
+        let knobs = Knobs {
+            seed,
+            legit_per_minute: args.legit_per_minute,
+            legit_conversion: args.legit_conversion,
+            warmup_days: args.warmup_days,
+            attacks: attacks.clone(),
+            attack_scale: args.attack_scale,
+            spike: !args.no_spike,
+        };
+        cards.push((seed, scorecard(&policy, &knobs, stored.as_deref())?));
+    }
+    print_scorecards(&policy, &cards, args.json)?;
+    let missed = cards.iter().any(|(_, c)| !c.misses().is_empty());
+    Ok(if args.check && missed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The attack kinds `--attacks` names: all by default, none for `none`.
+fn attack_kinds(names: Option<&[String]>) -> anyhow::Result<Vec<AttackKind>> {
+    match names {
+        None => Ok(AttackKind::ALL.to_vec()),
+        Some(names) if names.iter().all(|n| n == "none") => Ok(Vec::new()),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                AttackKind::parse(n).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--attacks: `{n}` is not an attack kind \
+                         (burst, slow-wide, rotating, busy-prefix, spread, mimicry, none)"
+                    )
                 })
             })
-            .await??;
-            if report.already_current {
-                eprintln!(
-                    "{}: already in the current layout, nothing to do",
-                    path.display()
-                );
-            } else {
-                eprintln!(
-                    "{}: migrated {} verifications, {} raw events and {} saved states",
-                    path.display(),
-                    report.verifications,
-                    report.events,
-                    report.states
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Serve => {
-            let app = Application::build(&settings, Clock::system())?;
-            tracing::info!(port = app.port(), path = %settings.server.callback_path, "verigate listening");
-            app.run_until_stopped().await?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Sign {
-            body,
-            key,
-            path,
-            content_type,
-            timestamp,
-            curl,
-        } => {
-            let app = signing_app(&settings, key.as_deref())?;
-            let body = read_body(&body)?;
-            let path = path.unwrap_or_else(|| settings.signed_path().to_owned());
-            let ts = timestamp.unwrap_or_else(|| client::sinch_timestamp(chrono::Utc::now()));
-            let headers = client::signed_headers(&app, &path, &body, &content_type, &ts);
-            match curl {
-                Some(url) => {
-                    let mut line = format!("curl -i {}", shell_quote(&url));
-                    for (name, value) in &headers {
-                        line.push_str(&format!(" -H {}", shell_quote(&format!("{name}: {value}"))));
-                    }
-                    line.push_str(&format!(
-                        " --data-binary {}",
-                        shell_quote(&String::from_utf8_lossy(&body))
-                    ));
-                    println!("{line}");
-                }
-                None => headers
-                    .iter()
-                    .for_each(|(name, value)| println!("{name}: {value}")),
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Trigger {
-            kind,
-            number,
-            method,
-            status,
-            id,
-            url,
-            key,
-        } => {
-            let app = signing_app(&settings, key.as_deref())?;
-            let id = id.unwrap_or_else(new_id);
-            let body = client::sample_body(&Sample {
-                kind,
-                id: &id,
-                number: &number,
-                method: &method,
-                status: &status,
-            });
-            let (url, signed_path) = match url {
-                Some(url) => {
-                    let path = url
-                        .parse::<awc::http::Uri>()
-                        .with_context(|| format!("`{url}` is not a URL"))?
-                        .path()
-                        .to_owned();
-                    (url, path)
-                }
-                None => (
-                    format!(
-                        "{}{}",
-                        local_base_url(&settings)?,
-                        settings.server.callback_path
-                    ),
-                    settings.signed_path().to_owned(),
-                ),
-            };
-            let ts = client::sinch_timestamp(chrono::Utc::now());
-            let headers = client::signed_headers(
-                &app,
-                &signed_path,
-                body.as_bytes(),
-                client::CONTENT_TYPE,
-                &ts,
-            );
-            println!("POST {url}\n{body}");
-            let (status, answer) = client::post(&url, &headers, body.into_bytes()).await?;
-            println!("→ {status} {answer}");
-            Ok(if (200..300).contains(&status) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
+            .collect(),
+    }
+}
+
+/// The store's verifications since `since` (`--replay-store`), read offline.
+async fn replayable_records(
+    settings: &Settings,
+    since: &str,
+) -> anyhow::Result<Vec<crate::store::VerificationRecord>> {
+    let now = chrono::Utc::now();
+    let since = time_arg("--replay-store", since, now)?;
+    let store = open_offline(settings, "stop it first").await?;
+    let records = all_records(&store, since, now).await?;
+    store.shutdown().await?;
+    Ok(records)
+}
+
+/// One seed's scorecard, on synthetic users or on the stored ones.
+fn scorecard(
+    policy: &std::path::Path,
+    knobs: &Knobs,
+    stored: Option<&[crate::store::VerificationRecord]>,
+) -> anyhow::Result<simulate::Scorecard> {
+    Ok(match stored {
+        Some(records) => simulate::run_with_stored(policy, knobs, records)?.ok_or_else(|| {
+            anyhow::anyhow!(
+                "the store has no replayable verifications in that period \
+                 (numbers hashed, or none stored)"
+            )
+        })?,
+        None => simulate::run_synthetic(policy, knobs)?,
+    })
+}
+
+fn print_scorecards(
+    policy: &std::path::Path,
+    cards: &[(u64, simulate::Scorecard)],
+    json: bool,
+) -> anyhow::Result<()> {
+    if json {
+        let out: Vec<_> = cards
+            .iter()
+            .map(|(seed, card)| {
+                serde_json::json!({ "seed": seed, "scorecard": card, "missed_targets": card.misses() })
             })
-        }
-        Command::Simulate {
-            policy,
-            seeds,
-            legit_per_minute,
-            legit_conversion,
-            warmup_days,
-            attacks,
-            attack_scale,
-            no_spike,
-            replay_store,
-            json,
-            check,
-        } => {
-            let attacks = match attacks {
-                None => AttackKind::ALL.to_vec(),
-                Some(names) if names.iter().all(|n| n == "none") => Vec::new(),
-                Some(names) => names
-                    .iter()
-                    .map(|n| {
-                        AttackKind::parse(n).ok_or_else(|| {
-                            anyhow::anyhow!(
-                                "--attacks: `{n}` is not an attack kind (burst, slow-wide, rotating, busy-prefix, spread, mimicry, none)"
-                            )
-                        })
-                    })
-                    .collect::<anyhow::Result<_>>()?,
-            };
-            let policy = policy.unwrap_or_else(|| settings.policy.path.clone());
-            let stored = match replay_store {
-                Some(since) => {
-                    let now = chrono::Utc::now();
-                    let since = time_arg("--replay-store", &since, now)?;
-                    let store = open_offline(&settings, "stop it first").await?;
-                    let records = all_records(&store, since, now).await?;
-                    store.shutdown().await?;
-                    Some(records)
-                }
-                None => None,
-            };
-            let mut cards = Vec::new();
-            for seed in seeds {
-                let knobs = Knobs {
-                    seed,
-                    legit_per_minute,
-                    legit_conversion,
-                    warmup_days,
-                    attacks: attacks.clone(),
-                    attack_scale,
-                    spike: !no_spike,
-                };
-                let card = match &stored {
-                    Some(records) => simulate::run_with_stored(&policy, &knobs, records)?
-                        .ok_or_else(|| {
-                            anyhow::anyhow!("the store has no replayable verifications in that period (numbers hashed, or none stored)")
-                        })?,
-                    None => simulate::run_synthetic(&policy, &knobs)?,
-                };
-                cards.push((seed, card));
-            }
-            let missed = cards.iter().any(|(_, c)| !c.misses().is_empty());
-            if json {
-                let out: Vec<_> = cards
-                    .iter()
-                    .map(|(seed, card)| {
-                        serde_json::json!({ "seed": seed, "scorecard": card, "missed_targets": card.misses() })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&out)?);
-            } else {
-                for (seed, card) in &cards {
-                    println!("{}, seed {seed}:", policy.display());
-                    print!("{card}");
-                    for miss in card.misses() {
-                        println!("  target missed: {miss}");
-                    }
-                }
-            }
-            Ok(if check && missed {
-                ExitCode::FAILURE
-            } else {
-                ExitCode::SUCCESS
-            })
-        }
-        Command::Healthcheck { url } => {
-            let url = match url {
-                Some(url) => url,
-                None => format!("{}/readyz", local_base_url(&settings)?),
-            };
-            Ok(match client::get_status(&url).await {
-                Ok(200) => ExitCode::SUCCESS,
-                Ok(status) => {
-                    eprintln!("{url}: {status}");
-                    ExitCode::FAILURE
-                }
-                Err(err) => {
-                    eprintln!("{err}");
-                    ExitCode::FAILURE
-                }
-            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    for (seed, card) in cards {
+        println!("{}, seed {seed}:", policy.display());
+        print!("{card}");
+        for miss in card.misses() {
+            println!("  target missed: {miss}");
         }
     }
+    Ok(())
+}
+
+/// `healthcheck`: exit 0 when the service answers ready.
+async fn healthcheck(settings: &Settings, url: Option<String>) -> anyhow::Result<ExitCode> {
+    let url = match url {
+        Some(url) => url,
+        None => format!("{}/readyz", local_base_url(settings)?),
+    };
+    Ok(match client::get_status(&url).await {
+        Ok(200) => ExitCode::SUCCESS,
+        Ok(status) => {
+            eprintln!("{url}: {status}");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("{err}");
+            ExitCode::FAILURE
+        }
+    })
 }
 
 async fn run_policy(command: PolicyCommand, settings: &Settings) -> anyhow::Result<ExitCode> {

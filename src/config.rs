@@ -26,6 +26,26 @@ pub enum SettingsError {
     Invalid { key: String, message: String },
 }
 
+/// The single app VERIGATE_APP_KEY and VERIGATE_APP_SECRET name, if they are set.
+fn app_from_env(env: &HashMap<String, String>) -> Result<Option<AppSettings>, SettingsError> {
+    match (env.get(APP_KEY_VAR), env.get(APP_SECRET_VAR)) {
+        (Some(key), Some(secret)) => Ok(Some(AppSettings {
+            key: key.clone(),
+            secret: SecretString::from(secret.clone()),
+            basic_auth: false,
+        })),
+        (Some(_), None) => Err(invalid(
+            APP_SECRET_VAR,
+            format!("is required when {APP_KEY_VAR} is set"),
+        )),
+        (None, Some(_)) => Err(invalid(
+            APP_KEY_VAR,
+            format!("is required when {APP_SECRET_VAR} is set"),
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key: key.into(),
@@ -167,31 +187,22 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
-        match (env.get(APP_KEY_VAR), env.get(APP_SECRET_VAR)) {
-            (Some(key), Some(secret)) => settings.apps.push(AppSettings {
-                key: key.clone(),
-                secret: SecretString::from(secret.clone()),
-                basic_auth: false,
-            }),
-            (Some(_), None) => {
-                return Err(invalid(
-                    APP_SECRET_VAR,
-                    format!("is required when {APP_KEY_VAR} is set"),
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(invalid(
-                    APP_KEY_VAR,
-                    format!("is required when {APP_SECRET_VAR} is set"),
-                ))
-            }
-            (None, None) => {}
-        }
+        settings.apps.extend(app_from_env(&env)?);
         settings.validate()?;
         Ok(settings)
     }
 
+    /// Every section's checks, in the order the file lists them.
     fn validate(&self) -> Result<(), SettingsError> {
+        self.validate_server()?;
+        self.validate_apps()?;
+        self.validate_api()?;
+        self.validate_store()?;
+        self.validate_log()
+    }
+
+    /// Listen address, callback paths, body limit, and the policy's decision deadline.
+    fn validate_server(&self) -> Result<(), SettingsError> {
         self.listen_addr()?;
         for (key, path) in [
             ("server.callback_path", Some(&self.server.callback_path)),
@@ -222,6 +233,11 @@ impl Settings {
                 "must be between 1024 and 16777216 bytes",
             ));
         }
+        Ok(())
+    }
+
+    /// Sinch apps: each key once, each secret base64.
+    fn validate_apps(&self) -> Result<(), SettingsError> {
         let mut keys = std::collections::HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             if app.key.trim().is_empty() {
@@ -240,6 +256,11 @@ impl Settings {
                 )
             })?;
         }
+        Ok(())
+    }
+
+    /// API tokens long enough not to be guessed.
+    fn validate_api(&self) -> Result<(), SettingsError> {
         for (key, token) in [
             ("api.token", &self.api.token),
             ("api.read_token", &self.api.read_token),
@@ -248,6 +269,11 @@ impl Settings {
                 return Err(invalid(key, "must be at least 16 characters"));
             }
         }
+        Ok(())
+    }
+
+    /// Number hashing, the PostgreSQL backend, checkpoints, cache and retention.
+    fn validate_store(&self) -> Result<(), SettingsError> {
         match (&self.store.number_hash_key, self.store.hash_numbers) {
             (None, true) => {
                 return Err(invalid(
@@ -301,6 +327,10 @@ impl Settings {
                 "must be more than 0",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_log(&self) -> Result<(), SettingsError> {
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(invalid(
                 "log.level",

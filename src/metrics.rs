@@ -84,11 +84,27 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    http: HttpMetrics,
+    store: StoreMetrics,
+    policy: PolicyMetrics,
+    log_lines_dropped: Counter,
+    /// Dropped log lines already counted (the writer keeps a total).
+    log_lines_dropped_seen: std::sync::atomic::AtomicU64,
+    /// Block changes already counted: the policy keeps totals, the counter gets deltas.
+    block_changes_seen: std::sync::Mutex<[u64; 4]>,
+}
+
+/// Callbacks, their answers, and every HTTP request's latency.
+struct HttpMetrics {
     callbacks: Family<CallbackLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     deadline_exceeded: Counter,
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
+}
+
+/// The store's commits, checkpoints, failures, size and state.
+struct StoreMetrics {
     flush_seconds: Histogram,
     commit_events: Histogram,
     checkpoint_seconds: Histogram,
@@ -97,166 +113,168 @@ pub struct Metrics {
     store_free_bytes: Gauge,
     store_open: Gauge,
     store_ready: Gauge,
-    log_lines_dropped: Counter,
-    /// Dropped log lines already counted (the writer keeps a total).
-    log_lines_dropped_seen: std::sync::atomic::AtomicU64,
+}
+
+/// The policy in force, its counters and its quarantines.
+struct PolicyMetrics {
     policy_loads: Family<OutcomeLabels, Counter>,
     policy_info: Family<VersionLabels, Gauge>,
     counter_keys: Gauge,
     blocks: Gauge,
     block_changes: Family<ChangeLabels, Counter>,
-    /// Block changes already counted: the policy keeps totals, the counter gets deltas.
-    block_changes_seen: std::sync::Mutex<[u64; 4]>,
 }
 
-impl Metrics {
-    pub fn new() -> Arc<Self> {
-        let mut r = Registry::with_prefix("verigate");
-        let callbacks = Family::<CallbackLabels, Counter>::default();
-        r.register(
-            "callbacks",
-            "Callbacks received, by event type and outcome (a duplicate is not accepted twice)",
-            callbacks.clone(),
-        );
-        let auth_failures = Family::<ReasonLabels, Counter>::default();
-        r.register(
-            "auth_failures",
-            "Callbacks refused with 401, by reason code",
-            auth_failures.clone(),
-        );
-        let decisions = Family::<DecisionLabels, Counter>::default();
-        r.register(
-            "decisions",
-            "Request-event answers, by action and deciding rule",
-            decisions.clone(),
-        );
-        let deadline_exceeded = Counter::default();
-        r.register(
-            "decision_deadline_exceeded",
-            "Request events answered on_error because the policy missed the decision deadline",
-            deadline_exceeded.clone(),
-        );
-        let requests = Family::<RequestLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        r.register(
-            "http_request_duration_seconds",
-            "Time from request received to response ready, by route and status",
-            requests.clone(),
-        );
-        let flush_seconds = latency_histogram();
-        r.register(
-            "store_flush_seconds",
-            "Duration of one group commit: writing and syncing a batch of events to the write-ahead log",
-            flush_seconds.clone(),
-        );
-        let commit_events = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
-        r.register(
-            "store_commit_events",
-            "Events made durable by one group commit (one write-ahead-log sync)",
-            commit_events.clone(),
-        );
-        let checkpoint_seconds = Histogram::new([
-            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-        ]);
-        r.register(
-            "store_checkpoint_seconds",
-            "Duration of one checkpoint: moving committed events from memory into the index",
-            checkpoint_seconds.clone(),
-        );
-        let write_failures = Family::<StageLabels, Counter>::default();
-        r.register(
+/// Registers metrics under the `verigate` prefix, handing each back to be kept.
+struct Registrar<'a>(&'a mut Registry);
+
+impl Registrar<'_> {
+    fn add<M: prometheus_client::registry::Metric + Clone>(
+        &mut self,
+        name: &str,
+        help: &str,
+        metric: M,
+    ) -> M {
+        self.0.register(name, help, metric.clone());
+        metric
+    }
+}
+
+impl HttpMetrics {
+    fn register(add: &mut Registrar<'_>) -> Self {
+        Self {
+            callbacks: add.add(
+                "callbacks",
+                "Callbacks received, by event type and outcome (a duplicate is not accepted twice)",
+                Family::default(),
+            ),
+            auth_failures: add.add(
+                "auth_failures",
+                "Callbacks refused with 401, by reason code",
+                Family::default(),
+            ),
+            decisions: add.add(
+                "decisions",
+                "Request-event answers, by action and deciding rule",
+                Family::default(),
+            ),
+            deadline_exceeded: add.add(
+                "decision_deadline_exceeded",
+                "Request events answered on_error because the policy missed the decision deadline",
+                Counter::default(),
+            ),
+            requests: add.add(
+                "http_request_duration_seconds",
+                "Time from request received to response ready, by route and status",
+                Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            ),
+        }
+    }
+}
+
+impl StoreMetrics {
+    fn register(add: &mut Registrar<'_>) -> Self {
+        let write_failures: Family<StageLabels, Counter> = add.add(
             "store_write_failures",
             "Store writes that failed, by stage (wal, checkpoint); the store recovers by itself once the cause is gone",
-            write_failures.clone(),
+            Family::default(),
         );
         // Shown as 0 from the start, so that a dashboard draws a line, not "no data".
         for stage in ["wal", "checkpoint"] {
             drop(write_failures.get_or_create(&StageLabels { stage }));
         }
-        let store_ready = Gauge::default();
-        r.register(
-            "store_ready",
-            "1 while the store takes writes, 0 while it is not open or writes fail",
-            store_ready.clone(),
-        );
-        let log_lines_dropped = Counter::default();
-        r.register(
+        Self {
+            flush_seconds: add.add(
+                "store_flush_seconds",
+                "Duration of one group commit: writing and syncing a batch of events to the write-ahead log",
+                latency_histogram(),
+            ),
+            commit_events: add.add(
+                "store_commit_events",
+                "Events made durable by one group commit (one write-ahead-log sync)",
+                Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            ),
+            checkpoint_seconds: add.add(
+                "store_checkpoint_seconds",
+                "Duration of one checkpoint: moving committed events from memory into the index",
+                Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            ),
+            write_failures,
+            store_ready: add.add(
+                "store_ready",
+                "1 while the store takes writes, 0 while it is not open or writes fail",
+                Gauge::default(),
+            ),
+            store_size_bytes: add.add(
+                "store_size_bytes",
+                "Bytes the store occupies on disk",
+                Gauge::default(),
+            ),
+            store_free_bytes: add.add(
+                "store_disk_free_bytes",
+                "Bytes free on the store's volume for an unprivileged writer, sampled at scrape",
+                Gauge::default(),
+            ),
+            store_open: add.add(
+                "store_open",
+                "1 once the store is open, else 0",
+                Gauge::default(),
+            ),
+        }
+    }
+}
+
+impl PolicyMetrics {
+    fn register(add: &mut Registrar<'_>) -> Self {
+        Self {
+            policy_loads: add.add(
+                "policy_loads",
+                "Policy loads and reloads, by outcome (ok/failed)",
+                Family::default(),
+            ),
+            policy_info: add.add(
+                "policy_info",
+                "1 for the version of the policy in force",
+                Family::default(),
+            ),
+            counter_keys: add.add(
+                "rate_limit_keys",
+                "Keys held by the policy's rate_limit, distinct_numbers and spend counters",
+                Gauge::default(),
+            ),
+            blocks: add.add(
+                "policy_blocks",
+                "Keys in automatic quarantine now (adaptive rules)",
+                Gauge::default(),
+            ),
+            block_changes: add.add(
+                "policy_block_changes",
+                "Quarantine changes: blocked, expired, lifted, pinned",
+                Family::default(),
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("verigate");
+        let mut add = Registrar(&mut registry);
+        let http = HttpMetrics::register(&mut add);
+        let store = StoreMetrics::register(&mut add);
+        let policy = PolicyMetrics::register(&mut add);
+        let log_lines_dropped = add.add(
             "log_lines_dropped",
             "Log lines dropped because the log output could not keep up",
-            log_lines_dropped.clone(),
-        );
-        let store_size_bytes = Gauge::default();
-        r.register(
-            "store_size_bytes",
-            "Bytes the store occupies on disk",
-            store_size_bytes.clone(),
-        );
-        let store_free_bytes = Gauge::default();
-        r.register(
-            "store_disk_free_bytes",
-            "Bytes free on the store's volume for an unprivileged writer, sampled at scrape",
-            store_free_bytes.clone(),
-        );
-        let store_open = Gauge::default();
-        r.register(
-            "store_open",
-            "1 once the store is open, else 0",
-            store_open.clone(),
-        );
-        let policy_loads = Family::<OutcomeLabels, Counter>::default();
-        r.register(
-            "policy_loads",
-            "Policy loads and reloads, by outcome (ok/failed)",
-            policy_loads.clone(),
-        );
-        let policy_info = Family::<VersionLabels, Gauge>::default();
-        r.register(
-            "policy_info",
-            "1 for the version of the policy in force",
-            policy_info.clone(),
-        );
-        let counter_keys = Gauge::default();
-        r.register(
-            "rate_limit_keys",
-            "Keys held by the policy's rate_limit, distinct_numbers and spend counters",
-            counter_keys.clone(),
-        );
-        let blocks = Gauge::default();
-        r.register(
-            "policy_blocks",
-            "Keys in automatic quarantine now (adaptive rules)",
-            blocks.clone(),
-        );
-        let block_changes = Family::<ChangeLabels, Counter>::default();
-        r.register(
-            "policy_block_changes",
-            "Quarantine changes: blocked, expired, lifted, pinned",
-            block_changes.clone(),
+            Counter::default(),
         );
         Arc::new(Self {
-            counter_keys,
-            blocks,
-            block_changes,
-            block_changes_seen: std::sync::Mutex::new([0; 4]),
-            registry: r,
-            callbacks,
-            auth_failures,
-            decisions,
-            deadline_exceeded,
-            requests,
-            flush_seconds,
-            commit_events,
-            checkpoint_seconds,
-            write_failures,
-            store_size_bytes,
-            store_free_bytes,
-            store_open,
-            store_ready,
+            registry,
+            http,
+            store,
+            policy,
             log_lines_dropped,
             log_lines_dropped_seen: std::sync::atomic::AtomicU64::new(0),
-            policy_loads,
-            policy_info,
+            block_changes_seen: std::sync::Mutex::new([0; 4]),
         })
     }
 
@@ -268,20 +286,23 @@ impl Metrics {
             Some(_) => "other",
             None => "unparsed",
         };
-        self.callbacks
+        self.http
+            .callbacks
             .get_or_create(&CallbackLabels { event, outcome })
             .inc();
     }
 
     pub fn auth_failure(&self, reason: &'static str) {
-        self.auth_failures
+        self.http
+            .auth_failures
             .get_or_create(&ReasonLabels { reason })
             .inc();
         self.callback(None, outcome::UNAUTHORIZED);
     }
 
     pub fn decision(&self, action: &'static str, rule: &str) {
-        self.decisions
+        self.http
+            .decisions
             .get_or_create(&DecisionLabels {
                 action,
                 rule: rule.to_owned(),
@@ -290,11 +311,12 @@ impl Metrics {
     }
 
     pub fn deadline_exceeded(&self) {
-        self.deadline_exceeded.inc();
+        self.http.deadline_exceeded.inc();
     }
 
     pub fn observe_request(&self, route: &str, status: u16, elapsed: std::time::Duration) {
-        self.requests
+        self.http
+            .requests
             .get_or_create(&RequestLabels {
                 route: route.to_owned(),
                 status: status.to_string(),
@@ -303,11 +325,13 @@ impl Metrics {
     }
 
     pub fn policy_loaded(&self, version: &str) {
-        self.policy_loads
+        self.policy
+            .policy_loads
             .get_or_create(&OutcomeLabels { outcome: "ok" })
             .inc();
-        self.policy_info.clear();
-        self.policy_info
+        self.policy.policy_info.clear();
+        self.policy
+            .policy_info
             .get_or_create(&VersionLabels {
                 version: version.to_owned(),
             })
@@ -315,7 +339,8 @@ impl Metrics {
     }
 
     pub fn policy_load_failed(&self) {
-        self.policy_loads
+        self.policy
+            .policy_loads
             .get_or_create(&OutcomeLabels { outcome: "failed" })
             .inc();
     }
@@ -336,12 +361,15 @@ impl Metrics {
             .fetch_max(log_lines_dropped, std::sync::atomic::Ordering::SeqCst);
         self.log_lines_dropped
             .inc_by(log_lines_dropped.saturating_sub(seen));
-        self.store_ready.set(i64::from(store_ready));
-        self.blocks.set(i64::try_from(blocks).unwrap_or(i64::MAX));
+        self.store.store_ready.set(i64::from(store_ready));
+        self.policy
+            .blocks
+            .set(i64::try_from(blocks).unwrap_or(i64::MAX));
         if let Ok(mut seen) = self.block_changes_seen.lock() {
             for (i, change) in BlockChange::ALL.into_iter().enumerate() {
                 let delta = changes[i].saturating_sub(seen[i]);
-                self.block_changes
+                self.policy
+                    .block_changes
                     .get_or_create(&ChangeLabels {
                         change: change.as_str(),
                     })
@@ -349,15 +377,18 @@ impl Metrics {
                 seen[i] = seen[i].max(changes[i]);
             }
         }
-        self.counter_keys
+        self.policy
+            .counter_keys
             .set(i64::try_from(counter_keys).unwrap_or(i64::MAX));
-        self.store_open.set(i64::from(store_size.is_some()));
+        self.store.store_open.set(i64::from(store_size.is_some()));
         if let Some(size) = store_size {
-            self.store_size_bytes
+            self.store
+                .store_size_bytes
                 .set(i64::try_from(size).unwrap_or(i64::MAX));
         }
         if let Some(free) = store_free {
-            self.store_free_bytes
+            self.store
+                .store_free_bytes
                 .set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         let mut out = String::new();
@@ -383,18 +414,19 @@ pub struct Sampled {
 
 impl StoreObserver for Metrics {
     fn committed(&self, elapsed: std::time::Duration, events: usize) {
-        self.flush_seconds.observe(elapsed.as_secs_f64());
-        self.commit_events.observe(events as f64);
+        self.store.flush_seconds.observe(elapsed.as_secs_f64());
+        self.store.commit_events.observe(events as f64);
     }
 
     fn write_failed(&self, stage: &'static str) {
-        self.write_failures
+        self.store
+            .write_failures
             .get_or_create(&StageLabels { stage })
             .inc();
     }
 
     fn checkpointed(&self, elapsed: std::time::Duration) {
-        self.checkpoint_seconds.observe(elapsed.as_secs_f64());
+        self.store.checkpoint_seconds.observe(elapsed.as_secs_f64());
     }
 }
 
