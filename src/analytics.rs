@@ -48,7 +48,9 @@ impl<'a> Params<'a> {
     pub fn text(&self, name: &str) -> Result<Option<&'a str>, ParamError> {
         match self.values.get(name).map(String::as_str) {
             Some("") => Err(param_error(name, "must not be empty")),
-            Some(v) if v.len() > 256 => Err(param_error(name, "is longer than 256 characters")),
+            Some(v) if v.chars().count() > 256 => {
+                Err(param_error(name, "is longer than 256 characters"))
+            }
             other => Ok(other),
         }
     }
@@ -71,7 +73,7 @@ impl<'a> Params<'a> {
     /// `[since, until)`, defaulting to everything; `since` must precede `until`.
     pub fn range(&self) -> Result<(DateTime<Utc>, DateTime<Utc>), ParamError> {
         let since = self.time("since")?.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
-        let until = self.time("until")?.unwrap_or(DateTime::<Utc>::MAX_UTC);
+        let until = self.time("until")?.unwrap_or_else(no_end);
         if since >= until {
             return Err(param_error("until", "must be later than `since`"));
         }
@@ -111,6 +113,14 @@ impl<'a> Params<'a> {
     }
 }
 
+/// The `until` of a range without one: the last instant RFC 3339 can write, so that an
+/// answer echoing the range stays a valid time for any client.
+pub fn no_end() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("9999-12-31T23:59:59.999999999Z")
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 pub const LIST_PARAMS: &[&str] = &[
     "number",
     "reference",
@@ -125,7 +135,7 @@ pub const LIST_PARAMS: &[&str] = &[
     "cursor",
 ];
 
-const STATUSES: &[&str] = &[
+pub const STATUSES: &[&str] = &[
     "PENDING",
     "SUCCESSFUL",
     "FAIL",
@@ -134,7 +144,7 @@ const STATUSES: &[&str] = &[
     "ERROR",
     "NONE",
 ];
-const METHODS: &[&str] = &["sms", "flashcall", "callout", "whatsapp", "seamless"];
+pub const METHODS: &[&str] = &["sms", "flashcall", "callout", "whatsapp", "seamless"];
 
 /// What `GET /v1/verifications` filters on besides time. `number` is as the client
 /// knows it; the store looks it up in the form it keeps numbers in.

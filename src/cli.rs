@@ -54,6 +54,8 @@ pub enum Command {
     /// against a policy, in compressed time, and print how much it blocked of each and
     /// how many real users it turned away (docs/fraud-defence.md).
     Simulate(SimulateArgs),
+    /// Print the OpenAPI 3.1 document of the /v1 API (what GET /v1/openapi.json serves).
+    Openapi,
     /// Exit 0 if verigate answers ready, 1 otherwise (container health checks).
     Healthcheck {
         /// Default: /readyz on this configuration's listen address.
@@ -217,6 +219,13 @@ pub async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCod
         Command::Trigger(args) => trigger(&settings, args).await,
         Command::Simulate(args) => simulate(&settings, args).await,
         Command::Healthcheck { url } => healthcheck(&settings, url).await,
+        Command::Openapi => {
+            print!(
+                "{}",
+                crate::routes::openapi::pretty(&crate::routes::openapi::document())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -37,7 +37,7 @@ impl PolicyDecision {
 }
 
 /// Everything that went into a decision; stored with the record and logged.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Explanation {
     /// Shadow rules that matched: what they would have done.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -60,7 +60,7 @@ pub struct Explanation {
     pub eval_ns: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct QuarantineNote {
     pub rule: String,
     pub key: String,
@@ -71,13 +71,13 @@ pub struct QuarantineNote {
     pub state: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ShadowMatch {
     pub rule: String,
     pub would: Action,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CounterReading {
     pub rule: String,
     /// `rate_limit`, `distinct_numbers` or `spend`.
@@ -88,7 +88,7 @@ pub struct CounterReading {
 }
 
 /// The answer verigate gave, and why: the decision as it is stored with a verification.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct DecisionRecord {
     pub action: Action,
     pub rule: Option<String>,

@@ -15,7 +15,7 @@ use actix_web::{
 use serde::Serialize;
 
 /// Every error code verigate answers with, and the HTTP status that goes with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     // 401: the callback did not prove it came from Sinch.
@@ -117,6 +117,20 @@ impl ErrorCode {
     }
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+}
+
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable: clients and alerting key on it.
+    pub code: ErrorCode,
+    /// What was wrong, in words that tell the caller what to fix.
+    pub message: &'a str,
+}
+
 /// An error answer: a code plus a message that tells the caller what to fix.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
@@ -133,8 +147,13 @@ impl ApiError {
         }
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": { "code": self.code, "message": self.message } })
+    pub fn body(&self) -> ErrorBody<'_> {
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        }
     }
 
     /// The HTTP answer for this error, for handlers that build responses directly.

@@ -76,7 +76,7 @@ pub struct Identity {
 }
 
 /// What Sinch will charge (`price`) or its rate for the attempt.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Price {
     #[serde(default)]

@@ -15,7 +15,7 @@ pub struct RuleOutcomes {
     rules: BTreeMap<String, RuleOutcome>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct RuleOutcome {
     pub rule: String,
     /// Verifications the rule decided (`default` and `on_error` are rules here too).
@@ -24,7 +24,7 @@ pub struct RuleOutcome {
     pub shadow: Shadowed,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Decided {
     pub verifications: u64,
     pub allowed: u64,
@@ -33,7 +33,7 @@ pub struct Decided {
     pub results: BTreeMap<String, u64>,
 }
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct Shadowed {
     pub verifications: u64,
     pub would_allow: u64,

@@ -322,3 +322,24 @@ fn a_shadow_rules_precision_counts_only_what_it_would_have_denied_and_is_finishe
     assert_eq!((default.verifications, default.allowed), (6, 6));
     assert_eq!(rules[0].shadow.precision, None);
 }
+
+#[test]
+fn an_open_range_ends_at_a_time_rfc_3339_can_write() {
+    let values = params(&[]);
+    let (_, until) = Params::new(&values, LIST_PARAMS).unwrap().range().unwrap();
+    let written = serde_json::to_value(until).unwrap();
+    let text = written.as_str().unwrap();
+    assert_eq!(text, "9999-12-31T23:59:59.999999999Z");
+    assert_eq!(DateTime::parse_from_rfc3339(text).unwrap(), until);
+}
+
+#[test]
+fn a_parameter_of_256_characters_is_taken_whatever_their_encoding() {
+    let long = "é".repeat(256);
+    let values = params(&[("rule", long.as_str())]);
+    let filter = filter_from_params(&Params::new(&values, LIST_PARAMS).unwrap()).unwrap();
+    assert_eq!(filter.rule.as_deref(), Some(long.as_str()));
+    let longer = "é".repeat(257);
+    let values = params(&[("rule", longer.as_str())]);
+    assert!(filter_from_params(&Params::new(&values, LIST_PARAMS).unwrap()).is_err());
+}

@@ -231,7 +231,7 @@ pub struct Tracked {
 }
 
 /// One verification behind a block, for the operator reviewing it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Evidence {
     pub id: String,
     /// Calling code and last two digits only: the full record is one query away.
@@ -633,7 +633,7 @@ impl BlockSpec {
 }
 
 /// A key in quarantine.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Block {
     pub rule: String,
     pub key: String,

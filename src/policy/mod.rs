@@ -10,6 +10,7 @@ pub mod adaptive;
 mod compiled;
 mod conditions;
 pub mod counters;
+mod description;
 mod facts;
 mod file;
 pub mod persist;
@@ -24,6 +25,7 @@ mod sequential_tests;
 use chrono::{DateTime, Utc};
 
 pub use conditions::reference as conditions_reference;
+pub use description::{PolicyDescription, ReplicaReport, RuleDescription};
 pub use facts::normalise_number;
 pub use file::{policy_schema, PolicyLoadError};
 pub use rules::RulesPolicy;

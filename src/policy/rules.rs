@@ -32,7 +32,7 @@ use super::{
     file::{compile, load, PolicyLoadError},
     shared::{Planner, SharedState},
     CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
-    PolicyError, QuarantineNote, Quarantines, ShadowMatch,
+    PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription, ShadowMatch,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 use crate::phone::country::CountryTable;
@@ -419,35 +419,36 @@ impl Policy for RulesPolicy {
 
     fn describe(&self) -> serde_json::Value {
         let s = self.current.load();
-        let rules: Vec<_> = s
+        let rules = s
             .rules
             .iter()
             .zip(&s.stats)
-            .map(|(rule, stat)| {
-                let outcomes = stat.outcomes.lock().map(|o| o.clone()).unwrap_or_default();
-                serde_json::json!({
-                    "name": rule.name,
-                    "action": rule.action,
-                    "mode": rule.mode,
-                    "conditions": rule.summary,
-                    "note": rule.note,
-                    "hits": stat.hits.load(Ordering::Relaxed),
-                    "outcomes": outcomes,
-                })
+            .map(|(rule, stat)| RuleDescription {
+                name: rule.name.clone(),
+                action: rule.action,
+                mode: rule.mode,
+                conditions: rule.summary.clone(),
+                note: rule.note.clone(),
+                hits: stat.hits.load(Ordering::Relaxed),
+                outcomes: stat.outcomes.lock().map(|o| o.clone()).unwrap_or_default(),
             })
             .collect();
-        serde_json::json!({
-            "version": s.version,
-            "loaded_at": s.loaded_at,
-            "path": self.path.as_ref().map(|p| p.display().to_string()),
-            "default": s.default,
-            "on_error": s.on_error,
-            "lists": s.lists,
-            "rules": rules,
-            "last_reload_error": self.last_error.lock().ok().and_then(|e| e.clone()),
-            "counter_keys": self.counters().keys(),
-            "replicas": self.shared.as_ref().map(|shared| shared.replicas().unwrap_or_default()),
-        })
+        let description = PolicyDescription {
+            version: s.version.clone(),
+            loaded_at: s.loaded_at,
+            path: self.path.as_ref().map(|p| p.display().to_string()),
+            default: s.default,
+            on_error: s.on_error,
+            lists: s.lists.clone(),
+            rules,
+            last_reload_error: self.last_error.lock().ok().and_then(|e| e.clone()),
+            counter_keys: self.counters().keys(),
+            replicas: self
+                .shared
+                .as_ref()
+                .map(|shared| shared.replicas().unwrap_or_default()),
+        };
+        serde_json::to_value(description).unwrap_or(serde_json::Value::Null)
     }
 
     fn learning(&self) -> Option<&dyn Learning> {

@@ -15,7 +15,7 @@ use crate::{
     },
     error::{ApiError, ErrorCode},
     store::{
-        Cursor, EventQuery, Page, StatsQuery, Store, StoreError, VerificationQuery,
+        Cursor, EventQuery, GroupStats, Page, StatsQuery, Store, StoreError, VerificationQuery,
         VerificationRecord,
     },
 };
@@ -56,11 +56,38 @@ fn cursor(params: &Params<'_>) -> Result<Option<Cursor>, ApiError> {
     Ok(params.text("cursor")?.map(Cursor::decode).transpose()?)
 }
 
+/// One page of a listing.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+#[schemars(rename = "{T}Page")]
+pub struct ListPage<T> {
+    pub items: Vec<T>,
+    /// Pass as `cursor` to get the next page; null on the last one.
+    pub next_cursor: Option<String>,
+}
+
 fn page_json<T: serde::Serialize>(page: Page<T>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({
-        "items": page.items,
-        "next_cursor": page.next.map(|c| c.encode()),
-    }))
+    HttpResponse::Ok().json(ListPage {
+        items: page.items,
+        next_cursor: page.next.map(|c| c.encode()),
+    })
+}
+
+/// `GET /v1/stats`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct StatsAnswer {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    /// One per combination of the `group_by` values, sorted by them; one group of
+    /// everything without `group_by`.
+    pub groups: Vec<GroupStats>,
+}
+
+/// `GET /v1/stats/rules`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct RuleOutcomesAnswer {
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub rules: Vec<RuleOutcome>,
 }
 
 /// `GET /v1/verifications`: filtered, time-ordered, paginated records.
@@ -233,11 +260,11 @@ pub async fn stats(
             group_by,
         })
         .await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "since": since,
-        "until": until,
-        "groups": groups,
-    })))
+    Ok(HttpResponse::Ok().json(StatsAnswer {
+        since,
+        until,
+        groups,
+    }))
 }
 
 /// `GET /v1/stats/rules`: per rule, how the verifications it decided or matched in
@@ -251,11 +278,11 @@ pub async fn rule_outcomes(
     let params = Params::new(&values, &["since", "until"])?;
     let (since, until) = params.range()?;
     let rules = stored_rule_outcomes(state.store.ready()?, since, until).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "since": since,
-        "until": until,
-        "rules": rules,
-    })))
+    Ok(HttpResponse::Ok().json(RuleOutcomesAnswer {
+        since,
+        until,
+        rules,
+    }))
 }
 
 /// Every rule's outcomes over the verifications first seen in `[since, until)`, read

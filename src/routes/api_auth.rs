@@ -19,7 +19,7 @@ pub struct ApiToken {
 }
 
 /// Which token a caller holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// `api.token`: reads and changes things.

@@ -25,9 +25,10 @@ pub async fn reload_now(
         .await
         .map_err(|e| ApiError::new(ErrorCode::Internal, e.to_string()))?;
     match outcome {
-        Ok(version) => Ok(
-            HttpResponse::Ok().json(serde_json::json!({ "reloaded": true, "version": version }))
-        ),
+        Ok(version) => Ok(HttpResponse::Ok().json(Reloaded {
+            reloaded: true,
+            version,
+        })),
         Err(err) => Err(ApiError::new(
             ErrorCode::InvalidPolicy,
             format!("{err}; the previous policy stays in force"),
@@ -45,7 +46,33 @@ pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpRespon
     .await
     .flatten()
     .unwrap_or_default();
-    HttpResponse::Ok().json(serde_json::json!({ "blocks": blocks }))
+    HttpResponse::Ok().json(BlockList { blocks })
+}
+
+/// `POST /v1/policy/reload`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Reloaded {
+    pub reloaded: bool,
+    /// The version now in force.
+    pub version: String,
+}
+
+/// `GET /v1/policy/blocks`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct BlockList {
+    pub blocks: Vec<Block>,
+}
+
+/// `DELETE /v1/policy/blocks/{key}`'s answer: the blocks it ended, one per rule.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Lifted {
+    pub lifted: Vec<Block>,
+}
+
+/// `POST /v1/policy/blocks/{key}/pin`'s answer: the blocks made permanent.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Pinned {
+    pub pinned: Vec<Block>,
 }
 
 /// `DELETE /v1/policy/blocks/{key}` (admin token): lifts every block on the key.
@@ -63,7 +90,8 @@ pub async fn lift(
     .transpose()
     .map_err(|err| not_shared("lift", err))?
     .unwrap_or_default();
-    changed(&state, "lifted", lifted, &key).await
+    changed(&state, "lifted", &lifted, &key).await?;
+    Ok(HttpResponse::Ok().json(Lifted { lifted }))
 }
 
 /// `POST /v1/policy/blocks/{key}/pin` (admin token): makes every block on the key
@@ -82,7 +110,8 @@ pub async fn pin(
     .transpose()
     .map_err(|err| not_shared("pin", err))?
     .unwrap_or_default();
-    changed(&state, "pinned", pinned, &key).await
+    changed(&state, "pinned", &pinned, &key).await?;
+    Ok(HttpResponse::Ok().json(Pinned { pinned }))
 }
 
 /// A lift or pin that the replicas' shared state did not take: nothing changed.
@@ -93,13 +122,13 @@ fn not_shared(change: &str, err: PolicyError) -> ApiError {
     )
 }
 
-/// Answers a lift or pin, once the change is saved.
+/// Saves a lift or pin, or says there was nothing to change.
 async fn changed(
     state: &CallbackState,
     what: &str,
-    blocks: Vec<Block>,
+    blocks: &[Block],
     key: &str,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<(), ApiError> {
     if blocks.is_empty() {
         return Err(ApiError::new(
             ErrorCode::NotFound,
@@ -117,5 +146,5 @@ async fn changed(
             .await
             .map_err(|e| ApiError::new(ErrorCode::StoreUnavailable, e.to_string()))?;
     }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ what: blocks })))
+    Ok(())
 }

@@ -5,7 +5,7 @@ use actix_web::{web, HttpResponse};
 use super::{ApiCaller, CallbackState};
 use crate::{
     error::{ApiError, ErrorCode},
-    store::VerificationRecord,
+    store::{StoredEvent, VerificationRecord},
 };
 
 /// Events of the log one request for a verification's events may read while looking for
@@ -31,12 +31,24 @@ pub async fn events(
     let record = stored(&state, &id).await?;
     let store = state.store.ready()?;
     let (events, complete) = store.events_of(&record, EVENT_SCAN_BUDGET).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "id": record.id,
-        "event_count": record.event_count,
-        "complete": complete,
-        "events": events,
-    })))
+    Ok(HttpResponse::Ok().json(VerificationEvents {
+        id: record.id,
+        event_count: record.event_count,
+        complete,
+        events,
+    }))
+}
+
+/// `GET /v1/verifications/{id}/events`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct VerificationEvents {
+    pub id: String,
+    /// Accepted events the record counts (duplicates excluded).
+    pub event_count: u32,
+    /// False when the search stopped at its budget before it found all of them.
+    pub complete: bool,
+    /// Oldest first.
+    pub events: Vec<StoredEvent>,
 }
 
 async fn stored(state: &CallbackState, id: &str) -> Result<VerificationRecord, ApiError> {

@@ -110,7 +110,7 @@ pub enum RecordOutcome {
 }
 
 /// One accepted event as the raw event log keeps it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct StoredEvent {
     pub seq: u64,
     pub received_at: DateTime<Utc>,
@@ -118,6 +118,7 @@ pub struct StoredEvent {
     pub event: String,
     pub id: String,
     /// The callback body exactly as received (with the number hashed in hashed mode).
+    #[schemars(with = "serde_json::Value")]
     pub body: Box<RawValue>,
 }
 

@@ -14,7 +14,7 @@ use crate::{
     phone::NumberFacts,
 };
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct VerificationRecord {
     pub id: String,
     /// Creation order; with `first_seen` it places the record in the time index.
@@ -51,7 +51,7 @@ pub struct RecordStamp<'a> {
     pub received_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RequestPart {
     pub received_at: DateTime<Utc>,
     pub price: Option<Price>,
@@ -59,13 +59,13 @@ pub struct RequestPart {
     pub accept_language: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SmsDeliveryPart {
     pub result: String,
     pub received_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ResultPart {
     pub status: String,
     pub reason: Option<String>,

@@ -106,7 +106,7 @@ impl StatsRow<'_> {
 }
 
 /// Counts for one group of verifications.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, schemars::JsonSchema)]
 pub struct GroupStats {
     /// The group's values, by dimension name.
     pub group: BTreeMap<&'static str, String>,

@@ -628,6 +628,11 @@ async fn the_console_is_served_from_the_binary_under_a_strict_content_security_p
         let again = fetch(path, Some(&etag)).await;
         assert_eq!(again.status(), 304, "{path}");
     }
+    // The page links the API's contract, which a signed-out browser may open.
+    let page = fetch("/console", None).await.text().await.unwrap();
+    assert!(page.contains(r#"href="/v1/openapi.json""#), "{page}");
+    let document = reply(fetch("/v1/openapi.json", None).await).await;
+    assert_eq!(document.status, 200);
     let missing = reply(fetch("/console/secrets.txt", None).await).await;
     assert_eq!(
         (missing.status, missing.error_code().as_str()),

@@ -232,6 +232,20 @@ pub async fn reply(response: reqwest::Response) -> Reply {
     }
 }
 
+/// The reply to `method`, checked against docs/openapi.json when it is an API route's.
+pub async fn checked_reply(method: &reqwest::Method, response: reqwest::Response) -> Reply {
+    let url = response.url().to_string();
+    let reply = reply(response).await;
+    crate::contract::check(
+        method.as_str(),
+        &url,
+        reply.status,
+        &reply.content_type,
+        &reply.text,
+    );
+    reply
+}
+
 /// `method path` on the service at `base`, with `token` as the bearer.
 pub async fn api_call(
     client: &reqwest::Client,
@@ -241,9 +255,9 @@ pub async fn api_call(
     token: &str,
 ) -> Reply {
     let request = client
-        .request(method, format!("{base}{path}"))
+        .request(method.clone(), format!("{base}{path}"))
         .bearer_auth(token);
-    reply(request.send().await.unwrap()).await
+    checked_reply(&method, request.send().await.unwrap()).await
 }
 
 pub fn timestamp(at: DateTime<Utc>) -> String {
@@ -319,7 +333,7 @@ impl TestApp {
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        reply(request.send().await.unwrap()).await
+        checked_reply(&reqwest::Method::GET, request.send().await.unwrap()).await
     }
 
     /// The stored record of a verification, or `None` on 404.
@@ -533,8 +547,8 @@ impl RunningBinary {
             .send()
             .await
             .unwrap();
-        let status = reply.status().as_u16();
-        (status, reply.json().await.unwrap())
+        let reply = checked_reply(&reqwest::Method::GET, reply).await;
+        (reply.status, reply.json())
     }
 
     /// GET /readyz: the status and the body.

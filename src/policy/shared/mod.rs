@@ -39,7 +39,7 @@ use super::{
         count_outcome, Block, BlockSpec, Evidence, Quarantine, QuarantineState, Resolution, Tracked,
     },
     counters::{CounterKey, CounterStore},
-    PolicyError,
+    PolicyError, ReplicaReport,
 };
 use crate::{
     store::postgres::{
@@ -566,7 +566,7 @@ impl SharedState {
     }
 
     /// Every replica seen in the last minute: name, policy version, last report.
-    pub fn replicas(&self) -> Result<Vec<serde_json::Value>, PolicyError> {
+    pub fn replicas(&self) -> Result<Vec<ReplicaReport>, PolicyError> {
         let me = self.replica.clone();
         let fast = self.fast_handle();
         self.run(async move {
@@ -580,13 +580,13 @@ impl SharedState {
             Ok(rows
                 .into_iter()
                 .map(|r| {
-                    let name: String = r.get(0);
-                    serde_json::json!({
-                        "replica": name,
-                        "this": name == me,
-                        "policy_version": r.get::<_, String>(1),
-                        "seen_at": r.get::<_, DateTime<Utc>>(2),
-                    })
+                    let replica: String = r.get(0);
+                    ReplicaReport {
+                        this: replica == me,
+                        replica,
+                        policy_version: r.get(1),
+                        seen_at: r.get(2),
+                    }
                 })
                 .collect())
         })
