@@ -10,7 +10,8 @@
 //!
 //! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
 //! list, default "32,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers),
-//! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_ONLY=verigate (skip the bare
+//! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_LOG_FORMAT (pretty, the
+//! service's default, or json), LOAD_ONLY=verigate (skip the bare
 //! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
 //! LOAD_REPLICAS=1,2,3 (also run that many verigate replicas on one PostgreSQL database,
 //! started by tests/support/postgres.sh, with the connections spread over them). For
@@ -100,7 +101,15 @@ fn main() {
         };
         let dir = tempfile::tempdir().unwrap();
         let verigate = Server::verigate(dir.path(), workers, &log_level, &[]);
-        let ours = runtime.block_on(drive(&[verigate.port], &requests, concurrency));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let sampler = StoreSampler::start(dir.path(), Arc::clone(&answered), requests.len());
+        let ours = runtime.block_on(drive_counted(
+            &[verigate.port],
+            &requests,
+            concurrency,
+            answered,
+        ));
+        let while_running = sampler.finish();
         let sled_cpu = cpu_seconds(verigate.child.id(), false);
         let peak_rss = verigate.peak_rss_kib();
         let commits = verigate.commit_figures();
@@ -112,7 +121,10 @@ fn main() {
             std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
             std::fs::rename(dir.path().join("db"), &kept).unwrap();
         }
-        println!("\nconcurrency {concurrency}, verigate logs at {log_level}");
+        println!(
+            "\nconcurrency {concurrency}, verigate logs at {log_level} ({} format)",
+            log_format()
+        );
         if let Some(bare_run) = &bare_run {
             bare_run.print("bare actix-web");
         }
@@ -124,9 +136,11 @@ fn main() {
             );
         }
         println!(
-            "  verigate peak RSS {:.1} MiB; store {:.0} bytes per stored event after a clean stop",
+            "  verigate peak RSS {:.1} MiB; store {:.0} bytes per stored event after a clean stop, \
+             at most {:.0} while running (growth over the empty store)",
             peak_rss as f64 / 1024.0,
-            store_bytes as f64 / requests.len() as f64
+            store_bytes as f64 / requests.len() as f64,
+            while_running
         );
         println!("  {commits}");
         println!(
@@ -307,6 +321,46 @@ fn bare_server() {
     });
 }
 
+/// Samples the store's size on disk while a run goes on, every 100 ms.
+struct StoreSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<f64>,
+}
+
+impl StoreSampler {
+    fn start(dir: &Path, answered: Arc<AtomicUsize>, total: usize) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (dir, stopped) = (dir.to_path_buf(), Arc::clone(&stop));
+        let thread = std::thread::spawn(move || {
+            // What the empty store occupies (files the index preallocates) is not a cost
+            // per event: growth beyond it is.
+            let empty = verigate::store::sled::dir_size(&dir) as f64;
+            let mut worst: f64 = 0.0;
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
+                let events = answered.load(Ordering::Relaxed);
+                if events >= total / 10 && events > 0 {
+                    let size = verigate::store::sled::dir_size(&dir) as f64;
+                    worst = worst.max((size - empty) / events as f64);
+                }
+            }
+            worst
+        });
+        Self { stop, thread }
+    }
+
+    /// The largest size per answered callback seen.
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0.0)
+    }
+}
+
+/// verigate's log format: LOAD_LOG_FORMAT, by default the service's own default (pretty).
+fn log_format() -> String {
+    std::env::var("LOAD_LOG_FORMAT").unwrap_or_else(|_| "pretty".into())
+}
+
 /// A server process under load; killed when dropped.
 struct Server {
     child: Child,
@@ -333,7 +387,7 @@ impl Server {
             .env("VERIGATE__SERVER__WORKERS", workers.to_string())
             .env("VERIGATE__STORE__PATH", dir.join("db"))
             .env("VERIGATE__POLICY__PATH", policy)
-            .env("VERIGATE__LOG__FORMAT", "json")
+            .env("VERIGATE__LOG__FORMAT", log_format())
             // The bench reads the port from the `verigate listening` line (info).
             .env(
                 "VERIGATE__LOG__LEVEL",
@@ -347,8 +401,14 @@ impl Server {
             .unwrap();
         let server = Self::wait_for_port(child, |line| {
             line.contains("verigate listening").then(|| {
-                let v: serde_json::Value = serde_json::from_str(line).unwrap();
-                v["port"].as_u64().unwrap() as u16
+                // `"port":N` in JSON, `port=N` in the pretty format.
+                let at = line.find("port").unwrap() + "port".len();
+                let digits: String = line[at..]
+                    .trim_start_matches(['"', ':', '='])
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                digits.parse().unwrap()
             })
         });
         // Ready = store open and policy (with its country table) loaded.
@@ -624,6 +684,16 @@ fn percentiles(mut samples: Vec<Duration>) -> [f64; 3] {
 /// Sends every request of `workload` over `concurrency` keep-alive connections, spread
 /// over `ports` (replicas) in turn.
 async fn drive(ports: &[u16], workload: &Workload, concurrency: usize) -> Run {
+    drive_counted(ports, workload, concurrency, Arc::default()).await
+}
+
+/// [`drive`], counting answered callbacks in `answered` as they come.
+async fn drive_counted(
+    ports: &[u16],
+    workload: &Workload,
+    concurrency: usize,
+    answered: Arc<AtomicUsize>,
+) -> Run {
     let next = Arc::new(AtomicUsize::new(0));
     let workload = Arc::new(
         workload
@@ -639,6 +709,7 @@ async fn drive(ports: &[u16], workload: &Workload, concurrency: usize) -> Run {
             let port = ports[connection % ports.len()];
             let next = Arc::clone(&next);
             let workload = Arc::clone(&workload);
+            let answered = Arc::clone(&answered);
             local.spawn_local(async move {
                 let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
                 stream.set_nodelay(true).unwrap();
@@ -654,6 +725,7 @@ async fn drive(ports: &[u16], workload: &Workload, concurrency: usize) -> Run {
                     stream.write_all(request).await.unwrap();
                     let status = read_response(&mut stream, &mut buffer).await;
                     latencies.push((*kind, sent.elapsed()));
+                    answered.fetch_add(1, Ordering::Relaxed);
                     if !(200..300).contains(&status) {
                         failures += 1;
                     }

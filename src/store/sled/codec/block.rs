@@ -4,10 +4,40 @@ use std::cell::RefCell;
 
 use super::{corrupt, CodecError, ENTRY_FORMAT, MAX_BLOCK_BYTES, ZSTD_LEVEL};
 
+/// zstd level for write-ahead-log batches: written once and read back only after a
+/// crash, on the commit thread that every acknowledgement waits for, so speed first.
+const WAL_ZSTD_LEVEL: i32 = 1;
+
 thread_local! {
     // zstd contexts are costly to make (hundreds of kilobytes each): one per thread.
     static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static WAL_COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// `raw` as one zstd frame appended to `out`, with this thread's compressor for `level`.
+fn compress_into(raw: &[u8], level: i32, out: &mut Vec<u8>) {
+    let compressor = if level == WAL_ZSTD_LEVEL {
+        &WAL_COMPRESSOR
+    } else {
+        &COMPRESSOR
+    };
+    // Compressing an in-memory buffer into a Vec only fails on allocation failure.
+    let compressed = compressor.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_none() {
+            *c = zstd::bulk::Compressor::new(level).ok();
+        }
+        c.as_mut()
+            .and_then(|c| c.compress(raw).ok())
+            .unwrap_or_default()
+    });
+    out.extend(compressed);
+}
+
+/// A write-ahead-log batch, compressed fast, after `out`'s format byte.
+pub fn compress_wal(raw: &[u8], out: &mut Vec<u8>) {
+    compress_into(raw, WAL_ZSTD_LEVEL, out);
 }
 
 /// Compresses encoded items (records or events) into one block.
@@ -18,22 +48,12 @@ pub fn encode_block<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
         raw.extend_from_slice(item);
     }
     let mut out = vec![ENTRY_FORMAT];
-    // Compressing an in-memory buffer into a Vec only fails on allocation failure.
-    let compressed = COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        if c.is_none() {
-            *c = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
-        }
-        c.as_mut()
-            .and_then(|c| c.compress(&raw).ok())
-            .unwrap_or_default()
-    });
-    out.extend(compressed);
+    compress_into(&raw, ZSTD_LEVEL, &mut out);
     out
 }
 
 /// Decompresses a zstd frame into a buffer of exactly its recorded size.
-fn decompress(compressed: &[u8]) -> Result<Vec<u8>, CodecError> {
+pub(super) fn decompress(compressed: &[u8]) -> Result<Vec<u8>, CodecError> {
     let size = zstd::zstd_safe::get_frame_content_size(compressed)
         .ok()
         .flatten()

@@ -36,8 +36,11 @@ use crate::{
 /// The first byte of every encoded record. A new layout gets a new number and a decoder
 /// for the old one stays, so stores written by earlier versions keep reading.
 pub(super) const RECORD_FORMAT: u8 = 1;
-/// The first byte of every write-ahead-log batch and event block.
+/// The first byte of every event block (and of log batches written before they were
+/// compressed).
 pub(super) const ENTRY_FORMAT: u8 = 1;
+/// The first byte of a write-ahead-log batch: a zstd frame of the batch's entries.
+pub(super) const COMPRESSED_WAL_FORMAT: u8 = 2;
 /// zstd level for event and record blocks: fast, and most of the ratio.
 pub(super) const ZSTD_LEVEL: i32 = 3;
 /// Symbols are for strings from small sets; longer or rarer ones are written inline.

@@ -210,7 +210,43 @@ fn write_ahead_log_entries_read_back_exactly() {
         ..entry.clone()
     };
     let batch = vec![entry, bare];
-    assert_eq!(decode_wal_batch(&encode_wal_batch(&batch)).unwrap(), batch);
+    let encoded = encode_wal_batch(&batch);
+    assert_eq!(decode_wal_batch(&encoded).unwrap(), batch);
+    // A log written before batches were compressed still reads after an upgrade.
+    assert_eq!(encoded[0], COMPRESSED_WAL_FORMAT);
+    let mut uncompressed = vec![ENTRY_FORMAT];
+    uncompressed.extend(block::decompress(&encoded[1..]).unwrap());
+    assert_eq!(decode_wal_batch(&uncompressed).unwrap(), batch);
+}
+
+#[test]
+fn a_log_batch_of_similar_events_is_written_in_a_fraction_of_its_size() {
+    let entries: Vec<WalEntry> = (0..12u64)
+        .map(|k| WalEntry {
+            event: LoggedEvent {
+                stamp: Stamp { ms: 1_000 + k, seq: k },
+                received_at: chrono::DateTime::UNIX_EPOCH,
+                app_key: "5F5C418A-0F91-4BBC-8234-A9BF5EDDAD97".into(),
+                event: "VerificationRequestEvent".into(),
+                id: format!("1ce0ffee-{k:04}"),
+                body: format!(
+                    r#"{{"id":"1ce0ffee-{k:04}","event":"VerificationRequestEvent","method":"sms","identity":{{"type":"number","endpoint":"+467012345{k:02}"}},"price":{{"amount":0.0453,"currencyId":"EUR"}},"rate":{{"amount":0.0,"currencyId":"EUR"}}}}"#
+                ),
+            },
+            discriminator: String::new(),
+            number: None,
+            decision: None,
+        })
+        .collect();
+    let encoded = encode_wal_batch(&entries);
+    let raw = block::decompress(&encoded[1..]).unwrap();
+    assert!(
+        encoded.len() * 2 < raw.len(),
+        "{} of {}",
+        encoded.len(),
+        raw.len()
+    );
+    assert_eq!(decode_wal_batch(&encoded).unwrap(), entries);
 }
 
 #[test]
