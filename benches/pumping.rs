@@ -30,12 +30,18 @@ fn static_only(dir: &Path) -> PathBuf {
     path
 }
 
-fn main() {
-    let seeds: Vec<u64> = std::env::var("PUMPING_SEEDS")
-        .unwrap_or_else(|_| "7,11,23".into())
+/// A comma-separated list of numbers from the environment.
+fn list<T: std::str::FromStr>(name: &str, default: &str) -> Vec<T> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
-        .collect();
+        .collect()
+}
+
+fn main() {
+    let seeds: Vec<u64> = list("PUMPING_SEEDS", "7,11,23");
+    let warmups: Vec<u32> = list("PUMPING_WARMUP_DAYS", "1,0");
     let peak = std::env::var("PUMPING_LEGIT_PER_MINUTE")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -47,21 +53,24 @@ fn main() {
         ("sample policy", &sample),
         ("sample policy without its adaptive rules", &without),
     ] {
-        for &seed in &seeds {
-            let knobs = Knobs {
-                seed,
-                legit_per_minute: peak,
-                ..Knobs::default()
-            };
-            let started = std::time::Instant::now();
-            let card = simulate::run_synthetic(policy, &knobs).unwrap();
-            println!(
-                "\n{name}, seed {seed} ({:.1} s):",
-                started.elapsed().as_secs_f64()
-            );
-            print!("{card}");
-            for miss in card.misses() {
-                println!("  target missed: {miss}");
+        for &warmup_days in &warmups {
+            for &seed in &seeds {
+                let knobs = Knobs {
+                    seed,
+                    warmup_days,
+                    legit_per_minute: peak,
+                    ..Knobs::default()
+                };
+                let started = std::time::Instant::now();
+                let card = simulate::run_synthetic(policy, &knobs).unwrap();
+                println!(
+                    "\n{name}, seed {seed}, warm-up {warmup_days} day(s) ({:.1} s):",
+                    started.elapsed().as_secs_f64()
+                );
+                print!("{card}");
+                for miss in card.misses() {
+                    println!("  target missed: {miss}");
+                }
             }
         }
     }

@@ -137,11 +137,12 @@ pub struct SimulateArgs {
     /// whose users enter the code half the time).
     #[arg(long, default_value_t = 1.0)]
     pub legit_conversion: f64,
-    /// Days of legitimate traffic before the attacked day (learned from, not scored).
-    #[arg(long, default_value_t = 1)]
-    pub warmup_days: u32,
+    /// Days of legitimate traffic before the attacked day (learned from, not scored),
+    /// comma-separated: one run each. 0 is a new deployment's first day.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub warmup_days: Vec<u32>,
     /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
-    /// spread, mimicry), or none; default: all.
+    /// spread, mimicry, dominant, hidden, low-and-slow), or none; default: all.
     #[arg(long, value_delimiter = ',')]
     pub attacks: Option<Vec<String>>,
     /// Multiplies every attack's rate.
@@ -422,19 +423,27 @@ async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<Exi
         None => None,
     };
     let mut cards = Vec::new();
-    for &seed in &args.seeds {
-        let knobs = Knobs {
-            seed,
-            legit_per_minute: args.legit_per_minute,
-            legit_conversion: args.legit_conversion,
-            warmup_days: args.warmup_days,
-            attacks: attacks.clone(),
-            attack_scale: args.attack_scale,
-            spike: !args.no_spike,
-        };
-        cards.push((seed, scorecard(&policy, &knobs, stored.as_deref())?));
+    // With the store's own traffic the warm-up is what it holds: one run per seed.
+    let warmups = match stored {
+        Some(_) => vec![0],
+        None => args.warmup_days.clone(),
+    };
+    for &warmup_days in &warmups {
+        for &seed in &args.seeds {
+            let knobs = Knobs {
+                seed,
+                legit_per_minute: args.legit_per_minute,
+                legit_conversion: args.legit_conversion,
+                warmup_days,
+                attacks: attacks.clone(),
+                attack_scale: args.attack_scale,
+                spike: !args.no_spike,
+            };
+            let card = scorecard(&policy, &knobs, stored.as_deref())?;
+            cards.push((SimulatedRun { seed, warmup_days }, card));
+        }
     }
-    print_scorecards(&policy, &cards, args.json)?;
+    print_scorecards(&policy, &cards, args.json, stored.is_some())?;
     let missed = cards.iter().any(|(_, c)| !c.misses().is_empty());
     Ok(if args.check && missed {
         ExitCode::FAILURE
@@ -452,9 +461,10 @@ fn attack_kinds(names: Option<&[String]>) -> anyhow::Result<Vec<AttackKind>> {
             .iter()
             .map(|n| {
                 AttackKind::parse(n).ok_or_else(|| {
+                    let kinds: Vec<&str> = AttackKind::ALL.iter().map(|k| k.name()).collect();
                     anyhow::anyhow!(
-                        "--attacks: `{n}` is not an attack kind \
-                         (burst, slow-wide, rotating, busy-prefix, spread, mimicry, none)"
+                        "--attacks: `{n}` is not an attack kind ({}, none)",
+                        kinds.join(", ")
                     )
                 })
             })
@@ -492,23 +502,45 @@ fn scorecard(
     })
 }
 
+/// Which run a scorecard is of.
+#[derive(Clone, Copy)]
+struct SimulatedRun {
+    seed: u64,
+    warmup_days: u32,
+}
+
 fn print_scorecards(
     policy: &std::path::Path,
-    cards: &[(u64, simulate::Scorecard)],
+    cards: &[(SimulatedRun, simulate::Scorecard)],
     json: bool,
+    stored: bool,
 ) -> anyhow::Result<()> {
     if json {
         let out: Vec<_> = cards
             .iter()
-            .map(|(seed, card)| {
-                serde_json::json!({ "seed": seed, "scorecard": card, "missed_targets": card.misses() })
+            .map(|(run, card)| {
+                let warmup = (!stored).then_some(run.warmup_days);
+                serde_json::json!({
+                    "seed": run.seed,
+                    "warmup_days": warmup,
+                    "scorecard": card,
+                    "missed_targets": card.misses(),
+                })
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    for (seed, card) in cards {
-        println!("{}, seed {seed}:", policy.display());
+    for (run, card) in cards {
+        let seed = run.seed;
+        match stored {
+            true => println!("{}, seed {seed}:", policy.display()),
+            false => println!(
+                "{}, seed {seed}, warm-up {} day(s):",
+                policy.display(),
+                run.warmup_days
+            ),
+        }
         print!("{card}");
         for miss in card.misses() {
             println!("  target missed: {miss}");

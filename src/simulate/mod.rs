@@ -145,6 +145,8 @@ pub struct Scorecard {
     /// The marketing spike's extra traffic.
     pub spike: Tally,
     pub attacks: Tally,
+    /// Every attack but the hidden one: what the policy must block.
+    pub blockable: Tally,
     pub by_attack: BTreeMap<AttackKind, Tally>,
     /// Rules that denied legitimate verifications, and how many.
     pub legit_denied_by_rule: BTreeMap<String, u64>,
@@ -257,6 +259,9 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             }
             Truth::Attack(kind) => {
                 card.attacks.add(price, denied);
+                if !kind.is_hidden() {
+                    card.blockable.add(price, denied);
+                }
                 let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
                 let tally = card.by_attack.entry(*kind).or_default();
                 tally.add(price, denied);
@@ -312,26 +317,31 @@ fn time(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }
 
-/// The targets verigate's sample policy is held to (docs/fraud-defence.md).
+/// The targets verigate's sample policy is held to (docs/fraud-defence.md), with and
+/// without a warm-up day. The hidden attack is scored apart: it cannot be blocked
+/// without turning away the real users it hides among.
 pub struct Targets;
 
 impl Targets {
+    /// Over every attack kind but the hidden one.
     pub const ATTACK_COST_BLOCKED: f64 = 0.90;
-    pub const EACH_KIND_BLOCKED: f64 = 0.75;
-    pub const LEGIT_BLOCKED: f64 = 0.005;
+    /// Each kind but the hidden one.
+    pub const EACH_KIND_BLOCKED: f64 = 0.85;
+    pub const LEGIT_BLOCKED: f64 = 0.003;
     pub const LEGIT_BLOCKED_PER_COUNTRY: f64 = 0.01;
-    pub const MEDIAN_MINUTES_TO_BLOCK: f64 = 15.0;
-    pub const DECIDE_AND_OBSERVE_NS: f64 = 10_000.0;
+    /// Median over the kinds at 3 or more attempts a minute.
+    pub const MEDIAN_MINUTES_TO_BLOCK: f64 = 10.0;
+    pub const DECIDE_AND_OBSERVE_NS: f64 = 15_000.0;
 }
 
 impl Scorecard {
-    /// Median minutes to the first denial over the attack kinds that fail every attempt
-    /// (a kind never denied counts as never: infinitely late).
+    /// Median minutes to the first denial over the attack kinds at 3 or more attempts
+    /// a minute (a kind never denied counts as never: infinitely late).
     pub fn median_minutes_to_block(&self) -> Option<f64> {
         let mut times: Vec<f64> = self
             .by_attack
             .iter()
-            .filter(|(kind, _)| kind.fails_every_attempt())
+            .filter(|(kind, _)| kind.is_fast())
             .map(|(_, t)| t.first_denied_after_min.unwrap_or(f64::INFINITY))
             .collect();
         if times.is_empty() {
@@ -354,17 +364,17 @@ impl Scorecard {
                 out.push(what);
             }
         };
-        if self.attacks.attempts > 0 {
+        if self.blockable.attempts > 0 {
             check(
-                self.attacks.cost_share() >= Targets::ATTACK_COST_BLOCKED,
+                self.blockable.cost_share() >= Targets::ATTACK_COST_BLOCKED,
                 format!(
                     "attack cost blocked {:.1} % < {:.0} %",
-                    100.0 * self.attacks.cost_share(),
+                    100.0 * self.blockable.cost_share(),
                     100.0 * Targets::ATTACK_COST_BLOCKED
                 ),
             );
         }
-        for (kind, t) in &self.by_attack {
+        for (kind, t) in self.by_attack.iter().filter(|(k, _)| !k.is_hidden()) {
             check(
                 t.cost_share() >= Targets::EACH_KIND_BLOCKED,
                 format!(
@@ -421,11 +431,11 @@ impl fmt::Display for Scorecard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "  attack cost blocked:              {:>6.1} %  ({:.2} of {:.2} EUR, {} attempts)",
-            100.0 * self.attacks.cost_share(),
-            self.attacks.cost_denied_eur,
-            self.attacks.cost_eur,
-            self.attacks.attempts
+            "  attack cost blocked:              {:>6.1} %  ({:.2} of {:.2} EUR, {} attempts; the hidden kind apart)",
+            100.0 * self.blockable.cost_share(),
+            self.blockable.cost_denied_eur,
+            self.blockable.cost_eur,
+            self.blockable.attempts
         )?;
         for (kind, t) in &self.by_attack {
             let first = t
@@ -433,15 +443,16 @@ impl fmt::Display for Scorecard {
                 .map_or_else(|| "never".to_owned(), |m| format!("{m:.0} min"));
             writeln!(
                 f,
-                "    {:<14} {:>6.1} % of its cost blocked, first denial after {first}",
+                "    {:<14} {:>6.1} % of its cost blocked, first denial after {first}{}",
                 kind.name(),
-                100.0 * t.cost_share()
+                100.0 * t.cost_share(),
+                if kind.is_hidden() { " (hidden)" } else { "" }
             )?;
         }
         if let Some(median) = self.median_minutes_to_block() {
             writeln!(
                 f,
-                "    median time to first denial (attacks that never convert): {median:.1} min"
+                "    median time to first denial (attacks at 3 or more a minute): {median:.1} min"
             )?;
         }
         writeln!(

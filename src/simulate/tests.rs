@@ -91,3 +91,127 @@ fn the_conversion_knob_scales_every_countrys_users() {
     assert!((0.38..0.45).contains(&rate(0.5, "SE")));
     assert!((0.14..0.21).contains(&rate(0.5, "KE")));
 }
+
+fn attacked_day(kind: AttackKind, seed: u64) -> Vec<SimVerification> {
+    let knobs = Knobs {
+        seed,
+        warmup_days: 0,
+        attacks: vec![kind],
+        ..Knobs::default()
+    };
+    synthetic(&knobs, SYNTHETIC_START_MS)
+}
+
+fn converted(traffic: &[&SimVerification]) -> f64 {
+    let ok = traffic
+        .iter()
+        .filter(|v| v.result.as_ref().is_some_and(|r| r.0 == "SUCCESSFUL"))
+        .count();
+    ok as f64 / traffic.len() as f64
+}
+
+#[test]
+fn the_dominant_attack_is_most_of_its_countrys_traffic_and_enters_few_codes() {
+    let traffic = attacked_day(AttackKind::Dominant, 3);
+    let (from, to) = AttackKind::Dominant.minutes();
+    let during = |v: &&SimVerification| {
+        (SYNTHETIC_START_MS + from * 60_000..SYNTHETIC_START_MS + to * 60_000).contains(&v.at_ms)
+    };
+    let ivorian: Vec<&SimVerification> = traffic
+        .iter()
+        .filter(|v| v.request.identity.endpoint.starts_with("+225"))
+        .filter(during)
+        .collect();
+    let attack: Vec<&SimVerification> = ivorian
+        .iter()
+        .copied()
+        .filter(|v| v.truth == Truth::Attack(AttackKind::Dominant))
+        .collect();
+    assert!(
+        attack.len() * 3 > ivorian.len() * 2,
+        "{} of {}",
+        attack.len(),
+        ivorian.len()
+    );
+    assert!(attack
+        .iter()
+        .all(|v| v.request.identity.endpoint.starts_with("+22501")));
+    assert!(
+        (0.02..0.09).contains(&converted(&attack)),
+        "{}",
+        converted(&attack)
+    );
+}
+
+#[test]
+fn the_hidden_attack_is_a_large_share_of_the_busiest_block_on_random_numbers() {
+    let traffic = attacked_day(AttackKind::Hidden, 5);
+    let (from, to) = AttackKind::Hidden.minutes();
+    let block: Vec<&SimVerification> = traffic
+        .iter()
+        .filter(|v| v.request.identity.endpoint.starts_with("+44791"))
+        .filter(|v| {
+            (SYNTHETIC_START_MS + from * 60_000..SYNTHETIC_START_MS + to * 60_000)
+                .contains(&v.at_ms)
+        })
+        .collect();
+    let attack: Vec<&SimVerification> = block
+        .iter()
+        .copied()
+        .filter(|v| v.truth == Truth::Attack(AttackKind::Hidden))
+        .collect();
+    let share = attack.len() as f64 / block.len() as f64;
+    assert!((0.3..0.7).contains(&share), "{share}");
+    assert_eq!(converted(&attack), 0.0);
+    // Across the whole block: hardly two attempts in one 1,000-number range.
+    let ranges: std::collections::HashSet<&str> = attack
+        .iter()
+        .map(|v| &v.request.identity.endpoint[..10])
+        .collect();
+    assert!(ranges.len() * 10 > attack.len() * 9, "{}", ranges.len());
+}
+
+#[test]
+fn the_low_and_slow_attack_is_about_one_a_minute_all_day() {
+    let traffic = attacked_day(AttackKind::LowSlow, 7);
+    let attack: Vec<&SimVerification> = traffic
+        .iter()
+        .filter(|v| v.truth == Truth::Attack(AttackKind::LowSlow))
+        .collect();
+    let (from, to) = AttackKind::LowSlow.minutes();
+    let per_minute = attack.len() as f64 / (to - from) as f64;
+    assert!((0.85..1.15).contains(&per_minute), "{per_minute}");
+    assert!(!AttackKind::LowSlow.is_fast() && AttackKind::Mimicry.is_fast());
+    assert_eq!(AttackKind::parse("low-and-slow"), Some(AttackKind::LowSlow));
+    assert_eq!(
+        serde_json::to_value(AttackKind::LowSlow).unwrap(),
+        "low-and-slow"
+    );
+}
+
+#[test]
+fn the_hidden_kind_is_reported_but_not_held_to_the_blocking_targets() {
+    let tally = |attempts: u64, denied: u64| Tally {
+        attempts,
+        denied,
+        cost_eur: attempts as f64,
+        cost_denied_eur: denied as f64,
+        first_denied_after_min: (denied > 0).then_some(1.0),
+    };
+    let mut card = Scorecard {
+        blockable: tally(100, 95),
+        attacks: tally(200, 95),
+        legit: tally(1000, 0),
+        ..Scorecard::default()
+    };
+    card.by_attack.insert(AttackKind::Burst, tally(100, 95));
+    card.by_attack.insert(AttackKind::Hidden, tally(100, 0));
+    assert!(card.misses().is_empty(), "{:?}", card.misses());
+    // A blockable kind under its target is a miss.
+    card.by_attack.insert(AttackKind::Spread, tally(100, 50));
+    let misses = card.misses();
+    assert!(
+        misses.len() == 1 && misses[0].starts_with("spread"),
+        "{misses:?}"
+    );
+}

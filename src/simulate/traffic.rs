@@ -86,16 +86,33 @@ pub enum AttackKind {
     Spread,
     /// Enters 30 % of the codes itself to look like users, 3 a minute for six hours.
     Mimicry,
+    /// Most of one country's traffic: an attempt a minute for six hours into one
+    /// operator block of Côte d'Ivoire, where the business has few users (several
+    /// times their traffic), entering 5 % of the codes. The country's normal is learned
+    /// from traffic that is mostly the attack, so it must not lower its own bar.
+    Dominant,
+    /// Hidden in the busiest real block: random numbers across all of `+44791` at
+    /// 1.5 a minute for eight hours (about as many as its real users by day), nothing
+    /// converts. Blocking the block would turn its real users away: it must be
+    /// surfaced to an operator, and what it costs is reported.
+    Hidden,
+    /// Low and slow: one attempt a minute for twelve hours, spread over a
+    /// 100,000-number range, so no window sees a burst.
+    #[serde(rename = "low-and-slow")]
+    LowSlow,
 }
 
 impl AttackKind {
-    pub const ALL: [AttackKind; 6] = [
+    pub const ALL: [AttackKind; 9] = [
         Self::Burst,
         Self::SlowWide,
         Self::Rotating,
         Self::BusyPrefix,
         Self::Spread,
         Self::Mimicry,
+        Self::Dominant,
+        Self::Hidden,
+        Self::LowSlow,
     ];
 
     pub fn name(self) -> &'static str {
@@ -106,6 +123,9 @@ impl AttackKind {
             Self::BusyPrefix => "busy-prefix",
             Self::Spread => "spread",
             Self::Mimicry => "mimicry",
+            Self::Dominant => "dominant",
+            Self::Hidden => "hidden",
+            Self::LowSlow => "low-and-slow",
         }
     }
 
@@ -122,12 +142,30 @@ impl AttackKind {
             Self::BusyPrefix => (15 * 60, 20 * 60),
             Self::Spread => (8 * 60, 12 * 60),
             Self::Mimicry => (12 * 60, 18 * 60),
+            Self::Dominant => (9 * 60, 15 * 60),
+            Self::Hidden => (10 * 60, 18 * 60),
+            Self::LowSlow => (3 * 60, 15 * 60),
         }
     }
 
-    /// True when nobody ever enters a code: the attacks that must be stopped fastest.
-    pub fn fails_every_attempt(self) -> bool {
-        self != Self::Mimicry
+    /// At 3 or more attempts a minute: the attacks that must be stopped within minutes.
+    pub fn is_fast(self) -> bool {
+        self.per_minute() >= 3.0
+    }
+
+    /// Mixed into a block busy with real users, where no rule may deny safely: it must
+    /// be surfaced, and is scored apart from the kinds that must be blocked.
+    pub fn is_hidden(self) -> bool {
+        self == Self::Hidden
+    }
+
+    /// The share of its codes it enters itself, to look like users.
+    fn entered(self) -> f64 {
+        match self {
+            Self::Mimicry => 0.30,
+            Self::Dominant => 0.05,
+            _ => 0.0,
+        }
     }
 
     fn per_minute(self) -> f64 {
@@ -138,6 +176,9 @@ impl AttackKind {
             Self::BusyPrefix => 2.2,
             Self::Spread => 16.0 * 0.6,
             Self::Mimicry => 3.0,
+            Self::Dominant => 1.0,
+            Self::Hidden => 1.5,
+            Self::LowSlow => 1.0,
         }
     }
 
@@ -165,6 +206,10 @@ impl AttackKind {
                 (format!("{block}{}", rng.digits(7)), 0.19)
             }
             Self::Mimicry => (format!("+99897{}", rng.digits(7)), 0.20),
+            // Not the block of the business's own Ivorian users (`COUNTRIES`).
+            Self::Dominant => (format!("+22501{}", rng.digits(8)), 0.18),
+            Self::Hidden => (format!("+44791{}", rng.digits(7)), 0.035),
+            Self::LowSlow => (format!("+2332071{}", rng.digits(5)), 0.19),
         }
     }
 }
@@ -304,7 +349,7 @@ impl Generator {
         let (number, price) = kind.target(minute_of_day, &mut self.rng);
         let request = self.request(at_ms, number, price);
         let roll = self.rng.unit();
-        let result = if kind == AttackKind::Mimicry && roll < 0.30 {
+        let result = if roll < kind.entered() {
             ("SUCCESSFUL", None, 60_000)
         } else if roll > 0.95 {
             // Now and then Sinch flags one itself.

@@ -13,24 +13,54 @@ fn sample() -> String {
 
 #[test]
 fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users() {
-    let (ok, out) = cli(&["simulate", &sample(), "--seeds", "7", "--json"], &[]);
+    let (ok, out) = cli(
+        &[
+            "simulate",
+            &sample(),
+            "--seeds",
+            "7",
+            "--warmup-days",
+            "1,0",
+            "--json",
+        ],
+        &[],
+    );
     assert!(ok, "{out}");
     let runs: Value = serde_json::from_str(&out).unwrap();
-    let card = &runs[0]["scorecard"];
-    assert_eq!(runs[0]["seed"], 7);
-    let kinds = card["by_attack"].as_object().unwrap();
-    assert_eq!(kinds.len(), 6, "{kinds:?}");
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
     let share =
         |t: &Value| t["cost_denied_eur"].as_f64().unwrap() / t["cost_eur"].as_f64().unwrap();
-    assert!(share(&card["attacks"]) >= 0.9, "{}", card["attacks"]);
-    for (kind, tally) in kinds {
-        assert!(share(tally) >= 0.75, "{kind}: {tally}");
+    for (run, warmup) in runs.iter().zip([1, 0]) {
+        assert_eq!(
+            (run["seed"].as_u64(), run["warmup_days"].as_u64()),
+            (Some(7), Some(warmup))
+        );
+        let card = &run["scorecard"];
+        let kinds = card["by_attack"].as_object().unwrap();
+        assert_eq!(kinds.len(), 9, "{kinds:?}");
+        // Where the sample policy stands (docs/fraud-defence.md has every seed): most of
+        // the attack cost blocked, the spike never, and the hidden kind scored apart.
+        assert!(share(&card["blockable"]) >= 0.85, "{}", card["blockable"]);
+        for kind in [
+            "burst",
+            "slow-wide",
+            "rotating",
+            "spread",
+            "dominant",
+            "low-and-slow",
+        ] {
+            assert!(share(&kinds[kind]) >= 0.85, "{kind}: {}", kinds[kind]);
+        }
+        assert!(share(&kinds["hidden"]) < 0.5, "{}", kinds["hidden"]);
+        assert_eq!(card["spike"]["denied"], 0);
+        assert!(run["missed_targets"].is_array());
     }
-    let legit = &card["legit"];
+    // A day with history spares real users; a first day does not yet (the note in
+    // docs/fraud-defence.md says why).
+    let legit = &runs[0]["scorecard"]["legit"];
     let denied = legit["denied"].as_f64().unwrap() / legit["attempts"].as_f64().unwrap();
-    assert!(denied <= 0.005, "{legit}");
-    assert_eq!(card["spike"]["denied"], 0);
-    assert!(runs[0]["missed_targets"].is_array());
+    assert!(denied <= 0.01, "{legit}");
 }
 
 #[test]
