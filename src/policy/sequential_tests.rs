@@ -326,3 +326,81 @@ fn policy_check_shows_every_new_knob() {
         assert!(summary.contains(knob), "`{knob}` missing from:\n{summary}");
     }
 }
+
+/// A rule judged against its country's learned normal, per operator block.
+const BLOCKS: &str = "[[rule]]\nname = \"blocks\"\naction = \"deny\"\n\
+    conversion = { per = \"prefix:5\", window = \"6h\", below_baseline = 0.45, false_alarm = 1e-5, complete_after = \"3m\" }\n";
+
+/// `n` verifications of numbers `prefix` + 7 digits from `first`, every `every_ms`, of
+/// which those with `converts(i)` convert; how many were denied, and when the last ended.
+fn traffic(
+    p: &RulesPolicy,
+    prefix: &str,
+    n: i64,
+    start_ms: i64,
+    every_ms: i64,
+    converts: impl Fn(i64) -> bool,
+) -> (usize, i64) {
+    let denied = (0..n)
+        .filter(|&i| {
+            let number = format!("{prefix}{:07}", i * 7919 % 10_000_000);
+            let id = format!("{prefix}-{i}");
+            verify(p, &id, &number, start_ms + i * every_ms, converts(i)).action == Action::Deny
+        })
+        .count();
+    (denied, start_ms + n * every_ms)
+}
+
+/// Swedish users converting at 80 %, spread over many blocks: every country's normal.
+fn history(p: &RulesPolicy, outcomes: i64) -> i64 {
+    (0..outcomes)
+        .map(|i| {
+            let number = format!("+467{:02}{:06}", i % 90 + 10, i);
+            verify(
+                p,
+                &format!("se-{i}"),
+                &number,
+                START + i * 2_000,
+                i % 5 != 0,
+            );
+        })
+        .count() as i64
+        * 2_000
+        + START
+}
+
+#[test]
+fn a_new_deployment_does_not_judge_an_honest_low_converting_country_by_every_country() {
+    let p = policy(BLOCKS);
+    let now = history(&p, 300);
+    // Kenya, one operator block, honest at 35 %: with every country at 80 % and no
+    // history of its own, it would look like an attack.
+    let (denied, _) = traffic(&p, "+254711", 200, now, 30_000, |i| i % 20 < 7);
+    assert_eq!(denied, 0);
+}
+
+#[test]
+fn once_every_country_has_history_a_new_country_converting_like_an_attack_trips() {
+    let p = policy(BLOCKS);
+    let now = history(&p, 2_100);
+    let (denied, _) = traffic(&p, "+998971", 120, now, 30_000, |i| i % 10 < 2);
+    assert!(denied > 50, "{denied}");
+}
+
+#[test]
+fn a_country_whose_traffic_is_mostly_an_attack_cannot_lower_its_own_bar() {
+    let p = policy(BLOCKS);
+    let now = history(&p, 2_100);
+    // Two attempts in each of fifty blocks of one country, 5 % converting: the
+    // country's normal is learned from them, and no block is watched long enough to trip.
+    let (denied, now) = (10..60).fold((0, now), |(denied, now), block| {
+        let (d, next) = traffic(&p, &format!("+225{block}"), 2, now, 30_000, |i| {
+            i == 0 && block % 10 == 0
+        });
+        (denied + d, next)
+    });
+    assert_eq!(denied, 0);
+    // Then one block of it, converting as rarely: the floor, not the poisoned normal.
+    let (denied, _) = traffic(&p, "+2257799", 60, now, 30_000, |i| i % 20 == 0);
+    assert!(denied >= 10, "{denied}");
+}

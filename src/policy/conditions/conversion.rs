@@ -21,8 +21,8 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        balanced_low_rate, baseline_counters, conversion_counters, evidence_level, pool_level,
-        evidence_steps, wilson_upper, z_for, TrackedKey,
+        balanced_low_rate, baseline_counters, conversion_counters, evidence_level,
+        evidence_steps, pool_level, wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -86,6 +86,16 @@ const NORMAL_STEPS: u32 = 200;
 /// A normal rate is learned from at least this many outcomes; with fewer the country
 /// falls back to every country's rate, and that to no judgement.
 const BASELINE_SAMPLES: f64 = 50.0;
+/// However low the normal it learned, a `below_baseline` rule trips keys converting
+/// under this: no honest country converts so rarely, and an attack that is most of its
+/// country's traffic must not lower its own bar beneath it.
+const FLOOR: f64 = 0.15;
+/// While every country together has fewer outcomes than this in the baseline (a new
+/// deployment's first hours), a key is only judged below `YOUNG_CAP`: with no history,
+/// an honest country that converts poorly looks like an attack on every country's
+/// rate.
+const YOUNG_OUTCOMES: f64 = 2000.0;
+const YOUNG_CAP: f64 = 0.25;
 
 fn default_min_samples() -> u32 {
     20
@@ -96,7 +106,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h). With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -271,12 +281,15 @@ struct ConversionLimit {
     test: Test,
     complete_after_ms: i64,
     written: String,
-    /// Normal rates by country, read once a minute.
-    normals: SlowReadings<Option<f64>>,
+    /// Baseline outcomes (successes, attempts) of each country and of every country, by
+    /// country, read once a minute.
+    normals: SlowReadings<[(f64, f64); 2]>,
 }
 
 impl ConversionLimit {
-    /// The normal rate a request's key is judged against, when known.
+    /// The normal rate a request's key is judged against, when known: its country's
+    /// rate over the baseline or, where that has too few outcomes, every country's; as
+    /// [`Self::judged`] bounds it.
     fn normal_rate(
         &self,
         rule: &str,
@@ -293,16 +306,36 @@ impl ConversionLimit {
         if normal.is_some() {
             return Ok(*normal);
         }
-        self.normals.get(f.country, now_ms, counters, || {
-            for (key, value) in [("country", f.country), ("global", "*")] {
+        let scopes = self.normals.get(f.country, now_ms, counters, || {
+            let mut totals = [(0.0, 0.0); 2];
+            let scopes = [("country", f.country), ("global", "*")];
+            for (total, (key, value)) in totals.iter_mut().zip(scopes) {
                 let pair = baseline_counters(rule, key, value);
-                let (ok, all) = pair_totals(counters, &pair, *baseline_ms, now_ms)?;
-                if all >= BASELINE_SAMPLES {
-                    return Ok(Some(ok / all));
-                }
+                *total = pair_totals(counters, &pair, *baseline_ms, now_ms)?;
             }
-            Ok(None)
-        })
+            Ok(totals)
+        })?;
+        let young = scopes[1].1 < YOUNG_OUTCOMES;
+        for (ok, all) in scopes {
+            if all >= BASELINE_SAMPLES {
+                return Ok(Some(self.judged((ok / all).min(1.0), young)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The learned normal as a key is judged against it: never so low that the rule
+    /// trips under `FLOOR` only, and while every country's history is thin (`young`),
+    /// never so high that it trips above `YOUNG_CAP`.
+    fn judged(&self, learned: f64, young: bool) -> f64 {
+        let Threshold::BelowBaseline(share) = self.threshold else {
+            return learned;
+        };
+        let mut normal = learned.max(FLOOR / share);
+        if young {
+            normal = normal.min(YOUNG_CAP / share);
+        }
+        normal.min(1.0)
     }
 
     /// The test's steps (a success's, a failure's) for a key whose normal rate is
