@@ -99,16 +99,23 @@ pub fn merge(a: Vec<SimVerification>, b: Vec<SimVerification>) -> Vec<SimVerific
 pub struct Tally {
     pub attempts: u64,
     pub denied: u64,
+    /// Allowed, but a shadow rule would have denied it.
+    pub flagged: u64,
     pub cost_eur: f64,
     pub cost_denied_eur: f64,
     /// Minutes from the group's start to its first denial (attacks).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_denied_after_min: Option<f64>,
+    /// Minutes from the group's start until a shadow rule first said it would deny one
+    /// (attacks): when an operator watching the policy's shadow rules learns of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_flagged_after_min: Option<f64>,
 }
 
 impl Tally {
-    fn add(&mut self, price: f64, denied: bool) {
+    fn add(&mut self, price: f64, denied: bool, flagged: bool) {
         self.attempts += 1;
+        self.flagged += u64::from(flagged && !denied);
         self.cost_eur += price;
         if denied {
             self.denied += 1;
@@ -220,6 +227,7 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             Ok(d) => (d.action == Action::Deny, d.rule, d.explanation.shadow),
             Err(_) => (policy.on_error() == Action::Deny, None, Vec::new()),
         };
+        let flagged = shadow.iter().any(|m| m.would == Action::Deny);
         if !denied {
             if let Some((status, reason, after)) = &v.result {
                 due.push(Reverse(Due {
@@ -244,13 +252,13 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             .unwrap_or(0.0);
         match &v.truth {
             Truth::Legit { country, spike } => {
-                card.legit.add(price, denied);
+                card.legit.add(price, denied, flagged);
                 card.legit_by_country
                     .entry(country.clone())
                     .or_default()
-                    .add(price, denied);
+                    .add(price, denied, flagged);
                 if *spike {
-                    card.spike.add(price, denied);
+                    card.spike.add(price, denied, flagged);
                 }
                 if denied {
                     let rule = rule.unwrap_or_else(|| "(default or on_error)".to_owned());
@@ -258,15 +266,19 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
                 }
             }
             Truth::Attack(kind) => {
-                card.attacks.add(price, denied);
+                card.attacks.add(price, denied, flagged);
                 if !kind.is_hidden() {
-                    card.blockable.add(price, denied);
+                    card.blockable.add(price, denied, flagged);
                 }
                 let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
                 let tally = card.by_attack.entry(*kind).or_default();
-                tally.add(price, denied);
+                tally.add(price, denied, flagged);
+                let after_min = (v.at_ms - start) as f64 / 60_000.0;
                 if denied && tally.first_denied_after_min.is_none() {
-                    tally.first_denied_after_min = Some((v.at_ms - start) as f64 / 60_000.0);
+                    tally.first_denied_after_min = Some(after_min);
+                }
+                if flagged && tally.first_flagged_after_min.is_none() {
+                    tally.first_flagged_after_min = Some(after_min);
                 }
             }
         }
@@ -441,9 +453,12 @@ impl fmt::Display for Scorecard {
             let first = t
                 .first_denied_after_min
                 .map_or_else(|| "never".to_owned(), |m| format!("{m:.0} min"));
+            let flagged = t.first_flagged_after_min.map_or_else(String::new, |m| {
+                format!(", flagged by a shadow rule after {m:.0} min")
+            });
             writeln!(
                 f,
-                "    {:<14} {:>6.1} % of its cost blocked, first denial after {first}{}",
+                "    {:<14} {:>6.1} % of its cost blocked, first denial after {first}{flagged}{}",
                 kind.name(),
                 100.0 * t.cost_share(),
                 if kind.is_hidden() { " (hidden)" } else { "" }

@@ -197,6 +197,7 @@ fn the_hidden_kind_is_reported_but_not_held_to_the_blocking_targets() {
         cost_eur: attempts as f64,
         cost_denied_eur: denied as f64,
         first_denied_after_min: (denied > 0).then_some(1.0),
+        ..Tally::default()
     };
     let mut card = Scorecard {
         blockable: tally(100, 95),
@@ -214,4 +215,32 @@ fn the_hidden_kind_is_reported_but_not_held_to_the_blocking_targets() {
         misses.len() == 1 && misses[0].starts_with("spread"),
         "{misses:?}"
     );
+}
+
+#[test]
+fn what_a_shadow_rule_would_deny_is_flagged_not_blocked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("watch.toml");
+    std::fs::write(
+        &path,
+        "default = \"allow\"\n[[rule]]\nname = \"watch\"\naction = \"deny\"\nmode = \"shadow\"\nprefix = [\"+23769912\"]\n",
+    )
+    .unwrap();
+    let knobs = Knobs {
+        warmup_days: 0,
+        legit_per_minute: 2.0,
+        attacks: vec![AttackKind::Burst, AttackKind::Spread],
+        ..Knobs::default()
+    };
+    let card = run_synthetic(&path, &knobs).unwrap();
+    let burst = &card.by_attack[&AttackKind::Burst];
+    assert_eq!(burst.denied, 0);
+    assert_eq!(burst.flagged, burst.attempts);
+    assert_eq!(burst.first_flagged_after_min, Some(0.0));
+    let spread = &card.by_attack[&AttackKind::Spread];
+    assert_eq!((spread.flagged, spread.first_flagged_after_min), (0, None));
+    assert_eq!(card.legit.flagged, 0);
+    assert!(card
+        .to_string()
+        .contains("flagged by a shadow rule after 0 min"));
 }
