@@ -99,6 +99,7 @@ struct HttpMetrics {
     callbacks: Family<CallbackLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    shadow_matches: Family<DecisionLabels, Counter>,
     deadline_exceeded: Counter,
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
 }
@@ -155,6 +156,12 @@ impl HttpMetrics {
             decisions: add.add(
                 "decisions",
                 "Request-event answers, by action and deciding rule",
+                Family::default(),
+            ),
+            shadow_matches: add.add(
+                "shadow_matches",
+                "Request events a shadow rule matched, by rule and what it would have answered \
+                 (it decided nothing): a shadow surge rule's rise is an attack no rule may deny",
                 Family::default(),
             ),
             deadline_exceeded: add.add(
@@ -305,6 +312,17 @@ impl Metrics {
             .decisions
             .get_or_create(&DecisionLabels {
                 action,
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A shadow rule matched a request event: `would` is what it would have answered.
+    pub fn shadow_match(&self, would: &'static str, rule: &str) {
+        self.http
+            .shadow_matches
+            .get_or_create(&DecisionLabels {
+                action: would,
                 rule: rule.to_owned(),
             })
             .inc();

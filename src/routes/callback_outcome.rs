@@ -80,6 +80,9 @@ impl CallbackOutcome<'_> {
                 let action = decision.action.as_str();
                 metrics.callback(Some(REQUEST_EVENT), outcome::ACCEPTED);
                 metrics.decision(action, &rule);
+                for matched in &decision.explanation.shadow {
+                    metrics.shadow_match(matched.would.as_str(), &matched.rule);
+                }
                 span.record("decision", action);
                 span.record("rule", rule.as_str());
                 log_decision(&decision, &rule);

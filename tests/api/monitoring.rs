@@ -88,6 +88,21 @@ async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exi
         .await;
     app.post_callback(&result_event("mon-1", "SUCCESSFUL"))
         .await;
+    // A night-time flash call: the sample policy's shadow rule `night-voice` matches it.
+    let night = app
+        .now()
+        .date_naive()
+        .and_hms_opt(2, 0, 0)
+        .unwrap()
+        .and_utc();
+    app.set_now(night);
+    app.post_callback(&request_event("mon-3", "flashcall", "+46700000003"))
+        .await;
+    assert_eq!(
+        app.metric("verigate_shadow_matches_total{action=\"deny\",rule=\"night-voice\"}")
+            .await,
+        1.0
+    );
     let unsigned = app
         .client
         .post(app.callback_url())
@@ -298,7 +313,7 @@ async fn a_real_prometheus_scrapes_verigate_and_evaluates_every_alert_and_panel(
             evaluated.then_some(rules)
         })
         .await;
-    assert_eq!(rules.len(), 16);
+    assert_eq!(rules.len(), 17);
     for rule in &rules {
         assert_eq!(rule["health"], "ok", "{rule}");
     }

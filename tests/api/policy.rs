@@ -213,6 +213,12 @@ async fn rules_report_hits_and_the_outcomes_of_what_they_touched() {
     assert_eq!(rule["hits"], 3);
     // Two measured false positives: a shadow deny of verifications that succeeded.
     assert_eq!(rule["outcomes"], json!({"SUCCESSFUL": 2, "FAIL": 1}));
+    // And in the metrics, for alerting on a shadow rule's rise.
+    assert_eq!(
+        app.metric("verigate_shadow_matches_total{action=\"deny\",rule=\"shadow-sweden\"}")
+            .await,
+        3.0
+    );
 }
 
 #[tokio::test]
