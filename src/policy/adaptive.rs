@@ -652,6 +652,13 @@ pub struct Block {
     pub probes: u64,
 }
 
+impl Block {
+    /// Whether it still blocks at `now_ms` (a pinned block always does).
+    pub fn active_at(&self, now_ms: i64) -> bool {
+        self.until.is_none_or(|u| u.timestamp_millis() > now_ms)
+    }
+}
+
 /// What the quarantine says about one request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BlockCheck {
@@ -742,7 +749,7 @@ impl QuarantineInner {
         let due: Vec<(String, String)> = self
             .active
             .iter()
-            .filter(|(_, b)| b.until.is_some_and(|u| u.timestamp_millis() <= now_ms))
+            .filter(|(_, b)| !b.active_at(now_ms))
             .map(|(k, _)| k.clone())
             .collect();
         for k in due {
@@ -764,10 +771,7 @@ impl Quarantine {
     pub fn check(&self, rule: &str, key: &str, now_ms: i64, spec: &BlockSpec) -> BlockCheck {
         let mut q = self.lock();
         let k = (rule.to_owned(), key.to_owned());
-        let due = q.active.get(&k).is_some_and(|b| {
-            b.until
-                .is_some_and(|until| until.timestamp_millis() <= now_ms)
-        });
+        let due = q.active.get(&k).is_some_and(|b| !b.active_at(now_ms));
         if due {
             q.expire(now_ms);
         }
@@ -792,7 +796,7 @@ impl Quarantine {
         let q = self.lock();
         q.active
             .get(&(rule.to_owned(), key.to_owned()))
-            .is_some_and(|b| b.until.is_none_or(|u| u.timestamp_millis() > now_ms))
+            .is_some_and(|b| b.active_at(now_ms))
     }
 
     /// Blocks `key` for `rule`: for the spec's time, doubled for each repeat, capped.

@@ -17,7 +17,10 @@ use super::{
 };
 use crate::{
     policy::{adaptive::Tracked, counters::CounterKey, PolicyError},
-    store::postgres::{batch::BatchWorker, pipeline::Pipeline},
+    store::postgres::{
+        batch::{per_item, BatchWorker},
+        pipeline::Pipeline,
+    },
 };
 
 /// Counter work of one decision or outcome.
@@ -55,10 +58,7 @@ impl BatchWorker for CounterWorker {
     type Output = Result<JobDone, PolicyError>;
 
     async fn run(&mut self, jobs: Vec<CounterJob>) -> Vec<Self::Output> {
-        match self.batch(&jobs).await {
-            Ok(done) => done.into_iter().map(Ok).collect(),
-            Err(err) => jobs.iter().map(|_| Err(err.clone())).collect(),
-        }
+        per_item(self.batch(&jobs).await, jobs.len())
     }
 }
 

@@ -418,7 +418,7 @@ impl SharedState {
                 .map_err(failed)?;
             if let Some(row) = existing {
                 let block: Block = serde_json::from_value(row.get(0)).map_err(failed)?;
-                if block.until.is_none_or(|u| u.timestamp_millis() > now_ms) {
+                if block.active_at(now_ms) {
                     return Ok(block);
                 }
             }

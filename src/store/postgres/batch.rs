@@ -25,6 +25,15 @@ pub(crate) trait BatchWorker: Send + 'static {
     fn run(&mut self, batch: Vec<Self::Item>) -> impl Future<Output = Vec<Self::Output>> + Send;
 }
 
+/// A whole batch's outcome as one output per item: each item's own, or the batch's
+/// error for every one of its `items`.
+pub(crate) fn per_item<T, E: Clone>(outcome: Result<Vec<T>, E>, items: usize) -> Vec<Result<T, E>> {
+    match outcome {
+        Ok(outputs) => outputs.into_iter().map(Ok).collect(),
+        Err(err) => (0..items).map(|_| Err(err.clone())).collect(),
+    }
+}
+
 /// Where an item's output goes: a task awaiting it, or a thread blocked on it.
 enum Reply<O> {
     Task(oneshot::Sender<O>),

@@ -9,7 +9,12 @@
 
 use std::{collections::HashMap, sync::Arc};
 
-use super::{batch::BatchWorker, failed, pipeline::Pipeline, seq_of, StoreError};
+use super::{
+    batch::{per_item, BatchWorker},
+    failed,
+    pipeline::Pipeline,
+    seq_of, StoreError,
+};
 use crate::store::{EventIdentity, FirstDelivery};
 
 /// What a claim found.
@@ -54,10 +59,7 @@ impl BatchWorker for Claimer {
     type Output = Result<ClaimAnswer, StoreError>;
 
     async fn run(&mut self, asked: Vec<EventIdentity>) -> Vec<Self::Output> {
-        match self.claim(&asked).await {
-            Ok(answers) => answers.into_iter().map(Ok).collect(),
-            Err(err) => asked.iter().map(|_| Err(err.clone())).collect(),
-        }
+        per_item(self.claim(&asked).await, asked.len())
     }
 }
 

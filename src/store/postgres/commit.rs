@@ -25,7 +25,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::{Client, Row, Statement};
 
 use super::{
-    batch::{BatchQueue, BatchWorker},
+    batch::{per_item, BatchQueue, BatchWorker},
     pipeline, seq_of, StoreError, StoreHealth, VerificationRecord, WRITE_GATE,
 };
 use crate::store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp};
@@ -105,7 +105,7 @@ impl BatchWorker for Writer {
                 }
                 outcomes
             }
-            Err(err) => vec![Err(StoreError::from(err)); events.len()],
+            Err(err) => per_item(Err(StoreError::from(err)), events.len()),
         }
     }
 }
