@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use super::{
     adaptive::BlockSpec,
     conditions::{Conditions, Limit},
-    Mode,
+    Counting, Mode,
 };
 use crate::events::{Action, ResponseFields};
 use crate::phone::trie::DigitTrie;
@@ -33,6 +33,8 @@ pub(super) struct Rule {
     pub(super) limiters: Vec<Box<dyn Limit>>,
     /// Quarantine of the key of the first limiter when the rule trips.
     pub(super) block: Option<BlockSpec>,
+    /// How replicas keep its counters.
+    pub(super) counting: Counting,
     /// The conditions as written, for `GET /v1/policy` and `policy check`.
     pub(super) summary: Vec<String>,
 }
@@ -65,4 +67,15 @@ pub(super) struct Snapshot {
     pub(super) version: String,
     pub(super) loaded_at: DateTime<Utc>,
     pub(super) lists: BTreeMap<String, usize>,
+}
+
+impl Snapshot {
+    /// The rules whose counters replicas keep approximately.
+    pub(super) fn approximate_rules(&self) -> std::collections::HashSet<String> {
+        self.rules
+            .iter()
+            .filter(|r| r.counting == Counting::Approximate)
+            .map(|r| r.name.clone())
+            .collect()
+    }
 }

@@ -18,7 +18,7 @@ use super::{
     adaptive::BlockSpec,
     compiled::{Rule, RuleError, RuleStats, Snapshot},
     conditions::{duration_ms, Anchor, CompileContext, CompiledConditions, RuleFile},
-    Mode,
+    Counting, Mode,
 };
 use crate::events::{Action, ResponseFields};
 use crate::phone::trie::DigitTrie;
@@ -336,6 +336,10 @@ pub(super) fn compile_rule(
         validate_response(response).map_err(|m| (None, m))?;
     }
     let block = compile_block(rule, !limits.is_empty())?;
+    let counting = compile_counting(rule, !limits.is_empty())?;
+    if counting == Counting::Approximate {
+        summary.push("counted approximately by replicas".into());
+    }
     if let Some(b) = &block {
         summary.push(format!(
             "quarantine {} (doubling, at most {}){}",
@@ -354,8 +358,21 @@ pub(super) fn compile_rule(
         conditions: checks,
         limiters: limits,
         block,
+        counting,
         summary,
     })
+}
+
+/// `counting`: only on a rule that counts.
+fn compile_counting(rule: &RuleFile, has_limiter: bool) -> Result<Counting, RuleError> {
+    match &rule.counting {
+        None => Ok(Counting::Exact),
+        Some(counting) if has_limiter => Ok(*counting.get_ref()),
+        Some(counting) => Err((
+            Some(counting.span()),
+            "counting applies to a rule with conversion, sinch_fraud, surge, rate_limit, distinct_numbers or spend".into(),
+        )),
+    }
 }
 
 /// `block_for`, `max_block` and `probe`: only on enforced deny rules with a counter.

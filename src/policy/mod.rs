@@ -87,6 +87,31 @@ enum Mode {
     Shadow,
 }
 
+/// How replicas sharing PostgreSQL keep a rule's counters. On one machine (sled) every
+/// counter is exact and this changes nothing.
+#[derive(
+    Debug,
+    Default,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Deserialize,
+    serde::Serialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Counting {
+    /// Every count is read and written in the database as the decision is made: a limit
+    /// holds exactly across replicas.
+    #[default]
+    Exact,
+    /// Each replica counts in memory and shares its counts every 100 ms: decisions need
+    /// no database work for this rule, and a limit may be passed by what the other
+    /// replicas counted in the last fraction of a second (docs/replicas.md).
+    Approximate,
+}
+
 /// A verification from the store, as adaptive rules relearn from it at start.
 #[derive(Debug, Clone)]
 pub struct PastVerification {
@@ -158,6 +183,18 @@ pub trait Policy: Send + Sync + 'static {
     /// cannot hold up other callbacks past the decision deadline.
     fn bounded(&self) -> bool {
         false
+    }
+
+    /// For a policy whose decisions wait on a database: the decision as a future that
+    /// waits without holding a thread, awaited on the HTTP worker under the decision
+    /// deadline. `None` (the default): `decide` is called as [`bounded`](Self::bounded)
+    /// says.
+    fn decide_waiting<'a>(
+        &'a self,
+        _request: &'a VerificationRequestEvent,
+        _now: DateTime<Utc>,
+    ) -> Option<futures_util::future::LocalBoxFuture<'a, Result<PolicyDecision, PolicyError>>> {
+        None
     }
 
     /// What the policy learns from outcomes and keeps across restarts, if anything.

@@ -19,6 +19,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
+use futures_util::future::LocalBoxFuture;
 
 use super::{
     adaptive::{
@@ -109,6 +110,7 @@ impl RulesPolicy {
     /// replica on it decides as one.
     pub fn with_shared_state(mut self, shared: Arc<SharedState>) -> Self {
         shared.set_version(&self.current.load().version);
+        shared.set_approximate(self.current.load().approximate_rules());
         shared.start_sync(&self.quarantine);
         self.shared = Some(shared);
         self
@@ -254,6 +256,7 @@ impl RulesPolicy {
         let stats = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
         let snapshot = load(path, &stats)?;
         let version = snapshot.version.clone();
+        let approximate = snapshot.approximate_rules();
         if let Ok(mut all) = self.stats.lock() {
             for (rule, stat) in snapshot.rules.iter().zip(&snapshot.stats) {
                 all.entry(rule.name.clone())
@@ -263,8 +266,90 @@ impl RulesPolicy {
         self.current.store(Arc::new(snapshot));
         if let Some(shared) = &self.shared {
             shared.set_version(&version);
+            shared.set_approximate(approximate);
         }
         Ok(version)
+    }
+
+    /// The decision an evaluation comes to, explained.
+    fn conclude(
+        &self,
+        s: &Snapshot,
+        facts: &Facts<'_>,
+        evaluation: Evaluation,
+        started: Instant,
+    ) -> PolicyDecision {
+        let Evaluation {
+            decided,
+            matched_prefix,
+            mut explanation,
+            ..
+        } = evaluation;
+        let rule = decided.map(|i| &s.rules[i]);
+        let action = rule.map_or(s.default, |r| r.action);
+        let reason = match (rule, &matched_prefix) {
+            (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
+            (Some(r), None) => format!("rule `{}` matched", r.name),
+            (None, _) => "no rule matched; policy default".to_owned(),
+        };
+        let response = match action {
+            Action::Allow => rule
+                .and_then(|r| r.response.as_ref())
+                .unwrap_or(&s.response)
+                .for_method(&facts.request.method),
+            Action::Deny => ResponseFields::default(),
+        };
+        explanation.country = Some(facts.country.to_owned());
+        explanation.policy_version = s.version.clone();
+        explanation.matched_prefix = matched_prefix;
+        explanation.eval_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let n = self.decisions.fetch_add(1, Ordering::Relaxed);
+        // Each of the 64 shards is swept every 32,768 decisions: idle keys (most are
+        // one number's) go before the maps grow far.
+        if n % 512 == 0 {
+            self.counters().sweep(n / 512, facts.now.timestamp_millis());
+        }
+
+        PolicyDecision {
+            action,
+            rule: rule.map(|r| r.name.clone()),
+            reason,
+            response,
+            explanation,
+        }
+    }
+
+    /// A decision on counters shared in PostgreSQL. Shared counters would cost a round
+    /// trip each: a dry run finds every one the decision will touch, one round trip
+    /// reads and bumps them all, the decision runs on those answers, and a second round
+    /// trip settles what it left over.
+    async fn decide_shared(
+        &self,
+        shared: &SharedState,
+        request: &VerificationRequestEvent,
+        now: DateTime<Utc>,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let started = Instant::now();
+        // A snapshot of its own: a guard must not be held across the waits.
+        let s = self.current.load_full();
+        let facts = facts_of(request, now)?;
+        let price = price_of(request);
+        let now_ms = now.timestamp_millis();
+        let request = Request {
+            facts: &facts,
+            now_ms,
+            price: price.as_ref(),
+        };
+        let plan = Planner::default();
+        self.evaluate(&s, &request, &plan, Pass::Plan)?;
+        let replay = shared.prefetch(plan.into_ops(), now_ms).await?;
+        let evaluation = self.evaluate(&s, &request, &replay, Pass::Decide)?;
+        let tracked = evaluation
+            .tracked
+            .as_ref()
+            .map(|t| (request.facts.request.id.as_str(), t));
+        shared.settle(replay, &evaluation.refunds, tracked).await?;
+        Ok(self.conclude(&s, &facts, evaluation, started))
     }
 
     /// Candidate rules for a request, in rule order.
@@ -289,98 +374,49 @@ impl Policy for RulesPolicy {
         request: &VerificationRequestEvent,
         now: DateTime<Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
+        if let Some(shared) = &self.shared {
+            return crate::store::postgres::block_on(self.decide_shared(shared, request, now));
+        }
         let started = Instant::now();
         let s = self.current.load();
-        let facts = Facts::of(request, now).ok_or_else(|| {
-            PolicyError(
-                "identity.endpoint is not an E.164 number, so no rule can be checked".into(),
-            )
-        })?;
+        let facts = facts_of(request, now)?;
         let now_ms = now.timestamp_millis();
-        let price = request
-            .price
-            .as_ref()
-            .and_then(|p| Some((p.currency_id.as_deref()?.to_ascii_uppercase(), p.amount?)));
+        let price = price_of(request);
         let request = Request {
             facts: &facts,
             now_ms,
             price: price.as_ref(),
         };
-        let evaluation = match &self.shared {
-            None => {
-                if !s.adaptive.is_empty() {
-                    // Verifications that had their time without a result now count as failed.
-                    self.book.catch_up(&self.counters, now_ms);
-                }
-                let evaluation = self.evaluate(&s, &request, &self.counters, Pass::Decide)?;
-                if let Some(tracked) = evaluation.tracked.clone() {
-                    self.book
-                        .observe_allowed(&request.facts.request.id, tracked);
-                }
-                // Spend caps sum what Sinch will charge: only allowed attempts count.
-                for (key, window_ms, amount) in &evaluation.refunds {
-                    self.counters.add(key, *window_ms, now_ms, -amount);
-                }
-                evaluation
-            }
-            Some(shared) => {
-                // Shared counters cost a round trip each: a dry run finds every one the
-                // decision will touch, one round trip reads and bumps them all, and the
-                // decision runs on those answers; a second settles what it left over.
-                let plan = Planner::default();
-                self.evaluate(&s, &request, &plan, Pass::Plan)?;
-                let replay = shared.prefetch(plan.into_ops(), now_ms)?;
-                let evaluation = self.evaluate(&s, &request, &replay, Pass::Decide)?;
-                let tracked = evaluation
-                    .tracked
-                    .as_ref()
-                    .map(|t| (request.facts.request.id.as_str(), t));
-                shared.settle(replay, &evaluation.refunds, tracked)?;
-                evaluation
-            }
-        };
-        let Evaluation {
-            decided,
-            matched_prefix,
-            mut explanation,
-            ..
-        } = evaluation;
-        let rule = decided.map(|i| &s.rules[i]);
-        let action = rule.map_or(s.default, |r| r.action);
-        let reason = match (rule, &matched_prefix) {
-            (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
-            (Some(r), None) => format!("rule `{}` matched", r.name),
-            (None, _) => "no rule matched; policy default".to_owned(),
-        };
-        let response = match action {
-            Action::Allow => rule
-                .and_then(|r| r.response.as_ref())
-                .unwrap_or(&s.response)
-                .for_method(&request.facts.request.method),
-            Action::Deny => ResponseFields::default(),
-        };
-        explanation.country = Some(facts.country.to_owned());
-        explanation.policy_version = s.version.clone();
-        explanation.matched_prefix = matched_prefix;
-        explanation.eval_ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let n = self.decisions.fetch_add(1, Ordering::Relaxed);
-        // Each of the 64 shards is swept every 32,768 decisions: idle keys (most are
-        // one number's) go before the maps grow far.
-        if n % 512 == 0 {
-            self.counters().sweep(n / 512, now_ms);
+        if !s.adaptive.is_empty() {
+            // Verifications that had their time without a result now count as failed.
+            self.book.catch_up(&self.counters, now_ms);
         }
-
-        Ok(PolicyDecision {
-            action,
-            rule: rule.map(|r| r.name.clone()),
-            reason,
-            response,
-            explanation,
-        })
+        let evaluation = self.evaluate(&s, &request, &self.counters, Pass::Decide)?;
+        if let Some(tracked) = evaluation.tracked.clone() {
+            self.book
+                .observe_allowed(&request.facts.request.id, tracked);
+        }
+        // Spend caps sum what Sinch will charge: only allowed attempts count.
+        for (key, window_ms, amount) in &evaluation.refunds {
+            self.counters.add(key, *window_ms, now_ms, -amount);
+        }
+        Ok(self.conclude(&s, &facts, evaluation, started))
     }
 
     fn on_error(&self) -> Action {
         self.current.load().on_error
+    }
+
+    /// With shared state, the decision's round trips are awaited on the HTTP worker
+    /// instead of blocking a thread of the pool. The rare steps that write at once (a
+    /// quarantine tripped) still block the worker for their round trip.
+    fn decide_waiting<'a>(
+        &'a self,
+        request: &'a VerificationRequestEvent,
+        now: DateTime<Utc>,
+    ) -> Option<LocalBoxFuture<'a, Result<PolicyDecision, PolicyError>>> {
+        let shared = self.shared.as_deref()?;
+        Some(Box::pin(self.decide_shared(shared, request, now)))
     }
 
     /// Rules are evaluated in memory, in microseconds (`cargo bench --bench policy`);
@@ -629,6 +665,24 @@ fn note(block: &Block, state: &str) -> QuarantineNote {
 }
 
 /// One request as a pass over the rules sees it.
+/// The facts rules are checked against; none without an E.164 number.
+fn facts_of(
+    request: &VerificationRequestEvent,
+    now: DateTime<Utc>,
+) -> Result<Facts<'_>, PolicyError> {
+    Facts::of(request, now).ok_or_else(|| {
+        PolicyError("identity.endpoint is not an E.164 number, so no rule can be checked".into())
+    })
+}
+
+/// The request's price: upper-case currency and amount.
+fn price_of(request: &VerificationRequestEvent) -> Option<(String, f64)> {
+    request
+        .price
+        .as_ref()
+        .and_then(|p| Some((p.currency_id.as_deref()?.to_ascii_uppercase(), p.amount?)))
+}
+
 struct Request<'a> {
     facts: &'a Facts<'a>,
     now_ms: i64,

@@ -21,7 +21,7 @@ use actix_web::{
     HttpRequest, HttpResponse,
 };
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tracing_actix_web::RootSpan;
 
 use crate::{
@@ -241,7 +241,18 @@ async fn decide(
     let started = Instant::now();
     let now = state.clock.now();
     let deadline = state.decision_deadline;
-    let failure = if state.policy.bounded() {
+    let failure = if let Some(decision) = state.policy.decide_waiting(request, now) {
+        let decided = tokio::time::timeout(deadline, AssertUnwindSafe(decision).catch_unwind());
+        match decided.await {
+            Ok(Ok(Ok(decision))) => return (decision, false),
+            Ok(Ok(Err(err))) => err.to_string(),
+            Ok(Err(_)) => "the policy failed: it panicked".to_owned(),
+            Err(_) => {
+                state.metrics.deadline_exceeded();
+                missed_deadline(deadline)
+            }
+        }
+    } else if state.policy.bounded() {
         let decided =
             std::panic::catch_unwind(AssertUnwindSafe(|| state.policy.decide(request, now)));
         match decided {

@@ -499,3 +499,88 @@ async fn a_database_stopped_mid_load_loses_no_acknowledged_event() {
         assert_eq!(status, 200, "{id} acknowledged but not stored: {record}");
     }
 }
+
+/// A limit counted approximately: each replica counts in memory and shares every 100 ms.
+const APPROXIMATE: &str = "[[rule]]\nname = \"per-country\"\naction = \"deny\"\n\
+    rate_limit = { key = \"country\", max = 10, window = \"1h\" }\ncounting = \"approximate\"\n\
+    [[rule]]\nname = \"walking\"\naction = \"deny\"\n\
+    distinct_numbers = { per = \"country\", max = 5, window = \"1h\" }\ncounting = \"approximate\"\n";
+
+/// Longer than a share and a reading's freshness (100 ms each), with room for a slow CI.
+const SHARED_BY_THEN: Duration = Duration::from_millis(800);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approximate_limit_passes_by_at_most_the_other_replicas_counts_and_then_holds() {
+    let Some(r) = replicas("approximate-burst", 3, APPROXIMATE).await else {
+        return;
+    };
+    // 30 at once on two replicas, 15 each (two numbers, so only the rate limit can
+    // bite): no replica lets its own view pass 10, so at most 2 x 10 get through.
+    let senders: Vec<_> = r.running[..2].iter().map(RunningBinary::sender).collect();
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let sender = senders[i % 2].clone();
+            let body = request_event(
+                &format!("burst-{i}"),
+                "sms",
+                &format!("+4670030{:04}", i % 2),
+            );
+            tokio::spawn(async move { sender.post(body).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let through = allowed(&answers);
+    assert!(
+        (10..=20).contains(&through),
+        "{through} allowed: {answers:?}"
+    );
+    // Once the counts are shared, every replica sees the limit passed, the third too,
+    // which counted none of them itself.
+    tokio::time::sleep(SHARED_BY_THEN).await;
+    for i in [2, 0, 1] {
+        let (_, answer) = r
+            .post(
+                i,
+                request_event(&format!("after-{i}"), "sms", "+46700300000"),
+            )
+            .await;
+        assert_eq!(answer["action"], "deny", "replica {i} after the share");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approximate_counts_shared_between_replicas_are_exact_once_shared() {
+    let Some(r) = replicas("approximate-exact", 3, APPROXIMATE).await else {
+        return;
+    };
+    let norway = |i: usize| request_event(&format!("no-{i}"), "sms", &format!("+4740000{i:03}"));
+    let post = |replica: usize, i: usize| {
+        let body = norway(i);
+        let r = &r;
+        async move { r.post(replica, body).await.1["action"].clone() }
+    };
+    // Four numbers on replica 0, one on replica 1, each seen once: 5 distinct, at the
+    // distinct limit and under the rate limit.
+    for i in 0..4 {
+        assert_eq!(post(0, i).await, "allow", "number {i}");
+    }
+    tokio::time::sleep(SHARED_BY_THEN).await;
+    assert_eq!(post(1, 4).await, "allow", "the fifth number");
+    tokio::time::sleep(SHARED_BY_THEN).await;
+    // A sixth number on the third replica: the other two replicas' sightings were
+    // shared, none lost and none counted twice.
+    assert_eq!(post(2, 5).await, "deny", "the sixth number");
+    let (_, stats) = r.get(2, "/v1/policy").await;
+    let walking = stats["rules"]
+        .as_array()
+        .and_then(|rules| rules.iter().find(|rule| rule["name"] == "walking"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        walking.to_string().contains("counted approximately"),
+        "{walking}"
+    );
+}

@@ -28,7 +28,7 @@ use super::{
     adaptive::TrackedKey,
     counters::{CounterKey, CounterSpec, CounterStore},
     facts::Facts,
-    CounterReading, Mode, PolicyError,
+    CounterReading, Counting, Mode, PolicyError,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 
@@ -521,6 +521,11 @@ macro_rules! registry {
             /// Free text for operators.
             #[serde(default)]
             pub(super) note: Option<String>,
+            /// With replicas on PostgreSQL: `exact` (the default) or `approximate`, counted
+            /// by each replica and shared every 100 ms (docs/replicas.md).
+            #[serde(default)]
+            #[schemars(with = "Option<Counting>")]
+            pub(super) counting: Option<Spanned<Counting>>,
             $(pub(super) $key: Option<At<$module::$kind>>,)*
             /// Quarantine the key for this long when the rule trips (doubling on repeat), e.g. 1h.
             #[schemars(with = "Option<String>")]

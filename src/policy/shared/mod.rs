@@ -15,6 +15,7 @@
 //! (`store::postgres::pipeline`), so that concurrent decisions pipeline instead of
 //! queueing for connections of their own.
 
+mod approximate;
 mod counter_ops;
 mod jobs;
 
@@ -24,6 +25,7 @@ use std::{
     time::Duration,
 };
 
+use approximate::ApproximateCounters;
 use chrono::{DateTime, TimeZone, Utc};
 use deadpool_postgres::{Object, Pool};
 
@@ -80,6 +82,13 @@ pub struct SharedState {
     version: Mutex<String>,
     expiry: OncePer,
     outage_log: OncePer,
+    /// Counters of the rules counted approximately, in memory.
+    approximate: ApproximateCounters,
+    /// The number of the last share of approximate counts written: a reading queued
+    /// after it includes it (approximate.rs).
+    shared: std::sync::atomic::AtomicU64,
+    /// Shares go on a connection of their own, so that a share never holds up a decision.
+    share_connection: Arc<Pipeline>,
 }
 
 pub(super) fn failed<E: std::fmt::Display + 'static>(err: E) -> PolicyError {
@@ -155,6 +164,14 @@ impl SharedState {
             version: Mutex::new(String::new()),
             expiry: OncePer::new(EXPIRE_EVERY),
             outage_log: OncePer::new(Duration::from_secs(10)),
+            approximate: ApproximateCounters::default(),
+            shared: std::sync::atomic::AtomicU64::new(0),
+            share_connection: Arc::new(Pipeline::new(
+                crate::store::postgres::config(options).map_err(PolicyError)?,
+                Some(pipeline::INDEXED_ASYNC_COMMIT),
+                1,
+                timeout,
+            )),
         }))
     }
 
@@ -201,40 +218,145 @@ impl SharedState {
     // -----------------------------------------------------------------------------------
     // Counters
 
-    /// Does `job` in the next batch and waits for it.
+    /// Does `job` in the next batch and waits for it; takes in what it read of
+    /// approximate counters.
     fn submit(&self, job: CounterJob) -> Result<JobDone, PolicyError> {
-        let done = self
-            .counters
-            .submit_blocking(job)
-            .unwrap_or_else(|| Err(PolicyError("shared policy state: shut down".into())));
-        if let Err(err) = &done {
-            self.log_outage(err);
+        pipeline::block_on(self.submit_waiting(job))
+    }
+
+    /// [`submit`](Self::submit) without holding a thread while the database works.
+    async fn submit_waiting(&self, job: CounterJob) -> Result<JobDone, PolicyError> {
+        let (read, includes) = (job.read.clone(), self.shared_so_far());
+        let done = self.counters.submit(job).await;
+        self.took(done, &read, includes)
+    }
+
+    /// The last share of approximate counts written.
+    fn shared_so_far(&self) -> u64 {
+        self.shared.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A job's outcome (`None`: the workers have stopped), with what it read of
+    /// approximate counters taken in.
+    fn took(
+        &self,
+        done: Option<Result<JobDone, PolicyError>>,
+        read: &[approximate::ToRead],
+        includes: u64,
+    ) -> Result<JobDone, PolicyError> {
+        let done =
+            done.unwrap_or_else(|| Err(PolicyError("shared policy state: shut down".into())));
+        match &done {
+            Ok(done) if !read.is_empty() => {
+                self.approximate.read(read, done.read.clone(), includes)
+            }
+            Ok(_) => {}
+            Err(err) => self.log_outage(err),
         }
         done
     }
 
+    /// The rules whose counters this replica keeps approximately.
+    pub fn set_approximate(&self, rules: std::collections::HashSet<String>) {
+        self.approximate.set_rules(rules);
+    }
+
+    /// Shares what this replica counted approximately since the last share, in one
+    /// batch on the share connection; what fails is sent again with the next share.
+    /// Called from one thread only, so shares are written one after another.
+    fn share_counts(&self) {
+        let number = self.shared_so_far() + 1;
+        let share = self.approximate.take_share(number);
+        if share.is_empty() {
+            return;
+        }
+        let job = CounterJob {
+            ops: share.adds,
+            teaches: true,
+            sightings: share.sightings,
+            ..CounterJob::default()
+        };
+        let worker = CounterWorker {
+            connections: Arc::clone(&self.share_connection),
+        };
+        let written = self
+            .run(async move { worker.batch(std::slice::from_ref(&job)).await })
+            .is_ok();
+        self.approximate.shared(number, written);
+        if written {
+            self.shared
+                .store(number, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Counts what the approximate counters cover of `ops` in memory; returns the rest.
+    fn count_approximately(&self, ops: Vec<CounterOp>) -> Vec<CounterOp> {
+        ops.into_iter()
+            .filter(|op| {
+                let covered = self.approximate.covers(op);
+                if covered {
+                    self.approximate.count(op);
+                }
+                !covered
+            })
+            .collect()
+    }
+
     /// Performs a decision's planned operations (its share of one round trip) and
     /// answers its counter questions from them.
-    pub(crate) fn prefetch(
+    pub(crate) async fn prefetch(
         &self,
         plan: Vec<CounterOp>,
         now_ms: i64,
     ) -> Result<Replay<'_>, PolicyError> {
-        let worth = worth_prefetching(&plan);
+        let (worth, job) = self.prefetch_job(&plan);
+        let results = match job {
+            Some(job) => self.submit_waiting(job).await?.results,
+            None => Vec::new(),
+        };
+        Ok(self.replay_of(plan, worth, results, now_ms))
+    }
+
+    /// Which of a plan's operations go into its round trip, and the round trip (`None`:
+    /// the approximate counters answer everything from fresh readings).
+    fn prefetch_job(&self, plan: &[CounterOp]) -> (Vec<bool>, Option<CounterJob>) {
+        // What approximate counters answer is answered in memory (in the replay); the
+        // round trip reads their shared counts where those are not fresh.
+        let approximate: Vec<bool> = plan.iter().map(|op| self.approximate.covers(op)).collect();
+        let worth: Vec<bool> = worth_prefetching(plan)
+            .into_iter()
+            .zip(&approximate)
+            .map(|(worth, approximate)| worth && !approximate)
+            .collect();
+        let read = self.approximate.to_read(
+            plan.iter()
+                .zip(&approximate)
+                .filter(|(_, a)| **a)
+                .map(|(op, _)| op),
+        );
         let ops: Vec<CounterOp> = plan
             .iter()
             .zip(&worth)
             .filter(|(_, w)| **w)
             .map(|(op, _)| op.clone())
             .collect();
-        let mut results = self
-            .submit(CounterJob {
-                ops,
-                answers: true,
-                ..CounterJob::default()
-            })?
-            .results
-            .into_iter();
+        let job = (!ops.is_empty() || !read.is_empty()).then(|| CounterJob {
+            ops,
+            answers: true,
+            read,
+            ..CounterJob::default()
+        });
+        (worth, job)
+    }
+
+    fn replay_of(
+        &self,
+        plan: Vec<CounterOp>,
+        worth: Vec<bool>,
+        results: Vec<Option<OpResult>>,
+        now_ms: i64,
+    ) -> Replay<'_> {
+        let mut results = results.into_iter();
         let planned = plan
             .into_iter()
             .zip(worth)
@@ -249,38 +371,47 @@ impl SharedState {
                 )
             })
             .collect();
-        Ok(Replay::new(self, now_ms, planned))
+        Replay::new(self, now_ms, planned)
     }
 
     /// Ends a decision: undoes what its plan counted that it did not need, gives back
     /// the spend of a denied request (`refunds`: counter, window, amount), and puts an
     /// allowed one in the outcome book (`tracked`, by id).
-    pub(crate) fn settle(
+    pub(crate) async fn settle(
         &self,
         replay: Replay<'_>,
         refunds: &[(CounterKey, i64, f64)],
         tracked: Option<(&str, &Tracked)>,
     ) -> Result<(), PolicyError> {
+        match self.settle_job(replay, refunds, tracked)? {
+            Some(job) => self.submit_waiting(job).await.map(drop),
+            None => Ok(()),
+        }
+    }
+
+    fn settle_job(
+        &self,
+        replay: Replay<'_>,
+        refunds: &[(CounterKey, i64, f64)],
+        tracked: Option<(&str, &Tracked)>,
+    ) -> Result<Option<CounterJob>, PolicyError> {
         let now_ms = replay.now_ms();
         let mut ops = replay.leftovers();
         ops.extend(refunds.iter().map(|(key, window_ms, amount)| {
             CounterOp::new(OpKind::Refund, key, now_ms, *window_ms, -amount)
         }));
+        let ops = self.count_approximately(ops);
         let track = tracked
             .map(|(id, t)| {
                 let json = serde_json::to_value(t).map_err(failed)?;
                 Ok::<_, PolicyError>((id.to_owned(), t.allowed_ms + t.complete_after_ms, json))
             })
             .transpose()?;
-        if ops.is_empty() && track.is_none() {
-            return Ok(());
-        }
-        self.submit(CounterJob {
+        Ok((!ops.is_empty() || track.is_some()).then(|| CounterJob {
             ops,
             track,
             ..CounterJob::default()
-        })
-        .map(drop)
+        }))
     }
 
     // -----------------------------------------------------------------------------------
@@ -311,7 +442,7 @@ impl SharedState {
                 evidence.push(rule, key, now_ms, &failure)?;
             }
         }
-        let ops = planner.into_ops();
+        let ops = self.count_approximately(planner.into_ops());
         if ops.is_empty() && evidence.is_empty() {
             return Ok(());
         }
@@ -616,6 +747,7 @@ impl SharedState {
     /// Forgets every counter of `rule` under key value `value` (a lifted block starts
     /// from fresh evidence).
     pub fn forget(&self, rule: &str, value: &str) -> Result<(), PolicyError> {
+        self.approximate.forget(rule, value);
         let (rule, value) = (rule.to_owned(), value.to_owned());
         let fast = self.fast_handle();
         self.run(async move {
@@ -669,6 +801,19 @@ impl SharedState {
             });
         if let Err(err) = spawned {
             tracing::error!(error.message = %err, "cannot start the shared state sync");
+        }
+        let state = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("verigate-share".into())
+            .spawn(move || loop {
+                std::thread::sleep(approximate::SHARE_EVERY);
+                let Some(state) = state.upgrade() else {
+                    return;
+                };
+                state.share_counts();
+            });
+        if let Err(err) = spawned {
+            tracing::error!(error.message = %err, "cannot start sharing approximate counts");
         }
     }
 }
@@ -729,6 +874,20 @@ impl AnswersOps for SharedState {
     /// One operation in a job of its own: what anything but a decision (tools, tests,
     /// a question a decision's plan did not foresee) asks of the shared counters.
     fn answer(&self, op: CounterOp) -> Result<OpResult, PolicyError> {
+        if self.approximate.covers(&op) {
+            if let Some(result) = self.approximate.answer(&op) {
+                return Ok(result);
+            }
+            let read = self.approximate.to_read([&op]);
+            self.submit(CounterJob {
+                read,
+                ..CounterJob::default()
+            })?;
+            return self
+                .approximate
+                .answer(&op)
+                .ok_or_else(|| PolicyError("shared counters: a key read but not kept".into()));
+        }
         let done = self.submit(CounterJob {
             ops: vec![op],
             answers: true,

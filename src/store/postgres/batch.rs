@@ -34,23 +34,7 @@ pub(crate) fn per_item<T, E: Clone>(outcome: Result<Vec<T>, E>, items: usize) ->
     }
 }
 
-/// Where an item's output goes: a task awaiting it, or a thread blocked on it.
-enum Reply<O> {
-    Task(oneshot::Sender<O>),
-    Thread(std::sync::mpsc::SyncSender<O>),
-}
-
-impl<O> Reply<O> {
-    fn send(self, output: O) {
-        // The caller may have given up waiting: nothing to answer then.
-        match self {
-            Reply::Task(answer) => drop(answer.send(output)),
-            Reply::Thread(answer) => drop(answer.send(output)),
-        }
-    }
-}
-
-type Queued<I, O> = (I, Reply<O>);
+type Queued<I, O> = (I, oneshot::Sender<O>);
 /// The queue's receiving end, shared by the workers (one takes a batch at a time).
 type Receiver<I, O> = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued<I, O>>>>;
 
@@ -75,28 +59,12 @@ impl<I: Send + 'static, O: Send + 'static> BatchQueue<I, O> {
         Self { queue }
     }
 
-    /// Does `item` in the next batch; `None` once the workers have stopped.
+    /// Does `item` in the next batch; `None` once the workers have stopped. A thread
+    /// that may block waits for it with [`pipeline::block_on`].
     pub(crate) async fn submit(&self, item: I) -> Option<O> {
         let (answer, answered) = oneshot::channel();
-        self.queue.send((item, Reply::Task(answer))).await.ok()?;
+        self.queue.send((item, answer)).await.ok()?;
         answered.await.ok()
-    }
-
-    /// [`submit`](Self::submit) from a thread that may block (a decision on the
-    /// blocking pool): the worker answers the thread directly, with no task between.
-    pub(crate) fn submit_blocking(&self, item: I) -> Option<O> {
-        let (answer, answered) = std::sync::mpsc::sync_channel(1);
-        match self.queue.try_send((item, Reply::Thread(answer))) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => return None,
-            // A full queue: wait for room from the database runtime (a thread that may be
-            // a runtime's own must not wait on a task's channel).
-            Err(mpsc::error::TrySendError::Full(queued)) => {
-                let queue = self.queue.clone();
-                pipeline::runtime().spawn(async move { queue.send(queued).await });
-            }
-        }
-        answered.recv().ok()
     }
 }
 
@@ -123,7 +91,8 @@ async fn work<W: BatchWorker>(
         let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let outputs = worker.run(items).await;
         for (answer, output) in answers.into_iter().zip(outputs) {
-            answer.send(output);
+            // The caller may have given up waiting: nothing to answer then.
+            drop(answer.send(output));
         }
     }
 }

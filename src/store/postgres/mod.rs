@@ -37,6 +37,7 @@ use super::{
     VerificationQuery, VerificationRecord, VerificationStore,
 };
 
+pub(crate) use pipeline::block_on;
 pub use schema::current_version as schema_version;
 
 /// Statements prepared once per connection and kept: preparing each time costs a round
@@ -318,7 +319,8 @@ impl PostgresStore {
         ));
         let health = Arc::new(Mutex::new(StoreHealth::Ready));
         let commits = commit::GroupCommit::start(config, Arc::clone(&health));
-        let claimers = (0..2)
+        // One claimer, for the same reason as one group-commit writer (commit.rs).
+        let claimers = (0..1)
             .map(|_| claims::Claimer {
                 connections: Arc::clone(&shared),
             })

@@ -55,6 +55,27 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// Runs `future` to its end on this thread, which sleeps while the future waits: for
+/// code that is not async (a policy's `decide`) waiting on work of the database
+/// [`runtime`]. Never call it on a thread of that runtime, whose work it would wait for.
+pub(crate) fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
 /// A new connection whose socket lives on the database [`runtime`] (a socket belongs to
 /// the runtime that opened it, and the caller's may be a test's or a worker's that ends).
 pub(crate) async fn connect(

@@ -184,6 +184,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX verigate_verifications_by_seq ON verigate_verifications (seq, first_seen);
     "#,
     include_str!("counter_ops.sql"),
+    include_str!("share_sightings.sql"),
 ];
 
 /// The schema version this build needs.
