@@ -213,6 +213,16 @@ pub trait Learning: Send + Sync {
     /// Learns how a verification it decided on ended.
     fn observe_outcome(&self, outcome: Outcome<'_>);
 
+    /// For a policy that learns in a database: the same, as a future that waits without
+    /// holding a thread, awaited on the HTTP worker. `None` (the default):
+    /// `observe_outcome` runs on the blocking pool.
+    fn observe_outcome_waiting<'a>(
+        &'a self,
+        _outcome: Outcome<'a>,
+    ) -> Option<futures_util::future::LocalBoxFuture<'a, ()>> {
+        None
+    }
+
     /// Rate-limit and similar keys held in memory, for metrics.
     fn counter_keys(&self) -> usize {
         0

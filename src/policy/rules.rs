@@ -352,6 +352,44 @@ impl RulesPolicy {
         Ok(self.conclude(&s, &facts, evaluation, started))
     }
 
+    /// How an outcome counts for the adaptive rules (`None`: it does not, or there are
+    /// none: what was tracked under rules removed since counts for no rule now).
+    fn resolution(&self, outcome: &Outcome<'_>) -> Option<Resolution> {
+        let adaptive = !self.current.load().adaptive.is_empty();
+        Resolution::of(outcome.status, outcome.reason).filter(|_| adaptive)
+    }
+
+    /// Counts an outcome in the shared outcome book: whichever replica takes the
+    /// verification out of the book counts it.
+    async fn learn_shared(&self, shared: &SharedState, outcome: Outcome<'_>) {
+        let Some(resolution) = self.resolution(&outcome) else {
+            return;
+        };
+        if let Ok(Some(tracked)) = shared.resolve(outcome.id).await {
+            let counted = (outcome.id.to_owned(), tracked, resolution);
+            let _ = shared
+                .count_outcomes(&[counted], outcome.at.timestamp_millis())
+                .await;
+        }
+    }
+
+    /// Counts the final status under the rule that decided and the shadow rules that
+    /// matched.
+    fn count_rule_outcome(&self, outcome: &Outcome<'_>) {
+        let s = self.current.load();
+        let names = outcome
+            .rule
+            .into_iter()
+            .chain(outcome.shadow.iter().map(|m| m.rule.as_str()));
+        for name in names {
+            if let Some(&i) = s.by_name.get(name) {
+                if let Ok(mut o) = s.stats[i].outcomes.lock() {
+                    *o.entry(outcome.status.to_owned()).or_default() += 1;
+                }
+            }
+        }
+    }
+
     /// Candidate rules for a request, in rule order.
     fn candidates(s: &Snapshot, number: &str, country: &str) -> Vec<u32> {
         let mut ids: Vec<u32> = s.unanchored.clone();
@@ -498,38 +536,26 @@ impl Policy for RulesPolicy {
 
 impl Learning for RulesPolicy {
     fn observe_outcome(&self, outcome: Outcome<'_>) {
-        // Without adaptive rules nothing is tracked (what was, under rules removed since,
-        // counts for no rule now).
-        let adaptive = !self.current.load().adaptive.is_empty();
-        if let Some(resolution) =
-            Resolution::of(outcome.status, outcome.reason).filter(|_| adaptive)
-        {
+        if let Some(shared) = &self.shared {
+            crate::store::postgres::block_on(self.learn_shared(shared, outcome));
+        } else if let Some(resolution) = self.resolution(&outcome) {
             let at_ms = outcome.at.timestamp_millis();
-            match &self.shared {
-                Some(shared) => {
-                    // Whichever replica takes it out of the shared book counts it.
-                    if let Ok(Some(tracked)) = shared.resolve(outcome.id) {
-                        let counted = (outcome.id.to_owned(), tracked, resolution);
-                        let _ = shared.count_outcomes(&[counted], at_ms);
-                    }
-                }
-                None => self
-                    .book
-                    .observe_result(outcome.id, resolution, &self.counters, at_ms),
-            }
+            self.book
+                .observe_result(outcome.id, resolution, &self.counters, at_ms);
         }
-        let s = self.current.load();
-        let names = outcome
-            .rule
-            .into_iter()
-            .chain(outcome.shadow.iter().map(|m| m.rule.as_str()));
-        for name in names {
-            if let Some(&i) = s.by_name.get(name) {
-                if let Ok(mut o) = s.stats[i].outcomes.lock() {
-                    *o.entry(outcome.status.to_owned()).or_default() += 1;
-                }
-            }
-        }
+        self.count_rule_outcome(&outcome);
+    }
+
+    /// With shared state, the outcome's round trips are awaited on the HTTP worker.
+    fn observe_outcome_waiting<'a>(
+        &'a self,
+        outcome: Outcome<'a>,
+    ) -> Option<LocalBoxFuture<'a, ()>> {
+        let shared = self.shared.as_deref()?;
+        Some(Box::pin(async move {
+            self.learn_shared(shared, outcome).await;
+            self.count_rule_outcome(&outcome);
+        }))
     }
 
     fn counter_keys(&self) -> usize {

@@ -370,6 +370,20 @@ async fn report_outcome(
     let Some(decision) = record.decision else {
         return;
     };
+    if let Some(learning) = state.policy.learning() {
+        let outcome = Outcome {
+            id: &result.id,
+            rule: decision.rule.as_deref(),
+            shadow: &decision.explanation.shadow,
+            status: &result.status,
+            reason: result.reason.as_deref(),
+            at,
+        };
+        if let Some(learned) = learning.observe_outcome_waiting(outcome) {
+            learned.await;
+            return;
+        }
+    }
     let result = result.clone();
     off_async_workers(&state.policy, move |policy| {
         if let Some(learning) = policy.learning() {

@@ -42,6 +42,11 @@ pub(crate) const SHARE_EVERY: Duration = Duration::from_millis(100);
 pub(crate) const FRESH_FOR: Duration = Duration::from_millis(100);
 /// How long a key no decision used stays in memory once all it counted is shared.
 const KEEP_IDLE: Duration = Duration::from_secs(2);
+/// How often idle keys are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Keys are looked up on every decision: a quick hash (its seed is random per process).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Where a counted change stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,8 +97,10 @@ struct Entry {
     reading: Option<Reading>,
     changes: Vec<Change>,
     /// For a distinct count: the members this replica saw, and when last.
-    members: HashMap<String, i64>,
+    members: FastMap<String, i64>,
     used: Instant,
+    /// Whether the key is in the list of keys with changes to share.
+    queued: bool,
 }
 
 impl Entry {
@@ -103,8 +110,9 @@ impl Entry {
             span_ms: op.span_ms,
             reading: None,
             changes: Vec::new(),
-            members: HashMap::new(),
+            members: FastMap::default(),
             used: now,
+            queued: false,
         }
     }
 
@@ -209,7 +217,54 @@ impl Share {
 #[derive(Debug, Default)]
 pub(crate) struct ApproximateCounters {
     rules: RwLock<Arc<HashSet<String>>>,
-    keys: Mutex<HashMap<CounterKey, Entry>>,
+    keys: Mutex<Keys>,
+}
+
+#[derive(Debug, Default)]
+struct Keys {
+    entries: FastMap<CounterKey, Entry>,
+    /// Keys with changes not shared yet, each once: a share looks at these only.
+    unsent: Vec<CounterKey>,
+    /// Keys of the share being written.
+    sending: Vec<CounterKey>,
+    swept: Option<Instant>,
+}
+
+impl Keys {
+    /// The entry of `op`'s key, made if it is new.
+    fn entry(&mut self, op: &CounterOp, now: Instant) -> &mut Entry {
+        self.entries
+            .entry(op.key.clone())
+            .or_insert_with(|| Entry::new(op, now))
+    }
+
+    /// Puts `key` in the list of keys to share (once).
+    fn queue(&mut self, key: &CounterKey) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            if !entry.queued {
+                entry.queued = true;
+                self.unsent.push(key.clone());
+            }
+        }
+    }
+
+    /// Lets go of keys idle for [`KEEP_IDLE`] with nothing left to share, and of members
+    /// out of their window; at most once per [`SWEEP_EVERY`].
+    fn sweep(&mut self, now: Instant, now_ms: i64) {
+        if self
+            .swept
+            .is_some_and(|at| now.duration_since(at) < SWEEP_EVERY)
+        {
+            return;
+        }
+        self.swept = Some(now);
+        self.entries
+            .retain(|_, e| e.unshared() || now.duration_since(e.used) < KEEP_IDLE);
+        for entry in self.entries.values_mut() {
+            let span_ms = entry.span_ms;
+            entry.members.retain(|_, &mut seen| seen > now_ms - span_ms);
+        }
+    }
 }
 
 impl ApproximateCounters {
@@ -230,7 +285,7 @@ impl ApproximateCounters {
             .contains(&op.key.rule)
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, HashMap<CounterKey, Entry>> {
+    fn keys(&self) -> std::sync::MutexGuard<'_, Keys> {
         self.keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -241,9 +296,7 @@ impl ApproximateCounters {
         let mut keys = self.keys();
         let mut out: Vec<ToRead> = Vec::new();
         for op in ops {
-            let entry = keys
-                .entry(op.key.clone())
-                .or_insert_with(|| Entry::new(op, now));
+            let entry = keys.entry(op, now);
             entry.used = now;
             let stale = entry
                 .reading
@@ -269,7 +322,7 @@ impl ApproximateCounters {
         let now = Instant::now();
         let mut keys = self.keys();
         for (to_read, buckets) in read.iter().zip(buckets) {
-            if let Some(entry) = keys.get_mut(&to_read.key) {
+            if let Some(entry) = keys.entries.get_mut(&to_read.key) {
                 let newer = entry
                     .reading
                     .as_ref()
@@ -289,7 +342,10 @@ impl ApproximateCounters {
     /// Answers `op` from memory; `None` when its key's shared counts were never read.
     pub(crate) fn answer(&self, op: &CounterOp) -> Option<OpResult> {
         let mut keys = self.keys();
-        let entry = keys.get_mut(&op.key).filter(|e| e.reading.is_some())?;
+        let entry = keys
+            .entries
+            .get_mut(&op.key)
+            .filter(|e| e.reading.is_some())?;
         entry.used = Instant::now();
         let (now_ms, span_ms) = (op.now_ms, op.span_ms);
         let result = match op.kind {
@@ -324,40 +380,45 @@ impl ApproximateCounters {
                 ..OpResult::default()
             },
         };
+        if op.kind != OpKind::Total {
+            keys.queue(&op.key);
+        }
         Some(result)
     }
 
     /// Counts a change whose result nobody reads (an outcome, a refund): it needs no
     /// reading of the key.
     pub(crate) fn count(&self, op: &CounterOp) {
-        let now = Instant::now();
+        if op.kind != OpKind::See && op.amount == 0.0 {
+            return;
+        }
         let mut keys = self.keys();
-        let entry = keys
-            .entry(op.key.clone())
-            .or_insert_with(|| Entry::new(op, now));
+        let entry = keys.entry(op, Instant::now());
         match (&op.kind, &op.member) {
             (OpKind::See, Some(member)) => entry.see(op.now_ms, member),
             _ => entry.add(op.now_ms, op.amount),
         }
+        keys.queue(&op.key);
     }
 
-    /// Takes what is not shared yet into share `number`, and lets go of keys idle for
-    /// [`KEEP_IDLE`] with nothing left to share.
-    pub(crate) fn take_share(&self, number: u64) -> Share {
-        let now = Instant::now();
+    /// Takes what is not shared yet into share `number` (`now_ms`: the time, to let go
+    /// of members that left their window).
+    pub(crate) fn take_share(&self, number: u64, now_ms: i64) -> Share {
         let mut keys = self.keys();
-        keys.retain(|_, e| e.unshared() || now.duration_since(e.used) < KEEP_IDLE);
+        keys.sweep(Instant::now(), now_ms);
+        let Keys {
+            entries,
+            unsent,
+            sending,
+            ..
+        } = &mut *keys;
         let mut share = Share::default();
-        for (key, entry) in keys.iter_mut() {
+        for key in unsent.drain(..) {
+            let Some(entry) = entries.get_mut(&key) else {
+                continue; // forgotten since
+            };
+            entry.queued = false;
             let span_ms = entry.span_ms;
-            let latest = entry
-                .changes
-                .iter()
-                .filter_map(|c| c.member.as_ref().map(|m| m.1))
-                .max();
-            if let Some(latest) = latest {
-                entry.members.retain(|_, &mut seen| seen > latest - span_ms);
-            }
             for change in entry
                 .changes
                 .iter_mut()
@@ -367,11 +428,11 @@ impl ApproximateCounters {
                 match &change.member {
                     Some((member, seen_ms)) => share.sightings.push(CounterOp {
                         member: Some(member.clone()),
-                        ..CounterOp::new(OpKind::See, key, *seen_ms, span_ms, 0.0)
+                        ..CounterOp::new(OpKind::See, &key, *seen_ms, span_ms, 0.0)
                     }),
                     None if change.amount != 0.0 => share.adds.push(CounterOp::new(
                         OpKind::Add,
-                        key,
+                        &key,
                         change.bucket,
                         span_ms,
                         change.amount,
@@ -379,6 +440,7 @@ impl ApproximateCounters {
                     None => {}
                 }
             }
+            sending.push(key);
         }
         share
     }
@@ -387,7 +449,11 @@ impl ApproximateCounters {
     /// next.
     pub(crate) fn shared(&self, number: u64, written: bool) {
         let mut keys = self.keys();
-        for entry in keys.values_mut() {
+        let sent = std::mem::take(&mut keys.sending);
+        for key in sent {
+            let Some(entry) = keys.entries.get_mut(&key) else {
+                continue;
+            };
             for change in entry
                 .changes
                 .iter_mut()
@@ -400,19 +466,23 @@ impl ApproximateCounters {
                 };
             }
             entry.settle();
+            if !written {
+                keys.queue(&key);
+            }
         }
     }
 
     /// Forgets `rule`'s counts under `value` (a lifted block starts afresh).
     pub(crate) fn forget(&self, rule: &str, value: &str) {
         self.keys()
+            .entries
             .retain(|key, _| !(key.rule == rule && key.value == value));
     }
 
     /// Keys held in memory.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.keys().len()
+        self.keys().entries.len()
     }
 }
 
@@ -501,7 +571,7 @@ mod tests {
         read(&c, &add(0), vec![(0, 10.0)], 0);
         assert_eq!(value(&c, add(1)), 11.0);
         assert_eq!(value(&c, add(2)), 12.0);
-        let share = c.take_share(1);
+        let share = c.take_share(1, 0);
         assert_eq!(share.adds.len(), 1, "merged per bucket");
         assert_eq!(share.adds[0].amount, 2.0);
         // Counted while the share is on its way: not in it.
@@ -532,7 +602,7 @@ mod tests {
         read(&c, &add(0), vec![], 0);
         value(&c, add(0));
         value(&c, add(0));
-        assert_eq!(c.take_share(1).adds[0].amount, 2.0);
+        assert_eq!(c.take_share(1, 0).adds[0].amount, 2.0);
         // A reading queued after the share, made when the share failed, does not hold it.
         read(&c, &add(0), vec![], 1);
         c.shared(1, false);
@@ -540,10 +610,10 @@ mod tests {
             value(&c, CounterOp::new(OpKind::Total, &key("SE"), 1, SPAN, 0.0)),
             2.0
         );
-        let again = c.take_share(2);
+        let again = c.take_share(2, 0);
         assert_eq!(again.adds.iter().map(|a| a.amount).sum::<f64>(), 2.0);
         c.shared(2, true);
-        assert!(c.take_share(3).is_empty());
+        assert!(c.take_share(3, 0).is_empty());
     }
 
     #[test]
@@ -564,7 +634,7 @@ mod tests {
         assert_eq!(value(&c, see(1, "a")), 6.0);
         assert_eq!(value(&c, see(2, "a")), 6.0, "seen here already");
         assert_eq!(value(&c, see(3, "b")), 7.0);
-        let share = c.take_share(1);
+        let share = c.take_share(1, 0);
         assert_eq!(share.sightings.len(), 3);
         assert!(share.adds.is_empty());
         c.shared(1, true);
@@ -596,7 +666,7 @@ mod tests {
         let c = counters();
         c.count(&add(0));
         assert_eq!(c.len(), 1);
-        let share = c.take_share(1);
+        let share = c.take_share(1, 0);
         assert_eq!(share.adds.len(), 1);
         assert_eq!(c.len(), 1, "kept while its share is on its way");
         c.forget("r", "SE");

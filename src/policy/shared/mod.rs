@@ -266,7 +266,9 @@ impl SharedState {
     /// Called from one thread only, so shares are written one after another.
     fn share_counts(&self) {
         let number = self.shared_so_far() + 1;
-        let share = self.approximate.take_share(number);
+        let share = self
+            .approximate
+            .take_share(number, Utc::now().timestamp_millis());
         if share.is_empty() {
             return;
         }
@@ -419,17 +421,19 @@ impl SharedState {
 
     /// Takes a tracked verification out of the book: only one replica gets it, so its
     /// outcome is counted once whichever replica receives the result.
-    pub fn resolve(&self, id: &str) -> Result<Option<Tracked>, PolicyError> {
-        let done = self.submit(CounterJob {
-            resolve: Some(id.to_owned()),
-            ..CounterJob::default()
-        })?;
+    pub async fn resolve(&self, id: &str) -> Result<Option<Tracked>, PolicyError> {
+        let done = self
+            .submit_waiting(CounterJob {
+                resolve: Some(id.to_owned()),
+                ..CounterJob::default()
+            })
+            .await?;
         Ok(done.resolved)
     }
 
     /// Counts how tracked verifications ended, under each of their keys, and keeps the
     /// failures as evidence.
-    pub fn count_outcomes(
+    pub async fn count_outcomes(
         &self,
         outcomes: &[(String, Tracked, Resolution)],
         now_ms: i64,
@@ -446,12 +450,13 @@ impl SharedState {
         if ops.is_empty() && evidence.is_empty() {
             return Ok(());
         }
-        self.submit(CounterJob {
+        self.submit_waiting(CounterJob {
             ops,
             teaches: true,
             evidence,
             ..CounterJob::default()
         })
+        .await
         .map(drop)
     }
 
@@ -479,7 +484,7 @@ impl SharedState {
             .into_iter()
             .map(|(id, tracked)| (id, tracked, Resolution::Failure))
             .collect();
-        self.count_outcomes(&outcomes, now_ms)
+        pipeline::block_on(self.count_outcomes(&outcomes, now_ms))
     }
 
     pub fn pending(&self) -> Result<usize, PolicyError> {
