@@ -371,15 +371,7 @@ async fn report_outcome(
         return;
     };
     if let Some(learning) = state.policy.learning() {
-        let outcome = Outcome {
-            id: &result.id,
-            rule: decision.rule.as_deref(),
-            shadow: &decision.explanation.shadow,
-            status: &result.status,
-            reason: result.reason.as_deref(),
-            at,
-        };
-        if let Some(learned) = learning.observe_outcome_waiting(outcome) {
+        if let Some(learned) = learning.observe_outcome_waiting(outcome_of(result, &decision, at)) {
             learned.await;
             return;
         }
@@ -387,17 +379,26 @@ async fn report_outcome(
     let result = result.clone();
     off_async_workers(&state.policy, move |policy| {
         if let Some(learning) = policy.learning() {
-            learning.observe_outcome(Outcome {
-                id: &result.id,
-                rule: decision.rule.as_deref(),
-                shadow: &decision.explanation.shadow,
-                status: &result.status,
-                reason: result.reason.as_deref(),
-                at,
-            });
+            learning.observe_outcome(outcome_of(&result, &decision, at));
         }
     })
     .await;
+}
+
+/// What the policy learns of a verification that ended.
+fn outcome_of<'a>(
+    result: &'a VerificationResultEvent,
+    decision: &'a DecisionRecord,
+    at: DateTime<Utc>,
+) -> Outcome<'a> {
+    Outcome {
+        id: &result.id,
+        rule: decision.rule.as_deref(),
+        shadow: &decision.explanation.shadow,
+        status: &result.status,
+        reason: result.reason.as_deref(),
+        at,
+    }
 }
 
 fn record_span_facts(span: &RootSpan, event: &VerificationEvent) {
