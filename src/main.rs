@@ -1,7 +1,7 @@
 use std::{io::IsTerminal, process::ExitCode};
 
 // glibc's allocator spent a quarter of the HTTP workers' time under load (objects freed on
-// another thread than the one that made them) and held on to memory; mimalloc does not.
+// another thread than the one that made them) and held on to memory; jemalloc does not.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

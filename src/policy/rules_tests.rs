@@ -860,9 +860,31 @@ fn adaptive_settings_are_validated_at_load() {
             "rate_limit = { key = \"number\", max = 1, window = \"1m\" }\nblock_for = \"2h\"\nmax_block = \"1h\"",
             "max_block",
         ),
+        ("method = [\"sms\"]\ncounting = \"approximate\"", "counting applies to a rule with"),
     ] {
         let text = format!("default = \"allow\"\n[[rule]]\nname = \"r\"\naction = \"deny\"\n{rules}\n");
         let err = RulesPolicy::parse(&text, "t.toml").err().unwrap_or_else(|| panic!("{rules} loaded"));
         assert!(err.to_string().contains(message), "{rules}: {err}");
     }
+}
+
+#[test]
+fn a_summary_reads_as_the_rule_was_written() {
+    let p = RulesPolicy::parse(
+        "default = \"allow\"\n[[rule]]\nname = \"night\"\naction = \"deny\"\n\
+         time = { tz = \"Europe/Berlin\", days = [\"mon-fri\"], between = [\"22:00\", \"06:00\"] }\n\
+         [[rule]]\nname = \"ranges\"\naction = \"deny\"\n\
+         rate_limit = { key = \"range:3\", max = 30, window = \"1h\" }\ncounting = \"approximate\"\n",
+        "t.toml",
+    )
+    .unwrap();
+    let summary = p.summary();
+    assert!(
+        summary.contains("night: time Europe/Berlin mon-fri 22:00-06:00\n"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("counted approximately by replicas"),
+        "{summary}"
+    );
 }

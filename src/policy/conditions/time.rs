@@ -94,7 +94,7 @@ impl TimeWindow {
             tz,
             days,
             between,
-            written: format!("time {} {:?} {:?}", t.tz, t.days, t.between),
+            written: written(t),
         })
     }
 
@@ -119,4 +119,18 @@ impl Check for TimeWindow {
     fn describe(&self) -> String {
         self.written.clone()
     }
+}
+
+/// The condition as an operator reads it, e.g. `time Europe/Berlin mon-fri 22:00-06:00`.
+fn written(t: &TimeFile) -> String {
+    let mut out = format!("time {}", t.tz);
+    if !t.days.is_empty() {
+        out.push(' ');
+        out.push_str(&t.days.join(","));
+    }
+    if let Some(between) = &t.between {
+        out.push(' ');
+        out.push_str(&between.join("-"));
+    }
+    out
 }
