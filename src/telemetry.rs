@@ -259,36 +259,145 @@ impl fmt::Write for JsonEscaped<'_> {
 /// Log lines that may wait for the output; past that, lines are dropped and counted
 /// rather than slowing down callbacks (Sinch waits for our answers, not for our logs).
 const LOG_BUFFER_LINES: usize = 128 * 1024;
+/// How long the writer thread lets lines gather before it writes them out.
+const LOG_GATHER: std::time::Duration = std::time::Duration::from_millis(10);
 
-static DROPPED: std::sync::OnceLock<tracing_appender::non_blocking::ErrorCounter> =
-    std::sync::OnceLock::new();
+static DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Standard output through a background thread, so HTTP workers never wait on a slow
-/// terminal or log pipe. Keep the guard until the process ends: dropping it writes what
-/// is still buffered.
-pub fn background_stdout() -> (
-    tracing_appender::non_blocking::NonBlocking,
-    tracing_appender::non_blocking::WorkerGuard,
-) {
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(LOG_BUFFER_LINES)
-        .thread_name("verigate-log")
-        // The writer thread drains whatever has queued, then flushes: buffered, that is
-        // one write per drain instead of one per line.
-        .finish(std::io::BufWriter::with_capacity(
-            64 << 10,
-            std::io::stdout(),
-        ));
-    let _ = DROPPED.set(writer.error_counter());
-    (writer, guard)
+/// Lines waiting for the writer thread.
+#[derive(Default)]
+struct Gathered {
+    bytes: Vec<u8>,
+    lines: usize,
+    stop: bool,
+}
+
+#[derive(Default)]
+struct LogQueue {
+    gathered: std::sync::Mutex<Gathered>,
+    /// Wakes the writer when the first line arrives after a write-out, or to stop.
+    arrived: std::sync::Condvar,
+}
+
+impl LogQueue {
+    fn gathered(&self) -> std::sync::MutexGuard<'_, Gathered> {
+        self.gathered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Where log lines go: appended to a buffer that a background thread writes out every
+/// [`LOG_GATHER`], so that HTTP workers never wait on a slow terminal or log pipe, and
+/// a line costs a lock and a copy, not a wakeup of another thread.
+#[derive(Clone)]
+pub struct BackgroundOutput {
+    queue: std::sync::Arc<LogQueue>,
+}
+
+/// One write of the fmt layer: one formatted line.
+pub struct LineWriter<'a>(&'a LogQueue);
+
+impl std::io::Write for LineWriter<'_> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let mut gathered = self.0.gathered();
+        if gathered.lines >= LOG_BUFFER_LINES {
+            DROPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(line.len());
+        }
+        let first = gathered.bytes.is_empty();
+        gathered.bytes.extend_from_slice(line);
+        gathered.lines += 1;
+        drop(gathered);
+        if first {
+            self.0.arrived.notify_one();
+        }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for BackgroundOutput {
+    type Writer = LineWriter<'a>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineWriter(&self.queue)
+    }
+}
+
+/// Keeps the writer thread; dropping it writes out what is still gathered and stops it.
+pub struct LogOutputGuard {
+    queue: std::sync::Arc<LogQueue>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for LogOutputGuard {
+    fn drop(&mut self) {
+        self.queue.gathered().stop = true;
+        self.queue.arrived.notify_one();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Standard output through a background thread. Keep the guard until the process ends.
+pub fn background_stdout() -> (BackgroundOutput, LogOutputGuard) {
+    background_output(std::io::stdout())
+}
+
+/// Log lines written to `out` by a background thread (see [`BackgroundOutput`]).
+pub fn background_output<W: std::io::Write + Send + 'static>(
+    mut out: W,
+) -> (BackgroundOutput, LogOutputGuard) {
+    let queue = std::sync::Arc::new(LogQueue::default());
+    let shared = std::sync::Arc::clone(&queue);
+    let thread = std::thread::Builder::new()
+        .name("verigate-log".into())
+        .spawn(move || {
+            let mut spare: Vec<u8> = Vec::new();
+            loop {
+                let stop = {
+                    let mut gathered = shared.gathered();
+                    while gathered.bytes.is_empty() && !gathered.stop {
+                        gathered = shared
+                            .arrived
+                            .wait(gathered)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    }
+                    gathered.stop
+                };
+                if !stop {
+                    // Let the lines of the next few milliseconds join the write.
+                    std::thread::sleep(LOG_GATHER);
+                }
+                {
+                    let mut gathered = shared.gathered();
+                    spare.clear();
+                    std::mem::swap(&mut gathered.bytes, &mut spare);
+                    gathered.lines = 0;
+                }
+                // Nowhere to say that the log output failed but the log itself.
+                let _ = out.write_all(&spare).and_then(|()| out.flush());
+                if stop {
+                    return;
+                }
+            }
+        })
+        .ok();
+    let guard = LogOutputGuard {
+        queue: std::sync::Arc::clone(&queue),
+        thread,
+    };
+    (BackgroundOutput { queue }, guard)
 }
 
 /// Log lines dropped so far because the output could not keep up.
 pub fn log_lines_dropped() -> u64 {
-    DROPPED
-        .get()
-        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+    DROPPED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Says so in the log, every `every`, when lines were dropped since the last look: a
@@ -445,6 +554,64 @@ mod tests {
             redact_numbers("number \"+46700000001\" 12345 +1"),
             "number \"+***\" 12345 +1"
         );
+    }
+
+    /// Output the test reads back, and can hold up (as a stuck log pipe would).
+    #[derive(Clone, Default)]
+    struct Pipe {
+        written: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+        stuck: std::sync::Arc<std::sync::Mutex<()>>,
+    }
+
+    impl std::io::Write for Pipe {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            let _held_up = self.stuck.lock().unwrap();
+            self.written.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn background_output_writes_every_line_in_order_and_the_guard_writes_out_the_rest() {
+        use std::io::Write as _;
+        let pipe = Pipe::default();
+        let (output, guard) = background_output(pipe.clone());
+        for i in 0..1000 {
+            output
+                .make_writer()
+                .write_all(format!("line {i}\n").as_bytes())
+                .unwrap();
+        }
+        drop(guard);
+        let written = String::from_utf8(pipe.written.lock().unwrap().clone()).unwrap();
+        let expected: String = (0..1000).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(written, expected);
+    }
+
+    #[test]
+    fn a_stuck_output_drops_lines_past_the_limit_and_counts_them_instead_of_waiting() {
+        use std::io::Write as _;
+        let pipe = Pipe::default();
+        let stuck = pipe.stuck.lock().unwrap();
+        let (output, guard) = background_output(pipe.clone());
+        let before = log_lines_dropped();
+        let started = std::time::Instant::now();
+        // The writer thread takes the first lines and then waits on the stuck pipe;
+        // the rest fill the buffer and then go.
+        for _ in 0..(2 * LOG_BUFFER_LINES + 10) {
+            output.make_writer().write_all(b"x\n").unwrap();
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        let dropped = log_lines_dropped() - before;
+        assert!(dropped >= 10, "{dropped} dropped");
+        drop(stuck);
+        drop(guard);
+        let written = pipe.written.lock().unwrap().len() / 2;
+        assert_eq!(written as u64 + dropped, 2 * LOG_BUFFER_LINES as u64 + 10);
     }
 
     /// A sink the test can read back.

@@ -8,7 +8,6 @@
 //! thread that writes is the one that flushes and answers.
 
 use std::{
-    collections::HashMap,
     sync::{mpsc, Arc},
     time::{Duration, Instant},
 };
@@ -18,7 +17,7 @@ use tokio::sync::oneshot;
 use super::{
     codec::{self, LoggedEvent, StoredVerification, WalEntry},
     keys::Stamp,
-    memtable::Change,
+    memtable::{Change, FastMap},
     merge::merge,
     wal::{self, WalWriter},
     Shared,
@@ -108,7 +107,7 @@ impl Committer {
         self.recover_if_due();
         self.wait_for_checkpoints();
         let refused = self.refusal();
-        let mut staged: HashMap<String, Arc<StoredVerification>> = HashMap::new();
+        let mut staged: FastMap<String, Arc<StoredVerification>> = FastMap::default();
         let mut entries = Vec::new();
         let mut changes = Vec::new();
         let mut pending = Vec::new();
@@ -212,7 +211,7 @@ impl Committer {
     fn accept(
         &mut self,
         event: NewEvent,
-        staged: &mut HashMap<String, Arc<StoredVerification>>,
+        staged: &mut FastMap<String, Arc<StoredVerification>>,
     ) -> Result<Taken, StoreError> {
         let id = &event.identity.id;
         let (current, in_batch) = match staged.get(id) {

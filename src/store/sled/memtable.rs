@@ -17,6 +17,10 @@ use super::{
     keys::Stamp,
 };
 
+/// Maps looked up on every event, keyed by ids, numbers and references: a quick hash,
+/// seeded at random per process (as SipHash is) so that keys cannot be chosen to collide.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A record as a memtable holds it.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -36,12 +40,12 @@ pub struct Change {
 
 #[derive(Debug)]
 pub struct Memtable {
-    pub records: HashMap<Arc<str>, Held>,
+    pub records: FastMap<Arc<str>, Held>,
     /// Creation stamp → id, for every record in `records`.
     pub by_stamp: BTreeMap<Stamp, Arc<str>>,
     /// Index entries first made here (numbers in stored form).
-    pub numbers: HashMap<String, Vec<Stamp>>,
-    pub references: HashMap<String, Vec<Stamp>>,
+    pub numbers: FastMap<String, Vec<Stamp>>,
+    pub references: FastMap<String, Vec<Stamp>>,
     /// Raw events in stamp order.
     pub events: Vec<LoggedEvent>,
     pub event_bytes: usize,
@@ -56,10 +60,10 @@ pub struct Memtable {
 impl Default for Memtable {
     fn default() -> Self {
         Self {
-            records: HashMap::new(),
+            records: FastMap::default(),
             by_stamp: BTreeMap::new(),
-            numbers: HashMap::new(),
-            references: HashMap::new(),
+            numbers: FastMap::default(),
+            references: FastMap::default(),
             events: Vec::new(),
             event_bytes: 0,
             last_seq: 0,
