@@ -284,11 +284,13 @@ impl SharedState {
         let written = self
             .run(async move { worker.batch(std::slice::from_ref(&job)).await })
             .is_ok();
-        self.approximate.shared(number, written);
+        // Readings queued from here on include the share: said before the changes it
+        // carried are marked written, so that no reading counts them twice.
         if written {
             self.shared
                 .store(number, std::sync::atomic::Ordering::Release);
         }
+        self.approximate.shared(number, written);
     }
 
     /// Counts what the approximate counters cover of `ops` in memory; returns the rest.
