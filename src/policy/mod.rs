@@ -13,6 +13,7 @@ pub mod counters;
 mod description;
 mod facts;
 mod file;
+pub mod flagged;
 pub mod persist;
 pub mod reload;
 mod rules;
@@ -275,4 +276,10 @@ pub trait Quarantines: Send + Sync {
 
     /// Active blocks and the number of blocks, expiries, lifts and pins since start.
     fn block_stats(&self) -> (usize, [u64; 4]);
+
+    /// Keys that shadow rules would have denied lately (on this replica), most recent
+    /// first: what no rule acts on but an operator should see.
+    fn flagged(&self, _now: DateTime<Utc>) -> Vec<flagged::FlaggedKey> {
+        Vec::new()
+    }
 }

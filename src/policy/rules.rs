@@ -31,6 +31,7 @@ use super::{
     counters::{CounterKey, CounterStore, Counters},
     facts::Facts,
     file::{compile, load, PolicyLoadError},
+    flagged::{FlaggedKey, FlaggedKeys},
     shared::{Planner, SharedState},
     CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription, ShadowMatch,
@@ -53,6 +54,8 @@ pub struct RulesPolicy {
     /// Set when several replicas share their state in PostgreSQL: counters, the
     /// outcome book and quarantines live there, and `counters`/`book` stay unused.
     shared: Option<Arc<SharedState>>,
+    /// Keys shadow rules matched lately (this replica's).
+    flagged: FlaggedKeys,
 }
 
 impl fmt::Display for RulesPolicy {
@@ -103,6 +106,7 @@ impl RulesPolicy {
             book: OutcomeBook::default(),
             quarantine: Arc::default(),
             shared: None,
+            flagged: FlaggedKeys::default(),
         }
     }
 
@@ -387,6 +391,40 @@ impl RulesPolicy {
                     *o.entry(outcome.status.to_owned()).or_default() += 1;
                 }
             }
+        }
+    }
+
+    /// Lists the key of a shadow rule with counters that matched (`readings`: this
+    /// decision's counter readings), for an operator to look at.
+    fn flag(&self, rule: &Rule, facts: &Facts<'_>, readings: &[CounterReading]) {
+        let Some(limiter) = rule.limiters.first() else {
+            return; // a rule on the request alone flags no key
+        };
+        let key = limiter.spec().value(facts);
+        let key = if key == facts.number {
+            crate::telemetry::MaskedNumber(&key).to_string()
+        } else {
+            key
+        };
+        let reading = readings
+            .iter()
+            .filter(|r| r.rule == rule.name)
+            .map(|r| {
+                format!(
+                    "{} {} = {:.3} (limit {:.3})",
+                    r.condition, r.key, r.value, r.max
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        if self
+            .flagged
+            .note(&rule.name, &key, rule.action, facts.now, reading.clone())
+        {
+            tracing::info!(
+                rule = %rule.name, key = %key, would = rule.action.as_str(),
+                "a shadow rule would {} this key: {reading}", rule.action
+            );
         }
     }
 
@@ -679,6 +717,10 @@ impl Quarantines for RulesPolicy {
     fn block_stats(&self) -> (usize, [u64; 4]) {
         self.quarantine.stats()
     }
+
+    fn flagged(&self, now: DateTime<Utc>) -> Vec<FlaggedKey> {
+        self.flagged.listed(now)
+    }
 }
 
 fn note(block: &Block, state: &str) -> QuarantineNote {
@@ -814,10 +856,15 @@ impl RulesPolicy {
                 s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
             }
             match rule.mode {
-                Mode::Shadow => explanation.shadow.push(ShadowMatch {
-                    rule: rule.name.clone(),
-                    would: rule.action,
-                }),
+                Mode::Shadow => {
+                    if pass == Pass::Decide {
+                        self.flag(rule, facts, &explanation.counters);
+                    }
+                    explanation.shadow.push(ShadowMatch {
+                        rule: rule.name.clone(),
+                        would: rule.action,
+                    });
+                }
                 Mode::Enforce => {
                     decided = Some(i);
                     matched_prefix = rule.conditions.matched_prefix(facts);

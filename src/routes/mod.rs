@@ -51,6 +51,7 @@ pub fn configure(callback_path: String) -> impl FnOnce(&mut web::ServiceConfig) 
         .service(api("/v1/policy", Method::GET, policy::describe))
         .service(api("/v1/policy/reload", Method::POST, policy::reload_now))
         .service(api("/v1/policy/blocks", Method::GET, policy::blocks))
+        .service(api("/v1/policy/flagged", Method::GET, policy::flagged))
         .service(api("/v1/policy/blocks/{key}", Method::DELETE, policy::lift))
         .service(api(
             "/v1/policy/blocks/{key}/pin",

@@ -16,7 +16,7 @@ use serde_json::{json, Map, Value};
 
 use super::{
     analytics::{ListPage, RuleOutcomesAnswer, StatsAnswer},
-    policy::{BlockList, Lifted, Pinned, Reloaded},
+    policy::{BlockList, FlaggedList, Lifted, Pinned, Reloaded},
     status::ServiceStatus,
     verifications::VerificationEvents,
 };
@@ -561,6 +561,22 @@ fn routes(generator: &mut SchemaGenerator) -> Vec<Operation> {
                 ("liftBlock", "liftBlock", "key", "/blocks/0/key"),
                 ("pinBlock", "pinBlock", "key", "/blocks/0/key"),
             ],
+        },
+        Operation {
+            method: "get",
+            path: "/v1/policy/flagged",
+            id: "listFlagged",
+            tag: "policy",
+            summary: "Keys shadow rules would deny",
+            description: "Keys that rules in shadow mode matched in the last hour, most \
+                recent first: what no rule acts on but an operator should see (an attack \
+                hidden in a busy operator block that a `surge` rule in shadow sees, say). \
+                Each replica lists what it saw.",
+            access: Access::Read,
+            parameters: Vec::new(),
+            ok: schema::<FlaggedList>(generator),
+            errors: &[],
+            links: &[],
         },
         Operation {
             method: "delete",

@@ -5,7 +5,9 @@ use actix_web::{web, HttpResponse};
 use super::{AdminCaller, ApiCaller, CallbackState};
 use crate::{
     error::{ApiError, ErrorCode},
-    policy::{adaptive::Block, off_async_workers, persist, reload, PolicyError},
+    policy::{
+        adaptive::Block, flagged::FlaggedKey, off_async_workers, persist, reload, PolicyError,
+    },
 };
 
 /// `GET /v1/policy`: version, load time, rules with hits and the outcomes of the
@@ -47,6 +49,25 @@ pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpRespon
     .flatten()
     .unwrap_or_default();
     HttpResponse::Ok().json(BlockList { blocks })
+}
+
+/// `GET /v1/policy/flagged`: keys shadow rules would have denied in the last hour (on
+/// this replica), most recent first.
+pub async fn flagged(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
+    let now = state.clock.now();
+    let flagged = off_async_workers(&state.policy, move |p| {
+        p.quarantines().map(|q| q.flagged(now))
+    })
+    .await
+    .flatten()
+    .unwrap_or_default();
+    HttpResponse::Ok().json(FlaggedList { flagged })
+}
+
+/// `GET /v1/policy/flagged`'s answer.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct FlaggedList {
+    pub flagged: Vec<FlaggedKey>,
 }
 
 /// `POST /v1/policy/reload`'s answer.

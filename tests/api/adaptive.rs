@@ -132,3 +132,75 @@ fn blocks_with_until_null(blocks: &[Value]) -> Vec<Value> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn keys_that_shadow_rules_would_deny_are_listed_for_operators() {
+    let app = spawn_app_with(|s| s.api.read_token = Some(READ_TOKEN.to_owned().into())).await;
+    let path = app.settings.policy.path.clone();
+    std::fs::write(
+        &path,
+        "default = \"allow\"\non_error = \"deny\"\n\
+         [[rule]]\nname = \"range-watch\"\naction = \"deny\"\nmode = \"shadow\"\n\
+         rate_limit = { key = \"range:3\", max = 2, window = \"1h\" }\n\
+         [[rule]]\nname = \"number-watch\"\naction = \"deny\"\nmode = \"shadow\"\n\
+         rate_limit = { key = \"number\", max = 1, window = \"1h\" }\n\
+         [[rule]]\nname = \"night\"\naction = \"deny\"\nmode = \"shadow\"\nmethod = [\"sms\"]\n",
+    )
+    .unwrap();
+    let reload = send(&app, reqwest::Method::POST, "/v1/policy/reload", API_TOKEN).await;
+    assert_eq!(reload.status, 200, "{}", reload.text);
+    let empty = send(&app, reqwest::Method::GET, "/v1/policy/flagged", READ_TOKEN).await;
+    assert_eq!(empty.json(), serde_json::json!({ "flagged": [] }));
+
+    // Four requests in one range, two of them from one number: all allowed (shadow).
+    for (i, number) in [
+        "+46701234501",
+        "+46701234502",
+        "+46701234503",
+        "+46701234503",
+    ]
+    .iter()
+    .enumerate()
+    {
+        assert_eq!(
+            action_for(&app, &format!("flag-{i}"), number).await,
+            "allow"
+        );
+    }
+    let listed = send(&app, reqwest::Method::GET, "/v1/policy/flagged", READ_TOKEN).await;
+    assert_eq!(listed.status, 200, "{}", listed.text);
+    let flagged = listed.json()["flagged"].as_array().unwrap().clone();
+    let entry = |rule: &str| {
+        flagged
+            .iter()
+            .find(|f| f["rule"] == rule)
+            .unwrap_or_else(|| panic!("{rule} in {flagged:?}"))
+            .clone()
+    };
+    let range = entry("range-watch");
+    assert_eq!(range["key"], "+46701234");
+    assert_eq!(range["would"], "deny");
+    assert_eq!(range["matches"], 2, "the third and fourth requests");
+    assert!(
+        range["reading"]
+            .as_str()
+            .unwrap()
+            .contains("= 4.000 (limit 2.000)"),
+        "{range}"
+    );
+    // A number is personal data: listed masked.
+    let number = entry("number-watch");
+    assert_eq!(number["key"], "+46*******03");
+    assert_eq!(number["matches"], 1);
+    // A shadow rule on the request alone has no key to list.
+    assert!(flagged.iter().all(|f| f["rule"] != "night"), "{flagged:?}");
+    assert_eq!(flagged.len(), 2);
+
+    let anonymous = app
+        .client
+        .get(format!("{}/v1/policy/flagged", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+}

@@ -326,6 +326,10 @@ async fn admin_sees_the_overview_as_the_api_counts_it_and_lifts_a_tripped_block(
             t.contains("Store size") && t.contains("ready")
         })
         .await;
+    // The only shadow rule looks at the request alone: no key to flag.
+    browser
+        .text_when("#flagged", |t| t.contains("No shadow rule matched a key"))
+        .await;
     assert!(browser.count("#timeline svg rect").await >= 2);
     assert!(browser.fits_width().await);
     browser.screenshot("overview").await;
@@ -715,4 +719,39 @@ async fn stored_rule_outcomes_give_a_shadow_rules_precision_and_survive_a_restar
         (400, "bad_request")
     );
     assert!(bad.text.contains("group_by"), "{}", bad.text);
+}
+
+#[tokio::test]
+async fn the_overview_lists_the_keys_a_shadow_rule_would_deny() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        "default = \"allow\"\n[[rule]]\nname = \"range-watch\"\naction = \"deny\"\n\
+         mode = \"shadow\"\nrate_limit = { key = \"range:3\", max = 2, window = \"1h\" }\n",
+    )
+    .unwrap();
+    let binary = RunningBinary::start(&dir, &[]).await;
+    let Some(browser) = Browser::start(1280, 800).await else {
+        return;
+    };
+    for i in 0..3 {
+        let (_, answer) = binary
+            .sender()
+            .post(request_event(
+                &format!("watched-{i}"),
+                "sms",
+                &format!("+4670555500{i}"),
+            ))
+            .await;
+        assert_eq!(answer["action"], "allow", "shadow rules decide nothing");
+    }
+    browser.sign_in(&binary.base, API_TOKEN).await;
+    let flagged = browser
+        .text_when("#flagged", |t| t.contains("+46705555"))
+        .await;
+    assert!(flagged.contains("range-watch"), "{flagged}");
+    assert!(flagged.contains("= 3.000 (limit 2.000)"), "{flagged}");
+    assert_eq!(browser.count("#flagged tbody tr").await, 1);
+    assert!(browser.fits_width().await);
+    browser.screenshot("overview-flagged").await;
 }

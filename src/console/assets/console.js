@@ -239,10 +239,11 @@
     const bucket = minutes > 360 ? 'hour' : 'minute';
     // One pass over the window's records gives the totals, the series and the rules; the
     // 24-hour country pass is the costly one and is repeated once a minute.
-    const [windowed, policy, blocks, countries] = await Promise.all([
+    const [windowed, policy, blocks, flagged, countries] = await Promise.all([
       api('/v1/stats?' + query({ since, group_by: 'rule,' + bucket })),
       api('/v1/policy'),
       api('/v1/policy/blocks'),
+      api('/v1/policy/flagged'),
       atMostEveryMinute('countries', '', now,
         () => api('/v1/stats?' + query({ since: daySince, group_by: 'country' }))),
     ]);
@@ -257,6 +258,7 @@
       new Date(since).getTime(), now);
     topRules($('top-rules'), summed(windowed.groups, (g) => g.group.rule));
     countryChart($('countries'), countries.groups);
+    flaggedKeys($('flagged'), flagged.flagged, now);
     facts($('facts'), status, policy);
     stamp('overview-updated');
   }
@@ -340,6 +342,25 @@
       h('span', { class: 'bar-label' }, g.rule),
       meter(g.denied / peak, 'deny'),
       h('span', { class: 'n' }, count(g.denied)))));
+  }
+
+  // Keys shadow rules would deny, most recent first.
+  function flaggedKeys(box, flagged, now) {
+    if (!flagged.length) {
+      fill(box, h('p', { class: 'empty' }, 'No shadow rule matched a key in the last hour.'));
+      return;
+    }
+    fill(box, h('div', { class: 'table-wrap' }, labelled(h('table', { class: 'flagged cards' },
+      h('thead', {}, h('tr', {},
+        ['Key', 'Rule', 'Would', 'Since', 'Last', 'Matches', 'Reading'].map((t) => h('th', {}, t)))),
+      h('tbody', {}, flagged.slice(0, 20).map((f) => h('tr', { 'data-key': f.key, 'data-rule': f.rule },
+        h('td', { class: 'key' }, f.key),
+        h('td', { class: 'rule' }, f.rule),
+        h('td', { class: f.would }, f.would),
+        h('td', {}, when(f.since), h('br'), h('small', {}, ago(f.since, now))),
+        h('td', {}, ago(f.last, now)),
+        h('td', { class: 'n' }, count(f.matches)),
+        h('td', { class: 'reason' }, f.reading))))))));
   }
 
   // A horizontal bar; its width is set through the CSSOM, which the CSP allows.
