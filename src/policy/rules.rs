@@ -406,17 +406,7 @@ impl RulesPolicy {
         } else {
             key
         };
-        let reading = readings
-            .iter()
-            .filter(|r| r.rule == rule.name)
-            .map(|r| {
-                format!(
-                    "{} {} = {:.3} (limit {:.3})",
-                    r.condition, r.key, r.value, r.max
-                )
-            })
-            .collect::<Vec<_>>()
-            .join("; ");
+        let reading = readings_of(&rule.name, readings);
         if self
             .flagged
             .note(&rule.name, &key, rule.action, facts.now, reading.clone())
@@ -733,6 +723,21 @@ fn note(block: &Block, state: &str) -> QuarantineNote {
 }
 
 /// One request as a pass over the rules sees it.
+/// A rule's counter readings in words, e.g. `rate_limit range:3 +46701 = 31.000 (limit 30.000)`.
+fn readings_of(rule: &str, readings: &[CounterReading]) -> String {
+    readings
+        .iter()
+        .filter(|r| r.rule == rule)
+        .map(|r| {
+            format!(
+                "{} {} = {:.3} (limit {:.3})",
+                r.condition, r.key, r.value, r.max
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// The facts rules are checked against; none without an E.164 number.
 fn facts_of(
     request: &VerificationRequestEvent,
@@ -869,18 +874,7 @@ impl RulesPolicy {
                     decided = Some(i);
                     matched_prefix = rule.conditions.matched_prefix(facts);
                     if let Some((spec, key)) = quarantine_key {
-                        let why = explanation
-                            .counters
-                            .iter()
-                            .filter(|r| r.rule == rule.name)
-                            .map(|r| {
-                                format!(
-                                    "{} {} = {:.3} (limit {:.3})",
-                                    r.condition, r.key, r.value, r.max
-                                )
-                            })
-                            .collect::<Vec<_>>()
-                            .join("; ");
+                        let why = readings_of(&rule.name, &explanation.counters);
                         let evidence = self.evidence(&rule.name, &key);
                         let block = self.trip(&rule.name, &key, now_ms, spec, why, evidence)?;
                         explanation.quarantine = Some(note(&block, "tripped"));
