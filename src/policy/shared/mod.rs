@@ -76,6 +76,11 @@ pub struct SharedState {
     fast: Arc<Pipeline>,
     /// Counter work of decisions and outcomes, done in batches on `fast`.
     counters: BatchQueue<CounterJob, Result<JobDone, PolicyError>>,
+    /// Counter work of outcomes, in batches of their own on a connection of their own:
+    /// an outcome steps the sequential levels that every decision of a country reads,
+    /// and a decision's batch must not wait for those row locks (another replica's
+    /// outcomes hold them too).
+    outcomes: BatchQueue<CounterJob, Result<JobDone, PolicyError>>,
     /// Connections with synchronous commit (quarantines).
     safe: Pool,
     replica: String,
@@ -156,9 +161,19 @@ impl SharedState {
             })
             .collect();
         let counters = BatchQueue::start(workers, JOBS_PER_BATCH, 4096);
+        let outcome_worker = CounterWorker {
+            connections: Arc::new(Pipeline::new(
+                crate::store::postgres::config(options).map_err(PolicyError)?,
+                Some(pipeline::INDEXED_ASYNC_COMMIT),
+                1,
+                timeout,
+            )),
+        };
+        let outcomes = BatchQueue::start(vec![outcome_worker], JOBS_PER_BATCH, 4096);
         Ok(Arc::new(Self {
             fast,
             counters,
+            outcomes,
             safe,
             replica,
             version: Mutex::new(String::new()),
@@ -227,7 +242,12 @@ impl SharedState {
     /// [`submit`](Self::submit) without holding a thread while the database works.
     async fn submit_waiting(&self, job: CounterJob) -> Result<JobDone, PolicyError> {
         let (read, includes) = (job.read.clone(), self.shared_so_far());
-        let done = self.counters.submit(job).await;
+        let queue = if job.teaches {
+            &self.outcomes
+        } else {
+            &self.counters
+        };
+        let done = queue.submit(job).await;
         self.took(done, &read, includes)
     }
 
