@@ -3,9 +3,10 @@
 //!
 //! A job is a list of counter operations, and what goes with them: an allowed request
 //! to put in the outcome book, a result's verification to take out of it, failures to
-//! keep as evidence. A batch runs its jobs' operations in job order through one call of
+//! keep as evidence, sightings that approximate counters share, keys of approximate
+//! counters to read. A batch runs its jobs' operations in job order through one call of
 //! `verigate_counter_ops`, and the rest as one statement each, all sent at once on one
-//! connection. Outcomes read no answer, so their counts under one key are summed into
+//! connection, the reads last (so they see the batch's writes). Outcomes read no answer, so their counts under one key are summed into
 //! one operation: the global and per-country baselines that every outcome feeds are
 //! written once per batch, not once per result.
 
