@@ -35,6 +35,7 @@ use super::{
     shared::{Planner, SharedState},
     CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
     PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription, ShadowMatch,
+    WaitingDecision,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 use crate::phone::country::CountryTable;
@@ -326,13 +327,13 @@ impl RulesPolicy {
     /// A decision on counters shared in PostgreSQL. Shared counters would cost a round
     /// trip each: a dry run finds every one the decision will touch, one round trip
     /// reads and bumps them all, the decision runs on those answers, and a second round
-    /// trip settles what it left over.
-    async fn decide_shared(
-        &self,
-        shared: &SharedState,
+    /// trip (returned, to be awaited with the event's record) settles what it left over.
+    async fn decide_shared<'a>(
+        &'a self,
+        shared: &'a SharedState,
         request: &VerificationRequestEvent,
         now: DateTime<Utc>,
-    ) -> Result<PolicyDecision, PolicyError> {
+    ) -> Result<WaitingDecision<'a>, PolicyError> {
         let started = Instant::now();
         // A snapshot of its own: a guard must not be held across the waits.
         let s = self.current.load_full();
@@ -352,8 +353,11 @@ impl RulesPolicy {
             .tracked
             .as_ref()
             .map(|t| (request.facts.request.id.as_str(), t));
-        shared.settle(replay, &evaluation.refunds, tracked).await?;
-        Ok(self.conclude(&s, &facts, evaluation, started))
+        let settling = shared.settle(replay, &evaluation.refunds, tracked)?;
+        Ok(WaitingDecision {
+            decision: self.conclude(&s, &facts, evaluation, started),
+            settling,
+        })
     }
 
     /// How an outcome counts for the adaptive rules (`None`: it does not, or there are
@@ -441,7 +445,14 @@ impl Policy for RulesPolicy {
         now: DateTime<Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         if let Some(shared) = &self.shared {
-            return crate::store::postgres::block_on(self.decide_shared(shared, request, now));
+            return crate::store::postgres::block_on(async {
+                let WaitingDecision { decision, settling } =
+                    self.decide_shared(shared, request, now).await?;
+                if let Some(settling) = settling {
+                    settling.await?;
+                }
+                Ok(decision)
+            });
         }
         let started = Instant::now();
         let s = self.current.load();
@@ -480,7 +491,7 @@ impl Policy for RulesPolicy {
         &'a self,
         request: &'a VerificationRequestEvent,
         now: DateTime<Utc>,
-    ) -> Option<LocalBoxFuture<'a, Result<PolicyDecision, PolicyError>>> {
+    ) -> Option<LocalBoxFuture<'a, Result<WaitingDecision<'a>, PolicyError>>> {
         let shared = self.shared.as_deref()?;
         Some(Box::pin(self.decide_shared(shared, request, now)))
     }

@@ -185,7 +185,7 @@ async fn answer_request<'a>(
         Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
         Err(err) => return not_recorded(state, event, &err),
     };
-    let (decision, on_error) = decide(state, request).await;
+    let (decision, on_error, settling) = decide(state, request).await;
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
@@ -198,15 +198,29 @@ async fn answer_request<'a>(
         state.clock.now(),
         answer.clone(),
     );
-    let stored = store
-        .record(
-            claim,
-            IncomingEvent {
-                decision: Some(&record),
-                ..incoming
-            },
-        )
-        .await;
+    let recorded = store.record(
+        claim,
+        IncomingEvent {
+            decision: Some(&record),
+            ..incoming
+        },
+    );
+    // What the policy still writes for its decision goes with the record: the answer
+    // leaves once both are done.
+    let (stored, settled) = match settling {
+        Some(settling) => futures_util::future::join(recorded, settling).await,
+        None => (recorded.await, Ok(())),
+    };
+    if let Err(err) = settled {
+        // The decision stands (it is recorded as answered); what the policy failed to
+        // write after it only costs its counts the undo of a few planned steps or the
+        // outcome of this verification.
+        static SETTLE_FAILURES: crate::telemetry::OncePer =
+            crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));
+        if let Some(held_back) = SETTLE_FAILURES.due() {
+            tracing::warn!(error.message = %err, held_back, "the policy could not settle a decision");
+        }
+    }
     match stored {
         Ok(RecordOutcome::Stored { .. }) => {
             let rule = match (&decision.rule, on_error) {
@@ -231,20 +245,21 @@ fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
 }
 
 /// The policy's decision, or its `on_error` answer when it fails, panics or misses the
-/// decision deadline. A bounded policy decides right here, on the HTTP worker; any other
-/// runs on the blocking pool, so that a slow one (say, one that calls a scoring service)
-/// cannot hold up this worker past the deadline.
-async fn decide(
-    state: &CallbackState,
-    request: &VerificationRequestEvent,
-) -> (PolicyDecision, bool) {
+/// decision deadline, and what the policy still writes for it. A policy that waits on a
+/// database is awaited here; a bounded policy decides right here, on the HTTP worker; any
+/// other runs on the blocking pool, so that a slow one (say, one that calls a scoring
+/// service) cannot hold up this worker past the deadline.
+async fn decide<'a>(
+    state: &'a CallbackState,
+    request: &'a VerificationRequestEvent,
+) -> (PolicyDecision, bool, Option<Settling<'a>>) {
     let started = Instant::now();
     let now = state.clock.now();
     let deadline = state.decision_deadline;
     let failure = if let Some(decision) = state.policy.decide_waiting(request, now) {
         let decided = tokio::time::timeout(deadline, AssertUnwindSafe(decision).catch_unwind());
         match decided.await {
-            Ok(Ok(Ok(decision))) => return (decision, false),
+            Ok(Ok(Ok(waiting))) => return (waiting.decision, false, waiting.settling),
             Ok(Ok(Err(err))) => err.to_string(),
             Ok(Err(_)) => "the policy failed: it panicked".to_owned(),
             Err(_) => {
@@ -256,7 +271,7 @@ async fn decide(
         let decided =
             std::panic::catch_unwind(AssertUnwindSafe(|| state.policy.decide(request, now)));
         match decided {
-            Ok(Ok(decision)) if started.elapsed() <= deadline => return (decision, false),
+            Ok(Ok(decision)) if started.elapsed() <= deadline => return (decision, false, None),
             Ok(Ok(late)) => {
                 state.metrics.deadline_exceeded();
                 tracing::warn!(
@@ -271,7 +286,7 @@ async fn decide(
         }
     } else {
         match decide_on_pool(state, request, now, started).await {
-            Ok(decision) => return (decision, false),
+            Ok(decision) => return (decision, false, None),
             Err(failure) => failure,
         }
     };
@@ -288,8 +303,12 @@ async fn decide(
         response: Default::default(),
         explanation: Default::default(),
     };
-    (decision, true)
+    (decision, true, None)
 }
+
+/// What a policy still writes for a decision, awaited with the event's record.
+type Settling<'a> =
+    futures_util::future::LocalBoxFuture<'a, Result<(), crate::policy::PolicyError>>;
 
 fn missed_deadline(deadline: Duration) -> String {
     format!(

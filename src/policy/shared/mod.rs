@@ -28,6 +28,7 @@ use std::{
 use approximate::ApproximateCounters;
 use chrono::{DateTime, TimeZone, Utc};
 use deadpool_postgres::{Object, Pool};
+use futures_util::future::LocalBoxFuture;
 
 pub(crate) use counter_ops::Planner;
 use counter_ops::{
@@ -400,17 +401,19 @@ impl SharedState {
 
     /// Ends a decision: undoes what its plan counted that it did not need, gives back
     /// the spend of a denied request (`refunds`: counter, window, amount), and puts an
-    /// allowed one in the outcome book (`tracked`, by id).
-    pub(crate) async fn settle(
-        &self,
+    /// allowed one in the outcome book (`tracked`, by id). Returns the round trip that
+    /// does it (`None`: nothing to write), which the caller awaits.
+    pub(crate) fn settle<'a>(
+        &'a self,
         replay: Replay<'_>,
         refunds: &[(CounterKey, i64, f64)],
         tracked: Option<(&str, &Tracked)>,
-    ) -> Result<(), PolicyError> {
-        match self.settle_job(replay, refunds, tracked)? {
-            Some(job) => self.submit_waiting(job).await.map(drop),
-            None => Ok(()),
-        }
+    ) -> Result<Option<LocalBoxFuture<'a, Result<(), PolicyError>>>, PolicyError> {
+        Ok(self.settle_job(replay, refunds, tracked)?.map(
+            |job| -> LocalBoxFuture<'a, Result<(), PolicyError>> {
+                Box::pin(async move { self.submit_waiting(job).await.map(drop) })
+            },
+        ))
     }
 
     fn settle_job(
