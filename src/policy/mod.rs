@@ -107,7 +107,7 @@ pub enum Counting {
     /// holds exactly across replicas.
     #[default]
     Exact,
-    /// Each replica counts in memory and shares its counts every 100 ms: decisions need
+    /// Each replica counts in memory and shares its counts every 25 ms: decisions need
     /// no database work for this rule, and a limit may be passed by what the other
     /// replicas counted in the last fraction of a second (docs/replicas.md).
     Approximate,

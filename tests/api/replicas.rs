@@ -500,13 +500,13 @@ async fn a_database_stopped_mid_load_loses_no_acknowledged_event() {
     }
 }
 
-/// A limit counted approximately: each replica counts in memory and shares every 100 ms.
+/// A limit counted approximately: each replica counts in memory and shares every 25 ms.
 const APPROXIMATE: &str = "[[rule]]\nname = \"per-country\"\naction = \"deny\"\n\
     rate_limit = { key = \"country\", max = 10, window = \"1h\" }\ncounting = \"approximate\"\n\
     [[rule]]\nname = \"walking\"\naction = \"deny\"\n\
     distinct_numbers = { per = \"country\", max = 5, window = \"1h\" }\ncounting = \"approximate\"\n";
 
-/// Longer than a share and a reading's freshness (100 ms each), with room for a slow CI.
+/// Far longer than a share and a reading's freshness (25 and 10 ms), for a slow CI.
 const SHARED_BY_THEN: Duration = Duration::from_millis(800);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -522,7 +522,7 @@ macro_rules! registry {
             #[serde(default)]
             pub(super) note: Option<String>,
             /// With replicas on PostgreSQL: `exact` (the default) or `approximate`, counted
-            /// by each replica and shared every 100 ms (docs/replicas.md).
+            /// by each replica and shared every 25 ms (docs/replicas.md).
             #[serde(default)]
             #[schemars(with = "Option<Counting>")]
             pub(super) counting: Option<Spanned<Counting>>,
