@@ -584,3 +584,28 @@ async fn approximate_counts_shared_between_replicas_are_exact_once_shared() {
         "{walking}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approximate_limit_is_exact_for_requests_further_apart_than_the_sharing_lag() {
+    let Some(r) = replicas("approximate-paced", 3, APPROXIMATE).await else {
+        return;
+    };
+    // One request every 300 ms, round-robin: each replica has seen the others' counts
+    // (shared every 25 ms, read again after 10 ms) before it decides.
+    let mut answers = Vec::new();
+    for i in 0..15 {
+        let body = request_event(
+            &format!("paced-{i}"),
+            "sms",
+            &format!("+4560000{:03}", i % 2),
+        );
+        answers.push(r.post(i, body).await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let actions: Vec<&str> = answers
+        .iter()
+        .map(|(_, a)| a["action"].as_str().unwrap_or("?"))
+        .collect();
+    assert_eq!(allowed(&answers), 10, "{actions:?}");
+    assert!(actions[10..].iter().all(|a| *a == "deny"), "{actions:?}");
+}
