@@ -110,6 +110,10 @@ pub struct Tally {
     /// (attacks): when an operator watching the policy's shadow rules learns of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_flagged_after_min: Option<f64>,
+    /// The key that shadow rule named then (`GET /v1/policy/flagged`): the block an
+    /// operator is pointed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_flagged_key: Option<String>,
 }
 
 impl Tally {
@@ -228,6 +232,11 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             Err(_) => (policy.on_error() == Action::Deny, None, Vec::new()),
         };
         let flagged = shadow.iter().any(|m| m.would == Action::Deny);
+        let shadow_rules: Vec<String> = shadow
+            .iter()
+            .filter(|m| m.would == Action::Deny)
+            .map(|m| m.rule.clone())
+            .collect();
         if !denied {
             if let Some((status, reason, after)) = &v.result {
                 due.push(Reverse(Due {
@@ -279,6 +288,7 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
                 }
                 if flagged && tally.first_flagged_after_min.is_none() {
                     tally.first_flagged_after_min = Some(after_min);
+                    tally.first_flagged_key = flagged_key(policy, &shadow_rules, time(v.at_ms));
                 }
             }
         }
@@ -288,6 +298,16 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
     }
     card.decide_and_observe_ns = ratio(spent_ns as f64, card.played as f64);
     card
+}
+
+/// The key a shadow rule of `rules` flagged at `at`, as the policy lists it.
+fn flagged_key(policy: &dyn Policy, rules: &[String], at: DateTime<Utc>) -> Option<String> {
+    policy
+        .quarantines()?
+        .flagged(at)
+        .into_iter()
+        .find(|f| f.last == at && rules.contains(&f.rule))
+        .map(|f| f.key)
 }
 
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
@@ -454,7 +474,11 @@ impl fmt::Display for Scorecard {
                 .first_denied_after_min
                 .map_or_else(|| "never".to_owned(), |m| format!("{m:.0} min"));
             let flagged = t.first_flagged_after_min.map_or_else(String::new, |m| {
-                format!(", flagged by a shadow rule after {m:.0} min")
+                let key = t
+                    .first_flagged_key
+                    .as_ref()
+                    .map_or_else(String::new, |k| format!(" (key {k})"));
+                format!(", flagged by a shadow rule after {m:.0} min{key}")
             });
             writeln!(
                 f,

@@ -244,3 +244,25 @@ fn what_a_shadow_rule_would_deny_is_flagged_not_blocked() {
         .to_string()
         .contains("flagged by a shadow rule after 0 min"));
 }
+
+#[test]
+fn the_scorecard_names_the_key_a_shadow_rule_first_flagged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("watch.toml");
+    std::fs::write(
+        &path,
+        "default = \"allow\"\n[[rule]]\nname = \"watch-block\"\naction = \"deny\"\nmode = \"shadow\"\n\
+         prefix = [\"+23769912\"]\nrate_limit = { key = \"prefix:8\", max = 1, window = \"1h\" }\n",
+    )
+    .unwrap();
+    let knobs = Knobs {
+        warmup_days: 0,
+        legit_per_minute: 2.0,
+        attacks: vec![AttackKind::Burst],
+        ..Knobs::default()
+    };
+    let card = run_synthetic(&path, &knobs).unwrap();
+    let burst = &card.by_attack[&AttackKind::Burst];
+    assert_eq!(burst.first_flagged_key.as_deref(), Some("+23769912"));
+    assert!(card.to_string().contains("(key +23769912)"), "{card}");
+}
