@@ -7,6 +7,7 @@ use crate::{
     error::{ApiError, ErrorCode},
     policy::{
         adaptive::Block, flagged::FlaggedKey, off_async_workers, persist, reload, PolicyError,
+        Quarantines,
     },
 };
 
@@ -41,27 +42,29 @@ pub async fn reload_now(
 /// `GET /v1/policy/blocks`: keys in automatic quarantine, why, until when, and the
 /// verifications that tripped them.
 pub async fn blocks(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
-    let now = state.clock.now();
-    let blocks = off_async_workers(&state.policy, move |p| {
-        p.quarantines().map(|q| q.blocks(now))
-    })
-    .await
-    .flatten()
-    .unwrap_or_default();
+    let blocks = from_quarantines(&state, |q, now| q.blocks(now)).await;
     HttpResponse::Ok().json(BlockList { blocks })
 }
 
 /// `GET /v1/policy/flagged`: keys shadow rules would have denied in the last hour (on
 /// this replica), most recent first.
 pub async fn flagged(_: ApiCaller, state: web::Data<CallbackState>) -> HttpResponse {
+    let flagged = from_quarantines(&state, |q, now| q.flagged(now)).await;
+    HttpResponse::Ok().json(FlaggedList { flagged })
+}
+
+/// What `read` finds in the policy's quarantines now (empty for a policy without any).
+async fn from_quarantines<T: Default + Send + 'static>(
+    state: &CallbackState,
+    read: impl FnOnce(&dyn Quarantines, chrono::DateTime<chrono::Utc>) -> T + Send + 'static,
+) -> T {
     let now = state.clock.now();
-    let flagged = off_async_workers(&state.policy, move |p| {
-        p.quarantines().map(|q| q.flagged(now))
+    off_async_workers(&state.policy, move |p| {
+        p.quarantines().map(|q| read(q, now))
     })
     .await
     .flatten()
-    .unwrap_or_default();
-    HttpResponse::Ok().json(FlaggedList { flagged })
+    .unwrap_or_default()
 }
 
 /// `GET /v1/policy/flagged`'s answer.

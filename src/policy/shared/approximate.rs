@@ -233,9 +233,13 @@ struct Keys {
 impl Keys {
     /// The entry of `op`'s key, made if it is new.
     fn entry(&mut self, op: &CounterOp, now: Instant) -> &mut Entry {
+        // Looked up first: a key in memory already (most) costs no copy of its strings.
+        if !self.entries.contains_key(&op.key) {
+            self.entries.insert(op.key.clone(), Entry::new(op, now));
+        }
         self.entries
-            .entry(op.key.clone())
-            .or_insert_with(|| Entry::new(op, now))
+            .get_mut(&op.key)
+            .unwrap_or_else(|| unreachable!("inserted above"))
     }
 
     /// Puts `key` in the list of keys to share (once).

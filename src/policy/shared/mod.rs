@@ -265,11 +265,12 @@ impl SharedState {
         read: &[approximate::ToRead],
         includes: u64,
     ) -> Result<JobDone, PolicyError> {
-        let done =
+        let mut done =
             done.unwrap_or_else(|| Err(PolicyError("shared policy state: shut down".into())));
-        match &done {
+        match &mut done {
             Ok(done) if !read.is_empty() => {
-                self.approximate.read(read, done.read.clone(), includes)
+                self.approximate
+                    .read(read, std::mem::take(&mut done.read), includes)
             }
             Ok(_) => {}
             Err(err) => self.log_outage(err),
