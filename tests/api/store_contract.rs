@@ -345,6 +345,68 @@ pub async fn events_join_into_one_record_whatever_their_order(backend: &Backend)
     store.shutdown().await.unwrap();
 }
 
+/// Callbacks that arrive together (sharing a commit on a backend that groups them): for
+/// many verifications at once, the request, the result and a repeat of the request. Each
+/// record joins both events once, placed where its first event is, and is found by the
+/// number and the reference it got from them.
+pub async fn events_arriving_together_join_into_one_record(backend: &Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
+    let allow = decision(Action::Allow, Some("together"));
+    let verifications: Vec<(String, String, String, String)> = (0..40)
+        .map(|i| {
+            let id = format!("together-{i:02}");
+            let number = format!("+467000001{i:02}");
+            let status = if i % 2 == 0 { "SUCCESSFUL" } else { "FAIL" };
+            let request = request_event(&id, "sms", &number);
+            let result = result_event(&id, status).replace("+46700000001", &number);
+            (id.clone(), number, request, result)
+        })
+        .collect();
+    let deliveries = verifications.iter().enumerate().flat_map(|(i, v)| {
+        let secs = i64::try_from(i).unwrap();
+        [
+            put(&store, &v.2, secs, Some(&allow)),
+            put(&store, &v.3, secs, None),
+            put(&store, &v.2, secs, Some(&allow)),
+        ]
+    });
+    let outcomes = futures_util::future::join_all(deliveries).await;
+    for (i, (id, number, _, _)) in verifications.iter().enumerate() {
+        let stored: Vec<u64> = outcomes[i * 3..i * 3 + 3]
+            .iter()
+            .filter_map(|o| match o {
+                RecordOutcome::Stored { seq } => Some(*seq),
+                RecordOutcome::Duplicate(_) => None,
+            })
+            .collect();
+        assert_eq!(stored.len(), 2, "{}: {id}: {outcomes:?}", backend.name);
+        let record = store.verification(id).await.unwrap().unwrap();
+        assert_eq!(record.event_count, 2, "{}: {record:?}", backend.name);
+        assert_eq!(record.seq, stored[0].min(stored[1]), "{}", backend.name);
+        assert_eq!(record.number.as_deref(), Some(number.as_str()));
+        assert_eq!(record.reference, Some(format!("ref-{id}")));
+        assert_eq!(
+            record.decision.map(|d| d.answer),
+            Some(allow.answer.clone())
+        );
+        let status = record.result.map(|r| r.status);
+        let expected = if i % 2 == 0 { "SUCCESSFUL" } else { "FAIL" };
+        assert_eq!(status.as_deref(), Some(expected), "{}", backend.name);
+        let by_number = VerificationFilter {
+            number: Some(number.clone()),
+            ..Default::default()
+        };
+        assert_eq!(ids(&store, by(by_number)).await, [id.as_str()]);
+        let by_reference = VerificationFilter {
+            reference: Some(format!("ref-{id}")),
+            ..Default::default()
+        };
+        assert_eq!(ids(&store, by(by_reference)).await, [id.as_str()]);
+    }
+    store.shutdown().await.unwrap();
+}
+
 pub async fn a_verifications_own_events_are_found_among_others(backend: &Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
@@ -901,6 +963,7 @@ macro_rules! contract_tests {
             an_event_the_store_refuses_fails_alone,
             a_long_reference_is_stored_and_found_by_it,
             events_join_into_one_record_whatever_their_order,
+            events_arriving_together_join_into_one_record,
             a_verifications_own_events_are_found_among_others,
             listings_follow_creation_order_and_filters,
             pagination_has_no_gaps_under_concurrent_writes,

@@ -6,8 +6,9 @@
 //! one transaction of two round trips, whatever its size:
 //!
 //! 1. `BEGIN`; the batch's events in one insert (after the write gate, see the module
-//!    above; a delivery already stored is skipped), with an empty row for each new
-//!    verification; then the verifications' rows locked and read;
+//!    above; a delivery already stored is skipped), with a row for each new verification
+//!    (whole when it starts with a request event here, else empty); then the other
+//!    verifications' rows locked and read;
 //! 2. the merged records in one update, then `COMMIT` with synchronous commit.
 //!
 //! Only then is each callback answered, so nothing is acknowledged that is not durable,
@@ -28,7 +29,10 @@ use super::{
     batch::{per_item, BatchQueue, BatchWorker},
     pipeline, seq_of, StoreError, StoreHealth, VerificationRecord, WRITE_GATE,
 };
-use crate::store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp};
+use crate::{
+    events::VerificationEvent,
+    store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp},
+};
 
 /// At most this many events share a transaction: larger batches add latency to the
 /// first callback in them and gain little.
@@ -219,9 +223,17 @@ impl From<BatchError> for StoreError {
 }
 
 /// Inserts the batch's events after taking the write gate, sorted by identity (so that
-/// two batches sharing events take their locks in one order), and an empty row for each
+/// two batches sharing events take their locks in one order), and a row for each
 /// verification that is new, placed at its first new event; returns each new event's
-/// identity and sequence number.
+/// identity and sequence number, then (with no event) each verification written whole.
+///
+/// A verification that starts in this batch is written whole when the batch offers its
+/// record (`$9..`, merged in advance from the batch's events as if it were new) and
+/// every event the record was merged from turned out new. The record's sequence number
+/// is only known here, so it comes split around it. Anything else gets an empty row that
+/// the batch then locks, merges into and updates, as an existing verification is. A
+/// request event, the common case, so costs one row version instead of two (an update
+/// that fills the indexed columns writes every index again).
 const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($8)),
     events AS (
         INSERT INTO verigate_events (id, event, discriminator, received_at, app_key, body, answer)
@@ -233,15 +245,34 @@ const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($
         ON CONFLICT (id, event, discriminator) DO NOTHING
         RETURNING id, event, discriminator, seq, received_at
     ), placed AS (
-        INSERT INTO verigate_verifications (id, seq, first_seen)
-        SELECT id, min(seq), min(received_at) FROM events GROUP BY id ORDER BY id
+        INSERT INTO verigate_verifications (id, seq, first_seen, number, reference, record,
+            country, method, requested, action, decision_rule, on_error, status,
+            price_currency, price_amount)
+        SELECT e.id, e.seq, e.first_seen, f.number, f.reference, f.head || e.seq || f.tail,
+            f.country, f.method, coalesce(f.requested, false), f.action, f.decision_rule,
+            coalesce(f.on_error, false), f.status, f.price_currency, f.price_amount
+        FROM (SELECT id, min(seq) AS seq, min(received_at) AS first_seen, count(*) AS n
+              FROM events GROUP BY id) e
+        LEFT JOIN unnest($9::text[], $10::int8[], $11::text[], $12::text[], $13::text[],
+                $14::text[], $15::text[], $16::text[], $17::bool[], $18::text[], $19::text[],
+                $20::bool[], $21::text[], $22::text[], $23::float8[])
+            AS f(id, events, number, reference, head, tail, country, method, requested, action,
+                 decision_rule, on_error, status, price_currency, price_amount)
+          ON f.id = e.id AND f.events = e.n
+        ORDER BY e.id
         ON CONFLICT (id) DO NOTHING
+        RETURNING id, record IS NOT NULL AS whole
     )
-    SELECT id, event, discriminator, seq FROM events";
+    SELECT id, event, discriminator, seq FROM events
+    UNION ALL
+    SELECT id, NULL, NULL, NULL FROM placed WHERE whole";
 
-/// Locks the batch's verifications (in id order) and reads them.
+/// Locks the batch's verifications (in id order) and reads them, except those the
+/// batch has just written whole.
 const LOCK_VERIFICATIONS: &str = "SELECT id, seq, first_seen, record FROM verigate_verifications
-    WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE";
+    WHERE id = ANY($1::text[])
+      AND NOT (record IS NOT NULL AND xmin = pg_current_xact_id()::xid)
+    ORDER BY id FOR UPDATE";
 
 /// Writes merged records and their stats columns.
 const UPDATE_VERIFICATIONS: &str = "UPDATE verigate_verifications v SET
@@ -288,7 +319,8 @@ async fn write_batch(
     ids.sort_unstable();
     ids.dedup();
 
-    let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+    let whole = WholeColumns::of(events, &firsts)?;
+    let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 23] = [
         &columns.id,
         &columns.event,
         &columns.discriminator,
@@ -297,6 +329,21 @@ async fn write_batch(
         &columns.body,
         &columns.answer,
         &WRITE_GATE,
+        &whole.records.id,
+        &whole.events,
+        &whole.records.number,
+        &whole.records.reference,
+        &whole.head,
+        &whole.tail,
+        &whole.records.country,
+        &whole.records.method,
+        &whole.records.requested,
+        &whole.records.action,
+        &whole.records.decision_rule,
+        &whole.records.on_error,
+        &whole.records.status,
+        &whole.records.price_currency,
+        &whole.records.price_amount,
     ];
     let id_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
     // Sent together (pipelined): one round trip.
@@ -308,20 +355,31 @@ async fn write_batch(
     let (inserted, locked) = (inserted?, locked?);
 
     let mut seqs: HashMap<Identity, i64> = HashMap::with_capacity(inserted.len());
+    let mut written_whole: HashSet<String> = HashSet::new();
     for row in &inserted {
-        seqs.insert(
-            (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?),
-            row.try_get(3)?,
-        );
+        let id: String = row.try_get(0)?;
+        match row.try_get::<_, Option<String>>(1)? {
+            Some(event) => {
+                seqs.insert((id, event, row.try_get(2)?), row.try_get(3)?);
+            }
+            None => {
+                written_whole.insert(id);
+            }
+        }
     }
-    // Every verification with a new event has a row now (maybe just placed), locked.
+    // Every other verification with a new event has a row now (maybe just placed), locked.
     let mut existing: HashMap<String, Existing> = HashMap::with_capacity(locked.len());
     for row in &locked {
         existing.insert(row.try_get(0)?, Existing::of(row)?);
     }
 
     // Merge each verification's new events, in arrival order, into what is stored.
-    let merged = merge(events, &firsts, &seqs, &mut existing)?;
+    let rest: Vec<usize> = firsts
+        .iter()
+        .copied()
+        .filter(|&i| !written_whole.contains(&events[i].identity.id))
+        .collect();
+    let merged = merge(events, &rest, &seqs, &mut existing)?;
     let records = RecordColumns::of(merged.values())?;
     let update = async {
         if records.id.is_empty() {
@@ -507,6 +565,85 @@ fn merge(
     Ok(merged)
 }
 
+/// The sequence number a record offered whole is merged with; the insert puts the
+/// verification's own in its place.
+const SEQ_TO_FILL: i64 = i64::MAX;
+
+/// The records of the verifications that start with a request event in this batch,
+/// merged from the batch's events as if nothing were stored, each split around its
+/// sequence number, with how many events it was merged from (see [`INSERT_EVENTS`]).
+struct WholeColumns {
+    records: RecordColumns,
+    events: Vec<i64>,
+    head: Vec<String>,
+    tail: Vec<String>,
+}
+
+impl WholeColumns {
+    fn of(events: &[NewEvent], firsts: &[usize]) -> Result<Self, StoreError> {
+        let mut starts: HashMap<&str, (i64, DateTime<Utc>)> = HashMap::new();
+        for &i in firsts {
+            if let VerificationEvent::Request(_) = events[i].event {
+                starts.insert(&events[i].identity.id, (0, events[i].received_at));
+            }
+        }
+        let mut which = Vec::with_capacity(starts.len());
+        let mut seqs = HashMap::with_capacity(starts.len());
+        for &i in firsts {
+            let event = &events[i];
+            if let Some((count, first_seen)) = starts.get_mut(event.identity.id.as_str()) {
+                *count += 1;
+                *first_seen = (*first_seen).min(event.received_at);
+                which.push(i);
+                seqs.insert(identity_of(&event.identity), SEQ_TO_FILL);
+            }
+        }
+        let mut as_new: HashMap<String, Existing> = starts
+            .iter()
+            .map(|(&id, &(_, first_seen))| {
+                let row = Existing {
+                    seq: SEQ_TO_FILL,
+                    first_seen,
+                    record: None,
+                };
+                (id.to_owned(), row)
+            })
+            .collect();
+        let merged = merge(events, &which, &seqs, &mut as_new)?;
+        let mut records = RecordColumns::of(merged.values())?;
+        let events = records
+            .id
+            .iter()
+            .map(|id| starts.get(id.as_str()).map_or(0, |&(count, _)| count))
+            .collect();
+        let (mut head, mut tail) = (Vec::new(), Vec::new());
+        for record in std::mem::take(&mut records.record) {
+            let (h, t) = split_at_seq(&record)?;
+            head.push(h.to_owned());
+            tail.push(t.to_owned());
+        }
+        Ok(Self {
+            records,
+            events,
+            head,
+            tail,
+        })
+    }
+}
+
+/// A serialized record's text before and after its sequence number [`SEQ_TO_FILL`].
+/// The first `"seq":` is the field: inside a JSON string every quote is escaped, so
+/// `q"` cannot appear there.
+fn split_at_seq(record: &str) -> Result<(&str, &str), StoreError> {
+    const FIELD: &str = "\"seq\":";
+    const TO_FILL: &str = "9223372036854775807";
+    record
+        .find(FIELD)
+        .map(|at| record.split_at(at + FIELD.len()))
+        .and_then(|(head, rest)| Some((head, rest.strip_prefix(TO_FILL)?)))
+        .ok_or_else(|| StoreError::Failed("a record without its sequence number".into()))
+}
+
 /// The batch's events as the columns of their insert.
 struct EventColumns<'a> {
     id: Vec<&'a str>,
@@ -612,5 +749,40 @@ impl RecordColumns {
             &self.price_currency,
             &self.price_amount,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::VerificationRecord;
+
+    #[test]
+    fn a_record_splits_around_its_own_sequence_number_only() {
+        // Both the id and the reference spell the field and the number to fill.
+        let body = serde_json::json!({
+            "id": "a\",\"seq\":9223372036854775807,\"x\":\"",
+            "event": "VerificationRequestEvent",
+            "method": "sms",
+            "identity": {"type": "number", "endpoint": "+46700000000"},
+            "reference": "\"seq\":9223372036854775807",
+        });
+        let event = VerificationEvent::parse(body.to_string().as_bytes()).expect("an event");
+        let at = chrono::DateTime::<Utc>::UNIX_EPOCH;
+        let stamp = RecordStamp {
+            app_key: "app",
+            seq: seq_of(SEQ_TO_FILL),
+            ordered_at: at,
+            received_at: at,
+        };
+        let record = VerificationRecord::apply(None, &event, stamp, None, None);
+        let text = serde_json::to_string(&record).expect("serializes");
+        let (head, tail) = split_at_seq(&text).expect("splits");
+        let filled: VerificationRecord =
+            serde_json::from_str(&format!("{head}42{tail}")).expect("parses");
+        assert_eq!(filled.seq, 42);
+        assert_eq!(filled.id, record.id);
+        assert_eq!(filled.reference, record.reference);
+        assert!(split_at_seq(&text.replace("9223372036854775807", "7")).is_err());
     }
 }
