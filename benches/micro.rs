@@ -103,7 +103,13 @@ fn sample_policy(c: &mut Criterion) {
                 accept_language: None,
             };
             let now = start + chrono::Duration::milliseconds(n as i64);
-            let d = policy.decide(black_box(&request), now).unwrap();
+            let d = policy
+                .decide(
+                    black_box(&request),
+                    verigate::policy::NumberHistory::New,
+                    now,
+                )
+                .unwrap();
             policy.observe_outcome(Outcome {
                 id: &id,
                 rule: d.rule.as_deref(),

@@ -82,7 +82,11 @@ fn main() {
     // Warm the counters and the country table.
     for (i, r) in reqs.iter().enumerate() {
         policy
-            .decide(r, start + Duration::milliseconds(i as i64))
+            .decide(
+                r,
+                verigate::policy::NumberHistory::New,
+                start + Duration::milliseconds(i as i64),
+            )
             .unwrap();
     }
     let mut criterion = Criterion::default().configure_from_args().sample_size(50);
@@ -92,7 +96,11 @@ fn main() {
             i = (i + 1) % reqs.len();
             black_box(
                 policy
-                    .decide(&reqs[i], start + Duration::milliseconds(i as i64))
+                    .decide(
+                        &reqs[i],
+                        verigate::policy::NumberHistory::New,
+                        start + Duration::milliseconds(i as i64),
+                    )
                     .unwrap(),
             )
         })
@@ -111,7 +119,11 @@ fn main() {
                         let r = &reqs[(i * 7 + t * 13) % reqs.len()];
                         black_box(
                             policy
-                                .decide(r, start + Duration::milliseconds(i as i64))
+                                .decide(
+                                    r,
+                                    verigate::policy::NumberHistory::New,
+                                    start + Duration::milliseconds(i as i64),
+                                )
                                 .unwrap(),
                         );
                     }
@@ -149,7 +161,9 @@ fn sample_policy(criterion: &mut Criterion) {
         let v = &traffic[i];
         let at_ms = v.at_ms + round * day_ms;
         let at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap();
-        let d = policy.decide(&v.request, at).unwrap();
+        let d = policy
+            .decide(&v.request, verigate::policy::NumberHistory::New, at)
+            .unwrap();
         if d.action == Action::Allow {
             if let Some((status, reason, after)) = &v.result {
                 policy.observe_outcome(Outcome {

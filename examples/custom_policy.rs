@@ -17,7 +17,7 @@ use verigate::{
     clock::Clock,
     config::Settings,
     events::{Action, VerificationRequestEvent},
-    policy::{Policy, PolicyDecision, PolicyError},
+    policy::{NumberHistory, Policy, PolicyDecision, PolicyError},
     startup::Application,
     telemetry,
 };
@@ -32,6 +32,7 @@ impl Policy for EuropeOnly {
     fn decide(
         &self,
         request: &VerificationRequestEvent,
+        _history: NumberHistory,
         _now: DateTime<Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         let number = request.identity.endpoint.as_str();
@@ -104,7 +105,11 @@ mod tests {
 
     #[test]
     fn serves_europe_and_never_international_networks() {
-        let decide = |n: &str| EuropeOnly.decide(&request(n), Utc::now()).unwrap();
+        let decide = |n: &str| {
+            EuropeOnly
+                .decide(&request(n), NumberHistory::New, Utc::now())
+                .unwrap()
+        };
         assert_eq!(decide("+46700000001").action, Action::Allow);
         assert_eq!(decide("+14155550100").action, Action::Deny);
         let satellite = decide("+88216000000");

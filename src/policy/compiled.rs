@@ -35,6 +35,8 @@ pub(super) struct Rule {
     pub(super) block: Option<BlockSpec>,
     /// How replicas keep its counters.
     pub(super) counting: Counting,
+    /// Never denies a returning number: the request goes on to the next rule.
+    pub(super) spare_returning: bool,
     /// The conditions as written, for `GET /v1/policy` and `policy check`.
     pub(super) summary: Vec<String>,
 }
@@ -44,6 +46,8 @@ pub(super) struct Rule {
 pub(super) struct RuleStats {
     /// Decisions this rule made (enforced) or would have made (shadow).
     pub(super) hits: AtomicU64,
+    /// Returning numbers it let go on where it would have denied them.
+    pub(super) spared: AtomicU64,
     /// Final statuses of the verifications it decided or shadow-matched.
     pub(super) outcomes: Mutex<BTreeMap<String, u64>>,
 }
@@ -64,6 +68,8 @@ pub(super) struct Snapshot {
     pub(super) unanchored: Vec<u32>,
     /// Rules that learn from outcomes: every allowed request is tracked for them.
     pub(super) adaptive: Vec<usize>,
+    /// How far back a number's history is read, when a rule spares returning numbers.
+    pub(super) returning_within_ms: Option<i64>,
     pub(super) version: String,
     pub(super) loaded_at: DateTime<Utc>,
     pub(super) lists: BTreeMap<String, usize>,

@@ -42,6 +42,8 @@ pub struct RuleDescription {
     pub(super) note: Option<String>,
     /// Requests it decided (enforced) or would have decided (shadow) since it was loaded.
     pub(super) hits: u64,
+    /// Returning numbers it let go on where it would have denied them (`spare_returning`).
+    pub(super) spared: u64,
     /// Final statuses of the verifications it decided or shadow-matched.
     pub(super) outcomes: BTreeMap<String, u64>,
 }

@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::NumberHistory;
 use crate::events::VerificationRequestEvent;
 
 /// `+` followed by 1..=15 digits; leading `+` added when a bare digit string arrives.
@@ -21,11 +22,17 @@ pub(super) struct Facts<'a> {
     pub(super) number: String,
     pub(super) country: &'static str,
     pub(super) now: DateTime<Utc>,
+    /// Its latest finished verification succeeded (only when the policy looked).
+    pub(super) returning: bool,
 }
 
 impl<'a> Facts<'a> {
     /// The facts of `request` at `now`; `None` when its number is not E.164.
-    pub(super) fn of(request: &'a VerificationRequestEvent, now: DateTime<Utc>) -> Option<Self> {
+    pub(super) fn of(
+        request: &'a VerificationRequestEvent,
+        history: NumberHistory,
+        now: DateTime<Utc>,
+    ) -> Option<Self> {
         let number = normalise_number(&request.identity.endpoint)?;
         let country = crate::phone::country::CountryTable::get()
             .country_of(&number)
@@ -35,6 +42,7 @@ impl<'a> Facts<'a> {
             number,
             country,
             now,
+            returning: history == NumberHistory::Returning,
         })
     }
 }

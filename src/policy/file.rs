@@ -66,6 +66,11 @@ pub(super) struct PolicyFile {
     #[serde(default)]
     #[schemars(with = "BTreeMap<String, ListFile>")]
     pub(super) lists: BTreeMap<String, Spanned<ListFile>>,
+    /// How far back a number's verifications are read for rules with
+    /// `spare_returning` (default 90d).
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub(super) returning_within: Option<Spanned<String>>,
     /// The rules, in order.
     #[serde(default, rename = "rule")]
     #[schemars(with = "Vec<RuleFile>")]
@@ -299,6 +304,7 @@ pub(super) fn compile(
         .iter()
         .map(|r| stats.get(&r.name).cloned().unwrap_or_default())
         .collect();
+    let returning_within_ms = returning_within(&file, &rules).map_err(|(s, m)| at.error(s, m))?;
     let adaptive = rules
         .iter()
         .enumerate()
@@ -317,6 +323,7 @@ pub(super) fn compile(
         country_index,
         unanchored,
         adaptive,
+        returning_within_ms,
         version,
         loaded_at: Utc::now(),
         lists: lists.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
@@ -340,6 +347,10 @@ pub(super) fn compile_rule(
     if counting == Counting::Approximate {
         summary.push("counted approximately by replicas".into());
     }
+    let spare_returning = compile_spare(rule)?;
+    if spare_returning {
+        summary.push("spares returning numbers".into());
+    }
     if let Some(b) = &block {
         summary.push(format!(
             "quarantine {} (doubling, at most {}){}",
@@ -359,8 +370,38 @@ pub(super) fn compile_rule(
         limiters: limits,
         block,
         counting,
+        spare_returning,
         summary,
     })
+}
+
+/// How far back numbers' histories are read: `None` when no rule spares returning
+/// numbers (nothing is looked up).
+fn returning_within(file: &PolicyFile, rules: &[Rule]) -> Result<Option<i64>, RuleError> {
+    const DEFAULT_MS: i64 = 90 * 24 * 3_600_000;
+    let window = match &file.returning_within {
+        Some(text) => duration_ms(text.get_ref()).filter(|ms| *ms > 0).ok_or((
+            Some(text.span()),
+            format!(
+                "returning_within `{}` is not a duration like 90d",
+                text.get_ref()
+            ),
+        ))?,
+        None => DEFAULT_MS,
+    };
+    Ok(rules.iter().any(|r| r.spare_returning).then_some(window))
+}
+
+/// `spare_returning`: only on deny rules, where it lets a returning number go on.
+fn compile_spare(rule: &RuleFile) -> Result<bool, RuleError> {
+    match &rule.spare_returning {
+        Some(spare) if *spare.get_ref() && rule.action != Action::Deny => Err((
+            Some(spare.span()),
+            "spare_returning lets a returning number past a deny rule: this rule allows".into(),
+        )),
+        Some(spare) => Ok(*spare.get_ref()),
+        None => Ok(false),
+    }
 }
 
 /// `counting`: only on a rule that counts.

@@ -16,6 +16,7 @@ mod file;
 pub mod flagged;
 pub mod persist;
 pub mod reload;
+mod returning;
 mod rules;
 pub mod shared;
 pub mod tools;
@@ -29,6 +30,7 @@ pub use conditions::reference as conditions_reference;
 pub use description::{PolicyDescription, ReplicaReport, RuleDescription};
 pub use facts::normalise_number;
 pub use file::{policy_schema, PolicyLoadError};
+pub use returning::{history_of, NumberHistory, MOST_VERIFICATIONS};
 pub use rules::RulesPolicy;
 
 pub use crate::decision::{
@@ -158,9 +160,12 @@ pub struct Outcome<'a> {
 pub trait Policy: Send + Sync + 'static {
     /// Decides one request event. Must be quick and must not block for long: Sinch waits
     /// for the answer (verigate enforces `policy.decision_deadline`).
+    /// `history` is what the store knows of the number, looked up only for a policy
+    /// that asks for it ([`number_history_window`](Self::number_history_window)).
     fn decide(
         &self,
         request: &VerificationRequestEvent,
+        history: NumberHistory,
         now: DateTime<Utc>,
     ) -> Result<PolicyDecision, PolicyError>;
 
@@ -201,12 +206,19 @@ pub trait Policy: Send + Sync + 'static {
     fn decide_waiting<'a>(
         &'a self,
         _request: &'a VerificationRequestEvent,
+        _history: NumberHistory,
         _now: DateTime<Utc>,
     ) -> Option<futures_util::future::LocalBoxFuture<'a, Result<WaitingDecision<'a>, PolicyError>>>
     {
         None
     }
 
+    /// How far back the store should look at a request's number before `decide`, for a
+    /// policy that spares returning users (`None`, the default: it reads no history, and
+    /// nothing is looked up).
+    fn number_history_window(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// What the policy learns from outcomes and keeps across restarts, if anything.
     fn learning(&self) -> Option<&dyn Learning> {
         None

@@ -33,9 +33,9 @@ use super::{
     file::{compile, load, PolicyLoadError},
     flagged::{FlaggedKey, FlaggedKeys},
     shared::{Planner, SharedState},
-    CounterReading, Explanation, Learning, Mode, Outcome, PastVerification, Policy, PolicyDecision,
-    PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription, ShadowMatch,
-    WaitingDecision,
+    CounterReading, Explanation, Learning, Mode, NumberHistory, Outcome, PastVerification, Policy,
+    PolicyDecision, PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription,
+    ShadowMatch, WaitingDecision,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 use crate::phone::country::CountryTable;
@@ -288,15 +288,22 @@ impl RulesPolicy {
             decided,
             matched_prefix,
             mut explanation,
+            spared,
             ..
         } = evaluation;
         let rule = decided.map(|i| &s.rules[i]);
         let action = rule.map_or(s.default, |r| r.action);
-        let reason = match (rule, &matched_prefix) {
+        let mut reason = match (rule, &matched_prefix) {
             (Some(r), Some(p)) => format!("rule `{}` matched prefix {p}", r.name),
             (Some(r), None) => format!("rule `{}` matched", r.name),
             (None, _) => "no rule matched; policy default".to_owned(),
         };
+        for i in spared {
+            reason.push_str(&format!(
+                "; rule `{}` spared a returning number",
+                s.rules[i].name
+            ));
+        }
         let response = match action {
             Action::Allow => rule
                 .and_then(|r| r.response.as_ref())
@@ -332,12 +339,13 @@ impl RulesPolicy {
         &'a self,
         shared: &'a SharedState,
         request: &VerificationRequestEvent,
+        history: NumberHistory,
         now: DateTime<Utc>,
     ) -> Result<WaitingDecision<'a>, PolicyError> {
         let started = Instant::now();
         // A snapshot of its own: a guard must not be held across the waits.
         let s = self.current.load_full();
-        let facts = facts_of(request, now)?;
+        let facts = facts_of(request, history, now)?;
         let price = price_of(request);
         let now_ms = now.timestamp_millis();
         let request = Request {
@@ -442,12 +450,13 @@ impl Policy for RulesPolicy {
     fn decide(
         &self,
         request: &VerificationRequestEvent,
+        history: NumberHistory,
         now: DateTime<Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         if let Some(shared) = &self.shared {
             return crate::store::postgres::block_on(async {
                 let WaitingDecision { decision, settling } =
-                    self.decide_shared(shared, request, now).await?;
+                    self.decide_shared(shared, request, history, now).await?;
                 if let Some(settling) = settling {
                     settling.await?;
                 }
@@ -456,7 +465,7 @@ impl Policy for RulesPolicy {
         }
         let started = Instant::now();
         let s = self.current.load();
-        let facts = facts_of(request, now)?;
+        let facts = facts_of(request, history, now)?;
         let now_ms = now.timestamp_millis();
         let price = price_of(request);
         let request = Request {
@@ -490,10 +499,16 @@ impl Policy for RulesPolicy {
     fn decide_waiting<'a>(
         &'a self,
         request: &'a VerificationRequestEvent,
+        history: NumberHistory,
         now: DateTime<Utc>,
     ) -> Option<LocalBoxFuture<'a, Result<WaitingDecision<'a>, PolicyError>>> {
         let shared = self.shared.as_deref()?;
-        Some(Box::pin(self.decide_shared(shared, request, now)))
+        Some(Box::pin(self.decide_shared(shared, request, history, now)))
+    }
+
+    fn number_history_window(&self) -> Option<std::time::Duration> {
+        let ms = self.current.load().returning_within_ms?;
+        Some(std::time::Duration::from_millis(ms.unsigned_abs()))
     }
 
     /// Rules are evaluated in memory, in microseconds (`cargo bench --bench policy`);
@@ -543,6 +558,7 @@ impl Policy for RulesPolicy {
                 conditions: rule.summary.clone(),
                 note: rule.note.clone(),
                 hits: stat.hits.load(Ordering::Relaxed),
+                spared: stat.spared.load(Ordering::Relaxed),
                 outcomes: stat.outcomes.lock().map(|o| o.clone()).unwrap_or_default(),
             })
             .collect();
@@ -657,7 +673,10 @@ impl Learning for RulesPolicy {
             self.book.expire(&self.counters, at_ms);
             let when = DateTime::from_timestamp_millis(at_ms).unwrap_or(now);
             if !resolved {
-                let facts = past.request.as_ref().and_then(|r| Facts::of(r, when));
+                let facts = past
+                    .request
+                    .as_ref()
+                    .and_then(|r| Facts::of(r, NumberHistory::New, when));
                 let tracked = facts.and_then(|f| {
                     self.tracked(&s, &f, &self.counters, at_ms, Vec::new(), &[])
                         .ok()
@@ -752,9 +771,10 @@ fn readings_of(rule: &str, readings: &[CounterReading]) -> String {
 /// The facts rules are checked against; none without an E.164 number.
 fn facts_of(
     request: &VerificationRequestEvent,
+    history: NumberHistory,
     now: DateTime<Utc>,
 ) -> Result<Facts<'_>, PolicyError> {
-    Facts::of(request, now).ok_or_else(|| {
+    Facts::of(request, history, now).ok_or_else(|| {
         PolicyError("identity.endpoint is not an E.164 number, so no rule can be checked".into())
     })
 }
@@ -796,6 +816,8 @@ struct Evaluation {
     refunds: Vec<(CounterKey, i64, f64)>,
     /// What to track of an allowed request for the adaptive rules.
     tracked: Option<Tracked>,
+    /// Rules that would have denied and let the returning number go on.
+    spared: Vec<usize>,
 }
 
 impl RulesPolicy {
@@ -813,6 +835,7 @@ impl RulesPolicy {
         let mut decided: Option<usize> = None;
         let mut matched_prefix = None;
         let mut pending = Pending::default();
+        let mut spares = Vec::new();
         for i in Self::candidates(s, &facts.number, facts.country) {
             let i = i as usize;
             let rule = &s.rules[i];
@@ -822,6 +845,8 @@ impl RulesPolicy {
             if !rule.conditions.holds(facts) {
                 continue;
             }
+            // Where this rule would deny, a returning number goes on to the next rule.
+            let spared = rule.spare_returning && facts.returning;
             let quarantine_key = rule
                 .block
                 .as_ref()
@@ -832,7 +857,9 @@ impl RulesPolicy {
                 let check = match pass {
                     // A probe is the exception: plan for the block.
                     Pass::Plan if self.quarantine.peek(&rule.name, key, now_ms) => {
-                        decided = Some(i);
+                        if !spared {
+                            decided = Some(i);
+                        }
                         continue;
                     }
                     Pass::Plan => BlockCheck::Free,
@@ -840,6 +867,11 @@ impl RulesPolicy {
                 };
                 match check {
                     BlockCheck::Free => {}
+                    BlockCheck::Blocked(block) if spared => {
+                        explanation.quarantine = Some(note(&block, "spared"));
+                        spares.push(i);
+                        continue;
+                    }
                     BlockCheck::Blocked(block) => {
                         s.stats[i].hits.fetch_add(1, Ordering::Relaxed);
                         explanation.quarantine = Some(note(&block, "blocked"));
@@ -863,7 +895,10 @@ impl RulesPolicy {
             )?;
             pending.counted.push(i);
             let uncertain = pass == Pass::Plan && !rule.limiters.is_empty();
-            if !over || uncertain && rule.mode == Mode::Enforce {
+            if !over
+                || uncertain && rule.mode == Mode::Enforce
+                || spared && rule.mode == Mode::Shadow
+            {
                 // Planning cannot know whether a counter is over: it plans for the rules
                 // after it too (a decision that stops here leaves them unused).
                 continue;
@@ -882,8 +917,13 @@ impl RulesPolicy {
                     });
                 }
                 Mode::Enforce => {
-                    decided = Some(i);
-                    matched_prefix = rule.conditions.matched_prefix(facts);
+                    if spared {
+                        spares.push(i);
+                    } else {
+                        decided = Some(i);
+                        matched_prefix = rule.conditions.matched_prefix(facts);
+                    }
+                    // The key trips whoever asked: the next request in it is blocked.
                     if let Some((spec, key)) = quarantine_key {
                         let why = readings_of(&rule.name, &explanation.counters);
                         let evidence = self.evidence(&rule.name, &key);
@@ -907,12 +947,18 @@ impl RulesPolicy {
         } else {
             (None, pending.spend)
         };
+        if pass == Pass::Decide {
+            for &i in &spares {
+                s.stats[i].spared.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         Ok(Evaluation {
             decided,
             matched_prefix,
             explanation,
             refunds,
             tracked,
+            spared: spares,
         })
     }
 

@@ -36,7 +36,7 @@ fn policy(rules: &str) -> RulesPolicy {
 
 /// The deciding rule's name, or `default`.
 fn decide(p: &RulesPolicy, r: &VerificationRequestEvent, now: &str) -> String {
-    let d = p.decide(r, at(now)).unwrap();
+    let d = p.decide(r, NumberHistory::New, at(now)).unwrap();
     d.rule.unwrap_or_else(|| "default".into())
 }
 
@@ -84,7 +84,13 @@ fn country_and_country_not_in_resolve_shared_codes_and_unknown() {
         decide(&p, &request("+88212345678", "sms"), NOON),
         "unserved"
     ); // unknown is not served
-    let d = p.decide(&request("+88212345678", "sms"), at(NOON)).unwrap();
+    let d = p
+        .decide(
+            &request("+88212345678", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert_eq!(d.explanation.country.as_deref(), Some("unknown"));
 }
 
@@ -107,7 +113,13 @@ fn prefix_and_number_conditions_with_list_files() {
     let p = RulesPolicy::load(&dir.path().join("policy.toml")).unwrap();
     assert_eq!(decide(&p, &request("+8825550000", "sms"), NOON), "vip");
     assert_eq!(decide(&p, &request("+8825550001", "sms"), NOON), "irsf");
-    let d = p.decide(&request("+88312345678", "sms"), at(NOON)).unwrap();
+    let d = p
+        .decide(
+            &request("+88312345678", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert_eq!(d.explanation.matched_prefix.as_deref(), Some("+8831"));
     assert_eq!(decide(&p, &request("+97912345678", "sms"), NOON), "irsf");
     assert_eq!(decide(&p, &request("+88412345678", "sms"), NOON), "default");
@@ -180,10 +192,14 @@ fn rate_limits_count_per_key_within_a_sliding_window() {
     );
     let start = at(NOON);
     let go = |n: &str, mins: i64| {
-        p.decide(&request(n, "sms"), start + chrono::Duration::minutes(mins))
-            .unwrap()
-            .rule
-            .unwrap_or_else(|| "default".into())
+        p.decide(
+            &request(n, "sms"),
+            NumberHistory::New,
+            start + chrono::Duration::minutes(mins),
+        )
+        .unwrap()
+        .rule
+        .unwrap_or_else(|| "default".into())
     };
     assert_eq!(go("+46700000001", 0), "default");
     assert_eq!(go("+46700000001", 1), "default");
@@ -200,6 +216,7 @@ fn rate_limits_count_per_key_within_a_sliding_window() {
     let d = p
         .decide(
             &request("+46700000001", "sms"),
+            NumberHistory::New,
             start + chrono::Duration::minutes(75),
         )
         .unwrap();
@@ -244,9 +261,21 @@ fn shadow_rules_are_recorded_but_never_decide_and_keep_their_own_counters() {
         "[[rule]]\nname = \"would-block\"\naction = \"deny\"\nmode = \"shadow\"\nrate_limit = { key = \"global\", max = 1, window = \"1h\" }\n\
          [[rule]]\nname = \"swedish\"\naction = \"allow\"\ncountry = \"SE\"\n",
     );
-    let first = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    let first = p
+        .decide(
+            &request("+46700000001", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert!(first.explanation.shadow.is_empty());
-    let second = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    let second = p
+        .decide(
+            &request("+46700000001", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert_eq!(second.rule.as_deref(), Some("swedish"));
     assert_eq!(second.action, Action::Allow);
     assert_eq!(
@@ -264,7 +293,13 @@ fn a_shadow_rule_after_the_deciding_rule_is_still_evaluated() {
         "[[rule]]\nname = \"first\"\naction = \"allow\"\n\
          [[rule]]\nname = \"late-shadow\"\naction = \"deny\"\nmode = \"shadow\"\nmethod = \"sms\"\n",
     );
-    let d = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    let d = p
+        .decide(
+            &request("+46700000001", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert_eq!(d.rule.as_deref(), Some("first"));
     assert_eq!(d.explanation.shadow.len(), 1);
 }
@@ -272,7 +307,13 @@ fn a_shadow_rule_after_the_deciding_rule_is_still_evaluated() {
 #[test]
 fn explanations_carry_facts_version_and_time() {
     let p = sample();
-    let d = p.decide(&request("+88212345678", "sms"), at(NOON)).unwrap();
+    let d = p
+        .decide(
+            &request("+88212345678", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     assert_eq!(d.action, Action::Deny);
     assert_eq!(d.explanation.policy_version, p.version());
     assert_eq!(d.explanation.country.as_deref(), Some("unknown"));
@@ -288,14 +329,22 @@ fn allow_answers_carry_the_rule_or_policy_fields_for_the_method() {
     )
     .unwrap();
     let flash = p
-        .decide(&request("+46700000001", "flashcall"), at(NOON))
+        .decide(
+            &request("+46700000001", "flashcall"),
+            NumberHistory::New,
+            at(NOON),
+        )
         .unwrap();
     assert_eq!(
         serde_json::to_value(&flash.response).unwrap(),
         serde_json::json!({"flashCall": {"dialTimeout": 10}})
     );
     let de = p
-        .decide(&request("+4915112345678", "sms"), at(NOON))
+        .decide(
+            &request("+4915112345678", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
         .unwrap();
     assert_eq!(
         serde_json::to_value(&de.response).unwrap(),
@@ -314,7 +363,11 @@ fn numbers_that_are_not_e164_cannot_be_decided() {
         "0046700000000",
         "+1234567890123456",
     ] {
-        assert!(p.decide(&request(bad, "sms"), at(NOON)).is_err(), "{bad:?}");
+        assert!(
+            p.decide(&request(bad, "sms"), NumberHistory::New, at(NOON))
+                .is_err(),
+            "{bad:?}"
+        );
     }
 }
 
@@ -405,7 +458,13 @@ fn a_broken_reload_keeps_the_old_policy_and_counters_survive_a_good_one() {
 #[test]
 fn per_rule_hits_and_outcomes_are_kept() {
     let p = policy("[[rule]]\nname = \"se\"\naction = \"allow\"\ncountry = \"SE\"\n");
-    let d = p.decide(&request("+46700000001", "sms"), at(NOON)).unwrap();
+    let d = p
+        .decide(
+            &request("+46700000001", "sms"),
+            NumberHistory::New,
+            at(NOON),
+        )
+        .unwrap();
     p.observe_outcome(Outcome {
         id: "v1",
         rule: d.rule.as_deref(),
@@ -452,7 +511,7 @@ fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
     // The reference: every rule in file order, no index.
     let every_rule = |r: &VerificationRequestEvent| {
         let s = p.current.load();
-        let facts = Facts::of(r, at(NOON)).unwrap();
+        let facts = Facts::of(r, NumberHistory::New, at(NOON)).unwrap();
         s.rules
             .iter()
             .find(|rule| rule.mode == Mode::Enforce && rule.conditions.holds(&facts))
@@ -476,7 +535,7 @@ fn candidate_indexing_gives_the_same_decisions_as_evaluating_every_rule() {
             let r = request(number, method);
             assert_eq!(decide(&p, &r, NOON), every_rule(&r), "{number} {method}");
             let s = p.current.load();
-            let facts = Facts::of(&r, at(NOON)).unwrap();
+            let facts = Facts::of(&r, NumberHistory::New, at(NOON)).unwrap();
             if RulesPolicy::candidates(&s, &facts.number, facts.country).len() < s.rules.len() / 2 {
                 pruned += 1;
             }
@@ -525,7 +584,9 @@ fn request_id(id: &str, number: &str) -> VerificationRequestEvent {
 /// for it a minute later. Returns the decision.
 fn attempt(p: &RulesPolicy, id: &str, number: &str, t: i64, status: &str) -> PolicyDecision {
     let now = at(NOON) + chrono::Duration::seconds(t);
-    let d = p.decide(&request_id(id, number), now).unwrap();
+    let d = p
+        .decide(&request_id(id, number), NumberHistory::New, now)
+        .unwrap();
     if d.action == Action::Allow {
         p.observe_outcome(Outcome {
             id,
@@ -639,6 +700,7 @@ fn unanswered_verifications_count_as_failed_once_they_had_time_to_complete() {
         let now = at(NOON) + chrono::Duration::seconds(k);
         let d = p.decide(
             &request_id(&format!("s{k}"), &format!("+22507123{k:03}")),
+            NumberHistory::New,
             now,
         );
         assert_eq!(d.unwrap().action, Action::Allow);
@@ -732,7 +794,13 @@ fn lifting_a_block_forgets_its_evidence_and_pinning_keeps_it() {
 /// The low-conversion rule's reading (condition, value) for a probe in the range
 /// +22507121 (the one that converts in these tests).
 fn converting_range_reading(p: &RulesPolicy, now: DateTime<Utc>) -> Option<(String, f64)> {
-    let d = p.decide(&request_id("probe", "+22507121999"), now).unwrap();
+    let d = p
+        .decide(
+            &request_id("probe", "+22507121999"),
+            NumberHistory::New,
+            now,
+        )
+        .unwrap();
     d.explanation
         .counters
         .iter()
@@ -886,5 +954,109 @@ fn a_summary_reads_as_the_rule_was_written() {
     assert!(
         summary.contains("counted approximately by replicas"),
         "{summary}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Returning numbers
+
+#[test]
+fn a_quarantine_spares_a_returning_number_and_blocks_a_new_one() {
+    let p = policy(&format!("{LOW_CONVERSION}spare_returning = true\n"));
+    // A range that never converts trips.
+    let tripped = (0..40)
+        .map(|k| {
+            attempt(
+                &p,
+                &format!("a{k}"),
+                &format!("+22507123{k:03}"),
+                k * 60,
+                "FAIL",
+            )
+        })
+        .any(|d| quarantine_state(&d) == Some("tripped"));
+    assert!(tripped);
+    let later = at(NOON) + chrono::Duration::seconds(2_500);
+    let new = p
+        .decide(&request_id("n", "+22507123999"), NumberHistory::New, later)
+        .unwrap();
+    assert_eq!(new.action, Action::Deny, "{new:?}");
+    assert_eq!(quarantine_state(&new), Some("blocked"));
+    let hits = |p: &RulesPolicy| p.describe()["rules"][0]["hits"].as_u64();
+    let before = hits(&p);
+    let returning = p
+        .decide(
+            &request_id("r", "+22507123998"),
+            NumberHistory::Returning,
+            later,
+        )
+        .unwrap();
+    assert_eq!(returning.action, Action::Allow, "{returning:?}");
+    assert_eq!(quarantine_state(&returning), Some("spared"));
+    assert!(returning
+        .reason
+        .contains("`low-conversion` spared a returning number"));
+    // Counted as spared, not as a hit.
+    assert_eq!(hits(&p), before);
+    assert_eq!(p.describe()["rules"][0]["spared"], 1);
+}
+
+#[test]
+fn a_spared_number_goes_on_to_the_next_rule() {
+    let p = policy(
+        r#"
+[[rule]]
+name = "burst"
+action = "deny"
+rate_limit = { key = "range:3", max = 1, window = "1h" }
+spare_returning = true
+
+[[rule]]
+name = "per-number"
+action = "deny"
+rate_limit = { key = "number", max = 1, window = "1h" }
+"#,
+    );
+    let ask = |number: &str, history| {
+        let d = p
+            .decide(&request(number, "sms"), history, at(NOON))
+            .unwrap();
+        d.rule.unwrap_or_else(|| "default".into())
+    };
+    assert_eq!(ask("+46700000001", NumberHistory::New), "default");
+    // Over the range's limit: a new number is denied, a returning one goes on ...
+    assert_eq!(ask("+46700000002", NumberHistory::New), "burst");
+    assert_eq!(ask("+46700000003", NumberHistory::Returning), "default");
+    // ... to rules that do not spare it.
+    assert_eq!(ask("+46700000003", NumberHistory::Returning), "per-number");
+}
+
+#[test]
+fn only_a_deny_rule_spares_and_the_window_is_a_duration() {
+    for (text, message) in [
+        (
+            "[[rule]]\nname = \"r\"\naction = \"allow\"\nmethod = [\"sms\"]\nspare_returning = true\n",
+            "spare_returning lets a returning number past a deny rule",
+        ),
+        (
+            "returning_within = \"soon\"\n[[rule]]\nname = \"r\"\naction = \"deny\"\nmethod = [\"sms\"]\nspare_returning = true\n",
+            "returning_within `soon`",
+        ),
+    ] {
+        let text = format!("default = \"allow\"\n{text}");
+        let err = RulesPolicy::parse(&text, "t.toml").err().unwrap_or_else(|| panic!("{text} loaded"));
+        assert!(err.to_string().contains(message), "{text}: {err}");
+    }
+    // The history is read only when a rule spares, over the window written.
+    let none = policy("[[rule]]\nname = \"r\"\naction = \"deny\"\nmethod = [\"callout\"]\n");
+    assert_eq!(none.number_history_window(), None);
+    let some = RulesPolicy::parse(
+        "default = \"allow\"\nreturning_within = \"30d\"\n[[rule]]\nname = \"r\"\naction = \"deny\"\nmethod = [\"callout\"]\nspare_returning = true\n",
+        "t.toml",
+    )
+    .unwrap();
+    assert_eq!(
+        some.number_history_window(),
+        Some(std::time::Duration::from_secs(30 * 86_400))
     );
 }

@@ -2,7 +2,7 @@
 //! verigate drives it: decide, then the result when Sinch would send it.
 
 use super::rules::RulesPolicy;
-use super::{Learning, Outcome, Policy, PolicyDecision};
+use super::{Learning, NumberHistory, Outcome, Policy, PolicyDecision};
 use crate::events::{Action, Identity, Price, VerificationMethod, VerificationRequestEvent};
 use chrono::{DateTime, Utc};
 
@@ -36,7 +36,7 @@ fn verify(p: &RulesPolicy, id: &str, number: &str, at_ms: i64, converted: bool) 
         custom: None,
         accept_language: None,
     };
-    let d = p.decide(&request, time(at_ms)).unwrap();
+    let d = p.decide(&request, NumberHistory::New, time(at_ms)).unwrap();
     if d.action == Action::Allow {
         p.observe_outcome(Outcome {
             id,

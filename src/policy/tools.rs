@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, fmt, path::Path};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{conditions, PastVerification, Policy, RulesPolicy};
+use super::{conditions, history_of, NumberHistory, PastVerification, Policy, RulesPolicy};
 use crate::{
     events::{Action, Identity, VerificationMethod, VerificationRequestEvent},
     store::VerificationRecord,
@@ -36,6 +36,9 @@ pub struct Case {
     /// The deciding rule, or `default`.
     #[serde(default)]
     pub rule: Option<String>,
+    /// The number's latest finished verification succeeded (for `spare_returning`).
+    #[serde(default)]
+    pub returning: bool,
     /// What the conditions read from the request (`method`, `price`, …), as each
     /// condition defines them.
     #[serde(skip)]
@@ -43,7 +46,15 @@ pub struct Case {
 }
 
 impl Case {
-    const FIELDS: [&'static str; 6] = ["name", "number", "at", "prior", "expect", "rule"];
+    const FIELDS: [&'static str; 7] = [
+        "name",
+        "number",
+        "at",
+        "prior",
+        "expect",
+        "rule",
+        "returning",
+    ];
 
     /// A case from its table: the fields every case has, and the conditions' fields.
     fn parse(mut table: toml::Table) -> Result<Self, String> {
@@ -112,11 +123,16 @@ pub fn run_cases(
         let case = Case::parse(table).map_err(|e| format!("cases: case {}: {e}", i + 1))?;
         let policy = RulesPolicy::load(policy_path).map_err(|e| e.to_string())?;
         let at = case.at.unwrap_or(now);
+        let history = if case.returning {
+            NumberHistory::Returning
+        } else {
+            NumberHistory::New
+        };
         for i in 0..case.prior {
             let earlier = at - Duration::minutes(i64::from(case.prior - i));
-            let _ = policy.decide(&case.request(format!("prior-{i}"))?, earlier);
+            let _ = policy.decide(&case.request(format!("prior-{i}"))?, history, earlier);
         }
-        let outcome = policy.decide(&case.request("case".into())?, at);
+        let outcome = policy.decide(&case.request("case".into())?, history, at);
         let (passed, detail) = match outcome {
             Err(err) => (false, format!("no decision: {err}")),
             Ok(d) => {
@@ -208,16 +224,36 @@ pub fn replay(
         .filter(|(_, r)| r.decision.is_some())
         .collect();
     requests.sort_by_key(|(at, _)| *at);
+    // Each number's verifications, for a candidate that spares returning numbers.
+    let window = candidate
+        .number_history_window()
+        .and_then(|w| Duration::from_std(w).ok());
+    let mut by_number: std::collections::HashMap<String, Vec<VerificationRecord>> =
+        std::collections::HashMap::new();
+    if window.is_some() {
+        for (_, record) in &requests {
+            if let Some(number) = &record.number {
+                by_number
+                    .entry(number.clone())
+                    .or_default()
+                    .push(record.clone());
+            }
+        }
+    }
     let mut report = ReplayReport::default();
     for (at, record) in requests {
-        let (Some(_), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
+        let (Some(number), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
             continue;
         };
         let Some(request) = request_of(&record) else {
             report.skipped_hashed += 1;
             continue;
         };
-        let Ok(new) = candidate.decide(&request, at) else {
+        let history = match (window, by_number.get(number)) {
+            (Some(within), Some(records)) => history_of(records, at, within),
+            _ => NumberHistory::New,
+        };
+        let Ok(new) = candidate.decide(&request, history, at) else {
             continue;
         };
         report.replayed += 1;

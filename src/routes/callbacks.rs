@@ -32,7 +32,7 @@ use crate::{
         CallbackResponse, VerificationEvent, VerificationRequestEvent, VerificationResultEvent,
     },
     metrics::Metrics,
-    policy::{off_async_workers, Outcome, Policy},
+    policy::{history_of, off_async_workers, NumberHistory, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
     store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot},
     telemetry::MaskedNumber,
@@ -179,13 +179,17 @@ async fn answer_request<'a>(
         answer: Some(answer.unwrap_or_else(|| on_error_answer(state.policy.as_ref()))),
     };
     // A delivery of the same event already in flight is waited for here, so the policy
-    // decides (and counts) each event once.
-    let claim = match store.admit(incoming).await {
+    // decides (and counts) each event once. The number's history, when the policy reads
+    // it, is looked up meanwhile.
+    let (admitted, history) =
+        futures_util::future::join(store.admit(incoming), number_history(state, store, request))
+            .await;
+    let claim = match admitted {
         Ok(Admission::First(claim)) => claim,
         Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
         Err(err) => return not_recorded(state, event, &err),
     };
-    let (decision, on_error, settling) = decide(state, request).await;
+    let (decision, on_error, settling) = decide(state, request, history).await;
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
@@ -240,6 +244,42 @@ async fn answer_request<'a>(
     }
 }
 
+/// What the store knows of the request's number, for a policy that spares returning
+/// numbers: its verifications of the policy's window, at most as many as make a returning
+/// user (more, and it is none). A lookup that fails counts the number as new: sparing is
+/// a kindness the decision can do without.
+async fn number_history(
+    state: &CallbackState,
+    store: &Store,
+    request: &VerificationRequestEvent,
+) -> NumberHistory {
+    let Some(within) = state
+        .policy
+        .number_history_window()
+        .and_then(|w| chrono::Duration::from_std(w).ok())
+    else {
+        return NumberHistory::New;
+    };
+    let now = state.clock.now();
+    // Up to and including this moment.
+    let until = now + chrono::Duration::milliseconds(1);
+    let most = crate::policy::MOST_VERIFICATIONS;
+    match store
+        .recent_of_number(&request.identity.endpoint, now - within, until, most)
+        .await
+    {
+        Ok(records) => history_of(&records, now, within),
+        Err(err) => {
+            static LOOKUP_FAILURES: crate::telemetry::OncePer =
+                crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));
+            if let Some(held_back) = LOOKUP_FAILURES.due() {
+                tracing::warn!(error.message = %err, held_back, "the number's history could not be read; deciding as for a new number");
+            }
+            NumberHistory::New
+        }
+    }
+}
+
 fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
     serde_json::json!(CallbackResponse::bare(policy.on_error()))
 }
@@ -252,11 +292,12 @@ fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
 async fn decide<'a>(
     state: &'a CallbackState,
     request: &'a VerificationRequestEvent,
+    history: NumberHistory,
 ) -> (PolicyDecision, bool, Option<Settling<'a>>) {
     let started = Instant::now();
     let now = state.clock.now();
     let deadline = state.decision_deadline;
-    let failure = if let Some(decision) = state.policy.decide_waiting(request, now) {
+    let failure = if let Some(decision) = state.policy.decide_waiting(request, history, now) {
         let decided = tokio::time::timeout(deadline, AssertUnwindSafe(decision).catch_unwind());
         match decided.await {
             Ok(Ok(Ok(waiting))) => return (waiting.decision, false, waiting.settling),
@@ -268,8 +309,9 @@ async fn decide<'a>(
             }
         }
     } else if state.policy.bounded() {
-        let decided =
-            std::panic::catch_unwind(AssertUnwindSafe(|| state.policy.decide(request, now)));
+        let decided = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            state.policy.decide(request, history, now)
+        }));
         match decided {
             Ok(Ok(decision)) if started.elapsed() <= deadline => return (decision, false, None),
             Ok(Ok(late)) => {
@@ -285,7 +327,7 @@ async fn decide<'a>(
             Err(_) => "the policy failed: it panicked".to_owned(),
         }
     } else {
-        match decide_on_pool(state, request, now, started).await {
+        match decide_on_pool(state, request, history, now, started).await {
             Ok(decision) => return (decision, false, None),
             Err(failure) => failure,
         }
@@ -321,12 +363,13 @@ fn missed_deadline(deadline: Duration) -> String {
 async fn decide_on_pool(
     state: &CallbackState,
     request: &VerificationRequestEvent,
+    history: NumberHistory,
     now: chrono::DateTime<Utc>,
     started: Instant,
 ) -> Result<PolicyDecision, String> {
     let policy = Arc::clone(&state.policy);
     let owned = request.clone();
-    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned, now));
+    let mut decision = tokio::task::spawn_blocking(move || policy.decide(&owned, history, now));
     match tokio::time::timeout(state.decision_deadline, &mut decision).await {
         Ok(Ok(Ok(decision))) => Ok(decision),
         Ok(Ok(Err(err))) => Err(err.to_string()),

@@ -12,7 +12,7 @@ mod traffic;
 
 use std::{
     cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap},
+    collections::{BTreeMap, BinaryHeap, HashMap},
     fmt,
     time::Instant,
 };
@@ -25,7 +25,7 @@ pub use traffic::{attacks_only, synthetic, AttackKind, Knobs};
 
 use crate::{
     events::{Action, VerificationRequestEvent},
-    policy::{Outcome, Policy, RulesPolicy},
+    policy::{adaptive::Resolution, NumberHistory, Outcome, Policy, RulesPolicy},
     store::VerificationRecord,
 };
 
@@ -155,6 +155,8 @@ pub struct Scorecard {
     pub legit_by_country: BTreeMap<String, Tally>,
     /// The marketing spike's extra traffic.
     pub spike: Tally,
+    /// Real users verifying again after an earlier success.
+    pub returning: Tally,
     pub attacks: Tally,
     /// Every attack but the hidden one: what the policy must block.
     pub blockable: Tally,
@@ -172,6 +174,8 @@ struct Due {
     at_ms: i64,
     order: u64,
     id: String,
+    number: String,
+    requested_ms: i64,
     rule: Option<String>,
     shadow: Vec<crate::decision::ShadowMatch>,
     status: String,
@@ -203,6 +207,13 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
     let mut first_attempt: BTreeMap<AttackKind, i64> = BTreeMap::new();
     let mut spent_ns: u128 = 0;
     let learning = policy.learning();
+    // What the store would answer about each number: when its latest finished
+    // verification was asked for, and whether it succeeded (verifications end within
+    // ten minutes here, so none is still open once its result is due). A real user
+    // whose latest verification succeeded is returning, whether the policy reads it
+    // or not.
+    let reads_history = policy.number_history_window().is_some();
+    let mut latest: HashMap<String, (i64, bool)> = HashMap::new();
     let report = |d: Due, spent_ns: &mut u128| {
         let Some(learning) = learning else { return };
         let at = time(d.at_ms);
@@ -220,11 +231,18 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
     for (order, v) in traffic.iter().enumerate() {
         while due.peek().is_some_and(|Reverse(d)| d.at_ms <= v.at_ms) {
             if let Some(Reverse(d)) = due.pop() {
+                note_result(&mut latest, &d);
                 report(d, &mut spent_ns);
             }
         }
+        let returning = matches!(latest.get(&v.request.identity.endpoint), Some((_, true)));
+        let history = if returning && reads_history {
+            NumberHistory::Returning
+        } else {
+            NumberHistory::New
+        };
         let started = Instant::now();
-        let decision = policy.decide(&v.request, time(v.at_ms));
+        let decision = policy.decide(&v.request, history, time(v.at_ms));
         spent_ns += started.elapsed().as_nanos();
         card.played += 1;
         let (denied, rule, shadow) = match decision {
@@ -243,6 +261,8 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
                     at_ms: v.at_ms + after,
                     order: order as u64,
                     id: v.request.id.clone(),
+                    number: v.request.identity.endpoint.clone(),
+                    requested_ms: v.at_ms,
                     rule: rule.clone(),
                     shadow,
                     status: status.clone(),
@@ -261,6 +281,9 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             .unwrap_or(0.0);
         match &v.truth {
             Truth::Legit { country, spike } => {
+                if returning {
+                    card.returning.add(price, denied, flagged);
+                }
                 card.legit.add(price, denied, flagged);
                 card.legit_by_country
                     .entry(country.clone())
@@ -298,6 +321,19 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
     }
     card.decide_and_observe_ns = ratio(spent_ns as f64, card.played as f64);
     card
+}
+
+/// Keeps a number's latest finished verification as the store would show it.
+fn note_result(latest: &mut HashMap<String, (i64, bool)>, d: &Due) {
+    match Resolution::of(&d.status, d.reason.as_deref()) {
+        None | Some(Resolution::Excluded) => {}
+        Some(resolution) => {
+            let entry = latest.entry(d.number.clone()).or_insert((i64::MIN, false));
+            if d.requested_ms >= entry.0 {
+                *entry = (d.requested_ms, resolution == Resolution::Success);
+            }
+        }
+    }
 }
 
 /// The key a shadow rule of `rules` flagged at `at`, as the policy lists it.
@@ -361,6 +397,8 @@ impl Targets {
     pub const EACH_KIND_BLOCKED: f64 = 0.85;
     pub const LEGIT_BLOCKED: f64 = 0.003;
     pub const LEGIT_BLOCKED_PER_COUNTRY: f64 = 0.01;
+    /// Real users verifying again after an earlier success.
+    pub const RETURNING_BLOCKED: f64 = 0.001;
     /// Median over the kinds at 3 or more attempts a minute.
     pub const MEDIAN_MINUTES_TO_BLOCK: f64 = 10.0;
     pub const DECIDE_AND_OBSERVE_NS: f64 = 15_000.0;
@@ -435,6 +473,14 @@ impl Scorecard {
             );
         }
         check(
+            self.returning.denied_share() <= Targets::RETURNING_BLOCKED,
+            format!(
+                "returning users blocked {:.2} % > {:.1} %",
+                100.0 * self.returning.denied_share(),
+                100.0 * Targets::RETURNING_BLOCKED
+            ),
+        );
+        check(
             self.spike.denied == 0,
             format!("{} of the marketing spike blocked", self.spike.denied),
         );
@@ -507,6 +553,15 @@ impl fmt::Display for Scorecard {
             .map(|(c, t)| format!("{c} {:.2} %", 100.0 * t.denied_share()))
             .collect();
         writeln!(f, "    by country: {}", countries.join(", "))?;
+        if self.returning.attempts > 0 {
+            writeln!(
+                f,
+                "    returning users (an earlier verification succeeded): {:.2} % ({} of {})",
+                100.0 * self.returning.denied_share(),
+                self.returning.denied,
+                self.returning.attempts
+            )?;
+        }
         if self.spike.attempts > 0 {
             writeln!(
                 f,

@@ -62,6 +62,12 @@ const fn country(
     }
 }
 
+/// Share of real users' attempts that come from someone verifying again (a new phone,
+/// a new login) whose earlier verification succeeded, once there are such users.
+const RETURNING: f64 = 1.0 / 3.0;
+/// Users who may return, per country (the oldest make way beyond this).
+const RETURNING_POOL: usize = 20_000;
+
 /// A marketing campaign: five times the usual French traffic for an hour.
 const SPIKE: (i64, i64, &str) = (19 * 60, 20 * 60, "+336");
 
@@ -265,6 +271,8 @@ struct Generator {
     rng: Rng,
     next_id: u64,
     start_ms: i64,
+    /// Per country: numbers whose latest verification succeeded, and from when.
+    succeeded: Vec<Vec<(String, i64)>>,
 }
 
 impl Generator {
@@ -273,6 +281,28 @@ impl Generator {
             rng: Rng::seeded(knobs.seed),
             next_id: 0,
             start_ms,
+            succeeded: vec![Vec::new(); COUNTRIES.len()],
+        }
+    }
+
+    /// A user of country `c` who verified successfully before `at_ms`, taken out of the
+    /// pool (this verification decides whether they go back in).
+    fn returning_user(&mut self, c: usize, at_ms: i64) -> Option<String> {
+        let pool = &mut self.succeeded[c];
+        if pool.is_empty() {
+            return None;
+        }
+        let i = self.rng.below(pool.len());
+        (pool[i].1 <= at_ms).then(|| pool.swap_remove(i).0)
+    }
+
+    fn remember_success(&mut self, c: usize, number: String, at_ms: i64) {
+        let pool = &mut self.succeeded[c];
+        if pool.len() < RETURNING_POOL {
+            pool.push((number, at_ms));
+        } else {
+            let i = self.rng.below(pool.len());
+            pool[i] = (number, at_ms);
         }
     }
 
@@ -318,10 +348,19 @@ impl Generator {
         self.start_ms + minute * MINUTE_MS + (self.rng.bits() % 60_000) as i64
     }
 
-    fn legit(&mut self, minute: i64, c: &Country, spike: bool, scale: f64) -> SimVerification {
+    /// A real user of country `i`: one verifying again now and then, unless `spike`
+    /// (the campaign brings new users).
+    fn legit(&mut self, minute: i64, i: usize, spike: bool, scale: f64) -> SimVerification {
+        let c = &COUNTRIES[i];
         let at_ms = self.at(minute);
-        let number = format!("{}{}", c.block, self.rng.digits(c.digits));
-        let request = self.request(at_ms, number, c.price);
+        let returning = if !spike && self.rng.unit() < RETURNING {
+            self.returning_user(i, at_ms)
+        } else {
+            None
+        };
+        let number =
+            returning.unwrap_or_else(|| format!("{}{}", c.block, self.rng.digits(c.digits)));
+        let request = self.request(at_ms, number.clone(), c.price);
         // Most who enter the code do so within two minutes; a few take longer.
         let result = if self.rng.unit() < (c.conversion * scale).min(0.99) {
             let after = if self.rng.unit() < 0.95 {
@@ -333,6 +372,9 @@ impl Generator {
         } else {
             ("FAIL", Some("Expired"), 10 * MINUTE_MS)
         };
+        if result.0 == "SUCCESSFUL" {
+            self.remember_success(i, number, at_ms + result.2);
+        }
         SimVerification {
             at_ms,
             request,
@@ -382,11 +424,11 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
             let mut acc = 0.0;
             let c = COUNTRIES
                 .iter()
-                .find(|c| {
+                .position(|c| {
                     acc += c.share;
                     pick < acc
                 })
-                .unwrap_or(&COUNTRIES[0]);
+                .unwrap_or(0);
             out.push(g.legit(minute, c, false, knobs.legit_conversion));
         }
         let of_day = minute - attacked_day;
@@ -394,8 +436,9 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
             continue;
         }
         if knobs.spike && (SPIKE.0..SPIKE.1).contains(&of_day) {
-            if let Some(france) = COUNTRIES.iter().find(|c| c.block == SPIKE.2) {
-                let extra = legit_rate(knobs.legit_per_minute, minute) * france.share * 4.0;
+            if let Some(france) = COUNTRIES.iter().position(|c| c.block == SPIKE.2) {
+                let share = COUNTRIES[france].share;
+                let extra = legit_rate(knobs.legit_per_minute, minute) * share * 4.0;
                 for _ in 0..g.rng.count(extra) {
                     out.push(g.legit(minute, france, true, knobs.legit_conversion));
                 }

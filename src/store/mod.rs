@@ -179,6 +179,18 @@ pub trait VerificationStore: Send + Sync + 'static {
         query: VerificationQuery,
     ) -> Result<Page<VerificationRecord>, StoreError>;
 
+    /// Up to `limit` of the verifications of `number` (in stored form) first seen in
+    /// `[since, until)`, the newest: what a policy reads of a number's history on the
+    /// way to a decision, so an engine answers from its number index without the
+    /// ordering guarantees of a listing.
+    async fn recent_of_number(
+        &self,
+        number: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VerificationRecord>, StoreError>;
+
     async fn stats(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError>;
 
     /// The raw event log, oldest first.
@@ -383,6 +395,21 @@ impl Store {
             *number = self.numbers.protect(number).into_owned();
         }
         self.engine.verifications(query).await
+    }
+
+    /// Up to `limit` of the newest verifications of `number` (as clients know it) first
+    /// seen in `[since, until)`; see [`VerificationStore::recent_of_number`].
+    pub async fn recent_of_number(
+        &self,
+        number: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VerificationRecord>, StoreError> {
+        let stored = self.numbers.protect(number);
+        self.engine
+            .recent_of_number(&stored, since, until, limit)
+            .await
     }
 
     pub async fn stats(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError> {

@@ -114,6 +114,7 @@ impl Policy for SlowPolicy {
     fn decide(
         &self,
         _: &VerificationRequestEvent,
+        _history: verigate::policy::NumberHistory,
         _: chrono::DateTime<chrono::Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         std::thread::sleep(self.0);
@@ -139,6 +140,7 @@ impl Policy for PanickingPolicy {
     fn decide(
         &self,
         _: &VerificationRequestEvent,
+        _history: verigate::policy::NumberHistory,
         _: chrono::DateTime<chrono::Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         panic!("a bug in a plugged-in policy")

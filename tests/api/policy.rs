@@ -283,7 +283,7 @@ async fn policy_check_test_and_replay_work_end_to_end() {
 
     let cases = format!("{root}/config/policy-cases.toml");
     let (ok, out) = tokio::task::block_in_place(|| cli(&["policy", "test", &sample, &cases], &[]));
-    assert!(ok && out.contains("6 passed, 0 failed"), "{out}");
+    assert!(ok && out.contains("7 passed, 0 failed"), "{out}");
     let failing = dir.path().join("cases.toml");
     std::fs::write(
         &failing,
@@ -361,4 +361,68 @@ async fn policy_check_test_and_replay_work_end_to_end() {
         report["newly_denied"]["no-germany"],
         json!({"FAIL": 1, "SUCCESSFUL": 2})
     );
+}
+
+/// A rule that denies a busy range but spares returning numbers, on a running service.
+const SPARING_POLICY: &str = r#"
+default = "allow"
+
+[[rule]]
+name = "busy-range"
+action = "deny"
+rate_limit = { key = "range:3", max = 1, window = "1h" }
+spare_returning = true
+"#;
+
+/// A number whose latest verification succeeded is let through where a new one is
+/// denied, and loses that at its next failure: the same with numbers kept hashed.
+async fn returning_numbers_are_spared(app: TestApp) {
+    std::fs::write(policy_path(&app), SPARING_POLICY).unwrap();
+    let reloaded = post_admin(&app, "/v1/policy/reload", Some(API_TOKEN)).await;
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text);
+    let ask = |id: &'static str, number: &'static str| {
+        let app = &app;
+        async move {
+            let reply = app.post_callback(&request_event(id, "sms", number)).await;
+            assert_eq!(reply.status, 200, "{}", reply.text);
+            reply.json()["action"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        }
+    };
+    let (person, stranger) = ("+46701234001", "+46701234002");
+    assert_eq!(ask("ret-1", person).await, "allow");
+    app.post_callback(&result_event("ret-1", "SUCCESSFUL"))
+        .await;
+    // The range is over its limit now: a new number is denied ...
+    assert_eq!(ask("ret-2", stranger).await, "deny");
+    // ... the person who just verified is let through, and the record says why.
+    assert_eq!(ask("ret-3", person).await, "allow");
+    let record = app.record("ret-3").await.unwrap();
+    let reason = record["decision"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("`busy-range` spared a returning number"),
+        "{record}"
+    );
+    let described = app.get("/v1/policy", Some(API_TOKEN)).await.json();
+    assert_eq!(described["rules"][0]["spared"], 1, "{described}");
+    // A failure takes it away.
+    app.post_callback(&result_event("ret-3", "FAIL")).await;
+    assert_eq!(ask("ret-4", person).await, "deny");
+}
+
+#[tokio::test]
+async fn a_returning_number_is_spared_where_a_new_one_is_denied() {
+    returning_numbers_are_spared(spawn_app().await).await;
+}
+
+#[tokio::test]
+async fn a_returning_number_is_recognised_when_numbers_are_kept_hashed() {
+    let app = spawn_app_with(|s| {
+        s.store.hash_numbers = true;
+        s.store.number_hash_key = Some("a-secret-key-for-hmac-of-numbers".to_owned().into());
+    })
+    .await;
+    returning_numbers_are_spared(app).await;
 }

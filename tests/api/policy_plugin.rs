@@ -17,6 +17,7 @@ impl Policy for AllowEurope {
     fn decide(
         &self,
         req: &VerificationRequestEvent,
+        _history: verigate::policy::NumberHistory,
         _now: chrono::DateTime<chrono::Utc>,
     ) -> Result<PolicyDecision, PolicyError> {
         let european = ["+3", "+4"]

@@ -609,3 +609,48 @@ async fn an_approximate_limit_is_exact_for_requests_further_apart_than_the_shari
     assert_eq!(allowed(&answers), 10, "{actions:?}");
     assert!(actions[10..].iter().all(|a| *a == "deny"), "{actions:?}");
 }
+
+/// What makes a number returning is in the database every replica reads: a success
+/// recorded through one replica spares the number on another, a failure recorded
+/// through a third takes that away everywhere.
+#[tokio::test]
+async fn a_number_that_succeeded_on_one_replica_is_returning_on_the_others() {
+    let policy = "[[rule]]\nname = \"busy-range\"\naction = \"deny\"\nrate_limit = { key = \"range:3\", max = 1, window = \"1h\" }\nspare_returning = true\n";
+    let Some(r) = replicas("returning", 3, policy).await else {
+        return;
+    };
+    let (person, stranger) = ("+46701234001", "+46701234002");
+    let action = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 200, "{answer}");
+        answer["action"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(
+        action(r.post(0, request_event("rr-1", "sms", person)).await),
+        "allow"
+    );
+    assert_eq!(
+        r.running[0]
+            .post_callback(result_event("rr-1", "SUCCESSFUL"))
+            .await,
+        200
+    );
+    assert_eq!(
+        action(r.post(1, request_event("rr-2", "sms", stranger)).await),
+        "deny"
+    );
+    assert_eq!(
+        action(r.post(1, request_event("rr-3", "sms", person)).await),
+        "allow"
+    );
+    assert_eq!(
+        r.running[2]
+            .post_callback(result_event("rr-3", "FAIL"))
+            .await,
+        200
+    );
+    for i in 0..3 {
+        let id = format!("rr-{}", 4 + i);
+        let answer = action(r.post(i, request_event(&id, "sms", person)).await);
+        assert_eq!(answer, "deny", "replica {i}");
+    }
+}

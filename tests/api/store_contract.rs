@@ -407,6 +407,49 @@ pub async fn events_arriving_together_join_into_one_record(backend: &Backend) {
     store.shutdown().await.unwrap();
 }
 
+/// A number's recent verifications, for a policy reading its history: the newest first,
+/// only that number's, only those first seen in the window.
+pub async fn a_numbers_recent_verifications_are_the_newest_of_the_window(backend: &Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
+    let allow = decision(Action::Allow, None);
+    for i in 0..5 {
+        let body = request_event(&format!("recent-{i}"), "sms", "+46700000042");
+        put(&store, &body, i, Some(&allow)).await;
+    }
+    put(
+        &store,
+        &request_event("other", "sms", "+46700000043"),
+        2,
+        Some(&allow),
+    )
+    .await;
+    let ids = |records: Vec<verigate::store::VerificationRecord>| -> Vec<String> {
+        records.into_iter().map(|r| r.id).collect()
+    };
+    let newest = store
+        .recent_of_number("+46700000042", at(1), at(10), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(newest),
+        ["recent-4", "recent-3", "recent-2"],
+        "{}",
+        backend.name
+    );
+    let window = store
+        .recent_of_number("+46700000042", at(0), at(2), 10)
+        .await
+        .unwrap();
+    assert_eq!(ids(window), ["recent-1", "recent-0"], "{}", backend.name);
+    let none = store
+        .recent_of_number("+46700000044", at(0), at(10), 10)
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "{}", backend.name);
+    store.shutdown().await.unwrap();
+}
+
 pub async fn a_verifications_own_events_are_found_among_others(backend: &Backend) {
     let dir = tempfile::tempdir().unwrap();
     let store = (backend.open)(dir.path(), NumberPrivacy::Plain);
@@ -964,6 +1007,7 @@ macro_rules! contract_tests {
             a_long_reference_is_stored_and_found_by_it,
             events_join_into_one_record_whatever_their_order,
             events_arriving_together_join_into_one_record,
+            a_numbers_recent_verifications_are_the_newest_of_the_window,
             a_verifications_own_events_are_found_among_others,
             listings_follow_creation_order_and_filters,
             pagination_has_no_gaps_under_concurrent_writes,

@@ -563,7 +563,9 @@
       h('td', {}, h('strong', {}, rule.name), rule.note ? [h('br'), h('small', {}, rule.note)] : null),
       h('td', {}, h('span', { class: 'mode ' + rule.mode }, rule.mode), ' ', rule.action),
       h('td', {}, h('ul', { class: 'conditions' }, rule.conditions.map((c) => h('li', {}, c)))),
-      h('td', { class: 'n' }, count(rule.hits)),
+      h('td', { class: 'n' }, count(rule.hits), rule.spared
+        ? [h('br'), h('small', { class: 'spared' }, `spared ${count(rule.spared)} returning`)]
+        : null),
       h('td', { class: 'n' }, shadow
         ? (s && s.verifications ? `would have decided ${count(s.verifications)}` : '–')
         : decidedText(stored && stored.decided)),

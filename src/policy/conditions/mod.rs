@@ -536,6 +536,10 @@ macro_rules! registry {
             /// Share of requests let through a quarantine to see whether it still holds (0 to 0.5).
             #[schemars(with = "Option<f64>")]
             pub(super) probe: Option<Spanned<f64>>,
+            /// A deny rule that lets a returning number (its latest finished verification
+            /// succeeded) go on to the next rule instead of denying it.
+            #[schemars(with = "Option<bool>")]
+            pub(super) spare_returning: Option<Spanned<bool>>,
         }
 
         impl RuleFile {

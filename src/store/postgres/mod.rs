@@ -599,6 +599,30 @@ impl VerificationStore for PostgresStore {
         page
     }
 
+    /// One probe of the number index on the shared connection (pipelined with the
+    /// claims sent at the same moment): what is committed now, without the write gate
+    /// that gives listings their order.
+    async fn recent_of_number(
+        &self,
+        number: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VerificationRecord>, StoreError> {
+        let connection = self.shared().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = connection
+            .query(
+                "SELECT record FROM verigate_verifications
+                 WHERE number = $1 AND first_seen >= $2 AND first_seen < $3 AND record IS NOT NULL
+                 ORDER BY number DESC, first_seen DESC, seq DESC LIMIT $4",
+                &[&number, &since, &until, &limit],
+            )
+            .await
+            .map_err(failed)?;
+        rows.iter().map(|row| record_of(row, 0)).collect()
+    }
+
     async fn stats(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError> {
         self.stats_inner(query).await
     }

@@ -288,6 +288,18 @@ impl VerificationStore for SledStore {
         blocking(move || shared.list(&query)).await
     }
 
+    /// A number's few records, from memory or cached index reads: no hop to a blocking
+    /// thread, as for the first delivery.
+    async fn recent_of_number(
+        &self,
+        number: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<VerificationRecord>, StoreError> {
+        self.shared.recent_of_number(number, since, until, limit)
+    }
+
     async fn stats(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError> {
         let shared = Arc::clone(&self.shared);
         blocking(move || shared.stats(&query)).await

@@ -88,12 +88,7 @@ impl Shared {
         start: Stamp,
         end: Stamp,
     ) -> Result<Page<VerificationRecord>, StoreError> {
-        let mut stamps: BTreeSet<Stamp> = self
-            .read_layers()
-            .indexed(value, tag == keys::NUMBER)
-            .into_iter()
-            .collect();
-        stamps.extend(self.runs.lookup(&*self.index()?, tag, value)?);
+        let stamps = self.stamps_of(tag, value)?;
         let mut items = Vec::new();
         let mut last = None;
         for stamp in stamps.range(start..end) {
@@ -112,6 +107,45 @@ impl Shared {
             }
         }
         Ok(Page { items, next: None })
+    }
+
+    /// Where the records with this number or reference are, in memory and in the index.
+    fn stamps_of(&self, tag: u8, value: &str) -> Result<BTreeSet<Stamp>, StoreError> {
+        let mut stamps: BTreeSet<Stamp> = self
+            .read_layers()
+            .indexed(value, tag == keys::NUMBER)
+            .into_iter()
+            .collect();
+        stamps.extend(self.runs.lookup(&*self.index()?, tag, value)?);
+        Ok(stamps)
+    }
+
+    /// Up to `limit` of the newest records of `number` (stored form) first seen in
+    /// `[since, until)`.
+    pub fn recent_of_number(
+        &self,
+        number: &str,
+        since: chrono::DateTime<chrono::Utc>,
+        until: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<VerificationRecord>, StoreError> {
+        let (start, end) = self.bounds(since, until, None)?;
+        let mut items = Vec::new();
+        for stamp in self
+            .stamps_of(keys::NUMBER, number)?
+            .range(start..end)
+            .rev()
+        {
+            if items.len() == limit {
+                break;
+            }
+            if let Some(v) = self.record_at(*stamp)? {
+                if v.record.number.as_deref() == Some(number) {
+                    items.push(v.record.clone());
+                }
+            }
+        }
+        Ok(items)
     }
 
     /// Everything else: a walk in time order, merging memory with the index, that reads at
