@@ -447,6 +447,21 @@ pub async fn a_numbers_recent_verifications_are_the_newest_of_the_window(backend
         .await
         .unwrap();
     assert!(none.is_empty(), "{}", backend.name);
+    // Asked together (one statement on a backend that groups them), each gets its own.
+    let asks = ["+46700000042", "+46700000043", "+46700000044"].repeat(8);
+    let answers = futures_util::future::join_all(
+        asks.iter()
+            .map(|n| store.recent_of_number(n, at(0), at(10), 10)),
+    )
+    .await;
+    for (number, answer) in asks.iter().zip(answers) {
+        let expected: &[&str] = match *number {
+            "+46700000042" => &["recent-4", "recent-3", "recent-2", "recent-1", "recent-0"],
+            "+46700000043" => &["other"],
+            _ => &[],
+        };
+        assert_eq!(ids(answer.unwrap()), expected, "{}: {number}", backend.name);
+    }
     store.shutdown().await.unwrap();
 }
 
