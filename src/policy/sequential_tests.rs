@@ -404,3 +404,42 @@ fn a_country_whose_traffic_is_mostly_an_attack_cannot_lower_its_own_bar() {
     let (denied, _) = traffic(&p, "+2257799", 60, now, 30_000, |i| i % 20 == 0);
     assert!(denied >= 10, "{denied}");
 }
+
+/// Traffic follows the day: a key is judged against the same hour of the days before,
+/// so a surge in its quiet hours is seen although it stays under the day's mean.
+#[test]
+fn a_surge_in_a_quiet_hour_is_judged_against_that_hour_of_the_day_before() {
+    let p = policy(
+        "[[rule]]\nname = \"surge\"\naction = \"deny\"\n\
+         surge = { per = \"prefix:5\", window = \"1h\", volume_above = 1.5, conversion_below = 0.6, complete_after = \"3m\" }\n",
+    );
+    let mut rng = crate::rng::Rng::seeded(3);
+    let mut id = 0;
+    let mut ask = |at_ms: i64, converted: bool| {
+        id += 1;
+        verify(
+            &p,
+            &format!("v{id}"),
+            &format!("+4479{id:07}"),
+            at_ms,
+            converted,
+        )
+    };
+    // A day: 60 an hour, but 10 an hour from 02:00 to 05:00; 80 % convert.
+    for hour in 0..24 {
+        let per_hour = if (2..5).contains(&hour) { 10 } else { 60 };
+        for k in 0..per_hour {
+            let at = START + hour * 60 * MIN + k * (60 * MIN / per_hour);
+            let d = ask(at, rng.unit() < 0.8);
+            assert_eq!(d.action, Action::Allow, "day one, {hour}:00");
+        }
+    }
+    // The next night at 02:00: 40 an hour (under the day's mean of 54 an hour, four
+    // times this hour's normal), none converting.
+    let night = START + (24 + 2) * 60 * MIN;
+    let denied = (0..40)
+        .map(|k| ask(night + k * (60 * MIN / 40), false))
+        .filter(|d| d.action == Action::Deny)
+        .count();
+    assert!(denied >= 10, "{denied} of the night's surge denied");
+}

@@ -5,7 +5,9 @@
 //!
 //! Each key learns its normal volume (requests per window) and conversion over
 //! `baseline`, volume only while it is not surging and conversion only while its
-//! evidence does not lean low, so an attack that lasts does not become the normal. Conversion is judged by the same sequential test as
+//! evidence does not lean low, so an attack that lasts does not become the normal.
+//! Volume is judged against the same hour of the days before (up to a week), since
+//! traffic follows the day; a key without a day behind it, against its mean. Conversion is judged by the same sequential test as
 //! `conversion` (a CUSUM against the key's own normal rate), volume by its ratio to
 //! normal. With `throttle`, the key is not denied outright: requests pass up to
 //! `throttle` × its normal volume in the window and only the excess is denied, so the
@@ -72,8 +74,15 @@ fn default_false_alarm() -> f64 {
 /// A key is judged only once its normal rests on this many outcomes.
 const BASELINE_SAMPLES: f64 = 50.0;
 
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+/// Earlier days whose same hour teaches a key its normal volume at that hour.
+const HOURLY_DAYS: i64 = 7;
+/// How long one day's hour is kept.
+const HOURLY_MS: i64 = (HOURLY_DAYS + 1) * DAY_MS;
+
 impl Condition for Surge {
-    const HOLDS_WHEN: &'static str = "the key departs from its own normal, learned over `baseline` (24h) while it was not surging: at least `volume_above` (1.5) × its normal requests in the `window`, and its conversion leaning below `conversion_below` × its normal rate by a sequential test at `false_alarm` (1e-5). With `throttle`, only the requests beyond `throttle` × its normal volume in the window match";
+    const HOLDS_WHEN: &'static str = "the key departs from its own normal, learned over `baseline` (24h) while it was not surging: at least `volume_above` (1.5) × its normal requests in the `window` (the same hour of the day on up to seven days before, UTC; until a key has a day behind it, its mean over the baseline), and its conversion leaning below `conversion_below` × its normal rate by a sequential test at `false_alarm` (1e-5). With `throttle`, only the requests beyond `throttle` × its normal volume in the window match";
     const EXAMPLE: &'static str = r#"surge = { per = "prefix:5", window = "1h", volume_above = 1.5, conversion_below = 0.6, throttle = 1.2 }"#;
     type File = SurgeFile;
 
@@ -153,6 +162,9 @@ struct SurgeKeys {
     normal: CounterKey,
     /// When the key was first seen (ms), forgotten after a baseline without requests.
     since: CounterKey,
+    /// The same, forgotten after a week without requests: how long the hours of the
+    /// day have been counted.
+    since_hourly: CounterKey,
     /// Requests let through the throttle in the window.
     passed: CounterKey,
 }
@@ -180,8 +192,45 @@ impl SurgeLimit {
             recent: key("surge_recent"),
             normal: key("surge_normal"),
             since: key("surge_since"),
+            since_hourly: key("surge_since_hourly"),
             passed: key("surge_passed"),
         }
+    }
+
+    /// The requests of one hour (UTC; hours since the epoch) while the key was not
+    /// surging.
+    fn hour_key(rule: &str, spec: &str, value: &str, hour: i64) -> CounterKey {
+        CounterKey {
+            rule: rule.to_owned(),
+            condition: joined(&["surge_hour:", &hour.to_string(), ":", spec]),
+            value: value.to_owned(),
+        }
+    }
+
+    /// Normal requests per window at this time of day: the mean of the same hour on the
+    /// earlier days (up to a week) the key was counted through (`None` before a whole
+    /// such hour). Today's own traffic never counts, so a surge cannot raise its bar.
+    fn hourly_volume(
+        &self,
+        rule: &str,
+        value: &str,
+        keys: &SurgeKeys,
+        counters: &dyn CounterStore,
+        now_ms: i64,
+    ) -> Result<Option<f64>, PolicyError> {
+        let first = counters.level(&keys.since_hourly, HOURLY_MS, now_ms)? as i64;
+        let this_hour = now_ms.div_euclid(HOUR_MS);
+        let (mut requests, mut days) = (0.0, 0.0);
+        for back in 1..=HOURLY_DAYS {
+            let hour = this_hour - 24 * back;
+            if first == 0 || hour * HOUR_MS < first {
+                break; // not counted through that hour: the key was not seen yet
+            }
+            let key = Self::hour_key(rule, &self.spec.text, value, hour);
+            requests += counters.total(&key, HOURLY_MS, now_ms)?;
+            days += 1.0;
+        }
+        Ok((days > 0.0).then(|| requests / days * self.spec.window_ms as f64 / HOUR_MS as f64))
     }
 
     /// The key's normal and recent state; `None` until it has a normal to judge by.
@@ -208,10 +257,13 @@ impl SurgeLimit {
             let span = (now_ms as f64 - since)
                 .clamp(self.spec.window_ms as f64, self.baseline_ms as f64);
             let requests = counters.total(&keys.normal, self.baseline_ms, now_ms)?;
-            Ok(Some((
-                requests * self.spec.window_ms as f64 / span,
-                base_ok / base_all,
-            )))
+            // The same hour of the days before where they are known: traffic follows
+            // the day, and an attack in a quiet hour must not hide under the day's mean.
+            let volume = match self.hourly_volume(rule, value, keys, counters, now_ms)? {
+                Some(hourly) => hourly,
+                None => requests * self.spec.window_ms as f64 / span,
+            };
+            Ok(Some((volume, base_ok / base_all)))
         })?;
         let Some((volume, rate)) = normal else {
             return Ok(None);
@@ -279,9 +331,14 @@ impl Limit for SurgeLimit {
         let (window_ms, now_ms) = (self.spec.window_ms, cx.now_ms);
         cx.counters.add(&keys.recent, window_ms, now_ms, 1.0)?;
         // A level that holds the time the key was first seen while it keeps being seen.
-        if cx.counters.accumulate(&keys.since, self.baseline_ms, now_ms, 0.0)? == 0.0 {
-            cx.counters
-                .accumulate(&keys.since, self.baseline_ms, now_ms, now_ms as f64)?;
+        for (since, idle_ms) in [
+            (&keys.since, self.baseline_ms),
+            (&keys.since_hourly, HOURLY_MS),
+        ] {
+            if cx.counters.accumulate(since, idle_ms, now_ms, 0.0)? == 0.0 {
+                cx.counters
+                    .accumulate(since, idle_ms, now_ms, now_ms as f64)?;
+            }
         }
         let standing = self.standing(cx.rule, &value, &keys, cx.counters, now_ms)?;
         let surging = standing.as_ref().is_some_and(|s| self.surging(s));
@@ -290,6 +347,9 @@ impl Limit for SurgeLimit {
         if !surging {
             // Only periods without a surge teach the key its normal volume.
             cx.counters.add(&keys.normal, self.baseline_ms, now_ms, 1.0)?;
+            let hour = now_ms.div_euclid(HOUR_MS);
+            let hourly = Self::hour_key(cx.rule, &self.spec.text, &value, hour);
+            cx.counters.add(&hourly, HOURLY_MS, now_ms, 1.0)?;
         }
         let Some(s) = standing else {
             cx.reading("surge (no normal learned yet)".into(), value, 0.0, self.threshold);
