@@ -37,14 +37,14 @@ pub const MOST_VERIFICATIONS: usize = 32;
 /// outside the `within` up to `now`, and results that came after it, are passed over).
 /// Denied verifications, errors and those still under way say nothing about the person;
 /// one allowed and never completed counts as failed, as the adaptive rules count it.
-pub fn history_of(
-    records: &[VerificationRecord],
+pub fn history_of<'a>(
+    records: impl Iterator<Item = &'a VerificationRecord> + Clone,
     now: DateTime<Utc>,
     within: Duration,
 ) -> NumberHistory {
     let in_window = || {
         records
-            .iter()
+            .clone()
             .filter(move |r| r.first_seen <= now && now - r.first_seen <= within)
     };
     if in_window().count() >= MOST_VERIFICATIONS {
@@ -132,7 +132,7 @@ mod tests {
     }
 
     fn history(records: &[VerificationRecord]) -> NumberHistory {
-        history_of(records, t(0), Duration::days(90))
+        history_of(records.iter(), t(0), Duration::days(90))
     }
 
     #[test]

@@ -249,8 +249,12 @@ pub fn replay(
             report.skipped_hashed += 1;
             continue;
         };
+        // What the store held when it was asked: not this verification itself.
         let history = match (window, by_number.get(number)) {
-            (Some(within), Some(records)) => history_of(records, at, within),
+            (Some(within), Some(records)) => {
+                let earlier = records.iter().filter(|r| r.id != record.id);
+                history_of(earlier, at, within)
+            }
             _ => NumberHistory::New,
         };
         let Ok(new) = candidate.decide(&request, history, at) else {

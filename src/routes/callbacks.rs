@@ -268,7 +268,7 @@ async fn number_history(
         .recent_of_number(&request.identity.endpoint, now - within, until, most)
         .await
     {
-        Ok(records) => history_of(&records, now, within),
+        Ok(records) => history_of(records.iter(), now, within),
         Err(err) => {
             static LOOKUP_FAILURES: crate::telemetry::OncePer =
                 crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));

@@ -426,3 +426,50 @@ async fn a_returning_number_is_recognised_when_numbers_are_kept_hashed() {
     .await;
     returning_numbers_are_spared(app).await;
 }
+
+/// `policy replay` gives a candidate that spares returning numbers each number's history
+/// as it stood when the request came: a success spares the next request, a failure ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_reads_each_numbers_history_as_it_was_then() {
+    let app = spawn_app().await;
+    let number = "+46701230001";
+    for (i, status) in ["SUCCESSFUL", "FAIL", "SUCCESSFUL"].iter().enumerate() {
+        let id = format!("rp-{i}");
+        app.set_now(app.now() + chrono::Duration::seconds(30));
+        let reply = app.post_callback(&request_event(&id, "sms", number)).await;
+        assert_eq!(reply.json()["action"], "allow");
+        app.set_now(app.now() + chrono::Duration::seconds(30));
+        app.post_callback(&result_event(&id, status)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = dir.path().join("candidate.toml");
+    std::fs::write(
+        &candidate,
+        "default = \"allow\"\n[[rule]]\nname = \"no-range\"\naction = \"deny\"\nprefix = [\"+4670123\"]\nspare_returning = true\n",
+    )
+    .unwrap();
+    let (ok, out) = tokio::task::block_in_place(|| {
+        cli(
+            &[
+                "policy",
+                "replay",
+                candidate.to_str().unwrap(),
+                "--since",
+                "1h",
+                "--url",
+                &app.address,
+                "--token",
+                API_TOKEN,
+            ],
+            &[],
+        )
+    });
+    assert!(ok, "{out}");
+    // The first is new and the third follows a failure: denied; the second follows a
+    // success: spared, so unchanged.
+    assert!(
+        out.contains("replayed 3 request events: 1 unchanged"),
+        "{out}"
+    );
+    assert!(out.contains("no-range: 2"), "{out}");
+}
