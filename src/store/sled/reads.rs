@@ -130,12 +130,22 @@ impl Shared {
         limit: usize,
     ) -> Result<Vec<VerificationRecord>, StoreError> {
         let (start, end) = self.bounds(since, until, None)?;
+        // Bounded however many verifications the number has: a number asked for over and
+        // over must not make each of its requests read all of them.
+        let mut stamps: BTreeSet<Stamp> = self
+            .read_layers()
+            .indexed(number, true)
+            .into_iter()
+            .filter(|s| (start..end).contains(s))
+            .collect();
+        let index = self.index()?;
+        let window = (start, end);
+        stamps.extend(
+            self.runs
+                .lookup_newest(&index, keys::NUMBER, number, window, limit)?,
+        );
         let mut items = Vec::new();
-        for stamp in self
-            .stamps_of(keys::NUMBER, number)?
-            .range(start..end)
-            .rev()
-        {
+        for stamp in stamps.iter().rev() {
             if items.len() == limit {
                 break;
             }

@@ -216,6 +216,55 @@ impl Runs {
         Ok(out)
     }
 
+    /// Up to `limit` of the newest stamps in `[start, end)` indexed under `value`, from
+    /// each run (newest first within a run): reads only the chunks that hold them, so a
+    /// value with many entries costs no more than one with a few.
+    pub fn lookup_newest(
+        &self,
+        index: &Index,
+        tag: u8,
+        value: &str,
+        (start, end): (Stamp, Stamp),
+        limit: usize,
+    ) -> Result<Vec<Stamp>, StoreError> {
+        let prefix = keys::indexed_prefix(tag, value);
+        let bloom = &prefix[..prefix.len() - 1];
+        let (low, high) = (
+            keys::indexed(tag, value, start),
+            keys::indexed(tag, value, end),
+        );
+        let mut out = Vec::new();
+        for run in self.snapshot() {
+            if !run.bloom.may_contain(bloom) {
+                continue;
+            }
+            // Chunk n holds the entries from its first up to the next chunk's first.
+            let holding = run
+                .chunk_firsts
+                .partition_point(|f| f.as_slice() < high.as_slice());
+            let mut taken = 0;
+            for n in (0..holding).rev() {
+                let chunk = chunk_block(index, run.id, n as u32)?;
+                let mut found: Vec<Stamp> = chunk
+                    .iter()
+                    .filter(|e| *e >= low.as_slice() && *e < high.as_slice())
+                    .filter_map(keys::stamp_of_indexed)
+                    .collect();
+                found.reverse();
+                found.truncate(limit - taken);
+                taken += found.len();
+                out.extend(found);
+                if taken == limit || run.chunk_firsts[n].as_slice() <= low.as_slice() {
+                    break;
+                }
+            }
+        }
+        out.sort_unstable_by(|a, b| b.cmp(a));
+        out.dedup();
+        out.truncate(limit);
+        Ok(out)
+    }
+
     /// Writes `entries` (any order, duplicates allowed) as a new run, written at `at_ms`.
     pub fn add(&self, index: &Index, entries: Vec<Vec<u8>>, at_ms: u64) -> Result<(), StoreError> {
         if entries.is_empty() {
