@@ -20,6 +20,10 @@ pub struct PolicyDecision {
     pub response: ResponseFields,
     #[serde(default)]
     pub explanation: Explanation,
+    /// Rules that would have denied and let the request go on because its number is
+    /// returning (`spare_returning`): counted in metrics, said in `reason`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spared: Vec<String>,
 }
 
 impl PolicyDecision {
@@ -32,6 +36,7 @@ impl PolicyDecision {
             reason: reason.into(),
             response: ResponseFields::default(),
             explanation: Explanation::default(),
+            spared: Vec::new(),
         }
     }
 }

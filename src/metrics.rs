@@ -34,6 +34,11 @@ pub struct DecisionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The matched route pattern (e.g. `/v1/verifications/{id}`), or `unmatched`.
     pub route: String,
@@ -100,6 +105,7 @@ struct HttpMetrics {
     auth_failures: Family<ReasonLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     shadow_matches: Family<DecisionLabels, Counter>,
+    returning_spared: Family<RuleLabels, Counter>,
     deadline_exceeded: Counter,
     requests: Family<RequestLabels, Histogram, fn() -> Histogram>,
 }
@@ -162,6 +168,12 @@ impl HttpMetrics {
                 "shadow_matches",
                 "Request events a shadow rule matched, by rule and what it would have answered \
                  (it decided nothing): a shadow surge rule's rise is an attack no rule may deny",
+                Family::default(),
+            ),
+            returning_spared: add.add(
+                "returning_spared",
+                "Request events a deny rule let go on because the number's latest verification \
+                 succeeded (spare_returning), by rule",
                 Family::default(),
             ),
             deadline_exceeded: add.add(
@@ -323,6 +335,16 @@ impl Metrics {
             .shadow_matches
             .get_or_create(&DecisionLabels {
                 action: would,
+                rule: rule.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A deny rule let a returning number go on (`spare_returning`).
+    pub fn returning_spared(&self, rule: &str) {
+        self.http
+            .returning_spared
+            .get_or_create(&RuleLabels {
                 rule: rule.to_owned(),
             })
             .inc();

@@ -66,6 +66,7 @@ pub async fn load(store: &Store, n: u64, start: DateTime<Utc>, span: Duration) {
             reason: "bench".into(),
             response: Default::default(),
             explanation: Default::default(),
+            spared: Vec::new(),
         },
         false,
         "bench",

@@ -298,11 +298,12 @@ impl RulesPolicy {
             (Some(r), None) => format!("rule `{}` matched", r.name),
             (None, _) => "no rule matched; policy default".to_owned(),
         };
-        for i in spared {
-            reason.push_str(&format!(
-                "; rule `{}` spared a returning number",
-                s.rules[i].name
-            ));
+        let spared: Vec<String> = spared
+            .into_iter()
+            .map(|i| s.rules[i].name.clone())
+            .collect();
+        for name in &spared {
+            reason.push_str(&format!("; rule `{name}` spared a returning number"));
         }
         let response = match action {
             Action::Allow => rule
@@ -328,6 +329,7 @@ impl RulesPolicy {
             reason,
             response,
             explanation,
+            spared,
         }
     }
 

@@ -83,6 +83,9 @@ impl CallbackOutcome<'_> {
                 for matched in &decision.explanation.shadow {
                     metrics.shadow_match(matched.would.as_str(), &matched.rule);
                 }
+                for spared in &decision.spared {
+                    metrics.returning_spared(spared);
+                }
                 span.record("decision", action);
                 span.record("rule", rule.as_str());
                 log_decision(&decision, &rule);

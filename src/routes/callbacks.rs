@@ -344,6 +344,7 @@ async fn decide<'a>(
         reason: format!("on_error: {failure}"),
         response: Default::default(),
         explanation: Default::default(),
+        spared: Vec::new(),
     };
     (decision, true, None)
 }

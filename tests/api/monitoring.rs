@@ -89,6 +89,7 @@ async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exi
     app.post_callback(&result_event("mon-1", "SUCCESSFUL"))
         .await;
     // A night-time flash call: the sample policy's shadow rule `night-voice` matches it.
+    let day = app.now();
     let night = app
         .now()
         .date_naive()
@@ -112,6 +113,31 @@ async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exi
         .await
         .unwrap();
     assert_eq!(unsigned.status(), 401);
+    // A returning number spared by a rule that denies its busy range (back in the day:
+    // a store keeps time moving forward).
+    app.set_now(day + chrono::Duration::minutes(1));
+    let policy = &app.settings.policy.path;
+    let sparing = "\n[[rule]]\nname = \"busy-range\"\naction = \"deny\"\nprefix = [\"+4670999\"]\nrate_limit = { key = \"range:3\", max = 1, window = \"1h\" }\nspare_returning = true\n";
+    let text = std::fs::read_to_string(policy).unwrap() + sparing;
+    std::fs::write(policy, text).unwrap();
+    let reloaded = app
+        .client
+        .post(format!("{}/v1/policy/reload", app.address))
+        .bearer_auth(API_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reloaded.status(), 200);
+    app.post_callback(&request_event("mon-4", "sms", "+46709990001"))
+        .await;
+    app.post_callback(&result_event("mon-4", "SUCCESSFUL"))
+        .await;
+    app.post_callback(&request_event("mon-5", "sms", "+46709990002"))
+        .await;
+    let spared = app
+        .post_callback(&request_event("mon-6", "sms", "+46709990001"))
+        .await;
+    assert_eq!(spared.json()["action"], "allow");
     let reply = app.get("/metrics", None).await;
     assert_eq!(
         reply.content_type,

@@ -124,6 +124,7 @@ impl Policy for SlowPolicy {
             reason: "took its time".into(),
             response: Default::default(),
             explanation: Default::default(),
+            spared: Vec::new(),
         })
     }
     fn on_error(&self) -> Action {

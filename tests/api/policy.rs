@@ -407,6 +407,10 @@ async fn returning_numbers_are_spared(app: TestApp) {
     );
     let described = app.get("/v1/policy", Some(API_TOKEN)).await.json();
     assert_eq!(described["rules"][0]["spared"], 1, "{described}");
+    let spared = app
+        .metric("verigate_returning_spared_total{rule=\"busy-range\"}")
+        .await;
+    assert_eq!(spared, 1.0);
     // A failure takes it away.
     app.post_callback(&result_event("ret-3", "FAIL")).await;
     assert_eq!(ask("ret-4", person).await, "deny");

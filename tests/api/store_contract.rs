@@ -83,6 +83,7 @@ fn decision(action: Action, rule: Option<&str>) -> DecisionRecord {
             reason: format!("because of {rule:?}"),
             response: Default::default(),
             explanation: Default::default(),
+            spared: Vec::new(),
         },
         false,
         "v1",

@@ -347,6 +347,7 @@ fn a_decision_made_by_the_policy_survives_the_log() {
         reason: "rule `blocked-numbers` matched".into(),
         response: Default::default(),
         explanation: Explanation::default(),
+        spared: Vec::new(),
     };
     let record = DecisionRecord::new(
         &decision,
