@@ -86,6 +86,31 @@ pub fn balanced_low_rate(p0: f64, boundary: f64) -> f64 {
     (lo + hi) / 2.0
 }
 
+/// Normal rates are rounded to 1 / NORMAL_STEPS where a test's low rate is looked up.
+pub const NORMAL_STEPS: u32 = 200;
+
+/// A sequential test's low rate for every normal rate on the grid, where
+/// `boundary(normal)` is the rate at which a key neither gains nor loses evidence
+/// (`None` where that is not under the normal): a root to find, too slow to find on
+/// every decision.
+pub fn low_rates(boundary: impl Fn(f64) -> f64) -> Vec<Option<f64>> {
+    (0..=NORMAL_STEPS)
+        .map(|i| {
+            let normal = f64::from(i) / f64::from(NORMAL_STEPS);
+            let boundary = boundary(normal);
+            (boundary < normal).then(|| balanced_low_rate(normal, boundary))
+        })
+        .collect()
+}
+
+/// The steps (a success's, a failure's) of the test at the grid point nearest `normal`
+/// (`lows` from [`low_rates`]).
+pub fn steps_at(lows: &[Option<f64>], normal: f64) -> Option<(f64, f64)> {
+    let i = (normal.clamp(0.0, 1.0) * f64::from(NORMAL_STEPS)).round();
+    let low = lows.get(i as usize).copied().flatten()?;
+    Some(evidence_steps(i / f64::from(NORMAL_STEPS), low))
+}
+
 /// What one success and one failure add to [`evidence`].
 pub fn evidence_steps(p0: f64, p1: f64) -> (f64, f64) {
     let p0 = p0.clamp(1e-6, 1.0 - 1e-3);

@@ -21,8 +21,8 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        balanced_low_rate, baseline_counters, conversion_counters, evidence_level,
-        evidence_steps, pool_level, wilson_upper, z_for, TrackedKey,
+        baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
+        wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -79,9 +79,6 @@ fn default_pool_alert_for() -> String {
 fn default_pooled_false_alarm() -> f64 {
     0.05
 }
-
-/// Normal rates are rounded to 1 / NORMAL_STEPS.
-const NORMAL_STEPS: u32 = 200;
 
 /// A normal rate is learned from at least this many outcomes; with fewer the country
 /// falls back to every country's rate, and that to no judgement.
@@ -152,15 +149,7 @@ impl Condition for Conversion {
                     .as_deref()
                     .map(|text| pool_of(&spec.key, text))
                     .transpose()?;
-                // The test's low rate for every normal rate, to the half percent: a
-                // root to find, too slow to find on every decision.
-                let alternatives = (0..=NORMAL_STEPS)
-                    .map(|i| {
-                        let normal = f64::from(i) / f64::from(NORMAL_STEPS);
-                        let boundary = threshold.rate(normal);
-                        (boundary < normal).then(|| balanced_low_rate(normal, boundary))
-                    })
-                    .collect();
+                let alternatives = low_rates(|normal| threshold.rate(normal));
                 Test::Sequential {
                     alternatives,
                     threshold: (1.0 / alarm).ln(),
@@ -344,9 +333,7 @@ impl ConversionLimit {
         let Test::Sequential { alternatives, .. } = &self.test else {
             return None;
         };
-        let i = (normal.clamp(0.0, 1.0) * f64::from(NORMAL_STEPS)).round();
-        let low = alternatives.get(i as usize).copied().flatten()?;
-        Some(evidence_steps(i / f64::from(NORMAL_STEPS), low))
+        steps_at(alternatives, normal)
     }
 
     /// The sequential level of the request's key (`value`).

@@ -21,7 +21,7 @@ use super::{
     Compiled, Condition, CounterContext, Limit,
 };
 use crate::policy::{
-    adaptive::{balanced_low_rate, evidence_steps, surge_counters, surge_level, TrackedKey},
+    adaptive::{low_rates, steps_at, surge_counters, surge_level, TrackedKey},
     counters::{joined, CounterKey, CounterSpec, CounterStore, SlowReadings},
     facts::Facts,
     PolicyError,
@@ -127,7 +127,7 @@ impl Condition for Surge {
             spec,
             baseline_ms,
             volume_above: f.volume_above,
-            conversion_below: f.conversion_below,
+            lows: low_rates(|normal| f.conversion_below * normal),
             threshold: (1.0 / f.false_alarm).ln(),
             throttle: f.throttle,
             complete_after_ms: duration_ms(&f.complete_after).ok_or_else(|| {
@@ -144,7 +144,8 @@ struct SurgeLimit {
     spec: CounterSpec,
     baseline_ms: i64,
     volume_above: f64,
-    conversion_below: f64,
+    /// The sequential test's low rate for each normal rate (`conversion_below` x it).
+    lows: Vec<Option<f64>>,
     /// ln(1 / false_alarm).
     threshold: f64,
     throttle: Option<f64>,
@@ -299,9 +300,7 @@ impl SurgeLimit {
             } else {
                 0
             },
-            steps: standing.map(|s| {
-                evidence_steps(s.rate, balanced_low_rate(s.rate, self.conversion_below * s.rate))
-            }),
+            steps: standing.and_then(|s| steps_at(&self.lows, s.rate)),
         }
     }
 
