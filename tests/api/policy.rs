@@ -266,7 +266,7 @@ async fn policy_check_test_and_replay_work_end_to_end() {
     let sample = format!("{root}/config/policy.toml");
     let (ok, out) = tokio::task::block_in_place(|| cli(&["policy", "check", &sample], &[]));
     assert!(
-        ok && out.contains("13 rules") && out.contains("0 warnings"),
+        ok && out.contains("14 rules") && out.contains("0 warnings"),
         "{out}"
     );
 

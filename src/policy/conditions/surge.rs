@@ -135,6 +135,7 @@ impl Condition for Surge {
             })?,
             written,
             calm: SlowReadings::default(),
+            touched: SlowReadings::default(),
         })))
     }
 }
@@ -153,6 +154,8 @@ struct SurgeLimit {
     written: String,
     /// Each key's normal (volume per window, rate), read once a minute.
     calm: SlowReadings<Option<(f64, f64)>>,
+    /// Keys whose first-sighting levels were kept alive in the last minute.
+    touched: SlowReadings<()>,
 }
 
 /// A key's counters, by what they count.
@@ -330,15 +333,20 @@ impl Limit for SurgeLimit {
         let (window_ms, now_ms) = (self.spec.window_ms, cx.now_ms);
         cx.counters.add(&keys.recent, window_ms, now_ms, 1.0)?;
         // A level that holds the time the key was first seen while it keeps being seen.
-        for (since, idle_ms) in [
-            (&keys.since, self.baseline_ms),
-            (&keys.since_hourly, HOURLY_MS),
-        ] {
-            if cx.counters.accumulate(since, idle_ms, now_ms, 0.0)? == 0.0 {
-                cx.counters
-                    .accumulate(since, idle_ms, now_ms, now_ms as f64)?;
+        // The first-sighting levels only need keeping alive well within their idle spans
+        // (a day, a week): once a minute per key, not a write per request.
+        self.touched.get(&value, now_ms, cx.counters, || {
+            for (since, idle_ms) in [
+                (&keys.since, self.baseline_ms),
+                (&keys.since_hourly, HOURLY_MS),
+            ] {
+                if cx.counters.accumulate(since, idle_ms, now_ms, 0.0)? == 0.0 {
+                    cx.counters
+                        .accumulate(since, idle_ms, now_ms, now_ms as f64)?;
+                }
             }
-        }
+            Ok(())
+        })?;
         let standing = self.standing(cx.rule, &value, &keys, cx.counters, now_ms)?;
         let surging = standing.as_ref().is_some_and(|s| self.surging(s));
         let tracked = self.tracked(cx.rule, value.clone(), standing.as_ref());
