@@ -228,31 +228,28 @@ pub fn replay(
     let window = candidate
         .number_history_window()
         .and_then(|w| Duration::from_std(w).ok());
-    let mut by_number: std::collections::HashMap<String, Vec<VerificationRecord>> =
+    let mut by_number: std::collections::HashMap<&str, Vec<&VerificationRecord>> =
         std::collections::HashMap::new();
     if window.is_some() {
         for (_, record) in &requests {
             if let Some(number) = &record.number {
-                by_number
-                    .entry(number.clone())
-                    .or_default()
-                    .push(record.clone());
+                by_number.entry(number).or_default().push(record);
             }
         }
     }
     let mut report = ReplayReport::default();
-    for (at, record) in requests {
+    for &(at, ref record) in &requests {
         let (Some(number), Some(old)) = (record.number.as_deref(), record.decision.as_ref()) else {
             continue;
         };
-        let Some(request) = request_of(&record) else {
+        let Some(request) = request_of(record) else {
             report.skipped_hashed += 1;
             continue;
         };
         // What the store held when it was asked: not this verification itself.
         let history = match (window, by_number.get(number)) {
             (Some(within), Some(records)) => {
-                let earlier = records.iter().filter(|r| r.id != record.id);
+                let earlier = records.iter().copied().filter(|r| r.id != record.id);
                 history_of(earlier, at, within)
             }
             _ => NumberHistory::New,

@@ -310,22 +310,7 @@ async fn policy_check_test_and_replay_work_end_to_end() {
         .await;
     let candidate = dir.path().join("candidate.toml");
     std::fs::write(&candidate, "default = \"allow\"\n[[rule]]\nname = \"no-germany\"\naction = \"deny\"\ncountry = \"DE\"\n").unwrap();
-    let (ok, online) = tokio::task::block_in_place(|| {
-        cli(
-            &[
-                "policy",
-                "replay",
-                candidate.to_str().unwrap(),
-                "--since",
-                "1h",
-                "--url",
-                &app.address,
-                "--token",
-                API_TOKEN,
-            ],
-            &[],
-        )
-    });
+    let (ok, online) = replay_online(&app, &candidate);
     assert!(ok, "{online}");
     assert!(
         online.contains("replayed 4 request events: 1 unchanged"),
@@ -361,6 +346,27 @@ async fn policy_check_test_and_replay_work_end_to_end() {
         report["newly_denied"]["no-germany"],
         json!({"FAIL": 1, "SUCCESSFUL": 2})
     );
+}
+
+/// `policy replay` of `candidate` against the running service's last hour.
+fn replay_online(app: &TestApp, candidate: &std::path::Path) -> (bool, String) {
+    let candidate = candidate.to_str().unwrap();
+    tokio::task::block_in_place(|| {
+        cli(
+            &[
+                "policy",
+                "replay",
+                candidate,
+                "--since",
+                "1h",
+                "--url",
+                &app.address,
+                "--token",
+                API_TOKEN,
+            ],
+            &[],
+        )
+    })
 }
 
 /// A rule that denies a busy range but spares returning numbers, on a running service.
@@ -452,22 +458,7 @@ async fn replay_reads_each_numbers_history_as_it_was_then() {
         "default = \"allow\"\n[[rule]]\nname = \"no-range\"\naction = \"deny\"\nprefix = [\"+4670123\"]\nspare_returning = true\n",
     )
     .unwrap();
-    let (ok, out) = tokio::task::block_in_place(|| {
-        cli(
-            &[
-                "policy",
-                "replay",
-                candidate.to_str().unwrap(),
-                "--since",
-                "1h",
-                "--url",
-                &app.address,
-                "--token",
-                API_TOKEN,
-            ],
-            &[],
-        )
-    });
+    let (ok, out) = replay_online(&app, &candidate);
     assert!(ok, "{out}");
     // The first is new and the third follows a failure: denied; the second follows a
     // success: spared, so unchanged.

@@ -223,11 +223,14 @@ impl SurgeLimit {
         now_ms: i64,
     ) -> Result<Option<f64>, PolicyError> {
         let first = counters.level(&keys.since_hourly, HOURLY_MS, now_ms)? as i64;
+        if first == 0 {
+            return Ok(None);
+        }
         let this_hour = now_ms.div_euclid(HOUR_MS);
         let (mut requests, mut days) = (0.0, 0.0);
         for back in 1..=HOURLY_DAYS {
             let hour = this_hour - 24 * back;
-            if first == 0 || hour * HOUR_MS < first {
+            if hour * HOUR_MS < first {
                 break; // not counted through that hour: the key was not seen yet
             }
             let key = Self::hour_key(rule, &self.spec.text, value, hour);

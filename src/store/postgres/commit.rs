@@ -373,13 +373,15 @@ async fn write_batch(
         existing.insert(row.try_get(0)?, Existing::of(row)?);
     }
 
-    // Merge each verification's new events, in arrival order, into what is stored.
+    // Merge each verification's new events, in arrival order, into what is stored (a
+    // delivery stored before has nothing to merge).
     let rest: Vec<usize> = firsts
         .iter()
         .copied()
         .filter(|&i| !written_whole.contains(&events[i].identity.id))
+        .filter(|&i| seqs.contains_key(&identity_of(&events[i].identity)))
         .collect();
-    let merged = merge(events, &rest, &seqs, &mut existing)?;
+    let merged = merge(events, &rest, &mut existing)?;
     let records = RecordColumns::of(merged.values())?;
     let update = async {
         if records.id.is_empty() {
@@ -506,20 +508,16 @@ struct Merged {
     record: Option<VerificationRecord>,
 }
 
-/// Merges the new events among `which` (indexes into `events`, in arrival order) into
-/// their verifications' rows, `existing`.
+/// Merges the events `which` (indexes into `events`, in arrival order) into their
+/// verifications' rows, `existing`.
 fn merge(
     events: &[NewEvent],
     which: &[usize],
-    seqs: &HashMap<Identity, i64>,
     existing: &mut HashMap<String, Existing>,
 ) -> Result<HashMap<String, Merged>, StoreError> {
     let mut merged: HashMap<String, Merged> = HashMap::new();
     for &i in which {
         let event = &events[i];
-        if !seqs.contains_key(&identity_of(&event.identity)) {
-            continue; // stored before: nothing to merge
-        }
         let id = &event.identity.id;
         let current = match merged.remove(id) {
             Some(current) => current,
@@ -588,14 +586,12 @@ impl WholeColumns {
             }
         }
         let mut which = Vec::with_capacity(starts.len());
-        let mut seqs = HashMap::with_capacity(starts.len());
         for &i in firsts {
             let event = &events[i];
             if let Some((count, first_seen)) = starts.get_mut(event.identity.id.as_str()) {
                 *count += 1;
                 *first_seen = (*first_seen).min(event.received_at);
                 which.push(i);
-                seqs.insert(identity_of(&event.identity), SEQ_TO_FILL);
             }
         }
         let mut as_new: HashMap<String, Existing> = starts
@@ -609,7 +605,7 @@ impl WholeColumns {
                 (id.to_owned(), row)
             })
             .collect();
-        let merged = merge(events, &which, &seqs, &mut as_new)?;
+        let merged = merge(events, &which, &mut as_new)?;
         let mut records = RecordColumns::of(merged.values())?;
         let events = records
             .id
