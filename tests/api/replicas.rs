@@ -654,3 +654,94 @@ async fn a_number_that_succeeded_on_one_replica_is_returning_on_the_others() {
         assert_eq!(answer, "deny", "replica {i}");
     }
 }
+
+/// Calls the counter function the replicas share with caps only (kind 5 adds within a
+/// cap, kind 6 gives back), all under `cap`, as one batch; each op's (total, added).
+async fn caps_in_one_call(
+    client: &tokio_postgres::Client,
+    ops: &[(i16, &str, f64)],
+    cap: f64,
+) -> Vec<(f64, bool)> {
+    let n = ops.len();
+    let now = vec![1_000_000_000i64; n];
+    let stage = vec![0i16; n];
+    let kind: Vec<i16> = ops.iter().map(|o| o.0).collect();
+    let rule = vec!["budget".to_owned(); n];
+    let condition = vec!["spend".to_owned(); n];
+    let value: Vec<String> = ops.iter().map(|o| o.1.to_owned()).collect();
+    let span = vec![3_600_000i64; n];
+    let amount: Vec<f64> = ops.iter().map(|o| o.2).collect();
+    let member: Vec<Option<String>> = vec![None; n];
+    let caps = vec![cap; n];
+    let before: Vec<Option<i64>> = vec![None; n];
+    let rows = client
+        .query(
+            "SELECT op, result, added FROM verigate_counter_ops(
+                 $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ORDER BY op",
+            &[
+                &now, &stage, &kind, &rule, &condition, &value, &span, &amount, &member, &caps,
+                &before,
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), n);
+    rows.iter().map(|r| (r.get(1), r.get(2))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_in_one_batch_add_each_one_that_fits_in_order_and_refunds_whatever_the_cap() {
+    if !crate::postgres::available() {
+        return;
+    }
+    let url = crate::postgres::database(&format!("caps-batch-{}", std::process::id()));
+    let dir = tempfile::tempdir().unwrap();
+    let migrated = std::process::Command::new(env!("CARGO_BIN_EXE_verigate"))
+        .args(["store", "migrate"])
+        .envs(crate::helpers::test_env(&dir))
+        .env("VERIGATE__STORE__BACKEND", "postgres")
+        .env("VERIGATE__STORE__POSTGRES_URL", &url)
+        .output()
+        .unwrap();
+    assert!(migrated.status.success(), "{migrated:?}");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+
+    // All fit: each total counts the earlier ones of the batch, on its own key.
+    let fits = caps_in_one_call(
+        &client,
+        &[(5, "SE", 2.0), (5, "NO", 4.0), (5, "SE", 3.0)],
+        5.0,
+    )
+    .await;
+    assert_eq!(fits, vec![(2.0, true), (4.0, true), (5.0, true)]);
+    // SE is full: a denied add leaves nothing behind, so a later, cheaper one still
+    // finds what is left, and a refund goes in whatever the cap.
+    let one_by_one = caps_in_one_call(
+        &client,
+        &[
+            (6, "SE", -3.0),
+            (5, "SE", 4.0),
+            (5, "SE", 2.0),
+            (5, "NO", 1.0),
+        ],
+        5.0,
+    )
+    .await;
+    assert_eq!(
+        one_by_one,
+        vec![(2.0, true), (6.0, false), (4.0, true), (5.0, true)]
+    );
+    let totals = client
+        .query(
+            "SELECT value, sum(amount) FROM verigate_counts WHERE rule = 'budget'
+             GROUP BY value ORDER BY value",
+            &[],
+        )
+        .await
+        .unwrap();
+    let totals: Vec<(String, f64)> = totals.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(totals, vec![("NO".to_owned(), 5.0), ("SE".to_owned(), 4.0)]);
+}
