@@ -34,7 +34,7 @@ use crate::{
     metrics::Metrics,
     policy::{history_of, off_async_workers, NumberHistory, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
-    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot},
+    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot, VerificationRecord},
     telemetry::MaskedNumber,
 };
 
@@ -400,9 +400,9 @@ async fn acknowledge<'a>(
 ) -> CallbackOutcome<'a> {
     let event = incoming.event;
     match store.record_once(incoming).await {
-        Ok(RecordOutcome::Stored { .. }) => {
+        Ok(RecordOutcome::Stored { decision, .. }) => {
             if let VerificationEvent::Result(result) = event {
-                report_outcome(state, store, result, incoming.received_at).await;
+                report_outcome(state, store, result, decision, incoming.received_at).await;
             }
             CallbackOutcome::Recorded {
                 event_type: event.event_type(),
@@ -418,20 +418,27 @@ async fn acknowledge<'a>(
 }
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
+/// `decided` is its decision if the store handed it back with the write; else the
+/// record is read for it.
 async fn report_outcome(
     state: &CallbackState,
     store: &Store,
     result: &VerificationResultEvent,
+    decided: Option<Box<DecisionRecord>>,
     at: DateTime<Utc>,
 ) {
     if state.policy.learning().is_none() || result.status == "PENDING" {
         return;
     }
-    let Ok(Some(record)) = store.verification(&result.id).await else {
-        return;
-    };
-    let Some(decision) = record.decision else {
-        return;
+    let decision = match decided {
+        Some(decision) => *decision,
+        None => match store.verification(&result.id).await {
+            Ok(Some(VerificationRecord {
+                decision: Some(decision),
+                ..
+            })) => decision,
+            _ => return,
+        },
     };
     if let Some(learning) = state.policy.learning() {
         if let Some(learned) = learning.observe_outcome_waiting(outcome_of(result, &decision, at)) {

@@ -103,8 +103,14 @@ pub struct FirstDelivery {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RecordOutcome {
-    /// Newly stored, under this sequence number in the event log.
-    Stored { seq: u64 },
+    /// Newly stored, under this sequence number in the event log. For a result event,
+    /// `decision` is the decision its verification was given, when the engine had the
+    /// record at hand while writing (PostgreSQL's group commit reads it to merge into);
+    /// `None` says nothing: read the record to know.
+    Stored {
+        seq: u64,
+        decision: Option<Box<DecisionRecord>>,
+    },
     /// Seen before: nothing was written.
     Duplicate(FirstDelivery),
 }

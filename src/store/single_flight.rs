@@ -126,7 +126,7 @@ impl Claim {
         decision: Option<&DecisionRecord>,
     ) {
         let flight = match outcome {
-            Ok(RecordOutcome::Stored { seq }) => Flight::Done(FirstDelivery {
+            Ok(RecordOutcome::Stored { seq, .. }) => Flight::Done(FirstDelivery {
                 seq: *seq,
                 answer: decision.map(|d| d.answer.clone()),
             }),
@@ -176,7 +176,13 @@ mod tests {
                         Ok(Admission::First(claim)) => {
                             leaders.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                            claim.complete(&Ok(RecordOutcome::Stored { seq: 7 }), None);
+                            claim.complete(
+                                &Ok(RecordOutcome::Stored {
+                                    seq: 7,
+                                    decision: None,
+                                }),
+                                None,
+                            );
                             7
                         }
                         Ok(Admission::Duplicate(first)) => first.seq,

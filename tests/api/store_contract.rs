@@ -151,7 +151,7 @@ pub async fn duplicates_get_the_first_answer_and_change_nothing(backend: &Backen
     let body = request_event("dup", "sms", "+46700000001");
     let allow = decision(Action::Allow, None);
     let deny = decision(Action::Deny, Some("other"));
-    let RecordOutcome::Stored { seq } = put(&store, &body, 0, Some(&allow)).await else {
+    let RecordOutcome::Stored { seq, .. } = put(&store, &body, 0, Some(&allow)).await else {
         panic!("{}: the first delivery must be stored", backend.name)
     };
     match put(&store, &body, 5, Some(&deny)).await {
@@ -161,8 +161,16 @@ pub async fn duplicates_get_the_first_answer_and_change_nothing(backend: &Backen
         }
         other => panic!("{}: a duplicate was stored again: {other:?}", backend.name),
     }
-    // Results are told apart by status: PENDING then SUCCESSFUL are two events.
-    put(&store, &result_event("dup", "PENDING"), 6, None).await;
+    // Results are told apart by status: PENDING then SUCCESSFUL are two events. A store
+    // that hands back the verification's decision with a result hands back its own.
+    match put(&store, &result_event("dup", "PENDING"), 6, None).await {
+        RecordOutcome::Stored { decision, .. } => {
+            if let Some(handed) = decision {
+                assert_eq!(*handed, allow, "{}", backend.name);
+            }
+        }
+        other => panic!("{}: a new result was not stored: {other:?}", backend.name),
+    }
     put(&store, &result_event("dup", "SUCCESSFUL"), 7, None).await;
     assert!(matches!(
         put(&store, &result_event("dup", "SUCCESSFUL"), 8, None).await,
@@ -214,7 +222,7 @@ pub async fn concurrent_deliveries_of_one_event_are_admitted_once(backend: &Back
                     ..incoming
                 };
                 match store.record(claim, decided).await.unwrap() {
-                    RecordOutcome::Stored { seq } => (true, seq),
+                    RecordOutcome::Stored { seq, .. } => (true, seq),
                     RecordOutcome::Duplicate(first) => (false, first.seq),
                 }
             }
@@ -377,7 +385,7 @@ pub async fn events_arriving_together_join_into_one_record(backend: &Backend) {
         let stored: Vec<u64> = outcomes[i * 3..i * 3 + 3]
             .iter()
             .filter_map(|o| match o {
-                RecordOutcome::Stored { seq } => Some(*seq),
+                RecordOutcome::Stored { seq, .. } => Some(*seq),
                 RecordOutcome::Duplicate(_) => None,
             })
             .collect();

@@ -30,6 +30,7 @@ use super::{
     pipeline, seq_of, StoreError, StoreHealth, VerificationRecord, WRITE_GATE,
 };
 use crate::{
+    decision::DecisionRecord,
     events::VerificationEvent,
     store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp},
 };
@@ -412,7 +413,10 @@ async fn write_batch(
     for (event, first_here) in events.iter().zip(is_first) {
         let identity = identity_of(&event.identity);
         let outcome = match seqs.get(&identity) {
-            Some(&seq) if first_here => RecordOutcome::Stored { seq: seq_of(seq) },
+            Some(&seq) if first_here => RecordOutcome::Stored {
+                seq: seq_of(seq),
+                decision: decision_for(event, &merged),
+            },
             Some(&seq) => RecordOutcome::Duplicate(FirstDelivery {
                 seq: seq_of(seq),
                 answer: first_of_batch(events, &firsts, &event.identity),
@@ -430,6 +434,16 @@ async fn write_batch(
         outcomes.push(outcome);
     }
     Ok(outcomes)
+}
+
+/// For a result event, its verification's decision as merged here: what the callback
+/// would otherwise read back right after the commit.
+fn decision_for(event: &NewEvent, merged: &HashMap<String, Merged>) -> Option<Box<DecisionRecord>> {
+    if !matches!(event.event, VerificationEvent::Result(_)) {
+        return None;
+    }
+    let record = merged.get(&event.identity.id)?.record.as_ref()?;
+    record.decision.clone().map(Box::new)
 }
 
 /// The answer the first delivery of `identity` in this batch got.

@@ -141,7 +141,11 @@ impl Committer {
                     changes.push(*change);
                     pending.push(Pending {
                         reply,
-                        outcome: Ok(RecordOutcome::Stored { seq }),
+                        // Its record is in memory: nothing to hand back.
+                        outcome: Ok(RecordOutcome::Stored {
+                            seq,
+                            decision: None,
+                        }),
                         needs_batch: true,
                     });
                 }
