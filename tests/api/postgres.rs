@@ -98,11 +98,57 @@ pub fn available() -> bool {
     }
 }
 
-/// The URL of a database of its own for `name`, created (empty) the first time.
+/// Databases of test runs that have ended are dropped once per test process: each run
+/// makes dozens, and a server kept between runs would otherwise fill the disk.
+static SWEPT: OnceLock<()> = OnceLock::new();
+
+/// The test process that made database `name`, if it is one of ours: `verigate_t<pid>_…`.
+/// Those named `verigate_` and 16 hex digits come from before the names said so.
+fn maker_of(name: &str) -> Option<Option<u32>> {
+    if let Some(rest) = name.strip_prefix("verigate_t") {
+        let (pid, _) = rest.split_once('_')?;
+        return pid.parse().ok().map(Some);
+    }
+    let hash = name.strip_prefix("verigate_")?;
+    (hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit())).then_some(None)
+}
+
+/// Drops the databases of test processes that are no longer running (Linux tells by
+/// /proc; elsewhere nothing is dropped).
+async fn sweep(client: &tokio_postgres::Client) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let rows = client
+        .query("SELECT datname FROM pg_database", &[])
+        .await
+        .unwrap();
+    for row in rows {
+        let name: String = row.get(0);
+        let ended = match maker_of(&name) {
+            Some(Some(pid)) => !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            Some(None) => true,
+            None => false,
+        };
+        if ended {
+            // Another sweeping process may have dropped it first.
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+/// Set for a process a test spawns to work on the test's databases: the test's pid.
+pub const OWNER: &str = "VERIGATE_TEST_DATABASE_OWNER";
+
+/// The URL of a database of its own for `name`, created (empty) the first time. It is
+/// named for the test process that owns it, so that later runs know when it is done.
 pub fn database(name: &str) -> String {
     let server = server().expect("PostgreSQL is available");
+    let owner = std::env::var(OWNER).unwrap_or_else(|_| std::process::id().to_string());
     let db = format!(
-        "verigate_{}",
+        "verigate_t{owner}_{}",
         Sha256::digest(name.as_bytes())
             .iter()
             .take(8)
@@ -122,6 +168,9 @@ pub fn database(name: &str) -> String {
                 .await
                 .expect("connect to the test PostgreSQL server");
             tokio::spawn(connection);
+            if SWEPT.set(()).is_ok() {
+                sweep(&client).await;
+            }
             let exists = client
                 .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&create])
                 .await

@@ -917,6 +917,7 @@ pub async fn acknowledged_writes_survive_a_kill_9(backend: &Backend) {
             .env("VERIGATE_CONTRACT_DIR", dir.path())
             .env("VERIGATE_CONTRACT_BACKEND", backend.name)
             .env("VERIGATE_CONTRACT_ROUND", round.to_string())
+            .env(crate::postgres::OWNER, std::process::id().to_string())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
             .spawn()
