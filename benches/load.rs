@@ -13,6 +13,7 @@
 //! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_LOG_FORMAT (pretty, the
 //! service's default, or json), LOAD_ONLY=verigate (skip the bare
 //! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
+//! LOAD_POLICY=FILE (another policy than the sample, e.g. to see what its rules cost),
 //! LOAD_REPLICAS=1,2,3 (also run that many verigate replicas on one PostgreSQL database,
 //! started by tests/support/postgres.sh, with the connections spread over them). For
 //! those it also prints the `on_error` answers the replicas gave (and how many of them
@@ -381,7 +382,10 @@ impl Server {
     }
 
     fn verigate(dir: &Path, workers: usize, log_level: &str, env: &[(&str, &str)]) -> Self {
-        let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+        let policy = std::env::var_os("LOAD_POLICY").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml"),
+            std::path::PathBuf::from,
+        );
         let child = Command::new(env!("CARGO_BIN_EXE_verigate"))
             .env("VERIGATE__SERVER__LISTEN", "127.0.0.1:0")
             .env("VERIGATE__SERVER__WORKERS", workers.to_string())
