@@ -161,7 +161,7 @@ impl SharedState {
                 connections: Arc::clone(&counter_connection),
             })
             .collect();
-        let counters = BatchQueue::start(workers, JOBS_PER_BATCH, 4096);
+        let counters = BatchQueue::start(workers, JOBS_PER_BATCH, 4096, None);
         let outcome_worker = CounterWorker {
             connections: Arc::new(Pipeline::new(
                 crate::store::postgres::config(options).map_err(PolicyError)?,
@@ -170,7 +170,7 @@ impl SharedState {
                 timeout,
             )),
         };
-        let outcomes = BatchQueue::start(vec![outcome_worker], JOBS_PER_BATCH, 4096);
+        let outcomes = BatchQueue::start(vec![outcome_worker], JOBS_PER_BATCH, 4096, None);
         Ok(Arc::new(Self {
             fast,
             counters,

@@ -7,9 +7,10 @@
 //! answers each item. While one worker waits for the database the others take the next
 //! batches, so a batch is as large as the load makes it: one item when idle, dozens
 //! under load, and the database sees one round trip (and one commit) per batch instead
-//! of one per item.
+//! of one per item. A queue may also [`Linger`]: when load is there but batches stay
+//! small (several replicas sharing it), wait a moment to fill them.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,6 +35,22 @@ pub(crate) fn per_item<T, E: Clone>(outcome: Result<Vec<T>, E>, items: usize) ->
     }
 }
 
+/// How long a worker may wait for more items before it does a small batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Linger {
+    /// A batch with fewer items than this waits (once), if the last one showed load.
+    pub(crate) below: usize,
+    pub(crate) wait: Duration,
+}
+
+impl Linger {
+    /// Whether a batch of `len` items, after one of `last_len`, waits for more. A batch
+    /// after a lone item never waits: an idle service answers at once.
+    pub(crate) fn waits(self, len: usize, last_len: usize) -> bool {
+        len < self.below && last_len >= 2
+    }
+}
+
 type Queued<I, O> = (I, oneshot::Sender<O>);
 /// The queue's receiving end, shared by the workers (one takes a batch at a time).
 type Receiver<I, O> = Arc<tokio::sync::Mutex<mpsc::Receiver<Queued<I, O>>>>;
@@ -47,14 +64,19 @@ impl<I: Send + 'static, O: Send + 'static> BatchQueue<I, O> {
     /// Starts `workers` on the database runtime. `capacity` items may wait; beyond that
     /// callers wait to join the queue. The workers stop once the queue is dropped and
     /// empty.
-    pub(crate) fn start<W>(workers: Vec<W>, max_batch: usize, capacity: usize) -> Self
+    pub(crate) fn start<W>(
+        workers: Vec<W>,
+        max_batch: usize,
+        capacity: usize,
+        linger: Option<Linger>,
+    ) -> Self
     where
         W: BatchWorker<Item = I, Output = O>,
     {
         let (queue, receiver) = mpsc::channel::<Queued<I, O>>(capacity);
         let receiver = Arc::new(tokio::sync::Mutex::new(receiver));
         for worker in workers {
-            pipeline::runtime().spawn(work(worker, Arc::clone(&receiver), max_batch));
+            pipeline::runtime().spawn(work(worker, Arc::clone(&receiver), max_batch, linger));
         }
         Self { queue }
     }
@@ -72,7 +94,9 @@ async fn work<W: BatchWorker>(
     mut worker: W,
     queue: Receiver<W::Item, W::Output>,
     max_batch: usize,
+    linger: Option<Linger>,
 ) {
+    let mut last_len = 0;
     loop {
         let mut batch = Vec::new();
         {
@@ -81,18 +105,121 @@ async fn work<W: BatchWorker>(
                 return;
             };
             batch.push(first);
-            while batch.len() < max_batch {
-                match queue.try_recv() {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
+            take_waiting(&mut queue, &mut batch, max_batch);
+            if let Some(linger) = linger.filter(|l| l.waits(batch.len(), last_len)) {
+                tokio::time::sleep(linger.wait).await;
+                take_waiting(&mut queue, &mut batch, max_batch);
             }
         }
+        last_len = batch.len();
         let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
         let outputs = worker.run(items).await;
         for (answer, output) in answers.into_iter().zip(outputs) {
             // The caller may have given up waiting: nothing to answer then.
             drop(answer.send(output));
         }
+    }
+}
+
+/// Adds what is queued now to `batch`, up to `max_batch` items.
+fn take_waiting<I, O>(
+    queue: &mut mpsc::Receiver<Queued<I, O>>,
+    batch: &mut Vec<Queued<I, O>>,
+    max_batch: usize,
+) {
+    while batch.len() < max_batch {
+        match queue.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINGER: Linger = Linger {
+        below: 8,
+        wait: Duration::from_millis(1),
+    };
+
+    #[test]
+    fn only_a_small_batch_under_load_waits() {
+        // Idle: the last batch was a lone item, so nothing waits.
+        assert!(!LINGER.waits(1, 0));
+        assert!(!LINGER.waits(1, 1));
+        // Load, but small batches (several replicas share it): wait to fill them.
+        assert!(LINGER.waits(1, 2));
+        assert!(LINGER.waits(7, 5));
+        // Large enough already.
+        assert!(!LINGER.waits(8, 5));
+        assert!(!LINGER.waits(30, 40));
+    }
+
+    /// A worker that records each batch's size and takes two milliseconds over it.
+    struct Sizes(Arc<std::sync::Mutex<Vec<usize>>>);
+
+    impl BatchWorker for Sizes {
+        type Item = u32;
+        type Output = u32;
+
+        async fn run(&mut self, batch: Vec<u32>) -> Vec<u32> {
+            self.0.lock().unwrap().push(batch.len());
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            batch
+        }
+    }
+
+    /// Batch sizes when 80 items come in pairs, a pair a millisecond.
+    fn sizes_with(linger: Option<Linger>) -> Vec<usize> {
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let queue = Arc::new(BatchQueue::start(
+            vec![Sizes(Arc::clone(&sizes))],
+            64,
+            1024,
+            linger,
+        ));
+        let answers = pipeline::runtime().block_on(async {
+            let mut waiting = Vec::new();
+            for i in 0..80u32 {
+                let queue = Arc::clone(&queue);
+                waiting.push(tokio::spawn(async move { queue.submit(i).await }));
+                if i % 2 == 1 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+            let mut all = Vec::new();
+            for handle in waiting {
+                all.push(handle.await.unwrap());
+            }
+            all
+        });
+        assert_eq!(
+            answers,
+            (0..80).map(Some).collect::<Vec<_>>(),
+            "every item answered"
+        );
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 80);
+        sizes
+    }
+
+    #[test]
+    fn a_lingering_queue_answers_every_item_in_fewer_larger_batches() {
+        let plain = sizes_with(None);
+        let lingering = sizes_with(Some(Linger {
+            below: 8,
+            wait: Duration::from_millis(20),
+        }));
+        assert!(
+            lingering[0] <= 2,
+            "the first items find the queue idle: {lingering:?}"
+        );
+        assert!(lingering.len() <= 8, "{lingering:?}");
+        assert!(
+            plain.len() >= 2 * lingering.len(),
+            "{plain:?} against {lingering:?}"
+        );
     }
 }

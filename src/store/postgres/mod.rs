@@ -325,7 +325,7 @@ impl PostgresStore {
                 connections: Arc::clone(&shared),
             })
             .collect();
-        let claims = batch::BatchQueue::start(claimers, 256, 4096);
+        let claims = batch::BatchQueue::start(claimers, 256, 4096, None);
         let probe = pipeline::runtime().spawn(probe(Arc::clone(&shared), Arc::clone(&health)));
         Ok(Self {
             pool,
