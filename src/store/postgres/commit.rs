@@ -11,10 +11,12 @@
 //!    verifications' rows locked and read;
 //! 2. the merged records in one update, then `COMMIT` with synchronous commit.
 //!
-//! Only then is each callback answered, so nothing is acknowledged that is not durable,
-//! and a batch that fails fails every callback in it. While one writer waits for its
-//! commit the others fill and write the next batches, so a batch is as large as the
-//! load makes it: one event when idle, dozens under load.
+//! Only then is each callback answered (a result with its verification's decision, read
+//! for the merge anyway), so nothing is acknowledged that is not durable, and a batch
+//! that fails fails every callback in it. While one writer waits for its commit the
+//! others fill and write the next batches, so a batch is as large as the load makes it:
+//! one event when idle, dozens under load; a small batch under load waits a moment to
+//! fill ([`LINGER`]).
 
 use std::{
     collections::{HashMap, HashSet},
