@@ -24,27 +24,27 @@ async fn replicas(name: &str, n: usize, policy: &str) -> Option<Replicas> {
     Some(replicas_on(&url, n, policy).await)
 }
 
+/// One replica on `url` with its own folder and copy of `policy`, not yet ready.
+fn launch_replica(url: &str, policy: &str) -> (RunningBinary, TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.toml"),
+        format!("{POLICY_HEAD}{policy}"),
+    )
+    .unwrap();
+    let binary = RunningBinary::launch(
+        &dir,
+        &[
+            ("VERIGATE__STORE__BACKEND", "postgres"),
+            ("VERIGATE__STORE__POSTGRES_URL", url),
+            ("VERIGATE__STORE__POSTGRES_POOL_SIZE", "8"),
+        ],
+    );
+    (binary, dir)
+}
+
 async fn replicas_on(url: &str, n: usize, policy: &str) -> Replicas {
-    let mut dirs = Vec::new();
-    let mut running = Vec::new();
-    for _ in 0..n {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("policy.toml"),
-            format!("{POLICY_HEAD}{policy}"),
-        )
-        .unwrap();
-        let binary = RunningBinary::launch(
-            &dir,
-            &[
-                ("VERIGATE__STORE__BACKEND", "postgres"),
-                ("VERIGATE__STORE__POSTGRES_URL", url),
-                ("VERIGATE__STORE__POSTGRES_POOL_SIZE", "8"),
-            ],
-        );
-        running.push(binary);
-        dirs.push(dir);
-    }
+    let (running, dirs): (Vec<_>, Vec<_>) = (0..n).map(|_| launch_replica(url, policy)).unzip();
     for binary in &running {
         binary.wait_ready().await;
     }
@@ -608,6 +608,63 @@ async fn an_approximate_limit_is_exact_for_requests_further_apart_than_the_shari
         .collect();
     assert_eq!(allowed(&answers), 10, "{actions:?}");
     assert!(actions[10..].iter().all(|a| *a == "deny"), "{actions:?}");
+}
+
+/// A replica that starts while the others count loads what they counted: the part
+/// already flushed into the per-key tables and the part still only in the log, each
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_started_later_loads_the_approximate_counts_once() {
+    if !crate::postgres::available() {
+        return;
+    }
+    let url =
+        crate::postgres::database(&format!("replicas-approximate-late-{}", std::process::id()));
+    let r = replicas_on(&url, 2, APPROXIMATE).await;
+    // Two numbers, so only the rate limit (10 per country) can bite.
+    let denmark = |i: usize| {
+        request_event(
+            &format!("late-{i}"),
+            "sms",
+            &format!("+4570000{:03}", i % 2),
+        )
+    };
+    let action = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 200, "{answer}");
+        answer["action"].as_str().unwrap_or_default().to_owned()
+    };
+    for i in 0..6 {
+        assert_eq!(action(r.post(0, denmark(i)).await), "allow", "request {i}");
+    }
+    // Past a flush (every 2 s): these six are in the per-key tables.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for i in 6..9 {
+        assert_eq!(action(r.post(1, denmark(i)).await), "allow", "request {i}");
+    }
+    // Shared, and perhaps not flushed yet.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (late, _dir) = launch_replica(&url, APPROXIMATE);
+    late.wait_ready().await;
+    let late = Replicas {
+        running: vec![late],
+        _dirs: Vec::new(),
+    };
+    assert_eq!(
+        action(late.post(0, denmark(9)).await),
+        "allow",
+        "the tenth: nothing counted twice"
+    );
+    assert_eq!(
+        action(late.post(0, denmark(10)).await),
+        "deny",
+        "the eleventh: nothing missed"
+    );
+    tokio::time::sleep(SHARED_BY_THEN).await;
+    assert_eq!(
+        action(r.post(0, denmark(11)).await),
+        "deny",
+        "the first replica sees the late one's"
+    );
 }
 
 /// What makes a number returning is in the database every replica reads: a success

@@ -2,189 +2,51 @@
 //!
 //! An exact shared counter costs every decision locked row updates in PostgreSQL, and a
 //! busy key (a country's, a range's) is locked by every replica in turn. For a rule
-//! whose limit may be passed by a little, each replica instead counts in memory and
-//! shares what it counted every [`SHARE_EVERY`], in one call for all its keys:
+//! whose limit may be passed by a little, each replica instead holds every key of the
+//! rule in memory, as the embedded store does, and decides from memory alone: no round
+//! trip, no lock. Replicas tell each other what they counted through PostgreSQL
+//! (sharing.rs):
 //!
-//! - A key's **shared counts** (what the database holds, every replica's shares
-//!   included) are read when a decision first needs the key, in the round trip the
-//!   decision makes anyway, and again once they are older than [`FRESH_FOR`].
-//! - On top of them a replica adds what it counted itself that those counts do not yet
-//!   include: what it has not shared, and what it shared after they were read.
-//! - So a replica sees its own counts at once and the others' at most
-//!   `SHARE_EVERY + FRESH_FOR` (plus a round trip) late. What N replicas let through
-//!   under a limit of `max` is at most `max` plus what the other replicas counted in
-//!   that lag, and never more than N × `max`: each replica alone keeps its own view
-//!   under `max`. Nothing counted is lost while the database answers: a share that
-//!   fails is sent again with the next.
+//! - Every [`SHARE_EVERY`] a replica appends what it counted since its last share as one
+//!   numbered row of a log, and takes in the rows the others appended since it last
+//!   looked. So it sees its own counts at once and the others' within two share periods
+//!   plus a round trip. What N replicas let through under a limit of `max` is at most
+//!   `max` plus what the other replicas counted in that lag, and never more than
+//!   N × `max`: each replica alone keeps its own view under `max`.
+//! - Every [`FLUSH_EVERY`] it adds what it counted since its last flush to the per-key
+//!   tables (`verigate_counts`, `verigate_seen`), and in the same transaction the number
+//!   of its last share they include. A replica that starts (or starts counting a rule
+//!   approximately) loads the tables and the log rows past each replica's flushed share,
+//!   all read in one snapshot: nothing counted twice, nothing missed.
 //!
-//! Shares are numbered and written one after another, on a connection of their own. A
-//! reading queued after share `s` was written includes every share up to `s`; a counted
-//! change is added on top of a reading unless the reading includes the share that
-//! carried it, and forgotten once a reading includes it. A reading made while a share
-//! is being written may include it already and count it twice until the next reading:
-//! a brief overcount, never an undercount.
+//! Nothing counted is lost while the database answers: a share or a flush that fails is
+//! sent again with the next. A replica that misses log rows (an outage longer than the
+//! log keeps them) loads everything again.
 //!
 //! Levels (a sequential test's evidence, a surge's first sighting) stay exact: their
 //! steps do not add up across replicas.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{Arc, Mutex, PoisonError, RwLock},
-    time::{Duration, Instant},
+    sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock},
+    time::Duration,
 };
+
+use serde::{Deserialize, Serialize};
 
 use super::counter_ops::{CounterOp, OpKind, OpResult};
 use crate::policy::counters::CounterKey;
 
-/// How often a replica shares what it counted.
+/// How often a replica shares what it counted and takes in what the others shared.
 pub(crate) const SHARE_EVERY: Duration = Duration::from_millis(25);
-/// How long a key's shared counts are used before a decision reads them again.
-pub(crate) const FRESH_FOR: Duration = Duration::from_millis(10);
-/// How long a key no decision used stays in memory once all it counted is shared.
-const KEEP_IDLE: Duration = Duration::from_secs(2);
-/// How often idle keys are looked for.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
+/// How often a replica adds what it counted to the per-key tables a starting replica
+/// loads. Rarely: a busy key's counts of many shares become one row update.
+pub(crate) const FLUSH_EVERY: Duration = Duration::from_secs(2);
+/// How often counts that left their window are let go of.
+const SWEEP_EVERY_MS: i64 = 1_000;
 
 /// Keys are looked up on every decision: a quick hash (its seed is random per process).
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// Where a counted change stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Carried {
-    /// Not shared yet.
-    Unsent,
-    /// In share `n`, not yet known to be written.
-    Sent(u64),
-    /// Written by share `n`.
-    Shared(u64),
-}
-
-impl Carried {
-    /// Whether a reading that includes the shares up to `read` counts it already.
-    fn read_in(self, read: u64) -> bool {
-        match self {
-            Carried::Unsent => false,
-            Carried::Sent(n) | Carried::Shared(n) => n <= read,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Change {
-    carried: Carried,
-    /// Start of its bucket (ms).
-    bucket: i64,
-    amount: f64,
-    /// For a distinct count: the member seen, and when.
-    member: Option<(String, i64)>,
-}
-
-/// The shared counts of a key as last read.
-#[derive(Debug, Clone)]
-struct Reading {
-    /// Bucket start (ms) and amount, as the database held them.
-    buckets: Vec<(i64, f64)>,
-    /// The last share written before the read was queued.
-    includes: u64,
-    at: Instant,
-}
-
-#[derive(Debug)]
-struct Entry {
-    /// A distinct count: its shared counts are those of each member's latest sighting.
-    distinct: bool,
-    span_ms: i64,
-    reading: Option<Reading>,
-    changes: Vec<Change>,
-    /// For a distinct count: the members this replica saw, and when last.
-    members: FastMap<String, i64>,
-    used: Instant,
-    /// Whether the key is in the list of keys with changes to share.
-    queued: bool,
-}
-
-impl Entry {
-    fn new(op: &CounterOp, now: Instant) -> Self {
-        Self {
-            distinct: op.kind == OpKind::See,
-            span_ms: op.span_ms,
-            reading: None,
-            changes: Vec::new(),
-            members: FastMap::default(),
-            used: now,
-            queued: false,
-        }
-    }
-
-    /// What counts in the window that ends at `now_ms`: the shared counts, and this
-    /// replica's changes they do not include.
-    fn total(&self, now_ms: i64, span_ms: i64) -> f64 {
-        let from = now_ms - span_ms;
-        let includes = self.reading.as_ref().map_or(0, |r| r.includes);
-        let shared: f64 = self
-            .reading
-            .iter()
-            .flat_map(|r| &r.buckets)
-            .filter(|(bucket, _)| *bucket > from)
-            .map(|(_, amount)| amount)
-            .sum();
-        let own: f64 = self
-            .changes
-            .iter()
-            .filter(|c| c.bucket > from && !c.carried.read_in(includes))
-            .map(|c| c.amount)
-            .sum();
-        shared + own
-    }
-
-    /// Adds `amount` to the bucket of `now_ms`, merged into an unshared change there.
-    fn add(&mut self, now_ms: i64, amount: f64) {
-        let bucket = bucket_of(now_ms, self.span_ms);
-        match self
-            .changes
-            .iter_mut()
-            .rev()
-            .find(|c| c.carried == Carried::Unsent && c.bucket == bucket && c.member.is_none())
-        {
-            Some(change) => change.amount += amount,
-            None => self.changes.push(Change {
-                carried: Carried::Unsent,
-                bucket,
-                amount,
-                member: None,
-            }),
-        }
-    }
-
-    /// Records a sighting of `member`: it counts once if this replica has not seen it
-    /// in the window (one seen only by another replica counts here until shared).
-    fn see(&mut self, now_ms: i64, member: &str) {
-        let new = self
-            .members
-            .get(member)
-            .is_none_or(|&last| last <= now_ms - self.span_ms);
-        self.members.insert(member.to_owned(), now_ms);
-        self.changes.push(Change {
-            carried: Carried::Unsent,
-            bucket: bucket_of(now_ms, self.span_ms),
-            amount: if new { 1.0 } else { 0.0 },
-            member: Some((member.to_owned(), now_ms)),
-        });
-    }
-
-    /// Forgets the changes that the reading includes and whose share is written.
-    fn settle(&mut self) {
-        let includes = self.reading.as_ref().map_or(0, |r| r.includes);
-        self.changes
-            .retain(|c| !matches!(c.carried, Carried::Shared(n) if n <= includes));
-    }
-
-    fn unshared(&self) -> bool {
-        self.changes
-            .iter()
-            .any(|c| matches!(c.carried, Carried::Unsent | Carried::Sent(_)))
-    }
-}
 
 /// The database's bucket for a time, as `verigate_counter_ops` computes it.
 fn bucket_of(now_ms: i64, span_ms: i64) -> i64 {
@@ -192,89 +54,338 @@ fn bucket_of(now_ms: i64, span_ms: i64) -> i64 {
     now_ms.div_euclid(width) * width
 }
 
-/// A key whose shared counts a decision needs read: the counter it answers for, and
-/// the key its counts are stored under (a distinct count's are its latest sightings).
-#[derive(Debug, Clone)]
-pub(crate) struct ToRead {
-    pub(crate) key: CounterKey,
-    pub(crate) stored: CounterKey,
-}
-
-/// What one share carries: adds (by key and bucket) and sightings.
+/// One key's counts, every replica's: an amount per bucket, and for a distinct count
+/// each member's latest sighting (a member counts once, in the bucket of that sighting,
+/// as `verigate_counter_ops` counts it).
 #[derive(Debug, Default)]
-pub(crate) struct Share {
-    pub(crate) adds: Vec<CounterOp>,
-    pub(crate) sightings: Vec<CounterOp>,
+struct Entry {
+    span_ms: i64,
+    /// (bucket start in ms, amount), in bucket order.
+    buckets: Vec<(i64, f64)>,
+    members: FastMap<String, i64>,
 }
 
-impl Share {
-    pub(crate) fn is_empty(&self) -> bool {
-        self.adds.is_empty() && self.sightings.is_empty()
+impl Entry {
+    fn total(&self, now_ms: i64, span_ms: i64) -> f64 {
+        let from = now_ms - span_ms;
+        self.buckets
+            .iter()
+            .filter(|(bucket, _)| *bucket > from)
+            .map(|(_, amount)| amount)
+            .sum()
     }
+
+    fn add(&mut self, bucket: i64, amount: f64) {
+        match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+            Ok(i) => self.buckets[i].1 += amount,
+            Err(i) => self.buckets.insert(i, (bucket, amount)),
+        }
+    }
+
+    /// A sighting of `member` at `seen_ms`; one older than the member's latest changes
+    /// nothing (another replica's, arriving late).
+    fn see(&mut self, member: &str, seen_ms: i64) {
+        let span = self.span_ms;
+        let bucket = bucket_of(seen_ms, span);
+        let last = match self.members.get_mut(member) {
+            Some(last) if *last >= seen_ms => return,
+            Some(last) => Some(std::mem::replace(last, seen_ms)),
+            None => {
+                self.members.insert(member.to_owned(), seen_ms);
+                None
+            }
+        };
+        match last.map(|last| bucket_of(last, span)) {
+            Some(old) if old > seen_ms - span => {
+                if old != bucket {
+                    self.add(old, -1.0);
+                    self.add(bucket, 1.0);
+                }
+            }
+            _ => self.add(bucket, 1.0),
+        }
+    }
+
+    /// Lets go of what left the window; whether anything is left.
+    fn sweep(&mut self, now_ms: i64) -> bool {
+        let from = now_ms - self.span_ms;
+        self.buckets.retain(|(bucket, _)| *bucket > from);
+        self.members.retain(|_, seen| *seen > from);
+        !self.buckets.is_empty() || !self.members.is_empty()
+    }
+}
+
+/// What this replica counted under one key and has not shared (or flushed) yet.
+#[derive(Debug, Default, Clone)]
+struct KeyTally {
+    span_ms: i64,
+    adds: Vec<(i64, f64)>,
+    /// Member and its latest sighting.
+    sightings: FastMap<String, i64>,
+}
+
+impl KeyTally {
+    fn add(&mut self, bucket: i64, amount: f64) {
+        match self.adds.iter_mut().find(|(b, _)| *b == bucket) {
+            Some((_, sum)) => *sum += amount,
+            None => self.adds.push((bucket, amount)),
+        }
+    }
+
+    fn see(&mut self, member: &str, seen_ms: i64) {
+        match self.sightings.get_mut(member) {
+            Some(last) => *last = (*last).max(seen_ms),
+            None => {
+                self.sightings.insert(member.to_owned(), seen_ms);
+            }
+        }
+    }
+}
+
+/// Changes this replica made, merged per key and bucket (a busy key's many adds become
+/// one), with the keys it forgot.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Tally {
+    forgets: Vec<(String, String)>,
+    keys: FastMap<CounterKey, KeyTally>,
+}
+
+impl Tally {
+    fn key(&mut self, key: &CounterKey, span_ms: i64) -> &mut KeyTally {
+        // Looked up first: a key tallied already (most) costs no copy of its strings.
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.clone(), KeyTally::default());
+        }
+        let tally = self
+            .keys
+            .get_mut(key)
+            .unwrap_or_else(|| unreachable!("inserted above"));
+        tally.span_ms = span_ms;
+        tally
+    }
+
+    /// Drops what was counted under `rule` and `value` (counted before a forget).
+    fn drop_key(&mut self, rule: &str, value: &str) {
+        self.keys
+            .retain(|key, _| !(key.rule == rule && key.value == value));
+    }
+
+    /// Takes in `older`: changes made before this tally's (a share that failed). What
+    /// this tally forgot since is dropped from them.
+    fn absorb(&mut self, mut older: Tally) {
+        for (rule, value) in &self.forgets {
+            older.drop_key(rule, value);
+        }
+        older.forgets.append(&mut self.forgets);
+        self.forgets = older.forgets;
+        self.add_counts(older.keys);
+    }
+
+    /// Adds `other`'s counts to this tally's, the smaller into the larger: for what waits
+    /// to be flushed, where the order does not matter (a flush only adds).
+    fn merge_counts(&mut self, mut other: Tally) {
+        if other.keys.len() > self.keys.len() {
+            std::mem::swap(self, &mut other);
+        }
+        self.add_counts(other.keys);
+        self.forgets.clear();
+    }
+
+    fn add_counts(&mut self, keys: FastMap<CounterKey, KeyTally>) {
+        for (key, tally) in keys {
+            let mine = self.keys.entry(key).or_default();
+            mine.span_ms = tally.span_ms;
+            for (bucket, amount) in tally.adds {
+                mine.add(bucket, amount);
+            }
+            for (member, seen_ms) in tally.sightings {
+                mine.see(&member, seen_ms);
+            }
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.forgets.is_empty() && self.keys.is_empty()
+    }
+
+    /// As a log row carries it.
+    pub(crate) fn share(&self) -> Share {
+        Share {
+            forgets: self.forgets.clone(),
+            keys: self
+                .keys
+                .iter()
+                .map(|(key, tally)| SharedKey {
+                    rule: key.rule.clone(),
+                    condition: key.condition.clone(),
+                    value: key.value.clone(),
+                    span_ms: tally.span_ms,
+                    adds: tally
+                        .adds
+                        .iter()
+                        .filter(|(_, a)| *a != 0.0)
+                        .copied()
+                        .collect(),
+                    sightings: tally
+                        .sightings
+                        .iter()
+                        .map(|(m, s)| (m.clone(), *s))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What one log row carries: keys forgotten first, then counts.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Share {
+    #[serde(rename = "f", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) forgets: Vec<(String, String)>,
+    #[serde(rename = "k", default)]
+    pub(crate) keys: Vec<SharedKey>,
+}
+
+/// One key's changes in a share.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct SharedKey {
+    #[serde(rename = "r")]
+    pub(crate) rule: String,
+    #[serde(rename = "c")]
+    pub(crate) condition: String,
+    #[serde(rename = "v")]
+    pub(crate) value: String,
+    #[serde(rename = "w")]
+    pub(crate) span_ms: i64,
+    /// Bucket start (ms) and amount.
+    #[serde(rename = "a", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) adds: Vec<(i64, f64)>,
+    /// Member and when it was seen (ms).
+    #[serde(rename = "s", default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) sightings: Vec<(String, i64)>,
+}
+
+/// What a replica loads: every key of the rules counted approximately as the per-key
+/// tables hold them, and the log rows past what those include.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Loaded {
+    /// Key, bucket, amount, span (ms).
+    pub(crate) counts: Vec<(CounterKey, i64, f64, i64)>,
+    /// Key, member, seen (ms), span (ms).
+    pub(crate) seen: Vec<(CounterKey, String, i64, i64)>,
+    pub(crate) shares: Vec<Share>,
 }
 
 /// This replica's approximate counters.
 #[derive(Debug, Default)]
 pub(crate) struct ApproximateCounters {
     rules: RwLock<Arc<HashSet<String>>>,
-    keys: Mutex<Keys>,
+    state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
-struct Keys {
+struct State {
     entries: FastMap<CounterKey, Entry>,
-    /// Keys with changes not shared yet, each once: a share looks at these only.
-    unsent: Vec<CounterKey>,
-    /// Keys of the share being written.
-    sending: Vec<CounterKey>,
-    swept: Option<Instant>,
+    /// Own changes not shared yet.
+    unsent: Tally,
+    /// Own changes shared but not yet flushed into the per-key tables.
+    unflushed: Tally,
+    /// The rules whose keys were loaded: what the others counted before this replica
+    /// started is in memory. Until then a rule counts what this replica sees and is
+    /// shared.
+    loaded: HashSet<String>,
+    swept_ms: i64,
 }
 
-impl Keys {
-    /// The entry of `op`'s key, made if it is new.
-    fn entry(&mut self, op: &CounterOp, now: Instant) -> &mut Entry {
-        // Looked up first: a key in memory already (most) costs no copy of its strings.
-        if !self.entries.contains_key(&op.key) {
-            self.entries.insert(op.key.clone(), Entry::new(op, now));
-        }
-        self.entries
-            .get_mut(&op.key)
-            .unwrap_or_else(|| unreachable!("inserted above"))
+/// The entry of `key`, made if it is new (looked up first: most keys are in memory
+/// already, and those cost no copy of their strings).
+fn entry_in<'a>(
+    entries: &'a mut FastMap<CounterKey, Entry>,
+    key: &CounterKey,
+    span_ms: i64,
+) -> &'a mut Entry {
+    if !entries.contains_key(key) {
+        entries.insert(key.clone(), Entry::default());
+    }
+    let entry = entries
+        .get_mut(key)
+        .unwrap_or_else(|| unreachable!("inserted above"));
+    entry.span_ms = span_ms;
+    entry
+}
+
+impl State {
+    fn entry(&mut self, key: &CounterKey, span_ms: i64) -> &mut Entry {
+        entry_in(&mut self.entries, key, span_ms)
     }
 
-    /// Puts `key` in the list of keys to share (once).
-    fn queue(&mut self, key: &CounterKey) {
-        if let Some(entry) = self.entries.get_mut(key) {
-            if !entry.queued {
-                entry.queued = true;
-                self.unsent.push(key.clone());
+    /// Takes in a share (another replica's, or a loaded one) for the rules in `rules`.
+    fn apply(&mut self, share: Share, rules: &HashSet<String>) {
+        for (rule, value) in &share.forgets {
+            self.forget(rule, value);
+        }
+        for shared in share.keys.into_iter().filter(|k| rules.contains(&k.rule)) {
+            let key = CounterKey {
+                rule: shared.rule,
+                condition: shared.condition,
+                value: shared.value,
+            };
+            let entry = self.entries.entry(key).or_default();
+            entry.span_ms = shared.span_ms;
+            for (bucket, amount) in shared.adds {
+                entry.add(bucket, amount);
+            }
+            for (member, seen_ms) in &shared.sightings {
+                entry.see(member, *seen_ms);
             }
         }
     }
 
-    /// Lets go of keys idle for [`KEEP_IDLE`] with nothing left to share, and of members
-    /// out of their window; at most once per [`SWEEP_EVERY`].
-    fn sweep(&mut self, now: Instant, now_ms: i64) {
-        if self
-            .swept
-            .is_some_and(|at| now.duration_since(at) < SWEEP_EVERY)
-        {
+    fn forget(&mut self, rule: &str, value: &str) {
+        self.entries
+            .retain(|key, _| !(key.rule == rule && key.value == value));
+    }
+
+    /// Counts a change of this replica's own, in its view and in what it shares next;
+    /// returns the key's entry.
+    fn record(&mut self, op: &CounterOp) -> &mut Entry {
+        let span_ms = op.span_ms;
+        let State {
+            entries, unsent, ..
+        } = self;
+        let entry = entry_in(entries, &op.key, span_ms);
+        let tally = unsent.key(&op.key, span_ms);
+        if op.kind == OpKind::See {
+            let member = op.member.as_deref().unwrap_or_default();
+            entry.see(member, op.now_ms);
+            tally.see(member, op.now_ms);
+        } else {
+            let bucket = bucket_of(op.now_ms, span_ms);
+            entry.add(bucket, op.amount);
+            tally.add(bucket, op.amount);
+        }
+        entry
+    }
+
+    fn sweep(&mut self, now_ms: i64) {
+        if now_ms - self.swept_ms < SWEEP_EVERY_MS {
             return;
         }
-        self.swept = Some(now);
-        self.entries
-            .retain(|_, e| e.unshared() || now.duration_since(e.used) < KEEP_IDLE);
-        for entry in self.entries.values_mut() {
-            let span_ms = entry.span_ms;
-            entry.members.retain(|_, &mut seen| seen > now_ms - span_ms);
-        }
+        self.swept_ms = now_ms;
+        self.entries.retain(|_, entry| entry.sweep(now_ms));
     }
 }
 
 impl ApproximateCounters {
     /// The rules counted approximately (from the policy in force).
     pub(crate) fn set_rules(&self, rules: HashSet<String>) {
+        // A rule that leaves approximate counting is loaded afresh if it comes back.
+        self.state().loaded.retain(|rule| rules.contains(rule));
         *self.rules.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(rules);
+    }
+
+    pub(crate) fn rules(&self) -> Arc<HashSet<String>> {
+        Arc::clone(&self.rules.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Whether `op` is answered here rather than in the database.
@@ -289,204 +400,140 @@ impl ApproximateCounters {
             .contains(&op.key.rule)
     }
 
-    fn keys(&self) -> std::sync::MutexGuard<'_, Keys> {
-        self.keys.lock().unwrap_or_else(PoisonError::into_inner)
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The keys of `ops` whose shared counts must be read (again) before they are
-    /// answered; marks every key used.
-    pub(crate) fn to_read<'a>(&self, ops: impl IntoIterator<Item = &'a CounterOp>) -> Vec<ToRead> {
-        let now = Instant::now();
-        let mut keys = self.keys();
-        let mut out: Vec<ToRead> = Vec::new();
-        for op in ops {
-            let entry = keys.entry(op, now);
-            entry.used = now;
-            let stale = entry
-                .reading
-                .as_ref()
-                .is_none_or(|r| now.duration_since(r.at) >= FRESH_FOR);
-            if stale && !out.iter().any(|r| r.key == op.key) {
-                let mut stored = op.key.clone();
-                if entry.distinct {
-                    stored.condition.push_str(":latest");
-                }
-                out.push(ToRead {
-                    key: op.key.clone(),
-                    stored,
-                });
-            }
-        }
-        out
+    /// The rules counted approximately whose keys are not loaded yet.
+    pub(crate) fn to_load(&self) -> Vec<String> {
+        let loaded = &self.state().loaded;
+        let mut missing: Vec<String> = self
+            .rules()
+            .iter()
+            .filter(|rule| !loaded.contains(*rule))
+            .cloned()
+            .collect();
+        missing.sort();
+        missing
     }
 
-    /// Takes in what was read for `read` (one list of buckets each), which includes the
-    /// shares up to `includes`.
-    pub(crate) fn read(&self, read: &[ToRead], buckets: Vec<Vec<(i64, f64)>>, includes: u64) {
-        let now = Instant::now();
-        let mut keys = self.keys();
-        for (to_read, buckets) in read.iter().zip(buckets) {
-            if let Some(entry) = keys.entries.get_mut(&to_read.key) {
-                let newer = entry
-                    .reading
-                    .as_ref()
-                    .is_none_or(|r| r.includes <= includes);
-                if newer {
-                    entry.reading = Some(Reading {
-                        buckets,
-                        includes,
-                        at: now,
-                    });
-                    entry.settle();
-                }
-            }
-        }
-    }
-
-    /// Answers `op` from memory; `None` when its key's shared counts were never read.
-    pub(crate) fn answer(&self, op: &CounterOp) -> Option<OpResult> {
-        let mut keys = self.keys();
-        let entry = keys
-            .entries
-            .get_mut(&op.key)
-            .filter(|e| e.reading.is_some())?;
-        entry.used = Instant::now();
+    /// Answers `op` from memory, counting what it adds as this replica's own.
+    pub(crate) fn answer(&self, op: &CounterOp) -> OpResult {
+        let mut state = self.state();
         let (now_ms, span_ms) = (op.now_ms, op.span_ms);
-        let result = match op.kind {
-            OpKind::Add | OpKind::Refund => {
-                entry.add(now_ms, op.amount);
-                OpResult {
-                    value: entry.total(now_ms, span_ms),
-                    ..OpResult::default()
-                }
-            }
-            OpKind::See => {
-                entry.see(now_ms, op.member.as_deref().unwrap_or_default());
-                OpResult {
-                    value: entry.total(now_ms, span_ms),
-                    ..OpResult::default()
-                }
-            }
+        state.sweep(now_ms);
+        let value = match op.kind {
             OpKind::AddWithin => {
-                let with = entry.total(now_ms, span_ms) + op.amount;
+                // Checked and added under one lock: this replica alone never passes the cap.
+                let total = state.entry(&op.key, span_ms).total(now_ms, span_ms);
+                let with = total + op.amount;
                 let added = with <= op.cap;
                 if added {
-                    entry.add(now_ms, op.amount);
+                    state.record(op);
                 }
-                OpResult {
+                return OpResult {
                     value: with,
                     added,
                     before_ms: None,
-                }
+                };
             }
-            _ => OpResult {
-                value: entry.total(now_ms, span_ms),
-                ..OpResult::default()
-            },
+            OpKind::Add | OpKind::Refund | OpKind::See => state.record(op).total(now_ms, span_ms),
+            _ => state
+                .entries
+                .get(&op.key)
+                .map_or(0.0, |entry| entry.total(now_ms, span_ms)),
         };
-        if op.kind != OpKind::Total {
-            keys.queue(&op.key);
+        OpResult {
+            value,
+            ..OpResult::default()
         }
-        Some(result)
     }
 
-    /// Counts a change whose result nobody reads (an outcome, a refund): it needs no
-    /// reading of the key.
+    /// Counts a change whose result nobody reads (an outcome, a refund, an undo).
     pub(crate) fn count(&self, op: &CounterOp) {
         if op.kind != OpKind::See && op.amount == 0.0 {
             return;
         }
-        let mut keys = self.keys();
-        let entry = keys.entry(op, Instant::now());
-        match (&op.kind, &op.member) {
-            (OpKind::See, Some(member)) => entry.see(op.now_ms, member),
-            _ => entry.add(op.now_ms, op.amount),
-        }
-        keys.queue(&op.key);
+        self.state().record(op);
     }
 
-    /// Takes what is not shared yet into share `number` (`now_ms`: the time, to let go
-    /// of members that left their window).
-    pub(crate) fn take_share(&self, number: u64, now_ms: i64) -> Share {
-        let mut keys = self.keys();
-        keys.sweep(Instant::now(), now_ms);
-        let Keys {
-            entries,
-            unsent,
-            sending,
-            ..
-        } = &mut *keys;
-        let mut share = Share::default();
-        for key in unsent.drain(..) {
-            let Some(entry) = entries.get_mut(&key) else {
-                continue; // forgotten since
-            };
-            entry.queued = false;
-            let span_ms = entry.span_ms;
-            for change in entry
-                .changes
-                .iter_mut()
-                .filter(|c| c.carried == Carried::Unsent)
-            {
-                change.carried = Carried::Sent(number);
-                match &change.member {
-                    Some((member, seen_ms)) => share.sightings.push(CounterOp {
-                        member: Some(member.clone()),
-                        ..CounterOp::new(OpKind::See, &key, *seen_ms, span_ms, 0.0)
-                    }),
-                    None if change.amount != 0.0 => share.adds.push(CounterOp::new(
-                        OpKind::Add,
-                        &key,
-                        change.bucket,
-                        span_ms,
-                        change.amount,
-                    )),
-                    None => {}
-                }
-            }
-            sending.push(key);
-        }
-        share
+    /// Takes what this replica counted and has not shared yet, for the next share.
+    pub(crate) fn take_unsent(&self) -> Tally {
+        std::mem::take(&mut self.state().unsent)
     }
 
-    /// Share `number` was written (`true`) or failed, and is then sent again with the
-    /// next.
-    pub(crate) fn shared(&self, number: u64, written: bool) {
-        let mut keys = self.keys();
-        let sent = std::mem::take(&mut keys.sending);
-        for key in sent {
-            let Some(entry) = keys.entries.get_mut(&key) else {
-                continue;
-            };
-            for change in entry
-                .changes
-                .iter_mut()
-                .filter(|c| c.carried == Carried::Sent(number))
-            {
-                change.carried = if written {
-                    Carried::Shared(number)
-                } else {
-                    Carried::Unsent
-                };
-            }
-            entry.settle();
-            if !written {
-                keys.queue(&key);
-            }
+    /// The share of `tally` was written (its changes wait for the next flush) or failed
+    /// (they go with the next share).
+    pub(crate) fn shared(&self, tally: Tally, written: bool) {
+        let mut state = self.state();
+        if written {
+            state.unflushed.merge_counts(tally);
+        } else {
+            let mut newer = std::mem::take(&mut state.unsent);
+            newer.absorb(tally);
+            state.unsent = newer;
         }
     }
 
-    /// Forgets `rule`'s counts under `value` (a lifted block starts afresh).
+    /// Takes what this replica shared and has not flushed yet, for a flush.
+    pub(crate) fn take_unflushed(&self) -> Tally {
+        std::mem::take(&mut self.state().unflushed)
+    }
+
+    /// A flush of `tally` failed: it goes with the next.
+    pub(crate) fn flush_failed(&self, tally: Tally) {
+        self.state().unflushed.merge_counts(tally);
+    }
+
+    /// Takes in what other replicas shared.
+    pub(crate) fn take_in(&self, shares: Vec<Share>) {
+        self.take_in_for(shares, &self.rules());
+    }
+
+    /// Takes in what other replicas shared, for `rules` only.
+    pub(crate) fn take_in_for(&self, shares: Vec<Share>, rules: &HashSet<String>) {
+        let mut state = self.state();
+        for share in shares {
+            state.apply(share, rules);
+        }
+    }
+
+    /// Rebuilds the keys of `rules` from what was loaded, with this replica's own changes
+    /// not shared yet on top, and marks them loaded.
+    pub(crate) fn load(&self, rules: &HashSet<String>, loaded: Loaded) {
+        let mut state = self.state();
+        state.entries.retain(|key, _| !rules.contains(&key.rule));
+        for (key, bucket, amount, span_ms) in loaded.counts {
+            state.entry(&key, span_ms).add(bucket, amount);
+        }
+        for (key, member, seen_ms, span_ms) in loaded.seen {
+            state.entry(&key, span_ms).see(&member, seen_ms);
+        }
+        for share in loaded.shares {
+            state.apply(share, rules);
+        }
+        let own = state.unsent.share();
+        state.apply(own, rules);
+        state.loaded.extend(rules.iter().cloned());
+    }
+
+    /// Forgets `rule`'s counts under `value` (a lifted block starts afresh), here and,
+    /// with the next share, on the other replicas.
     pub(crate) fn forget(&self, rule: &str, value: &str) {
-        self.keys()
-            .entries
-            .retain(|key, _| !(key.rule == rule && key.value == value));
+        let mut state = self.state();
+        state.forget(rule, value);
+        state.unsent.drop_key(rule, value);
+        state
+            .unsent
+            .forgets
+            .push((rule.to_owned(), value.to_owned()));
+        state.unflushed.drop_key(rule, value);
     }
 
     /// Keys held in memory.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.keys().entries.len()
+        self.state().entries.len()
     }
 }
 
@@ -521,21 +568,22 @@ mod tests {
         }
     }
 
-    /// Reads the key as the database would hold it, including the shares up to `includes`.
-    fn read(c: &ApproximateCounters, op: &CounterOp, buckets: Vec<(i64, f64)>, includes: u64) {
-        let mut to_read = c.to_read([op]);
-        if to_read.is_empty() {
-            // Fresh: read again anyway, as a decision after FRESH_FOR would.
-            to_read.push(ToRead {
-                key: op.key.clone(),
-                stored: op.key.clone(),
-            });
-        }
-        c.read(&to_read, vec![buckets], includes);
+    fn total(c: &ApproximateCounters, now_ms: i64) -> f64 {
+        c.answer(&CounterOp::new(
+            OpKind::Total,
+            &key("SE"),
+            now_ms,
+            SPAN,
+            0.0,
+        ))
+        .value
     }
 
-    fn value(c: &ApproximateCounters, op: CounterOp) -> f64 {
-        c.answer(&op).expect("read").value
+    /// What another replica shares after counting `ops`.
+    fn shared_by_another(ops: &[CounterOp]) -> Share {
+        let other = counters();
+        ops.iter().for_each(|op| other.count(op));
+        other.take_unsent().share()
     }
 
     #[test]
@@ -559,128 +607,172 @@ mod tests {
     }
 
     #[test]
-    fn a_key_never_read_is_not_answered_and_is_read_once_per_decision() {
+    fn own_counts_count_at_once_and_each_is_shared_once() {
         let c = counters();
-        assert!(c.answer(&add(0)).is_none());
-        let to_read = c.to_read([&add(0), &add(0)]);
-        assert_eq!(to_read.len(), 1);
-        let read_at = Instant::now();
-        c.read(&to_read, vec![vec![(0, 4.0)]], 0);
-        let again = c.to_read([&add(0)]);
-        // Fresh for FRESH_FOR (unless this thread was held up that long meanwhile).
-        if read_at.elapsed() < FRESH_FOR {
-            assert!(again.is_empty(), "fresh for a while");
-        }
-        std::thread::sleep(FRESH_FOR);
-        assert_eq!(c.to_read([&add(0)]).len(), 1, "read again once stale");
-        assert_eq!(value(&c, add(0)), 5.0);
+        assert_eq!(c.answer(&add(1_000)).value, 1.0);
+        assert_eq!(c.answer(&add(1_500)).value, 2.0);
+        let first = c.take_unsent();
+        assert_eq!(
+            first.share().keys[0].adds,
+            vec![(0, 2.0)],
+            "merged per bucket"
+        );
+        c.shared(first, true);
+        assert!(
+            c.take_unsent().is_empty(),
+            "a written share is not sent again"
+        );
+        assert_eq!(total(&c, 2_000), 2.0);
+        let flush = c.take_unflushed();
+        assert_eq!(flush.share().keys[0].adds, vec![(0, 2.0)]);
+        assert!(c.take_unflushed().is_empty());
     }
 
     #[test]
-    fn own_counts_are_added_on_top_until_a_reading_includes_their_written_share() {
+    fn a_failed_share_or_flush_is_sent_again_with_what_came_since() {
         let c = counters();
-        read(&c, &add(0), vec![(0, 10.0)], 0);
-        assert_eq!(value(&c, add(1)), 11.0);
-        assert_eq!(value(&c, add(2)), 12.0);
-        let share = c.take_share(1, 0);
-        assert_eq!(share.adds.len(), 1, "merged per bucket");
-        assert_eq!(share.adds[0].amount, 2.0);
-        // Counted while the share is on its way: not in it.
-        assert_eq!(value(&c, add(3)), 13.0);
-        // A reading queued before the share was: the share's counts still add on top.
-        read(&c, &add(3), vec![(0, 15.0)], 0);
-        assert_eq!(
-            value(&c, CounterOp::new(OpKind::Total, &key("SE"), 4, SPAN, 0.0)),
-            18.0
-        );
-        c.shared(1, true);
-        assert_eq!(
-            value(&c, CounterOp::new(OpKind::Total, &key("SE"), 4, SPAN, 0.0)),
-            18.0
-        );
-        // A reading that includes share 1 (others counted 5 meanwhile): 10 + 2 + 5, plus
-        // the one counted after the share.
-        read(&c, &add(3), vec![(0, 17.0)], 1);
-        assert_eq!(
-            value(&c, CounterOp::new(OpKind::Total, &key("SE"), 4, SPAN, 0.0)),
-            18.0
-        );
+        c.answer(&add(1_000));
+        let failed = c.take_unsent();
+        c.answer(&add(2_000));
+        c.shared(failed, false);
+        let again = c.take_unsent();
+        assert_eq!(again.share().keys[0].adds, vec![(0, 2.0)]);
+        c.shared(again, true);
+        let flush = c.take_unflushed();
+        c.answer(&add(3_000));
+        c.shared(c.take_unsent(), true);
+        c.flush_failed(flush);
+        assert_eq!(c.take_unflushed().share().keys[0].adds, vec![(0, 3.0)]);
+        assert_eq!(total(&c, 3_000), 3.0, "counted once meanwhile");
     }
 
     #[test]
-    fn a_failed_share_is_sent_again_and_counted_meanwhile() {
+    fn another_replicas_share_adds_up_and_a_member_counts_once_across_replicas() {
         let c = counters();
-        read(&c, &add(0), vec![], 0);
-        value(&c, add(0));
-        value(&c, add(0));
-        assert_eq!(c.take_share(1, 0).adds[0].amount, 2.0);
-        // A reading queued after the share, made when the share failed, does not hold it.
-        read(&c, &add(0), vec![], 1);
-        c.shared(1, false);
+        c.answer(&add(1_000));
+        c.take_in(vec![shared_by_another(&[add(1_000), add(7_000)])]);
+        assert_eq!(total(&c, 8_000), 3.0);
+        let seen = counters();
+        assert_eq!(seen.answer(&see(1_000, "+461")).value, 1.0);
+        seen.take_in(vec![shared_by_another(&[
+            see(900, "+461"),
+            see(2_000, "+462"),
+        ])]);
         assert_eq!(
-            value(&c, CounterOp::new(OpKind::Total, &key("SE"), 1, SPAN, 0.0)),
-            2.0
+            seen.answer(&see(9_000, "+462")).value,
+            2.0,
+            "each member once"
         );
-        let again = c.take_share(2, 0);
-        assert_eq!(again.adds.iter().map(|a| a.amount).sum::<f64>(), 2.0);
-        c.shared(2, true);
-        assert!(c.take_share(3, 0).is_empty());
+        // A later sighting moves the member to its bucket; it leaves the window from there.
+        assert_eq!(seen.answer(&see(SPAN + 1_000, "+463")).value, 2.0);
+        assert_eq!(seen.answer(&see(SPAN + 9_500, "+463")).value, 1.0);
     }
 
     #[test]
     fn counts_leave_the_window_bucket_by_bucket() {
         let c = counters();
-        // Buckets of a tenth of the window.
-        read(&c, &add(0), vec![(0, 3.0), (6_000, 2.0)], 0);
-        assert_eq!(value(&c, add(6_500)), 6.0);
-        let total = |now| CounterOp::new(OpKind::Total, &key("SE"), now, SPAN, 0.0);
-        assert_eq!(value(&c, total(60_000)), 3.0, "bucket 0 left");
-        assert_eq!(value(&c, total(66_000)), 0.0);
-    }
-
-    #[test]
-    fn a_member_counts_once_per_replica_and_sightings_are_shared_each() {
-        let c = counters();
-        read(&c, &see(0, "a"), vec![(0, 5.0)], 0);
-        assert_eq!(value(&c, see(1, "a")), 6.0);
-        assert_eq!(value(&c, see(2, "a")), 6.0, "seen here already");
-        assert_eq!(value(&c, see(3, "b")), 7.0);
-        let share = c.take_share(1, 0);
-        assert_eq!(share.sightings.len(), 3);
-        assert!(share.adds.is_empty());
-        c.shared(1, true);
-        // The database counted a and b once (5 + 2); a seen again adds nothing.
-        read(&c, &see(4, "a"), vec![(0, 7.0)], 1);
-        assert_eq!(value(&c, see(5, "a")), 7.0);
-        // Seen again after the window: new again.
-        assert_eq!(value(&c, see(SPAN + 10, "b")), 1.0);
+        c.answer(&add(1_000));
+        c.answer(&add(7_000));
+        assert_eq!(total(&c, 7_000), 2.0);
+        assert_eq!(total(&c, SPAN + 1_000), 1.0, "the first bucket left");
+        assert_eq!(total(&c, SPAN + 7_000), 0.0);
+        c.answer(&add(3 * SPAN));
+        assert_eq!(
+            c.len(),
+            1,
+            "swept keys that left their window are let go of"
+        );
     }
 
     #[test]
     fn a_cap_holds_for_what_this_replica_knows() {
         let c = counters();
-        let within = |amount| CounterOp {
+        let spend = |amount| CounterOp {
             cap: 10.0,
-            ..CounterOp::new(OpKind::AddWithin, &key("SE"), 0, SPAN, amount)
+            ..CounterOp::new(OpKind::AddWithin, &key("SE"), 1_000, SPAN, amount)
         };
-        read(&c, &within(0.0), vec![(0, 6.0)], 0);
-        assert!(c.answer(&within(3.0)).unwrap().added);
-        let over = c.answer(&within(2.0)).unwrap();
-        assert!(!over.added);
+        assert!(c.answer(&spend(6.0)).added);
+        c.take_in(vec![shared_by_another(&[CounterOp::new(
+            OpKind::Add,
+            &key("SE"),
+            1_000,
+            SPAN,
+            3.0,
+        )])]);
+        let over = c.answer(&spend(2.0));
+        assert!(!over.added, "6 + 3 shared + 2 passes 10");
         assert_eq!(over.value, 11.0);
-        c.count(&CounterOp::new(OpKind::Refund, &key("SE"), 0, SPAN, -3.0));
-        assert!(c.answer(&within(4.0)).unwrap().added);
+        assert!(c.answer(&spend(1.0)).added);
+        assert_eq!(total(&c, 1_000), 10.0);
     }
 
     #[test]
-    fn idle_keys_go_only_once_shared_and_forget_drops_a_key() {
+    fn a_load_rebuilds_from_the_tables_and_the_log_with_own_unshared_changes_on_top() {
         let c = counters();
-        c.count(&add(0));
-        assert_eq!(c.len(), 1);
-        let share = c.take_share(1, 0);
-        assert_eq!(share.adds.len(), 1);
-        assert_eq!(c.len(), 1, "kept while its share is on its way");
+        let seen_key = CounterKey {
+            condition: "distinct".into(),
+            ..key("SE")
+        };
+        let distinct = |now_ms, member: &str| CounterOp {
+            member: Some(member.into()),
+            ..CounterOp::new(OpKind::See, &seen_key, now_ms, SPAN, 0.0)
+        };
+        c.answer(&add(1_000));
+        c.answer(&distinct(1_000, "+461"));
+        assert_eq!(c.to_load(), vec!["r".to_owned()]);
+        let loaded = Loaded {
+            counts: vec![(key("SE"), 0, 5.0, SPAN)],
+            seen: vec![(seen_key.clone(), "+460".into(), 500, SPAN)],
+            shares: vec![shared_by_another(&[add(2_000)])],
+        };
+        c.load(&HashSet::from(["r".to_owned()]), loaded.clone());
+        assert!(c.to_load().is_empty());
+        assert_eq!(total(&c, 2_000), 5.0 + 1.0 + 1.0, "table, log, own");
+        assert_eq!(c.answer(&distinct(3_000, "+461")).value, 2.0);
+        // Loading again (a rule counted approximately anew) counts nothing twice.
+        c.load(&HashSet::from(["r".to_owned()]), loaded);
+        assert_eq!(total(&c, 2_000), 7.0);
+        c.set_rules(HashSet::new());
+        c.set_rules(HashSet::from(["r".to_owned()]));
+        assert_eq!(
+            c.to_load(),
+            vec!["r".to_owned()],
+            "loaded afresh when it comes back"
+        );
+    }
+
+    #[test]
+    fn a_forget_drops_a_key_here_and_on_the_replicas_that_take_in_the_share() {
+        let c = counters();
+        c.answer(&add(1_000));
+        let in_flight = c.take_unsent();
+        c.answer(&add(2_000));
         c.forget("r", "SE");
-        assert_eq!(c.len(), 0);
+        assert_eq!(total(&c, 2_000), 0.0);
+        c.answer(&add(3_000));
+        c.shared(in_flight, false);
+        let share = c.take_unsent().share();
+        assert_eq!(share.forgets, vec![("r".to_owned(), "SE".to_owned())]);
+        assert_eq!(
+            share.keys[0].adds,
+            vec![(0, 1.0)],
+            "only what came after the forget"
+        );
+        let other = counters();
+        other.answer(&add(500));
+        other.take_in(vec![share]);
+        assert_eq!(total(&other, 3_000), 1.0);
+    }
+
+    #[test]
+    fn a_share_reads_back_as_written() {
+        let c = counters();
+        c.answer(&add(1_000));
+        c.answer(&see(1_000, "+461"));
+        c.forget("r", "NO");
+        let share = c.take_unsent().share();
+        let bytes = serde_json::to_vec(&share).expect("serializes");
+        let back: Share = serde_json::from_slice(&bytes).expect("reads back");
+        assert_eq!(back, share);
     }
 }

@@ -3,17 +3,15 @@
 //!
 //! A job is a list of counter operations, and what goes with them: an allowed request
 //! to put in the outcome book, a result's verification to take out of it, failures to
-//! keep as evidence, sightings that approximate counters share, keys of approximate
-//! counters to read. A batch runs its jobs' operations in job order through one call of
+//! keep as evidence. A batch runs its jobs' operations in job order through one call of
 //! `verigate_counter_ops`, and the rest as one statement each, all sent at once on one
-//! connection, the reads last (so they see the batch's writes). Outcomes read no answer, so their counts under one key are summed into
+//! connection. Outcomes read no answer, so their counts under one key are summed into
 //! one operation: the global and per-country baselines that every outcome feeds are
 //! written once per batch, not once per result.
 
 use std::{collections::HashMap, sync::Arc};
 
 use super::{
-    approximate::ToRead,
     counter_ops::{CounterOp, OpArrays, OpKind, OpResult, APPLY_OPS},
     failed, tracked_rows, EvidenceRows,
 };
@@ -40,11 +38,6 @@ pub(crate) struct CounterJob {
     pub(crate) evidence: EvidenceRows,
     /// A verification to take out of the outcome book (its result arrived).
     pub(crate) resolve: Option<String>,
-    /// Sightings that approximate counters share (see `approximate.rs`).
-    pub(crate) sightings: Vec<CounterOp>,
-    /// Keys of approximate counters whose shared counts to read, after the batch's
-    /// writes.
-    pub(crate) read: Vec<ToRead>,
 }
 
 /// What a job got back.
@@ -53,8 +46,6 @@ pub(crate) struct JobDone {
     pub(crate) results: Vec<Option<OpResult>>,
     /// The tracked verification taken out of the book, if it was in it.
     pub(crate) resolved: Option<Tracked>,
-    /// For each key of `read`: its buckets (start ms, amount).
-    pub(crate) read: Vec<Vec<(i64, f64)>>,
 }
 
 /// Does batches of jobs on the shared connections.
@@ -137,57 +128,6 @@ fn place(jobs: &[CounterJob]) -> Placed {
     Placed { ops, at }
 }
 
-/// Shares sightings of approximate counters (migration 5).
-const SHARE_SIGHTINGS: &str = "SELECT verigate_share_sightings($1, $2, $3, $4, $5, $6)";
-
-/// Every bucket of the keys asked for, numbered from 1 as they were asked. One index
-/// lookup per key: the fence (`OFFSET 0`) keeps the plan, made once for the session
-/// (perhaps on an empty table), from joining against a scan of the whole index.
-const READ_COUNTS: &str = "SELECT k.i, c.bucket, c.amount
-    FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(rule, cond, val, i)
-    CROSS JOIN LATERAL (
-        SELECT bucket, amount FROM verigate_counts c
-        WHERE c.rule = k.rule AND c.condition = k.cond AND c.value = k.val AND c.bucket >= 0
-        OFFSET 0
-    ) c";
-
-/// Sightings as the parallel arrays `verigate_share_sightings` takes.
-struct SightingArrays<'a> {
-    now: Vec<i64>,
-    rule: Vec<&'a str>,
-    condition: Vec<&'a str>,
-    value: Vec<&'a str>,
-    span: Vec<i64>,
-    member: Vec<&'a str>,
-}
-
-impl<'a> SightingArrays<'a> {
-    fn of(sightings: &[&'a CounterOp]) -> Self {
-        Self {
-            now: sightings.iter().map(|o| o.now_ms).collect(),
-            rule: sightings.iter().map(|o| o.key.rule.as_str()).collect(),
-            condition: sightings.iter().map(|o| o.key.condition.as_str()).collect(),
-            value: sightings.iter().map(|o| o.key.value.as_str()).collect(),
-            span: sightings.iter().map(|o| o.span_ms).collect(),
-            member: sightings
-                .iter()
-                .map(|o| o.member.as_deref().unwrap_or_default())
-                .collect(),
-        }
-    }
-
-    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
-        [
-            &self.now,
-            &self.rule,
-            &self.condition,
-            &self.value,
-            &self.span,
-            &self.member,
-        ]
-    }
-}
-
 /// Whether the server gave up on a statement to break a deadlock (everything it did was
 /// undone, so it can run again).
 fn deadlocked(err: &tokio_postgres::Error) -> bool {
@@ -256,65 +196,13 @@ impl CounterWorker {
                 .map_err(failed)?;
             tracked_rows(rows).map(|rows| rows.into_iter().collect::<HashMap<_, _>>())
         };
-        let sighted = async {
-            let sightings: Vec<&CounterOp> = jobs.iter().flat_map(|j| &j.sightings).collect();
-            if sightings.is_empty() {
-                return Ok(());
-            }
-            let arrays = SightingArrays::of(&sightings);
-            connection
-                .execute(SHARE_SIGHTINGS, &arrays.params())
-                .await
-                .map(drop)
-                .map_err(failed)
-        };
-        // Issued last, so read after every write of the batch (one connection answers
-        // in order).
-        let read = async {
-            let mut keys: Vec<&CounterKey> = Vec::new();
-            let mut at: HashMap<&CounterKey, usize> = HashMap::new();
-            for to_read in jobs.iter().flat_map(|j| &j.read) {
-                at.entry(&to_read.stored).or_insert_with(|| {
-                    keys.push(&to_read.stored);
-                    keys.len() - 1
-                });
-            }
-            let mut buckets: Vec<Vec<(i64, f64)>> = vec![Vec::new(); keys.len()];
-            if keys.is_empty() {
-                return Ok((at, buckets));
-            }
-            let column = |f: fn(&CounterKey) -> &str| keys.iter().map(|k| f(k)).collect::<Vec<_>>();
-            let (rules, conditions, values) = (
-                column(|k| &k.rule),
-                column(|k| &k.condition),
-                column(|k| &k.value),
-            );
-            let rows = connection
-                .query(READ_COUNTS, &[&rules, &conditions, &values])
-                .await
-                .map_err(failed)?;
-            for row in rows {
-                let i: i64 = row.try_get(0).map_err(failed)?;
-                let slot = usize::try_from(i - 1)
-                    .ok()
-                    .and_then(|i| buckets.get_mut(i))
-                    .ok_or_else(|| PolicyError("shared counters: a reading of no key".into()))?;
-                slot.push((
-                    row.try_get(1).map_err(failed)?,
-                    row.try_get(2).map_err(failed)?,
-                ));
-            }
-            Ok((at, buckets))
-        };
         // All go out at once on the one connection, in this order: one round trip.
-        use futures_util::future::{join, join3};
-        let ((counted, sighted, booked), (kept, resolved, read)) =
-            join(join3(counted, sighted, booked), join3(kept, resolved, read)).await;
+        use futures_util::future::join;
+        let ((counted, booked), (kept, resolved)) =
+            join(join(counted, booked), join(kept, resolved)).await;
         let (results, mut resolved) = (counted?, resolved?);
-        sighted?;
         booked?;
         kept?;
-        let (read_at, read) = read?;
         Ok(jobs
             .iter()
             .zip(placed.at)
@@ -327,16 +215,6 @@ impl CounterWorker {
                     Vec::new()
                 },
                 resolved: job.resolve.as_ref().and_then(|id| resolved.remove(id)),
-                read: job
-                    .read
-                    .iter()
-                    .map(|r| {
-                        read_at
-                            .get(&r.stored)
-                            .map(|&i| read[i].clone())
-                            .unwrap_or_default()
-                    })
-                    .collect(),
             })
             .collect())
     }

@@ -18,6 +18,7 @@
 mod approximate;
 mod counter_ops;
 mod jobs;
+mod sharing;
 
 use std::{
     future::Future,
@@ -90,9 +91,8 @@ pub struct SharedState {
     outage_log: OncePer,
     /// Counters of the rules counted approximately, in memory.
     approximate: ApproximateCounters,
-    /// The number of the last share of approximate counts written: a reading queued
-    /// after it includes it (approximate.rs).
-    shared: std::sync::atomic::AtomicU64,
+    /// Where this replica stands in exchanging them with the others (sharing.rs).
+    exchange: Mutex<sharing::Exchange>,
     /// Shares go on a connection of their own, so that a share never holds up a decision.
     share_connection: Arc<Pipeline>,
 }
@@ -171,6 +171,7 @@ impl SharedState {
             )),
         };
         let outcomes = BatchQueue::start(vec![outcome_worker], JOBS_PER_BATCH, 4096, None);
+        let exchange = Mutex::new(sharing::Exchange::new(&replica));
         Ok(Arc::new(Self {
             fast,
             counters,
@@ -181,7 +182,7 @@ impl SharedState {
             expiry: OncePer::new(EXPIRE_EVERY),
             outage_log: OncePer::new(Duration::from_secs(10)),
             approximate: ApproximateCounters::default(),
-            shared: std::sync::atomic::AtomicU64::new(0),
+            exchange,
             share_connection: Arc::new(Pipeline::new(
                 crate::store::postgres::config(options).map_err(PolicyError)?,
                 Some(pipeline::INDEXED_ASYNC_COMMIT),
@@ -231,88 +232,51 @@ impl SharedState {
         Arc::clone(&self.fast)
     }
 
+    fn share_handle(&self) -> Arc<Pipeline> {
+        Arc::clone(&self.share_connection)
+    }
+
     // -----------------------------------------------------------------------------------
     // Counters
 
-    /// Does `job` in the next batch and waits for it; takes in what it read of
-    /// approximate counters.
+    /// Does `job` in the next batch and waits for it.
     fn submit(&self, job: CounterJob) -> Result<JobDone, PolicyError> {
         pipeline::block_on(self.submit_waiting(job))
     }
 
     /// [`submit`](Self::submit) without holding a thread while the database works.
     async fn submit_waiting(&self, job: CounterJob) -> Result<JobDone, PolicyError> {
-        let (read, includes) = (job.read.clone(), self.shared_so_far());
         let queue = if job.teaches {
             &self.outcomes
         } else {
             &self.counters
         };
-        let done = queue.submit(job).await;
-        self.took(done, &read, includes)
-    }
-
-    /// The last share of approximate counts written.
-    fn shared_so_far(&self) -> u64 {
-        self.shared.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// A job's outcome (`None`: the workers have stopped), with what it read of
-    /// approximate counters taken in.
-    fn took(
-        &self,
-        done: Option<Result<JobDone, PolicyError>>,
-        read: &[approximate::ToRead],
-        includes: u64,
-    ) -> Result<JobDone, PolicyError> {
-        let mut done =
-            done.unwrap_or_else(|| Err(PolicyError("shared policy state: shut down".into())));
-        match &mut done {
-            Ok(done) if !read.is_empty() => {
-                self.approximate
-                    .read(read, std::mem::take(&mut done.read), includes)
-            }
-            Ok(_) => {}
-            Err(err) => self.log_outage(err),
+        let done = queue
+            .submit(job)
+            .await
+            .unwrap_or_else(|| Err(PolicyError("shared policy state: shut down".into())));
+        if let Err(err) = &done {
+            self.log_outage(err);
         }
         done
     }
 
-    /// The rules whose counters this replica keeps approximately.
+    /// The rules whose counters this replica keeps approximately. Those not counted so
+    /// before are loaded at once (a replica starting, a policy reloaded); when the
+    /// database does not answer, the exchange loads them as soon as it does.
     pub fn set_approximate(&self, rules: std::collections::HashSet<String>) {
         self.approximate.set_rules(rules);
+        self.exchange_counts();
     }
 
-    /// Shares what this replica counted approximately since the last share, in one
-    /// batch on the share connection; what fails is sent again with the next share.
-    /// Called from one thread only, so shares are written one after another.
-    fn share_counts(&self) {
-        let number = self.shared_so_far() + 1;
-        let share = self
-            .approximate
-            .take_share(number, Utc::now().timestamp_millis());
-        if share.is_empty() {
-            return;
+    /// One round of exchanging approximate counts with the other replicas: called every
+    /// [`approximate::SHARE_EVERY`] from one thread (and once when the rules change), so
+    /// rounds never overlap.
+    fn exchange_counts(&self) {
+        let mut exchange = self.exchange.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(err) = sharing::round(self, &mut exchange, Utc::now().timestamp_millis()) {
+            self.log_outage(&err);
         }
-        let job = CounterJob {
-            ops: share.adds,
-            teaches: true,
-            sightings: share.sightings,
-            ..CounterJob::default()
-        };
-        let worker = CounterWorker {
-            connections: Arc::clone(&self.share_connection),
-        };
-        let written = self
-            .run(async move { worker.batch(std::slice::from_ref(&job)).await })
-            .is_ok();
-        // Readings queued from here on include the share: said before the changes it
-        // carried are marked written, so that no reading counts them twice.
-        if written {
-            self.shared
-                .store(number, std::sync::atomic::Ordering::Release);
-        }
-        self.approximate.shared(number, written);
     }
 
     /// Counts what the approximate counters cover of `ops` in memory; returns the rest.
@@ -344,32 +308,23 @@ impl SharedState {
     }
 
     /// Which of a plan's operations go into its round trip, and the round trip (`None`:
-    /// the approximate counters answer everything from fresh readings).
+    /// the approximate counters answer everything from memory).
     fn prefetch_job(&self, plan: &[CounterOp]) -> (Vec<bool>, Option<CounterJob>) {
-        // What approximate counters answer is answered in memory (in the replay); the
-        // round trip reads their shared counts where those are not fresh.
-        let approximate: Vec<bool> = plan.iter().map(|op| self.approximate.covers(op)).collect();
+        // What approximate counters answer is answered in memory, in the replay.
         let worth: Vec<bool> = worth_prefetching(plan)
             .into_iter()
-            .zip(&approximate)
-            .map(|(worth, approximate)| worth && !approximate)
+            .zip(plan)
+            .map(|(worth, op)| worth && !self.approximate.covers(op))
             .collect();
-        let read = self.approximate.to_read(
-            plan.iter()
-                .zip(&approximate)
-                .filter(|(_, a)| **a)
-                .map(|(op, _)| op),
-        );
         let ops: Vec<CounterOp> = plan
             .iter()
             .zip(&worth)
             .filter(|(_, w)| **w)
             .map(|(op, _)| op.clone())
             .collect();
-        let job = (!ops.is_empty() || !read.is_empty()).then(|| CounterJob {
+        let job = (!ops.is_empty()).then(|| CounterJob {
             ops,
             answers: true,
-            read,
             ..CounterJob::default()
         });
         (worth, job)
@@ -766,6 +721,11 @@ impl SharedState {
                      DELETE FROM verigate_seen WHERE expires_ms < {now_ms};
                      DELETE FROM verigate_evidence WHERE at_ms < {} ;
                      DELETE FROM verigate_replicas WHERE seen_at < now() - interval '1 day';
+                     DELETE FROM verigate_share_log l USING verigate_share_marks m
+                         WHERE l.sharer = m.sharer AND l.share <= m.flushed
+                           AND l.written_at < now() - interval '1 minute';
+                     DELETE FROM verigate_share_log WHERE written_at < now() - interval '1 day';
+                     DELETE FROM verigate_share_marks WHERE flushed_at < now() - interval '1 day';
                      RESET synchronous_commit;",
                     now_ms - 7 * 86_400_000
                 ))
@@ -841,7 +801,7 @@ impl SharedState {
                 let Some(state) = state.upgrade() else {
                     return;
                 };
-                state.share_counts();
+                state.exchange_counts();
             });
         if let Err(err) = spawned {
             tracing::error!(error.message = %err, "cannot start sharing approximate counts");
@@ -906,18 +866,7 @@ impl AnswersOps for SharedState {
     /// a question a decision's plan did not foresee) asks of the shared counters.
     fn answer(&self, op: CounterOp) -> Result<OpResult, PolicyError> {
         if self.approximate.covers(&op) {
-            if let Some(result) = self.approximate.answer(&op) {
-                return Ok(result);
-            }
-            let read = self.approximate.to_read([&op]);
-            self.submit(CounterJob {
-                read,
-                ..CounterJob::default()
-            })?;
-            return self
-                .approximate
-                .answer(&op)
-                .ok_or_else(|| PolicyError("shared counters: a key read but not kept".into()));
+            return Ok(self.approximate.answer(&op));
         }
         let done = self.submit(CounterJob {
             ops: vec![op],

@@ -185,6 +185,25 @@ const MIGRATIONS: &[&str] = &[
     "#,
     include_str!("counter_ops.sql"),
     include_str!("share_sightings.sql"),
+    // 6: approximate counts exchanged through a log (policy/shared/sharing.rs): each
+    // replica process (a sharer) appends numbered shares, and records in its mark the
+    // last share its flushes into verigate_counts and verigate_seen include. The log is
+    // unlogged: a crash of the database loses it as it may lose the counters' last
+    // moments, and a replica that then finds rows missing loads everything again.
+    r#"
+    CREATE UNLOGGED TABLE verigate_share_log (
+        sharer text COLLATE "C" NOT NULL,
+        share bigint NOT NULL,
+        written_at timestamptz NOT NULL DEFAULT now(),
+        body bytea NOT NULL,
+        PRIMARY KEY (sharer, share)
+    );
+    CREATE TABLE verigate_share_marks (
+        sharer text COLLATE "C" PRIMARY KEY,
+        flushed bigint NOT NULL,
+        flushed_at timestamptz NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build needs.
