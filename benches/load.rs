@@ -14,6 +14,7 @@
 //! service's default, or json), LOAD_ONLY=verigate (skip the bare
 //! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
 //! LOAD_POLICY=FILE (another policy than the sample, e.g. to see what its rules cost),
+//! LOAD_BINARY=FILE (another build of verigate, e.g. to compare two builds in turns),
 //! LOAD_REPLICAS=1,2,3 (also run that many verigate replicas on one PostgreSQL database,
 //! started by tests/support/postgres.sh, with the connections spread over them). For
 //! those it also prints the `on_error` answers the replicas gave (and how many of them
@@ -386,7 +387,12 @@ impl Server {
             || Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml"),
             std::path::PathBuf::from,
         );
-        let child = Command::new(env!("CARGO_BIN_EXE_verigate"))
+        // LOAD_BINARY: another build of verigate, to compare two builds in turns.
+        let binary = std::env::var_os("LOAD_BINARY").map_or_else(
+            || std::path::PathBuf::from(env!("CARGO_BIN_EXE_verigate")),
+            std::path::PathBuf::from,
+        );
+        let child = Command::new(binary)
             .env("VERIGATE__SERVER__LISTEN", "127.0.0.1:0")
             .env("VERIGATE__SERVER__WORKERS", workers.to_string())
             .env("VERIGATE__STORE__PATH", dir.join("db"))

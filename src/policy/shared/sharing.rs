@@ -82,7 +82,19 @@ const FLUSH_COUNTS: &str = "INSERT INTO verigate_counts AS c (rule, condition, v
     DO UPDATE SET amount = c.amount + excluded.amount,
                   expires_ms = greatest(c.expires_ms, excluded.expires_ms)";
 
-const FLUSH_SIGHTINGS: &str = "SELECT verigate_share_sightings($1, $2, $3, $4, $5, $6)";
+/// Each member's latest sighting, which is what a starting replica loads. (The exact
+/// path's per-bucket counts of members, `condition:latest`, are not kept for rules
+/// counted approximately: a rule switched to exact counting counts its distinct members
+/// afresh.)
+const FLUSH_SIGHTINGS: &str =
+    "INSERT INTO verigate_seen AS s (rule, condition, value, member, seen_ms, expires_ms)
+    SELECT rule, cond, val, member, seen, seen + span
+    FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[])
+        AS o(seen, rule, cond, val, span, member)
+    ORDER BY 1, 2, 3, 4
+    ON CONFLICT ON CONSTRAINT verigate_seen_pkey
+    DO UPDATE SET seen_ms = greatest(s.seen_ms, excluded.seen_ms),
+                  expires_ms = greatest(s.expires_ms, excluded.expires_ms)";
 
 const MARK: &str = "INSERT INTO verigate_share_marks (sharer, flushed, flushed_at)
     VALUES ($1, $2, now())
