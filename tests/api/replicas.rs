@@ -583,6 +583,23 @@ async fn approximate_counts_shared_between_replicas_are_exact_once_shared() {
         walking.to_string().contains("counted approximately"),
         "{walking}"
     );
+    // Every replica holds the keys of the rules counted approximately, and says how many.
+    let third = &r.running[2];
+    let metrics = third
+        .client
+        .get(format!("{}/metrics", third.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let keys: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("verigate_rate_limit_keys "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_default();
+    assert!(keys >= 2.0, "{keys} keys held: {metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -531,8 +531,7 @@ impl ApproximateCounters {
     }
 
     /// Keys held in memory.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.state().entries.len()
     }
 }

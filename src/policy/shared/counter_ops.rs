@@ -165,10 +165,14 @@ pub(crate) trait AnswersOps: Send + Sync {
     fn planning(&self) -> bool {
         false
     }
+    /// Keys held in memory (`0`: none here).
+    fn keys(&self) -> usize {
+        0
+    }
 }
 
 /// Implements [`CounterStore`] for types that answer operations: each call is one
-/// operation. Shared state has no keys to count here, and sweeps elsewhere.
+/// operation. Shared state sweeps elsewhere.
 macro_rules! counter_store_by_ops {
     ($($ty:ty),*) => {$(
         impl CounterStore for $ty {
@@ -220,7 +224,7 @@ macro_rules! counter_store_by_ops {
             fn sweep(&self, _round: usize, _now_ms: i64) {}
 
             fn keys(&self) -> usize {
-                0
+                AnswersOps::keys(self)
             }
 
             fn planning(&self) -> bool {

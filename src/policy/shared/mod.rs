@@ -883,6 +883,11 @@ impl AnswersOps for SharedState {
     fn forget(&self, rule: &str, value: &str) -> Result<(), PolicyError> {
         SharedState::forget(self, rule, value)
     }
+
+    /// The keys of the rules counted approximately: every replica holds all of them.
+    fn keys(&self) -> usize {
+        self.approximate.len()
+    }
 }
 
 counter_store_by_ops!(SharedState);
