@@ -684,6 +684,55 @@ async fn a_replica_started_later_loads_the_approximate_counts_once() {
     );
 }
 
+/// A replica that misses another's shares (the log rows were trimmed while it could
+/// not look, as in a long outage) loads the counts again rather than going on without
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_shares_loads_the_counts_again() {
+    if !crate::postgres::available() {
+        return;
+    }
+    let url =
+        crate::postgres::database(&format!("replicas-approximate-gap-{}", std::process::id()));
+    let r = replicas_on(&url, 2, APPROXIMATE).await;
+    let finland =
+        |i: usize| request_event(&format!("gap-{i}"), "sms", &format!("+3584000{:03}", i % 2));
+    let action = |(status, answer): (u16, Value)| {
+        assert_eq!(status, 200, "{answer}");
+        answer["action"].as_str().unwrap_or_default().to_owned()
+    };
+    let signal = |name: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([format!("-{name}"), r.running[1].pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    signal("STOP");
+    for i in 0..9 {
+        assert_eq!(action(r.post(0, finland(i)).await), "allow", "request {i}");
+    }
+    // Flushed into the per-key tables, and then gone from the log before the stopped
+    // replica looked.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute("DELETE FROM verigate_share_log")
+        .await
+        .unwrap();
+    assert_eq!(action(r.post(0, finland(9)).await), "allow", "the tenth");
+    signal("CONT");
+    tokio::time::sleep(SHARED_BY_THEN).await;
+    assert_eq!(
+        action(r.post(1, finland(10)).await),
+        "deny",
+        "the eleventh, on the replica that missed nine"
+    );
+}
+
 /// What makes a number returning is in the database every replica reads: a success
 /// recorded through one replica spares the number on another, a failure recorded
 /// through a third takes that away everywhere.
