@@ -92,6 +92,10 @@ const FLOOR: f64 = 0.15;
 /// an honest country that converts poorly looks like an attack on every country's
 /// rate.
 const YOUNG_OUTCOMES: f64 = 2000.0;
+/// From this many outcomes of its own, a country's normal is at most the upper bound of
+/// its own rate (at `THIN_Z`, one-sided 95 %) until it has `BASELINE_SAMPLES`.
+const THIN_SAMPLES: f64 = 10.0;
+const THIN_Z: f64 = 1.645;
 const YOUNG_CAP: f64 = 0.25;
 
 fn default_min_samples() -> u32 {
@@ -285,6 +289,7 @@ impl ConversionLimit {
         f: &Facts<'_>,
         counters: &dyn CounterStore,
         now_ms: i64,
+        own: (f64, f64),
     ) -> Result<Option<f64>, PolicyError> {
         let Test::Sequential {
             normal, baseline_ms, ..
@@ -304,13 +309,28 @@ impl ConversionLimit {
             }
             Ok(totals)
         })?;
-        let young = scopes[1].1 < YOUNG_OUTCOMES;
-        for (ok, all) in scopes {
-            if all >= BASELINE_SAMPLES {
-                return Ok(Some(self.judged((ok / all).min(1.0), young)));
-            }
+        let [(country_ok, country_all), (global_ok, global_all)] = scopes;
+        let young = global_all < YOUNG_OUTCOMES;
+        if country_all >= BASELINE_SAMPLES {
+            return Ok(Some(self.judged((country_ok / country_all).min(1.0), young)));
         }
-        Ok(None)
+        if global_all < BASELINE_SAMPLES {
+            return Ok(None);
+        }
+        // A country whose own history is still thin borrows every country's rate, but
+        // never above what its other keys' outcomes say it plausibly converts: an honest
+        // country that converts poorly must not be judged by the others' rate. The key's
+        // own outcomes (those of its window, inside the baseline) are left out, or an
+        // attack that is all of a country's traffic would set its own bar.
+        let (others_ok, others_all) = (
+            (country_ok - own.0).max(0.0),
+            (country_all - own.1).max(0.0),
+        );
+        let mut normal = (global_ok / global_all).min(1.0);
+        if others_all >= THIN_SAMPLES {
+            normal = normal.min(wilson_upper(others_ok, others_all, THIN_Z));
+        }
+        Ok(Some(self.judged(normal, young)))
     }
 
     /// The learned normal as a key is judged against it: never so low that the rule
@@ -433,10 +453,10 @@ impl ConversionLimit {
             return Ok(false);
         };
         let value = self.spec.value(cx.facts);
-        let normal = self.normal_rate(cx.rule, cx.facts, cx.counters, cx.now_ms)?;
-        let key = self.key_level(cx.rule, &value, cx.counters, cx.now_ms)?;
         let pair = conversion_counters(cx.rule, &self.spec.text, &value);
         let (ok, all) = pair_totals(cx.counters, &pair, self.spec.window_ms, cx.now_ms)?;
+        let normal = self.normal_rate(cx.rule, cx.facts, cx.counters, cx.now_ms, (ok, all))?;
+        let key = self.key_level(cx.rule, &value, cx.counters, cx.now_ms)?;
         let tracked = self.tracked(cx.rule, cx.facts, value.clone(), normal, key, ok);
         cx.pending.tracked.push((tracked, self.complete_after_ms));
         let Some(normal) = normal else {
@@ -524,10 +544,11 @@ impl Limit for ConversionLimit {
         let (normal, level, ok) = match self.test {
             Test::Sequential { .. } => {
                 let pair = conversion_counters(rule, &self.spec.text, &value);
+                let own = pair_totals(counters, &pair, self.spec.window_ms, now_ms)?;
                 (
-                    self.normal_rate(rule, f, counters, now_ms)?,
+                    self.normal_rate(rule, f, counters, now_ms, own)?,
                     self.key_level(rule, &value, counters, now_ms)?,
-                    counters.total(&pair.0, self.spec.window_ms, now_ms)?,
+                    own.0,
                 )
             }
             Test::Wilson { .. } => (None, 0.0, 0.0),
