@@ -33,8 +33,6 @@ pub(super) struct Exchange {
     registered: bool,
     /// The last share this replica wrote.
     written: u64,
-    /// The last share whose counts are flushed into the per-key tables.
-    flushed: u64,
     flushed_at: Instant,
     /// For each other sharer, the last of its shares taken in.
     taken: HashMap<String, u64>,
@@ -49,7 +47,6 @@ impl Exchange {
             sharer: format!("{replica}/{}", &suffix[..12]),
             registered: false,
             written: 0,
-            flushed: 0,
             flushed_at: Instant::now(),
             taken: HashMap::new(),
             lost: false,
@@ -101,13 +98,17 @@ const MARK: &str = "INSERT INTO verigate_share_marks (sharer, flushed, flushed_a
     ON CONFLICT (sharer) DO UPDATE SET flushed = excluded.flushed, flushed_at = excluded.flushed_at";
 
 /// One round: load what is not loaded, write this replica's share, take in the others',
-/// and flush when it is time. `run` runs database work and waits for it.
+/// and flush when it is time. Nothing while no rule is counted approximately.
 pub(super) fn round(
     state: &SharedState,
     exchange: &mut Exchange,
     now_ms: i64,
 ) -> Result<(), PolicyError> {
     let counters = &state.approximate;
+    if counters.rules().is_empty() {
+        // A rule counted approximately later is loaded whole: nothing to keep up with.
+        return Ok(());
+    }
     if !exchange.registered {
         let (fast, sharer) = (state.share_handle(), exchange.sharer.clone());
         state.run(async move {
@@ -219,7 +220,8 @@ fn log_row(row: &Row) -> Result<(String, u64, Option<Share>), PolicyError> {
 }
 
 /// Adds what this replica shared since its last flush to the per-key tables, with the
-/// number of its last share, in one transaction.
+/// number of its last share, in one transaction. Also with nothing to add: the mark's
+/// time says the sharer is alive (marks of sharers gone a day are swept).
 fn flush(state: &SharedState, exchange: &mut Exchange) -> Result<(), PolicyError> {
     let counters = &state.approximate;
     exchange.flushed_at = Instant::now();
@@ -269,9 +271,8 @@ fn flush(state: &SharedState, exchange: &mut Exchange) -> Result<(), PolicyError
             .map_err(failed)?;
         tx.commit().await.map_err(failed)
     });
-    match done {
-        Ok(()) => exchange.flushed = exchange.written,
-        Err(_) => counters.flush_failed(tally),
+    if done.is_err() {
+        counters.flush_failed(tally);
     }
     done
 }
