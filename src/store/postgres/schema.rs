@@ -190,6 +190,7 @@ const MIGRATIONS: &[&str] = &[
     // last share its flushes into verigate_counts and verigate_seen include. The log is
     // unlogged: a crash of the database loses it as it may lose the counters' last
     // moments, and a replica that then finds rows missing loads everything again.
+    // Migration 5's function stays for replicas of the release before, during a roll.
     r#"
     CREATE UNLOGGED TABLE verigate_share_log (
         sharer text COLLATE "C" NOT NULL,
