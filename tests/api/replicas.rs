@@ -500,6 +500,12 @@ async fn a_database_stopped_mid_load_loses_no_acknowledged_event() {
     }
 }
 
+/// The action of a decision answered 200.
+fn action((status, answer): (u16, Value)) -> String {
+    assert_eq!(status, 200, "{answer}");
+    answer["action"].as_str().unwrap_or_default().to_owned()
+}
+
 /// A limit counted approximately: each replica counts in memory and shares every 25 ms.
 const APPROXIMATE: &str = "[[rule]]\nname = \"per-country\"\naction = \"deny\"\n\
     rate_limit = { key = \"country\", max = 10, window = \"1h\" }\ncounting = \"approximate\"\n\
@@ -646,10 +652,6 @@ async fn a_replica_started_later_loads_the_approximate_counts_once() {
             &format!("+4570000{:03}", i % 2),
         )
     };
-    let action = |(status, answer): (u16, Value)| {
-        assert_eq!(status, 200, "{answer}");
-        answer["action"].as_str().unwrap_or_default().to_owned()
-    };
     for i in 0..6 {
         assert_eq!(action(r.post(0, denmark(i)).await), "allow", "request {i}");
     }
@@ -697,10 +699,6 @@ async fn a_replica_that_missed_shares_loads_the_counts_again() {
     let r = replicas_on(&url, 2, APPROXIMATE).await;
     let finland =
         |i: usize| request_event(&format!("gap-{i}"), "sms", &format!("+3584000{:03}", i % 2));
-    let action = |(status, answer): (u16, Value)| {
-        assert_eq!(status, 200, "{answer}");
-        answer["action"].as_str().unwrap_or_default().to_owned()
-    };
     let signal = |name: &str| {
         let sent = std::process::Command::new("kill")
             .args([format!("-{name}"), r.running[1].pid().to_string()])
@@ -743,10 +741,6 @@ async fn a_number_that_succeeded_on_one_replica_is_returning_on_the_others() {
         return;
     };
     let (person, stranger) = ("+46701234001", "+46701234002");
-    let action = |(status, answer): (u16, Value)| {
-        assert_eq!(status, 200, "{answer}");
-        answer["action"].as_str().unwrap_or_default().to_owned()
-    };
     assert_eq!(
         action(r.post(0, request_event("rr-1", "sms", person)).await),
         "allow"

@@ -152,14 +152,7 @@ pub(crate) struct Tally {
 
 impl Tally {
     fn key(&mut self, key: &CounterKey, span_ms: i64) -> &mut KeyTally {
-        // Looked up first: a key tallied already (most) costs no copy of its strings.
-        if !self.keys.contains_key(key) {
-            self.keys.insert(key.clone(), KeyTally::default());
-        }
-        let tally = self
-            .keys
-            .get_mut(key)
-            .unwrap_or_else(|| unreachable!("inserted above"));
+        let tally = slot(&mut self.keys, key);
         tally.span_ms = span_ms;
         tally
     }
@@ -297,19 +290,23 @@ struct State {
     swept_ms: i64,
 }
 
-/// The entry of `key`, made if it is new (looked up first: most keys are in memory
+/// The value of `key`, made if it is new (looked up first: most keys are in memory
 /// already, and those cost no copy of their strings).
+fn slot<'a, V: Default>(map: &'a mut FastMap<CounterKey, V>, key: &CounterKey) -> &'a mut V {
+    if !map.contains_key(key) {
+        map.insert(key.clone(), V::default());
+    }
+    map.get_mut(key)
+        .unwrap_or_else(|| unreachable!("inserted above"))
+}
+
+/// The entry of `key`, made if it is new, with the window its counter is asked about.
 fn entry_in<'a>(
     entries: &'a mut FastMap<CounterKey, Entry>,
     key: &CounterKey,
     span_ms: i64,
 ) -> &'a mut Entry {
-    if !entries.contains_key(key) {
-        entries.insert(key.clone(), Entry::default());
-    }
-    let entry = entries
-        .get_mut(key)
-        .unwrap_or_else(|| unreachable!("inserted above"));
+    let entry = slot(entries, key);
     entry.span_ms = span_ms;
     entry
 }

@@ -409,18 +409,13 @@ fn load(
     if exchange.lost {
         taken.clear();
     }
-    for sharer in flushed.keys().filter(|s| **s != exchange.sharer) {
-        taken.entry(sharer.clone()).or_insert(0);
-    }
     for row in &log {
         let (sharer, number, share) = log_row(row)?;
         let Some(share) = share else { continue };
-        let own = sharer == exchange.sharer;
-        let new_for_others = !own && taken.get(&sharer).is_none_or(|last| number > *last);
+        let new_for_others =
+            sharer != exchange.sharer && taken.get(&sharer).is_none_or(|last| number > *last);
         if new_for_others {
             taken.insert(sharer.clone(), number);
-        }
-        if new_for_others {
             rest.push(share.clone());
         }
         if number > flushed.get(&sharer).copied().unwrap_or(0) {
