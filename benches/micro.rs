@@ -117,6 +117,7 @@ fn sample_policy(c: &mut Criterion) {
                 status: "SUCCESSFUL",
                 reason: None,
                 at: now,
+                book: verigate::policy::BookTaking::NotAsked,
             });
             d.action
         })
@@ -156,6 +157,7 @@ fn record_writes(c: &mut Criterion) {
                         app_key: KEY,
                         received_at: Utc::now(),
                         decision: None,
+                        book: None,
                     }))
                     .unwrap()
             },

@@ -173,6 +173,7 @@ fn sample_policy(criterion: &mut Criterion) {
                     status,
                     reason: reason.as_deref(),
                     at: at + Duration::milliseconds(*after),
+                    book: verigate::policy::BookTaking::NotAsked,
                 });
             }
         }

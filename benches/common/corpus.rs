@@ -51,6 +51,7 @@ async fn record(store: &Store, raw: &str, at: DateTime<Utc>, decision: Option<&D
         app_key: "bench",
         received_at: at,
         decision,
+        book: None,
     };
     store.record_once(incoming).await.unwrap();
 }

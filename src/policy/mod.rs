@@ -118,9 +118,13 @@ pub enum Counting {
 /// A decision made by [`Policy::decide_waiting`], and what the policy still has to write
 /// for it (`settling`): verigate awaits that together with recording the event, before
 /// the answer leaves, so the two writes cost one wait instead of two.
+///
+/// `booked` is what the shared outcome book gains with the decision: verigate hands it to
+/// the store with the event, which writes it in the record's transaction.
 pub struct WaitingDecision<'a> {
     pub decision: PolicyDecision,
     pub settling: Option<futures_util::future::LocalBoxFuture<'a, Result<(), PolicyError>>>,
+    pub booked: Option<crate::store::OutcomeBookChange>,
 }
 
 /// A verification from the store, as adaptive rules relearn from it at start.
@@ -152,6 +156,19 @@ pub struct Outcome<'a> {
     pub status: &'a str,
     pub reason: Option<&'a str>,
     pub at: DateTime<Utc>,
+    /// What the store took out of the shared outcome book with the result's record.
+    pub book: BookTaking<'a>,
+}
+
+/// Whether the store took a result's verification out of the policy's shared outcome
+/// book (see [`Learning::takes_from_book`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BookTaking<'a> {
+    /// The policy did not ask: it takes the verification out of its book itself.
+    NotAsked,
+    /// The store took it with the result's record: what it was tracked with (JSON), or
+    /// `None` when it was not in the book.
+    Taken(Option<&'a str>),
 }
 
 /// Anything that can decide allow/deny: `decide`, `on_error` and `version` are all a
@@ -243,6 +260,14 @@ pub trait Learning: Send + Sync {
         _outcome: Outcome<'a>,
     ) -> Option<futures_util::future::LocalBoxFuture<'a, ()>> {
         None
+    }
+
+    /// Whether the store is to take a result with this final `status` out of the
+    /// policy's shared outcome book as it records the result (in the same transaction);
+    /// the outcome then tells what it took. `false` (the default): the policy keeps its
+    /// book itself.
+    fn takes_from_book(&self, _status: &str, _reason: Option<&str>) -> bool {
+        false
     }
 
     /// Rate-limit and similar keys held in memory, for metrics.

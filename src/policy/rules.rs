@@ -33,9 +33,9 @@ use super::{
     file::{compile, load, PolicyLoadError},
     flagged::{FlaggedKey, FlaggedKeys},
     shared::{Planner, SharedState},
-    CounterReading, Explanation, Learning, Mode, NumberHistory, Outcome, PastVerification, Policy,
-    PolicyDecision, PolicyDescription, PolicyError, QuarantineNote, Quarantines, RuleDescription,
-    ShadowMatch, WaitingDecision,
+    BookTaking, CounterReading, Explanation, Learning, Mode, NumberHistory, Outcome,
+    PastVerification, Policy, PolicyDecision, PolicyDescription, PolicyError, QuarantineNote,
+    Quarantines, RuleDescription, ShadowMatch, WaitingDecision,
 };
 use crate::events::{Action, ResponseFields, VerificationRequestEvent};
 use crate::phone::country::CountryTable;
@@ -359,31 +359,44 @@ impl RulesPolicy {
         self.evaluate(&s, &request, &plan, Pass::Plan)?;
         let replay = shared.prefetch(plan.into_ops(), now_ms).await?;
         let evaluation = self.evaluate(&s, &request, &replay, Pass::Decide)?;
-        let tracked = evaluation
+        let booked = evaluation
             .tracked
             .as_ref()
-            .map(|t| (request.facts.request.id.as_str(), t));
-        let settling = shared.settle(replay, &evaluation.refunds, tracked)?;
+            .map(SharedState::book_entry)
+            .transpose()?;
+        let settling = shared.settle(replay, &evaluation.refunds)?;
         Ok(WaitingDecision {
             decision: self.conclude(&s, &facts, evaluation, started),
             settling,
+            booked,
         })
     }
 
     /// How an outcome counts for the adaptive rules (`None`: it does not, or there are
     /// none: what was tracked under rules removed since counts for no rule now).
-    fn resolution(&self, outcome: &Outcome<'_>) -> Option<Resolution> {
+    fn resolution(&self, status: &str, reason: Option<&str>) -> Option<Resolution> {
         let adaptive = !self.current.load().adaptive.is_empty();
-        Resolution::of(outcome.status, outcome.reason).filter(|_| adaptive)
+        Resolution::of(status, reason).filter(|_| adaptive)
     }
 
     /// Counts an outcome in the shared outcome book: whichever replica takes the
-    /// verification out of the book counts it.
+    /// verification out of the book counts it (the one that stored the result, when the
+    /// store took it with the result's record).
     async fn learn_shared(&self, shared: &SharedState, outcome: Outcome<'_>) {
-        let Some(resolution) = self.resolution(&outcome) else {
+        let Some(resolution) = self.resolution(outcome.status, outcome.reason) else {
             return;
         };
-        if let Ok(Some(tracked)) = shared.resolve(outcome.id).await {
+        let tracked = match outcome.book {
+            BookTaking::Taken(taken) => taken.and_then(|json| {
+                serde_json::from_str::<Tracked>(json)
+                    .inspect_err(|err| {
+                        tracing::warn!(error.message = %err, "an outcome book entry could not be read; its outcome is not counted");
+                    })
+                    .ok()
+            }),
+            BookTaking::NotAsked => shared.resolve(outcome.id).await.ok().flatten(),
+        };
+        if let Some(tracked) = tracked {
             let counted = (outcome.id.to_owned(), tracked, resolution);
             let _ = shared
                 .count_outcomes(&[counted], outcome.at.timestamp_millis())
@@ -457,10 +470,17 @@ impl Policy for RulesPolicy {
     ) -> Result<PolicyDecision, PolicyError> {
         if let Some(shared) = &self.shared {
             return crate::store::postgres::block_on(async {
-                let WaitingDecision { decision, settling } =
-                    self.decide_shared(shared, request, history, now).await?;
+                let WaitingDecision {
+                    decision,
+                    settling,
+                    booked,
+                } = self.decide_shared(shared, request, history, now).await?;
                 if let Some(settling) = settling {
                     settling.await?;
+                }
+                // No record goes with this decision: the book is written on its own.
+                if let Some(booked) = booked {
+                    shared.put_in_book(&request.id, booked).await?;
                 }
                 Ok(decision)
             });
@@ -595,7 +615,7 @@ impl Learning for RulesPolicy {
     fn observe_outcome(&self, outcome: Outcome<'_>) {
         if let Some(shared) = &self.shared {
             crate::store::postgres::block_on(self.learn_shared(shared, outcome));
-        } else if let Some(resolution) = self.resolution(&outcome) {
+        } else if let Some(resolution) = self.resolution(outcome.status, outcome.reason) {
             let at_ms = outcome.at.timestamp_millis();
             self.book
                 .observe_result(outcome.id, resolution, &self.counters, at_ms);
@@ -613,6 +633,12 @@ impl Learning for RulesPolicy {
             self.learn_shared(shared, outcome).await;
             self.count_rule_outcome(&outcome);
         }))
+    }
+
+    /// With shared state, the store takes a result's verification out of the book in the
+    /// result's own transaction.
+    fn takes_from_book(&self, status: &str, reason: Option<&str>) -> bool {
+        self.shared.is_some() && self.resolution(status, reason).is_some()
     }
 
     fn counter_keys(&self) -> usize {

@@ -472,6 +472,7 @@ fn per_rule_hits_and_outcomes_are_kept() {
         status: "SUCCESSFUL",
         reason: None,
         at: at(NOON),
+        book: crate::policy::BookTaking::NotAsked,
     });
     let described = p.describe();
     assert_eq!(described["rules"][0]["hits"], 1);
@@ -595,6 +596,7 @@ fn attempt(p: &RulesPolicy, id: &str, number: &str, t: i64, status: &str) -> Pol
             status,
             reason: (status == "DENIED").then_some("Fraud"),
             at: now + chrono::Duration::seconds(60),
+            book: crate::policy::BookTaking::NotAsked,
         });
     }
     d

@@ -45,6 +45,7 @@ fn verify(p: &RulesPolicy, id: &str, number: &str, at_ms: i64, converted: bool) 
             status: if converted { "SUCCESSFUL" } else { "FAIL" },
             reason: None,
             at: time(at_ms + MIN),
+            book: crate::policy::BookTaking::NotAsked,
         });
     }
     d

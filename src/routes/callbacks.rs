@@ -32,9 +32,12 @@ use crate::{
         CallbackResponse, VerificationEvent, VerificationRequestEvent, VerificationResultEvent,
     },
     metrics::Metrics,
-    policy::{history_of, off_async_workers, NumberHistory, Outcome, Policy},
+    policy::{history_of, off_async_workers, BookTaking, NumberHistory, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
-    store::{Admission, IncomingEvent, RecordOutcome, Store, StoreSlot, VerificationRecord},
+    store::{
+        Admission, IncomingEvent, OutcomeBookChange, RecordOutcome, Store, StoreSlot,
+        VerificationRecord,
+    },
     telemetry::MaskedNumber,
 };
 
@@ -127,6 +130,7 @@ async fn handle<'a>(
         app_key,
         received_at,
         decision: None,
+        book: None,
     };
     let waiting_since = state.store.get().is_none().then(std::time::Instant::now);
     let store = match state.store.ready_within(state.startup_wait).await {
@@ -189,7 +193,12 @@ async fn answer_request<'a>(
         Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
         Err(err) => return not_recorded(state, event, &err),
     };
-    let (decision, on_error, settling) = decide(state, request, history).await;
+    let Decided {
+        decision,
+        on_error,
+        settling,
+        booked,
+    } = decide(state, request, history).await;
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
@@ -206,6 +215,7 @@ async fn answer_request<'a>(
         claim,
         IncomingEvent {
             decision: Some(&record),
+            book: booked.as_ref(),
             ..incoming
         },
     );
@@ -284,6 +294,28 @@ fn on_error_answer(policy: &dyn Policy) -> serde_json::Value {
     serde_json::json!(CallbackResponse::bare(policy.on_error()))
 }
 
+/// The policy's decision and what goes with it to the store.
+struct Decided<'a> {
+    decision: PolicyDecision,
+    /// Whether the decision is the policy's `on_error` answer.
+    on_error: bool,
+    /// What the policy still writes for the decision, awaited with the event's record.
+    settling: Option<Settling<'a>>,
+    /// What the shared outcome book gains, written with the event's record.
+    booked: Option<OutcomeBookChange>,
+}
+
+impl Decided<'_> {
+    fn alone(decision: PolicyDecision, on_error: bool) -> Self {
+        Self {
+            decision,
+            on_error,
+            settling: None,
+            booked: None,
+        }
+    }
+}
+
 /// The policy's decision, or its `on_error` answer when it fails, panics or misses the
 /// decision deadline, and what the policy still writes for it. A policy that waits on a
 /// database is awaited here; a bounded policy decides right here, on the HTTP worker; any
@@ -293,14 +325,21 @@ async fn decide<'a>(
     state: &'a CallbackState,
     request: &'a VerificationRequestEvent,
     history: NumberHistory,
-) -> (PolicyDecision, bool, Option<Settling<'a>>) {
+) -> Decided<'a> {
     let started = Instant::now();
     let now = state.clock.now();
     let deadline = state.decision_deadline;
     let failure = if let Some(decision) = state.policy.decide_waiting(request, history, now) {
         let decided = tokio::time::timeout(deadline, AssertUnwindSafe(decision).catch_unwind());
         match decided.await {
-            Ok(Ok(Ok(waiting))) => return (waiting.decision, false, waiting.settling),
+            Ok(Ok(Ok(waiting))) => {
+                return Decided {
+                    decision: waiting.decision,
+                    on_error: false,
+                    settling: waiting.settling,
+                    booked: waiting.booked,
+                }
+            }
             Ok(Ok(Err(err))) => err.to_string(),
             Ok(Err(_)) => "the policy failed: it panicked".to_owned(),
             Err(_) => {
@@ -313,7 +352,9 @@ async fn decide<'a>(
             state.policy.decide(request, history, now)
         }));
         match decided {
-            Ok(Ok(decision)) if started.elapsed() <= deadline => return (decision, false, None),
+            Ok(Ok(decision)) if started.elapsed() <= deadline => {
+                return Decided::alone(decision, false)
+            }
             Ok(Ok(late)) => {
                 state.metrics.deadline_exceeded();
                 tracing::warn!(
@@ -328,7 +369,7 @@ async fn decide<'a>(
         }
     } else {
         match decide_on_pool(state, request, history, now, started).await {
-            Ok(decision) => return (decision, false, None),
+            Ok(decision) => return Decided::alone(decision, false),
             Err(failure) => failure,
         }
     };
@@ -346,7 +387,7 @@ async fn decide<'a>(
         explanation: Default::default(),
         spared: Vec::new(),
     };
-    (decision, true, None)
+    Decided::alone(decision, true)
 }
 
 /// What a policy still writes for a decision, awaited with the event's record.
@@ -399,10 +440,29 @@ async fn acknowledge<'a>(
     incoming: IncomingEvent<'a>,
 ) -> CallbackOutcome<'a> {
     let event = incoming.event;
+    // A final result leaves the shared outcome book with its record, when the policy
+    // keeps one there.
+    let take = OutcomeBookChange::Take;
+    let takes = matches!(event, VerificationEvent::Result(r) if state
+        .policy
+        .learning()
+        .is_some_and(|l| l.takes_from_book(&r.status, r.reason.as_deref())));
+    let incoming = IncomingEvent {
+        book: takes.then_some(&take),
+        ..incoming
+    };
     match store.record_once(incoming).await {
-        Ok(RecordOutcome::Stored { decision, .. }) => {
+        Ok(RecordOutcome::Stored {
+            decision, taken, ..
+        }) => {
             if let VerificationEvent::Result(result) = event {
-                report_outcome(state, store, result, decision, incoming.received_at).await;
+                let book = if takes {
+                    BookTaking::Taken(taken.as_deref())
+                } else {
+                    BookTaking::NotAsked
+                };
+                let at = incoming.received_at;
+                report_outcome(state, store, result, decision, book, at).await;
             }
             CallbackOutcome::Recorded {
                 event_type: event.event_type(),
@@ -419,12 +479,13 @@ async fn acknowledge<'a>(
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
 /// `decided` is its decision if the store handed it back with the write; else the
-/// record is read for it.
+/// record is read for it. `book`: what the store took out of the outcome book.
 async fn report_outcome(
     state: &CallbackState,
     store: &Store,
     result: &VerificationResultEvent,
     decided: Option<Box<DecisionRecord>>,
+    book: BookTaking<'_>,
     at: DateTime<Utc>,
 ) {
     if state.policy.learning().is_none() || result.status == "PENDING" {
@@ -441,15 +502,23 @@ async fn report_outcome(
         },
     };
     if let Some(learning) = state.policy.learning() {
-        if let Some(learned) = learning.observe_outcome_waiting(outcome_of(result, &decision, at)) {
+        let outcome = outcome_of(result, &decision, book, at);
+        if let Some(learned) = learning.observe_outcome_waiting(outcome) {
             learned.await;
             return;
         }
     }
     let result = result.clone();
+    let taken = match book {
+        BookTaking::Taken(taken) => Some(taken.map(str::to_owned)),
+        BookTaking::NotAsked => None,
+    };
     off_async_workers(&state.policy, move |policy| {
+        let book = taken
+            .as_ref()
+            .map_or(BookTaking::NotAsked, |t| BookTaking::Taken(t.as_deref()));
         if let Some(learning) = policy.learning() {
-            learning.observe_outcome(outcome_of(&result, &decision, at));
+            learning.observe_outcome(outcome_of(&result, &decision, book, at));
         }
     })
     .await;
@@ -459,6 +528,7 @@ async fn report_outcome(
 fn outcome_of<'a>(
     result: &'a VerificationResultEvent,
     decision: &'a DecisionRecord,
+    book: BookTaking<'a>,
     at: DateTime<Utc>,
 ) -> Outcome<'a> {
     Outcome {
@@ -468,6 +538,7 @@ fn outcome_of<'a>(
         status: &result.status,
         reason: result.reason.as_deref(),
         at,
+        book,
     }
 }
 

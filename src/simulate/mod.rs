@@ -225,6 +225,7 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
             status: &d.status,
             reason: d.reason.as_deref(),
             at,
+            book: crate::policy::BookTaking::NotAsked,
         });
         *spent_ns += started.elapsed().as_nanos();
     };

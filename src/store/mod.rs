@@ -107,12 +107,32 @@ pub enum RecordOutcome {
     /// `decision` is the decision its verification was given, when the engine had the
     /// record at hand while writing (PostgreSQL's group commit reads it to merge into);
     /// `None` says nothing: read the record to know.
+    ///
+    /// `taken` is what the event's record took out of the outcome book
+    /// ([`OutcomeBookChange::Take`]): the JSON the verification was tracked with, `None`
+    /// when it was not in the book (or nothing was asked).
     Stored {
         seq: u64,
         decision: Option<Box<DecisionRecord>>,
+        taken: Option<String>,
     },
     /// Seen before: nothing was written.
     Duplicate(FirstDelivery),
+}
+
+/// What an event's record does to the outcome book of a policy whose state is shared
+/// between replicas (allowed verifications awaiting their result): done by the engine in
+/// the record's own transaction, so the book costs a decision no write of its own and a
+/// result is taken out of the book by exactly one replica, the one that stores it. Only
+/// an engine that holds shared policy state (PostgreSQL) is handed one; the embedded
+/// engine's policy keeps its book in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutcomeBookChange {
+    /// A request allowed: track its verification until `due_ms` (after which it counts
+    /// as failed), with what to count of it (JSON).
+    Put { due_ms: i64, tracked: String },
+    /// A final result: take its verification out of the book (see `RecordOutcome`).
+    Take,
 }
 
 /// One accepted event as the raw event log keeps it.
@@ -153,6 +173,7 @@ pub struct NewEvent {
     pub received_at: DateTime<Utc>,
     pub decision: Option<DecisionRecord>,
     pub number: Option<EventNumber>,
+    pub book: Option<OutcomeBookChange>,
 }
 
 /// How much retention removed.
@@ -285,6 +306,8 @@ pub struct IncomingEvent<'a> {
     pub app_key: &'a str,
     pub received_at: DateTime<Utc>,
     pub decision: Option<&'a DecisionRecord>,
+    /// What the record does to the shared outcome book, if anything.
+    pub book: Option<&'a OutcomeBookChange>,
 }
 
 /// The store as verigate uses it. Cheap to clone.
@@ -384,6 +407,7 @@ impl Store {
                 stored: numbers.protect(received).into_owned(),
                 received: received.to_owned(),
             }),
+            book: incoming.book.cloned(),
         }
     }
 

@@ -180,6 +180,7 @@ mod tests {
                                 &Ok(RecordOutcome::Stored {
                                     seq: 7,
                                     decision: None,
+                                    taken: None,
                                 }),
                                 None,
                             );

@@ -236,11 +236,19 @@ async fn a_quarantine_tripped_on_two_replicas_blocks_on_the_third_and_a_lift_is_
 
 /// The sequential test keeps its evidence in the shared counters: failures spread over
 /// two replicas trip the key on the third, after a handful, not a fixed sample.
+/// The first counter reading of a verification's decision, as replica `i` shows it.
+async fn first_reading(r: &Replicas, i: usize, id: &str) -> Value {
+    let (_, record) = r.get(i, &format!("/v1/verifications/{id}")).await;
+    record["decision"]["explanation"]["counters"][0].clone()
+}
+
+/// A conversion rule per 7-digit prefix that trips on a few failures in a row.
+const SEQUENTIAL: &str = "[[rule]]\nname = \"sequential\"\naction = \"deny\"\n\
+    conversion = { per = \"prefix:7\", window = \"1h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"country\", complete_after = \"1h\" }\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_evidence_gathered_on_two_replicas_trips_on_the_third() {
-    let policy = "[[rule]]\nname = \"sequential\"\naction = \"deny\"\n\
-        conversion = { per = \"prefix:7\", window = \"1h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"country\", complete_after = \"1h\" }\n";
-    let Some(r) = replicas("sequential", 3, policy).await else {
+    let Some(r) = replicas("sequential", 3, SEQUENTIAL).await else {
         return;
     };
     let mut allowed = 0;
@@ -269,18 +277,53 @@ async fn sequential_evidence_gathered_on_two_replicas_trips_on_the_third() {
         .post(2, request_event("s-third", "sms", "+46702000999"))
         .await;
     assert_eq!(answer["action"], "deny", "{answer}");
-    let (_, record) = r.get(2, "/v1/verifications/s-third").await;
-    let reading = &record["decision"]["explanation"]["counters"][0];
+    let reading = first_reading(&r, 2, "s-third").await;
     assert!(
         reading["condition"]
             .as_str()
             .is_some_and(|c| c.starts_with("conversion 0/")),
-        "{record}"
+        "{reading}"
     );
     assert!(
         reading["value"].as_f64() >= reading["max"].as_f64(),
-        "{record}"
+        "{reading}"
     );
+}
+
+/// The replica that stores a result takes its verification out of the shared outcome book
+/// in the same transaction: a result delivered to every replica at once is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_delivered_to_every_replica_at_once_counts_once() {
+    let Some(r) = replicas("outcome-once", 3, SEQUENTIAL).await else {
+        return;
+    };
+    for (i, status) in ["SUCCESSFUL", "FAIL", "SUCCESSFUL", "SUCCESSFUL"]
+        .into_iter()
+        .enumerate()
+    {
+        let id = format!("once-{i}");
+        let (_, answer) = r
+            .post(i, request_event(&id, "sms", &format!("+46703000{i:03}")))
+            .await;
+        assert_eq!(answer["action"], "allow", "{answer}");
+        let result = result_event(&id, status);
+        let deliveries = r.running.iter().map(|replica| {
+            let (sender, result) = (replica.sender(), result.clone());
+            tokio::spawn(async move { sender.try_post(result).await })
+        });
+        for delivery in deliveries.collect::<Vec<_>>() {
+            assert_eq!(delivery.await.unwrap().unwrap(), 200);
+        }
+    }
+    let (_, answer) = r
+        .post(0, request_event("once-next", "sms", "+46703000999"))
+        .await;
+    assert_eq!(answer["action"], "allow", "{answer}");
+    for replica in 0..3 {
+        let reading = first_reading(&r, replica, "once-next").await;
+        let condition = reading["condition"].as_str().unwrap_or_default();
+        assert!(condition.starts_with("conversion 3/4 "), "{reading}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,6 +107,7 @@ async fn put(
             app_key: "app",
             received_at: at(secs),
             decision: decided,
+            book: None,
         })
         .await
         .unwrap()
@@ -212,6 +213,7 @@ pub async fn concurrent_deliveries_of_one_event_are_admitted_once(backend: &Back
             app_key: "app",
             received_at: at(0),
             decision: None,
+            book: None,
         };
         match store.admit(incoming).await.unwrap() {
             Admission::First(claim) => {
@@ -274,6 +276,7 @@ pub async fn an_event_the_store_refuses_fails_alone(backend: &Backend) {
             app_key: "app",
             received_at: at(0),
             decision: None,
+            book: None,
         })
     });
     let outcomes = futures_util::future::join_all(writes).await;

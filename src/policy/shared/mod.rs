@@ -46,10 +46,13 @@ use super::{
     PolicyError, ReplicaReport,
 };
 use crate::{
-    store::postgres::{
-        batch::BatchQueue,
-        pipeline::{self, Pipeline, SharedConnection},
-        pool, Cached, PostgresOptions,
+    store::{
+        postgres::{
+            batch::BatchQueue,
+            pipeline::{self, Pipeline, SharedConnection},
+            pool, Cached, PostgresOptions,
+        },
+        OutcomeBookChange,
     },
     telemetry::OncePer,
 };
@@ -355,46 +358,57 @@ impl SharedState {
         Replay::new(self, now_ms, planned)
     }
 
-    /// Ends a decision: undoes what its plan counted that it did not need, gives back
-    /// the spend of a denied request (`refunds`: counter, window, amount), and puts an
-    /// allowed one in the outcome book (`tracked`, by id). Returns the round trip that
-    /// does it (`None`: nothing to write), which the caller awaits.
+    /// Ends a decision: undoes what its plan counted that it did not need and gives back
+    /// the spend of a denied request (`refunds`: counter, window, amount). Returns the
+    /// round trip that does it (`None`: nothing to write, the common case of an allowed
+    /// request), which the caller awaits.
     pub(crate) fn settle<'a>(
         &'a self,
         replay: Replay<'_>,
         refunds: &[(CounterKey, i64, f64)],
-        tracked: Option<(&str, &Tracked)>,
     ) -> Result<Option<LocalBoxFuture<'a, Result<(), PolicyError>>>, PolicyError> {
-        Ok(self.settle_job(replay, refunds, tracked)?.map(
-            |job| -> LocalBoxFuture<'a, Result<(), PolicyError>> {
-                Box::pin(async move { self.submit_waiting(job).await.map(drop) })
-            },
-        ))
-    }
-
-    fn settle_job(
-        &self,
-        replay: Replay<'_>,
-        refunds: &[(CounterKey, i64, f64)],
-        tracked: Option<(&str, &Tracked)>,
-    ) -> Result<Option<CounterJob>, PolicyError> {
         let now_ms = replay.now_ms();
         let mut ops = replay.leftovers();
         ops.extend(refunds.iter().map(|(key, window_ms, amount)| {
             CounterOp::new(OpKind::Refund, key, now_ms, *window_ms, -amount)
         }));
         let ops = self.count_approximately(ops);
-        let track = tracked
-            .map(|(id, t)| {
-                let json = serde_json::to_value(t).map_err(failed)?;
-                Ok::<_, PolicyError>((id.to_owned(), t.allowed_ms + t.complete_after_ms, json))
-            })
-            .transpose()?;
-        Ok((!ops.is_empty() || track.is_some()).then(|| CounterJob {
-            ops,
-            track,
+        Ok(
+            (!ops.is_empty()).then(|| -> LocalBoxFuture<'a, Result<(), PolicyError>> {
+                let job = CounterJob {
+                    ops,
+                    ..CounterJob::default()
+                };
+                Box::pin(async move { self.submit_waiting(job).await.map(drop) })
+            }),
+        )
+    }
+
+    /// An allowed verification's entry in the outcome book, for the store to write with
+    /// the request's record (`OutcomeBookChange::Put`).
+    pub(crate) fn book_entry(tracked: &Tracked) -> Result<OutcomeBookChange, PolicyError> {
+        Ok(OutcomeBookChange::Put {
+            due_ms: tracked.allowed_ms + tracked.complete_after_ms,
+            tracked: serde_json::to_string(tracked).map_err(failed)?,
+        })
+    }
+
+    /// Writes an outcome book entry on its own, for a decision no record goes with.
+    pub(crate) async fn put_in_book(
+        &self,
+        id: &str,
+        entry: OutcomeBookChange,
+    ) -> Result<(), PolicyError> {
+        let OutcomeBookChange::Put { due_ms, tracked } = entry else {
+            return Ok(());
+        };
+        let tracked = serde_json::from_str(&tracked).map_err(failed)?;
+        self.submit_waiting(CounterJob {
+            track: Some((id.to_owned(), due_ms, tracked)),
             ..CounterJob::default()
-        }))
+        })
+        .await
+        .map(drop)
     }
 
     // -----------------------------------------------------------------------------------

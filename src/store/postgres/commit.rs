@@ -34,7 +34,9 @@ use super::{
 use crate::{
     decision::DecisionRecord,
     events::VerificationEvent,
-    store::{EventIdentity, FirstDelivery, NewEvent, RecordOutcome, RecordStamp},
+    store::{
+        EventIdentity, FirstDelivery, NewEvent, OutcomeBookChange, RecordOutcome, RecordStamp,
+    },
 };
 
 /// At most this many events share a transaction: larger batches add latency to the
@@ -249,6 +251,10 @@ impl From<BatchError> for StoreError {
 /// the batch then locks, merges into and updates, as an existing verification is. A
 /// request event, the common case, so costs one row version instead of two (an update
 /// that fills the indexed columns writes every index again).
+///
+/// The outcome book changes the batch's new events carry (`$24..$26`, one per event) are
+/// made here too: an allowed request's verification put in the book, a final result's
+/// taken out of it (and returned, with no event and no sequence number).
 const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($8)),
     events AS (
         INSERT INTO verigate_events (id, event, discriminator, received_at, app_key, body, answer)
@@ -277,10 +283,27 @@ const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($
         ORDER BY e.id
         ON CONFLICT (id) DO NOTHING
         RETURNING id, record IS NOT NULL AS whole
+    ), book AS (
+        SELECT b.id, b.due_ms, b.tracked, b.take
+        FROM unnest($1::text[], $2::text[], $3::text[], $24::int8[], $25::text[], $26::bool[])
+            AS b(id, event, discriminator, due_ms, tracked, take)
+        JOIN events e ON e.id = b.id AND e.event = b.event AND e.discriminator = b.discriminator
+        WHERE b.tracked IS NOT NULL OR b.take
+    ), booked AS (
+        INSERT INTO verigate_pending (id, due_ms, tracked)
+        SELECT id, due_ms, tracked::jsonb FROM book WHERE tracked IS NOT NULL
+        ORDER BY 1
+        ON CONFLICT (id) DO UPDATE SET due_ms = excluded.due_ms, tracked = excluded.tracked
+    ), taken AS (
+        DELETE FROM verigate_pending p USING (SELECT DISTINCT id FROM book WHERE take) t
+        WHERE p.id = t.id
+        RETURNING p.id, p.tracked::text AS tracked
     )
-    SELECT id, event, discriminator, seq FROM events
+    SELECT id, event, discriminator, seq, NULL::text FROM events
     UNION ALL
-    SELECT id, NULL, NULL, NULL FROM placed WHERE whole";
+    SELECT id, NULL, NULL, NULL, NULL FROM placed WHERE whole
+    UNION ALL
+    SELECT id, NULL, NULL, NULL, tracked FROM taken";
 
 /// Locks the batch's verifications (in id order) and reads them, except those the
 /// batch has just written whole.
@@ -335,7 +358,8 @@ async fn write_batch(
     ids.dedup();
 
     let whole = WholeColumns::of(events, &firsts)?;
-    let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 23] = [
+    let book = BookColumns::of(events, &firsts);
+    let event_params: [&(dyn tokio_postgres::types::ToSql + Sync); 26] = [
         &columns.id,
         &columns.event,
         &columns.discriminator,
@@ -359,6 +383,9 @@ async fn write_batch(
         &whole.records.status,
         &whole.records.price_currency,
         &whole.records.price_amount,
+        &book.due_ms,
+        &book.tracked,
+        &book.take,
     ];
     let id_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&ids];
     // Sent together (pipelined): one round trip.
@@ -371,13 +398,20 @@ async fn write_batch(
 
     let mut seqs: HashMap<Identity, i64> = HashMap::with_capacity(inserted.len());
     let mut written_whole: HashSet<String> = HashSet::new();
+    let mut taken: HashMap<String, String> = HashMap::new();
     for row in &inserted {
         let id: String = row.try_get(0)?;
-        match row.try_get::<_, Option<String>>(1)? {
-            Some(event) => {
+        match (
+            row.try_get::<_, Option<String>>(1)?,
+            row.try_get::<_, Option<String>>(4)?,
+        ) {
+            (Some(event), _) => {
                 seqs.insert((id, event, row.try_get(2)?), row.try_get(3)?);
             }
-            None => {
+            (None, Some(tracked)) => {
+                taken.insert(id, tracked);
+            }
+            (None, None) => {
                 written_whole.insert(id);
             }
         }
@@ -430,6 +464,10 @@ async fn write_batch(
             Some(&seq) if first_here => RecordOutcome::Stored {
                 seq: seq_of(seq),
                 decision: decision_for(event, &merged),
+                taken: match event.book {
+                    Some(OutcomeBookChange::Take) => taken.remove(&event.identity.id),
+                    _ => None,
+                },
             },
             Some(&seq) => RecordOutcome::Duplicate(FirstDelivery {
                 seq: seq_of(seq),
@@ -693,6 +731,37 @@ impl<'a> EventColumns<'a> {
                 .map(|e| e.decision.as_ref().map(|d| &d.answer))
                 .collect(),
         }
+    }
+}
+
+/// The outcome book changes of the batch's events, one per event: when a put's entry is
+/// due and what it tracks (both `NULL` for no put), and whether to take.
+struct BookColumns<'a> {
+    due_ms: Vec<Option<i64>>,
+    tracked: Vec<Option<&'a str>>,
+    take: Vec<bool>,
+}
+
+impl<'a> BookColumns<'a> {
+    fn of(events: &'a [NewEvent], which: &[usize]) -> Self {
+        let mut c = BookColumns {
+            due_ms: Vec::with_capacity(which.len()),
+            tracked: Vec::with_capacity(which.len()),
+            take: Vec::with_capacity(which.len()),
+        };
+        for &i in which {
+            let (due_ms, tracked, take) = match &events[i].book {
+                Some(OutcomeBookChange::Put { due_ms, tracked }) => {
+                    (Some(*due_ms), Some(tracked.as_str()), false)
+                }
+                Some(OutcomeBookChange::Take) => (None, None, true),
+                None => (None, None, false),
+            };
+            c.due_ms.push(due_ms);
+            c.tracked.push(tracked);
+            c.take.push(take);
+        }
+        c
     }
 }
 

@@ -145,6 +145,7 @@ impl Committer {
                         outcome: Ok(RecordOutcome::Stored {
                             seq,
                             decision: None,
+                            taken: None,
                         }),
                         needs_batch: true,
                     });
