@@ -34,7 +34,7 @@ pub(crate) struct CounterJob {
     pub(crate) teaches: bool,
     /// An allowed verification for the outcome book: id, when it is overdue, what to
     /// count of it.
-    pub(crate) track: Option<(String, i64, serde_json::Value)>,
+    pub(crate) track: Option<(String, i64, String)>,
     pub(crate) evidence: EvidenceRows,
     /// A verification to take out of the outcome book (its result arrived).
     pub(crate) resolve: Option<String>,
@@ -156,20 +156,21 @@ impl CounterWorker {
         };
         let booked = async {
             // The last of a verification's entries wins, as one upsert each would.
-            let mut book: HashMap<&str, (i64, &serde_json::Value)> = HashMap::new();
+            let mut book: HashMap<&str, (i64, &str)> = HashMap::new();
             for (id, due_ms, tracked) in jobs.iter().filter_map(|j| j.track.as_ref()) {
-                book.insert(id, (*due_ms, tracked));
+                book.insert(id, (*due_ms, tracked.as_str()));
             }
             if book.is_empty() {
                 return Ok(());
             }
             let ids: Vec<&str> = book.keys().copied().collect();
             let due: Vec<i64> = ids.iter().map(|id| book[id].0).collect();
-            let tracked: Vec<&serde_json::Value> = ids.iter().map(|id| book[id].1).collect();
+            let tracked: Vec<&str> = ids.iter().map(|id| book[id].1).collect();
             connection
                 .execute(
                     "INSERT INTO verigate_pending (id, due_ms, tracked)
-                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::jsonb[])
+                     SELECT id, due_ms, tracked::jsonb
+                     FROM unnest($1::text[], $2::bigint[], $3::text[]) AS b(id, due_ms, tracked)
                      ON CONFLICT (id) DO UPDATE SET due_ms = excluded.due_ms, tracked = excluded.tracked",
                     &[&ids, &due, &tracked],
                 )

@@ -402,7 +402,6 @@ impl SharedState {
         let OutcomeBookChange::Put { due_ms, tracked } = entry else {
             return Ok(());
         };
-        let tracked = serde_json::from_str(&tracked).map_err(failed)?;
         self.submit_waiting(CounterJob {
             track: Some((id.to_owned(), due_ms, tracked)),
             ..CounterJob::default()
