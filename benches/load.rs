@@ -9,7 +9,7 @@
 //! ratio verigate / bare, verigate's peak RSS and its store size per million events.
 //!
 //! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
-//! list, default "32,64"), LOAD_SERVER_WORKERS (default 0 = one per core, for both servers),
+//! list, default "32,64"), LOAD_SERVER_WORKERS (default 0: each server's own default),
 //! LOAD_LOG_LEVEL (verigate's log level, default info), LOAD_LOG_FORMAT (pretty, the
 //! service's default, or json), LOAD_ONLY=verigate (skip the bare
 //! server, e.g. while profiling), LOAD_KEEP_STORE=DIR (keep each run's store there),
@@ -83,7 +83,7 @@ fn main() {
     println!(
         "load: {callbacks} callbacks per server and level, {cores} cores, server workers {}",
         if workers == 0 {
-            "= cores".to_string()
+            "as each server defaults (verigate on PostgreSQL: half the cores)".to_string()
         } else {
             workers.to_string()
         }
