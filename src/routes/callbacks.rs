@@ -440,13 +440,8 @@ async fn acknowledge<'a>(
     incoming: IncomingEvent<'a>,
 ) -> CallbackOutcome<'a> {
     let event = incoming.event;
-    // A final result leaves the shared outcome book with its record, when the policy
-    // keeps one there.
     let take = OutcomeBookChange::Take;
-    let takes = matches!(event, VerificationEvent::Result(r) if state
-        .policy
-        .learning()
-        .is_some_and(|l| l.takes_from_book(&r.status, r.reason.as_deref())));
+    let takes = takes_from_book(state.policy.as_ref(), event);
     let incoming = IncomingEvent {
         book: takes.then_some(&take),
         ..incoming
@@ -475,6 +470,17 @@ async fn acknowledge<'a>(
         },
         Err(err) => not_recorded(state, event, &err),
     }
+}
+
+/// Whether `event` is a final result whose verification leaves the policy's shared
+/// outcome book with the result's record (the store takes it out in the same write).
+fn takes_from_book(policy: &dyn Policy, event: &VerificationEvent) -> bool {
+    let VerificationEvent::Result(result) = event else {
+        return false;
+    };
+    policy
+        .learning()
+        .is_some_and(|l| l.takes_from_book(&result.status, result.reason.as_deref()))
 }
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
