@@ -295,8 +295,7 @@ const INSERT_EVENTS: &str = "WITH gate AS (SELECT pg_advisory_xact_lock_shared($
         ORDER BY 1
         ON CONFLICT (id) DO UPDATE SET due_ms = excluded.due_ms, tracked = excluded.tracked
     ), taken AS (
-        DELETE FROM verigate_pending p
-        USING (SELECT DISTINCT id FROM book WHERE take ORDER BY id) t
+        DELETE FROM verigate_pending p USING (SELECT DISTINCT id FROM book WHERE take) t
         WHERE p.id = t.id
         RETURNING p.id, p.tracked::text AS tracked
     )
