@@ -17,11 +17,16 @@ struct Replicas {
 const POLICY_HEAD: &str = "default = \"allow\"\non_error = \"deny\"\n";
 
 async fn replicas(name: &str, n: usize, policy: &str) -> Option<Replicas> {
+    replicas_and_url(name, n, policy).await.map(|(r, _)| r)
+}
+
+/// [`replicas`], with their database's URL (to start another replica on it later).
+async fn replicas_and_url(name: &str, n: usize, policy: &str) -> Option<(Replicas, String)> {
     if !crate::postgres::available() {
         return None;
     }
     let url = crate::postgres::database(&format!("replicas-{name}-{}", std::process::id()));
-    Some(replicas_on(&url, n, policy).await)
+    Some((replicas_on(&url, n, policy).await, url))
 }
 
 /// One replica on `url` with its own folder and copy of `policy`, not yet ready.
@@ -681,12 +686,9 @@ async fn an_approximate_limit_is_exact_for_requests_further_apart_than_the_shari
 /// once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_started_later_loads_the_approximate_counts_once() {
-    if !crate::postgres::available() {
+    let Some((r, url)) = replicas_and_url("approximate-late", 2, APPROXIMATE).await else {
         return;
-    }
-    let url =
-        crate::postgres::database(&format!("replicas-approximate-late-{}", std::process::id()));
-    let r = replicas_on(&url, 2, APPROXIMATE).await;
+    };
     // Two numbers, so only the rate limit (10 per country) can bite.
     let denmark = |i: usize| {
         request_event(
@@ -734,12 +736,9 @@ async fn a_replica_started_later_loads_the_approximate_counts_once() {
 /// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_missed_shares_loads_the_counts_again() {
-    if !crate::postgres::available() {
+    let Some((r, url)) = replicas_and_url("approximate-gap", 2, APPROXIMATE).await else {
         return;
-    }
-    let url =
-        crate::postgres::database(&format!("replicas-approximate-gap-{}", std::process::id()));
-    let r = replicas_on(&url, 2, APPROXIMATE).await;
+    };
     let finland =
         |i: usize| request_event(&format!("gap-{i}"), "sms", &format!("+3584000{:03}", i % 2));
     let signal = |name: &str| {

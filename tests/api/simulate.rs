@@ -11,23 +11,27 @@ fn sample() -> String {
     format!("{}/config/policy.toml", env!("CARGO_MANIFEST_DIR"))
 }
 
-#[test]
-fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users() {
-    let (ok, out) = cli(
-        &[
-            "simulate",
-            &sample(),
-            "--seeds",
-            "7",
-            "--warmup-days",
-            "1,0",
-            "--json",
-        ],
-        &[],
-    );
+/// `verigate simulate` of the sample policy with these seeds and warm-ups: its runs.
+fn simulate_sample(seeds: &str, warmup_days: &str) -> Vec<Value> {
+    let policy = sample();
+    let args = [
+        "simulate",
+        &policy,
+        "--seeds",
+        seeds,
+        "--warmup-days",
+        warmup_days,
+        "--json",
+    ];
+    let (ok, out) = cli(&args, &[]);
     assert!(ok, "{out}");
     let runs: Value = serde_json::from_str(&out).unwrap();
-    let runs = runs.as_array().unwrap();
+    runs.as_array().unwrap().clone()
+}
+
+#[test]
+fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users() {
+    let runs = simulate_sample("7", "1,0");
     assert_eq!(runs.len(), 2);
     let share =
         |t: &Value| t["cost_denied_eur"].as_f64().unwrap() / t["cost_eur"].as_f64().unwrap();
@@ -73,21 +77,7 @@ fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users
 /// and 23 % of its users).
 #[test]
 fn a_first_day_does_not_turn_away_an_honest_country_that_converts_poorly() {
-    let (ok, out) = cli(
-        &[
-            "simulate",
-            &sample(),
-            "--seeds",
-            "3,8",
-            "--warmup-days",
-            "0",
-            "--json",
-        ],
-        &[],
-    );
-    assert!(ok, "{out}");
-    let runs: Value = serde_json::from_str(&out).unwrap();
-    for run in runs.as_array().unwrap() {
+    for run in simulate_sample("3,8", "0") {
         let kenya = &run["scorecard"]["legit_by_country"]["KE"];
         let denied = kenya["denied"].as_f64().unwrap() / kenya["attempts"].as_f64().unwrap();
         assert!(denied <= 0.01, "seed {}: {kenya}", run["seed"]);
