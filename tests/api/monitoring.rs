@@ -83,19 +83,21 @@ fn required(tool: &str) -> Option<PathBuf> {
 #[tokio::test]
 async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exists() {
     let app = spawn_app().await;
+    // At noon, whatever the time of day the test runs at: the night below comes after it.
+    let day = app
+        .now()
+        .date_naive()
+        .and_hms_opt(12, 0, 0)
+        .unwrap()
+        .and_utc();
+    app.set_now(day);
     // Families with labels show samples once something happened: a little of everything.
     app.post_callback(&request_event("mon-1", "sms", "+46700000001"))
         .await;
     app.post_callback(&result_event("mon-1", "SUCCESSFUL"))
         .await;
     // A night-time flash call: the sample policy's shadow rule `night-voice` matches it.
-    let day = app.now();
-    let night = app
-        .now()
-        .date_naive()
-        .and_hms_opt(2, 0, 0)
-        .unwrap()
-        .and_utc();
+    let night = day + chrono::Duration::hours(14);
     app.set_now(night);
     app.post_callback(&request_event("mon-3", "flashcall", "+46700000003"))
         .await;
@@ -113,9 +115,9 @@ async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exi
         .await
         .unwrap();
     assert_eq!(unsigned.status(), 401);
-    // A returning number spared by a rule that denies its busy range (back in the day:
-    // a store keeps time moving forward).
-    app.set_now(day + chrono::Duration::minutes(1));
+    // A returning number spared by a rule that denies its busy range (the next day: a
+    // store keeps time moving forward).
+    app.set_now(night + chrono::Duration::hours(10));
     let policy = &app.settings.policy.path;
     let sparing = "\n[[rule]]\nname = \"busy-range\"\naction = \"deny\"\nprefix = [\"+4670999\"]\nrate_limit = { key = \"range:3\", max = 1, window = \"1h\" }\nspare_returning = true\n";
     let text = std::fs::read_to_string(policy).unwrap() + sparing;
