@@ -113,7 +113,8 @@ async fn a_full_disk_makes_the_store_unready_and_it_recovers_by_itself_when_spac
     // The log or a checkpoint into the index may meet the full disk first (the log's last
     // page may still have room, and a store whose index cannot be written refuses before
     // it logs), so the failures are counted over both stages. Send until one callback
-    // pair has been refused whole.
+    // pair has been refused whole: the log's prepared segments (up to 1 MiB, on disk
+    // already) take a few hundred more first.
     let write_failures = async |app: &TestApp| {
         let mut failures = 0.0;
         for stage in ["wal", "checkpoint"] {
@@ -126,7 +127,7 @@ async fn a_full_disk_makes_the_store_unready_and_it_recovers_by_itself_when_spac
         failures
     };
     let mut refused = false;
-    for i in 0..200 {
+    for i in 0..2000 {
         let (request, result) = send(&app, 100 + i, format!("full-{i}"), &mut acknowledged).await;
         assert_eq!(request.status, 200, "a request is always answered");
         if result.status != 200 {

@@ -19,7 +19,7 @@ use super::{
     keys::Stamp,
     memtable::{Change, FastMap},
     merge::merge,
-    wal::{self, WalWriter},
+    wal::{self, SegmentPreparer, WalWriter},
     Shared,
 };
 use crate::store::{NewEvent, RecordOutcome, StoreError};
@@ -56,6 +56,8 @@ pub struct Committer {
     /// Events per memtable before it is checkpointed.
     pub freeze_events: usize,
     pub wal: Option<WalWriter>,
+    /// Makes the next log segment while this one is written.
+    pub segments: SegmentPreparer,
     pub next_seq: u64,
     pub last_ms: u64,
     pub last_probe: Option<Instant>,
@@ -297,7 +299,15 @@ impl Committer {
         };
         let payload = codec::encode_wal_batch(entries);
         let started = Instant::now();
-        match wal.append(&payload) {
+        let mut rotated = Ok(());
+        if wal.is_full_for(payload.len()) {
+            // Only into a prepared segment: making one here would hold up this commit.
+            if let Some(spare) = self.segments.take() {
+                rotated = wal.rotate(entries[0].event.stamp.seq, Some(spare));
+                self.segments.ask();
+            }
+        }
+        match rotated.and_then(|()| wal.append(&payload)) {
             Ok(()) => {
                 self.shared
                     .observer
@@ -311,6 +321,8 @@ impl Committer {
                 self.shared.set_wal_health(Some(why.clone()));
                 // Never append after a failed write: the next write starts a new segment.
                 self.wal = None;
+                // A full disk wants every byte back.
+                self.segments.discard();
                 self.last_probe = Some(Instant::now());
                 Err(StoreError::Failed(why))
             }
@@ -363,7 +375,9 @@ impl Committer {
             return;
         }
         if let Some(wal) = self.wal.as_mut() {
-            if let Err(err) = wal.rotate(self.next_seq) {
+            let rotated = wal.rotate(self.next_seq, self.segments.take());
+            self.segments.ask();
+            if let Err(err) = rotated {
                 let why = format!("starting a write-ahead log segment failed: {err}");
                 self.shared.observer.write_failed("wal");
                 self.shared.set_wal_health(Some(why));

@@ -112,6 +112,7 @@ impl SledStore {
             shared: Arc::clone(&shared),
             freeze_events: options.checkpoint_events.max(1),
             wal: Some(writer),
+            segments: wal::SegmentPreparer::start(&shared.wal_dir),
             next_seq,
             last_ms,
             last_probe: None,
