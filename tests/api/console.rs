@@ -3,6 +3,7 @@
 //! view go to target/console/.
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -74,7 +75,10 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
+        // In a process group of its own, so that dropping the browser ends Chromium too,
+        // whether or not the test closed its session.
         let driver = std::process::Command::new(&driver_path)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -223,7 +227,8 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        let group = rustix::process::Pid::from_child(&self.driver);
+        let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
         let _ = self.driver.wait();
     }
 }
