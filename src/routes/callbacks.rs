@@ -35,8 +35,8 @@ use crate::{
     policy::{history_of, off_async_workers, BookTaking, NumberHistory, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
     store::{
-        Admission, IncomingEvent, OutcomeBookChange, RecordOutcome, Store, StoreSlot,
-        VerificationRecord,
+        Admission, HistoryAsk, IncomingEvent, OutcomeBookChange, RecordOutcome, Store, StoreError,
+        StoreSlot, VerificationRecord,
     },
     telemetry::MaskedNumber,
 };
@@ -184,10 +184,15 @@ async fn answer_request<'a>(
     };
     // A delivery of the same event already in flight is waited for here, so the policy
     // decides (and counts) each event once. The number's history, when the policy reads
-    // it, is looked up meanwhile.
-    let (admitted, history) =
-        futures_util::future::join(store.admit(incoming), number_history(state, store, request))
-            .await;
+    // it, comes with the admission.
+    let now = state.clock.now();
+    let (admitted, history) = match history_ask(state, request, now) {
+        Some(ask) => {
+            let (admitted, records) = store.admit_with_history(incoming, ask).await;
+            (admitted, history_of_records(records, now, ask))
+        }
+        None => (store.admit(incoming).await, NumberHistory::New),
+    };
     let claim = match admitted {
         Ok(Admission::First(claim)) => claim,
         Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
@@ -254,31 +259,36 @@ async fn answer_request<'a>(
     }
 }
 
-/// What the store knows of the request's number, for a policy that spares returning
-/// numbers: its verifications of the policy's window, at most as many as make a returning
-/// user (more, and it is none). A lookup that fails counts the number as new: sparing is
-/// a kindness the decision can do without.
-async fn number_history(
+/// What a policy that spares returning numbers asks of the request's number: its
+/// verifications of the policy's window, at most as many as make a returning user (more,
+/// and it is none). `None` for a policy that does not read it.
+fn history_ask<'a>(
     state: &CallbackState,
-    store: &Store,
-    request: &VerificationRequestEvent,
-) -> NumberHistory {
-    let Some(within) = state
+    request: &'a VerificationRequestEvent,
+    now: DateTime<Utc>,
+) -> Option<HistoryAsk<'a>> {
+    let within = state
         .policy
         .number_history_window()
-        .and_then(|w| chrono::Duration::from_std(w).ok())
-    else {
-        return NumberHistory::New;
-    };
-    let now = state.clock.now();
-    // Up to and including this moment.
-    let until = now + chrono::Duration::milliseconds(1);
-    let most = crate::policy::MOST_VERIFICATIONS;
-    match store
-        .recent_of_number(&request.identity.endpoint, now - within, until, most)
-        .await
-    {
-        Ok(records) => history_of(records.iter(), now, within),
+        .and_then(|w| chrono::Duration::from_std(w).ok())?;
+    Some(HistoryAsk {
+        number: &request.identity.endpoint,
+        since: now - within,
+        // Up to and including this moment.
+        until: now + chrono::Duration::milliseconds(1),
+        limit: crate::policy::MOST_VERIFICATIONS,
+    })
+}
+
+/// The number's history from what the store found for `ask`. A lookup that fails counts
+/// the number as new: sparing is a kindness the decision can do without.
+fn history_of_records(
+    records: Result<Vec<VerificationRecord>, StoreError>,
+    now: DateTime<Utc>,
+    ask: HistoryAsk<'_>,
+) -> NumberHistory {
+    match records {
+        Ok(records) => history_of(records.iter(), now, now - ask.since),
         Err(err) => {
             static LOOKUP_FAILURES: crate::telemetry::OncePer =
                 crate::telemetry::OncePer::new(std::time::Duration::from_secs(10));

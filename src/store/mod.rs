@@ -24,7 +24,11 @@ pub mod sled;
 mod slot;
 mod stats;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, PoisonError},
+    time::Duration,
+};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -176,6 +180,16 @@ pub struct NewEvent {
     pub book: Option<OutcomeBookChange>,
 }
 
+/// What a decision asks of a number's history: up to `limit` of its newest
+/// verifications first seen in `[since, until)` (the number in stored form).
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryAsk<'a> {
+    pub number: &'a str,
+    pub since: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub limit: usize,
+}
+
 /// How much retention removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deleted {
@@ -217,6 +231,23 @@ pub trait VerificationStore: Send + Sync + 'static {
         until: DateTime<Utc>,
         limit: usize,
     ) -> Result<Vec<VerificationRecord>, StoreError>;
+
+    /// `first_delivery` and `recent_of_number` for a request whose decision reads its
+    /// number's history; an engine that can answer both in one round trip does.
+    async fn first_delivery_with_history(
+        &self,
+        identity: &EventIdentity,
+        history: &HistoryAsk<'_>,
+    ) -> (
+        Result<Option<FirstDelivery>, StoreError>,
+        Result<Vec<VerificationRecord>, StoreError>,
+    ) {
+        futures_util::future::join(
+            self.first_delivery(identity),
+            self.recent_of_number(history.number, history.since, history.until, history.limit),
+        )
+        .await
+    }
 
     async fn stats(&self, query: StatsQuery) -> Result<Vec<GroupStats>, StoreError>;
 
@@ -367,6 +398,46 @@ impl Store {
                 async move { engine.first_delivery(&identity).await }
             })
             .await
+    }
+
+    /// [`Store::admit`] for a request whose decision reads its number's history, with that
+    /// history (`history.number` as clients know it): in one round trip where the engine
+    /// can. Only a first delivery's history is read.
+    pub async fn admit_with_history(
+        &self,
+        incoming: IncomingEvent<'_>,
+        history: HistoryAsk<'_>,
+    ) -> (
+        Result<Admission, StoreError>,
+        Result<Vec<VerificationRecord>, StoreError>,
+    ) {
+        let identity = EventIdentity::of(incoming.event, incoming.raw);
+        let stored = self.numbers.protect(history.number);
+        let history = HistoryAsk {
+            number: &stored,
+            ..history
+        };
+        let read = std::sync::Mutex::new(None);
+        let admitted = self
+            .flights
+            .admit(identity, |identity| {
+                let (engine, read) = (Arc::clone(&self.engine), &read);
+                async move {
+                    let (first, records) = engine
+                        .first_delivery_with_history(&identity, &history)
+                        .await;
+                    *read.lock().unwrap_or_else(PoisonError::into_inner) = Some(records);
+                    first
+                }
+            })
+            .await;
+        let records = read
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner)
+            // Admitted after waiting on another delivery of the event: a duplicate,
+            // whose history nobody reads.
+            .unwrap_or_else(|| Ok(Vec::new()));
+        (admitted, records)
     }
 
     /// Records the event `claim` admitted; duplicates waiting on the claim get its answer.

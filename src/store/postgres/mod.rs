@@ -32,8 +32,8 @@ use serde_json::value::RawValue;
 use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
-    Cursor, Deleted, EventIdentity, EventQuery, FirstDelivery, GroupStats, NewEvent, Page,
-    RecordOutcome, StatsQuery, StoreError, StoreHealth, StoredEvent, VerificationFilter,
+    Cursor, Deleted, EventIdentity, EventQuery, FirstDelivery, GroupStats, HistoryAsk, NewEvent,
+    Page, RecordOutcome, StatsQuery, StoreError, StoreHealth, StoredEvent, VerificationFilter,
     VerificationQuery, VerificationRecord, VerificationStore,
 };
 
@@ -146,7 +146,7 @@ pub struct PostgresStore {
     /// Shared connections for short statements, with asynchronous commit: what they
     /// write (claims) need not survive a crash.
     shared: Arc<pipeline::Pipeline>,
-    claims: batch::BatchQueue<EventIdentity, Result<claims::ClaimAnswer, StoreError>>,
+    claims: batch::BatchQueue<claims::ClaimAsk, Result<claims::Claimed, StoreError>>,
     commits: commit::GroupCommit,
     health: Arc<Mutex<StoreHealth>>,
     /// Checks the database every second, so readiness follows an outage and its end
@@ -388,24 +388,32 @@ impl PostgresStore {
             .map_err(|e| StoreError::Unavailable(format!("PostgreSQL: {e}")))
     }
 
-    /// The first delivery of `identity` if stored, else a claim on deciding it (`None`);
-    /// while another replica holds the claim, waits for its answer.
-    async fn claim(&self, identity: &EventIdentity) -> Result<Option<FirstDelivery>, StoreError> {
-        let answer = self
-            .claims
-            .submit(identity.clone())
-            .await
-            .unwrap_or_else(|| Err(StoreError::Unavailable("the store is shutting down".into())))?;
+    /// The first delivery of `identity` if stored, else a claim on deciding it (`None`)
+    /// with the number's history when `history` asks for it; while another replica holds
+    /// the claim, waits for its answer.
+    async fn claim(
+        &self,
+        identity: &EventIdentity,
+        history: Option<&HistoryAsk<'_>>,
+    ) -> Result<(Option<FirstDelivery>, Vec<VerificationRecord>), StoreError> {
+        let ask = claims::ClaimAsk {
+            identity: identity.clone(),
+            history: history.map(Into::into),
+        };
+        let (answer, records) =
+            self.claims.submit(ask).await.unwrap_or_else(|| {
+                Err(StoreError::Unavailable("the store is shutting down".into()))
+            })?;
         match answer {
-            claims::ClaimAnswer::Stored(first) => return Ok(Some(first)),
-            claims::ClaimAnswer::Claimed => return Ok(None),
+            claims::ClaimAnswer::Stored(first) => return Ok((Some(first), records)),
+            claims::ClaimAnswer::Claimed => return Ok((None, records)),
             claims::ClaimAnswer::HeldElsewhere => {}
         }
         let connection = self.shared().await?;
         for _ in 0..CLAIM_WAIT_POLLS {
             tokio::time::sleep(CLAIM_POLL).await;
             if let Some(first) = first_delivery(&connection, identity).await? {
-                return Ok(Some(first));
+                return Ok((Some(first), records));
             }
         }
         Err(StoreError::Unavailable(
@@ -568,9 +576,33 @@ impl VerificationStore for PostgresStore {
         if identity.event != crate::events::REQUEST_EVENT {
             return Ok(None);
         }
-        let found = self.claim(identity).await;
+        let found = self.claim(identity, None).await;
         self.note(&found);
-        found
+        found.map(|(first, _)| first)
+    }
+
+    /// In the claim's statement: no round trip of its own.
+    async fn first_delivery_with_history(
+        &self,
+        identity: &EventIdentity,
+        history: &HistoryAsk<'_>,
+    ) -> (
+        Result<Option<FirstDelivery>, StoreError>,
+        Result<Vec<VerificationRecord>, StoreError>,
+    ) {
+        if identity.event != crate::events::REQUEST_EVENT {
+            return (
+                Ok(None),
+                self.recent_of_number(history.number, history.since, history.until, history.limit)
+                    .await,
+            );
+        }
+        let found = self.claim(identity, Some(history)).await;
+        self.note(&found);
+        match found {
+            Ok((first, records)) => (Ok(first), Ok(records)),
+            Err(err) => (Err(err.clone()), Err(err)),
+        }
     }
 
     async fn record(&self, event: NewEvent) -> Result<RecordOutcome, StoreError> {
