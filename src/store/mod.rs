@@ -181,7 +181,8 @@ pub struct NewEvent {
 }
 
 /// What a decision asks of a number's history: up to `limit` of its newest
-/// verifications first seen in `[since, until)` (the number in stored form).
+/// verifications first seen in `[since, until)`. The number is as clients know it when
+/// handed to [`Store`], in stored form when handed to an engine.
 #[derive(Debug, Clone, Copy)]
 pub struct HistoryAsk<'a> {
     pub number: &'a str,

@@ -163,7 +163,7 @@ impl Claimer {
             else {
                 continue;
             };
-            // A history row (newest first, as the statement orders them).
+            // A history row (their order does not matter: a history is read by time).
             if row.try_get::<_, Option<bool>>(3).map_err(failed)?.is_none() {
                 slot.1.push(record_of(&row, 4)?);
                 continue;
