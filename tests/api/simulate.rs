@@ -64,11 +64,16 @@ fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users
         assert_eq!(returning["denied"], 0, "{returning}");
         assert!(run["missed_targets"].is_array());
     }
-    // A day with history spares real users; a first day does not yet (the note in
-    // docs/fraud-defence.md says why).
-    let legit = &runs[0]["scorecard"]["legit"];
-    let denied = legit["denied"].as_f64().unwrap() / legit["attempts"].as_f64().unwrap();
-    assert!(denied <= 0.01, "{legit}");
+    // Real users are spared on both days, the UK's too although two attacks share its
+    // busiest block with them (with `pooled_false_alarm = 0.2` this seed turned away
+    // 0.43 and 0.32 % of real users, 2.8 and 2.1 % of the UK's).
+    let denied = |t: &Value| t["denied"].as_f64().unwrap() / t["attempts"].as_f64().unwrap();
+    for run in &runs {
+        let card = &run["scorecard"];
+        assert!(denied(&card["legit"]) <= 0.003, "{}", card["legit"]);
+        let uk = &card["legit_by_country"]["GB"];
+        assert!(denied(uk) <= 0.01, "{uk}");
+    }
 }
 
 /// On a first day the honest country whose users rarely enter the code (Kenya, 35 %)
