@@ -461,13 +461,9 @@ async fn acknowledge<'a>(
             decision, taken, ..
         }) => {
             if let VerificationEvent::Result(result) = event {
-                let book = if takes {
-                    BookTaking::Taken(taken.as_deref())
-                } else {
-                    BookTaking::NotAsked
-                };
+                let taken = takes.then_some(taken);
                 let at = incoming.received_at;
-                report_outcome(state, store, result, decision, book, at).await;
+                report_outcome(state, store, result, decision, taken, at).await;
             }
             CallbackOutcome::Recorded {
                 event_type: event.event_type(),
@@ -495,13 +491,14 @@ fn takes_from_book(policy: &dyn Policy, event: &VerificationEvent) -> bool {
 
 /// Tells the policy how a verification it decided on ended (final statuses only).
 /// `decided` is its decision if the store handed it back with the write; else the
-/// record is read for it. `book`: what the store took out of the outcome book.
+/// record is read for it. `taken`: what the store took out of the outcome book, when
+/// it was asked to take (`RecordOutcome::Stored::taken`).
 async fn report_outcome(
     state: &CallbackState,
     store: &Store,
     result: &VerificationResultEvent,
     decided: Option<Box<DecisionRecord>>,
-    book: BookTaking<'_>,
+    taken: Option<Option<String>>,
     at: DateTime<Utc>,
 ) {
     if state.policy.learning().is_none() || result.status == "PENDING" {
@@ -518,29 +515,29 @@ async fn report_outcome(
         },
     };
     if let Some(learning) = state.policy.learning() {
-        let outcome = outcome_of(result, &decision, book, at);
+        let outcome = outcome_of(result, &decision, book_taking(&taken), at);
         if let Some(learned) = learning.observe_outcome_waiting(outcome) {
             learned.await;
             return;
         }
     }
     let result = result.clone();
-    let taken = match book {
-        BookTaking::Taken(taken) => Some(taken.map(str::to_owned)),
-        BookTaking::NotAsked => None,
-    };
     off_async_workers(&state.policy, move |policy| {
-        let book = taken
-            .as_ref()
-            .map_or(BookTaking::NotAsked, |t| BookTaking::Taken(t.as_deref()));
         if let Some(learning) = policy.learning() {
-            learning.observe_outcome(outcome_of(&result, &decision, book, at));
+            learning.observe_outcome(outcome_of(&result, &decision, book_taking(&taken), at));
         }
     })
     .await;
 }
 
 /// What the policy learns of a verification that ended.
+/// What the store took out of the outcome book, as the policy is told it.
+fn book_taking(taken: &Option<Option<String>>) -> BookTaking<'_> {
+    taken
+        .as_ref()
+        .map_or(BookTaking::NotAsked, |t| BookTaking::Taken(t.as_deref()))
+}
+
 fn outcome_of<'a>(
     result: &'a VerificationResultEvent,
     decision: &'a DecisionRecord,
