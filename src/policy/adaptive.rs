@@ -173,6 +173,10 @@ pub enum TrackedKey {
         /// when it was allowed.
         #[serde(default)]
         pool: Option<(String, String)>,
+        /// Its country had a normal of its own, at a rate an honest country converts
+        /// at, when it was allowed: its outcome also teaches every country's rate.
+        #[serde(default)]
+        settled: bool,
     },
     SinchFraud {
         count: CounterKey,
@@ -525,6 +529,7 @@ pub fn count_outcome(
                     baseline_ms,
                     steps,
                     pool,
+                    settled,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
@@ -554,6 +559,9 @@ pub fn count_outcome(
                 if *baseline_ms > 0 {
                     for (key, value) in [("country", country.as_str()), ("global", "*")] {
                         add(baseline_counters(rule, key, value), *baseline_ms)?;
+                    }
+                    if *settled {
+                        add(baseline_counters(rule, "settled", "*"), *baseline_ms)?;
                     }
                 }
             }

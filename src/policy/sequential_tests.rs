@@ -388,6 +388,28 @@ fn once_every_country_has_history_a_new_country_converting_like_an_attack_trips(
     assert!(denied > 50, "{denied}");
 }
 
+/// Attacks opening fresh blocks in countries with no history of their own: the first
+/// outcome of each fresh key counts as clean, so they fill every country's rate.
+#[test]
+fn attacks_in_countries_without_history_do_not_lower_every_countrys_rate() {
+    let p = policy(BLOCKS);
+    let mut now = history(&p, 2_100);
+    // 1,500 fresh blocks in five countries, one failed attempt each: every country's
+    // rate falls from 80 % to 47 %. Once each of them has a normal of its own, it is one
+    // no honest country has, and teaches nobody else's.
+    for code in ["20", "27", "30", "31", "32"] {
+        for block in 0..300 {
+            let number = format!("+{code}{block:03}1234567");
+            verify(&p, &format!("{code}-{block}"), &number, now, false);
+            now += 2_000;
+        }
+    }
+    // Then a block of a country new to the business that converts at 25 %: under the
+    // settled countries' bar (0.45 x 80 %), above the one the attacks would set.
+    let (denied, _) = traffic(&p, "+998971", 120, now, 30_000, |i| i % 4 == 0);
+    assert!(denied > 30, "{denied}");
+}
+
 #[test]
 fn a_country_whose_traffic_is_mostly_an_attack_cannot_lower_its_own_bar() {
     let p = policy(BLOCKS);

@@ -98,6 +98,14 @@ const THIN_SAMPLES: f64 = 10.0;
 const THIN_Z: f64 = 1.645;
 const YOUNG_CAP: f64 = 0.25;
 
+/// The normal rate a key is judged against, and whether its country has a normal of its
+/// own that an honest country could have (its outcomes then teach every country's).
+#[derive(Debug, Clone, Copy)]
+struct NormalRate {
+    rate: f64,
+    settled: bool,
+}
+
 fn default_min_samples() -> u32 {
     20
 }
@@ -276,7 +284,7 @@ struct ConversionLimit {
     written: String,
     /// Baseline outcomes (successes, attempts) of each country and of every country, by
     /// country, read once a minute.
-    normals: SlowReadings<[(f64, f64); 2]>,
+    normals: SlowReadings<[(f64, f64); 3]>,
 }
 
 impl ConversionLimit {
@@ -290,29 +298,37 @@ impl ConversionLimit {
         counters: &dyn CounterStore,
         now_ms: i64,
         own: (f64, f64),
-    ) -> Result<Option<f64>, PolicyError> {
+    ) -> Result<Option<NormalRate>, PolicyError> {
         let Test::Sequential {
             normal, baseline_ms, ..
         } = &self.test
         else {
             return Ok(None);
         };
-        if normal.is_some() {
-            return Ok(*normal);
+        if let Some(rate) = *normal {
+            return Ok(Some(NormalRate {
+                rate,
+                settled: false,
+            }));
         }
         let scopes = self.normals.get(f.country, now_ms, counters, || {
-            let mut totals = [(0.0, 0.0); 2];
-            let scopes = [("country", f.country), ("global", "*")];
+            let mut totals = [(0.0, 0.0); 3];
+            let scopes = [("country", f.country), ("settled", "*"), ("global", "*")];
             for (total, (key, value)) in totals.iter_mut().zip(scopes) {
                 let pair = baseline_counters(rule, key, value);
                 *total = pair_totals(counters, &pair, *baseline_ms, now_ms)?;
             }
             Ok(totals)
         })?;
-        let [(country_ok, country_all), (global_ok, global_all)] = scopes;
+        let [(country_ok, country_all), (settled_ok, settled_all), (global_ok, global_all)] =
+            scopes;
         let young = global_all < YOUNG_OUTCOMES;
         if country_all >= BASELINE_SAMPLES {
-            return Ok(Some(self.judged((country_ok / country_all).min(1.0), young)));
+            let own = (country_ok / country_all).min(1.0);
+            return Ok(Some(NormalRate {
+                rate: self.judged(own, young),
+                settled: own >= FLOOR,
+            }));
         }
         if global_all < BASELINE_SAMPLES {
             return Ok(None);
@@ -326,11 +342,23 @@ impl ConversionLimit {
             (country_ok - own.0).max(0.0),
             (country_all - own.1).max(0.0),
         );
-        let mut normal = (global_ok / global_all).min(1.0);
+        // Every country's rate is the settled countries' once they have enough: the
+        // first outcomes of each fresh key an attack opens count as clean, and attacks
+        // in several countries with no history of their own (where pumping goes) would
+        // otherwise drag every country's rate down, and with it the bar of the next one.
+        let (every_ok, every_all) = if settled_all >= BASELINE_SAMPLES {
+            (settled_ok, settled_all)
+        } else {
+            (global_ok, global_all)
+        };
+        let mut normal = (every_ok / every_all).min(1.0);
         if others_all >= THIN_SAMPLES {
             normal = normal.min(wilson_upper(others_ok, others_all, THIN_Z));
         }
-        Ok(Some(self.judged(normal, young)))
+        Ok(Some(NormalRate {
+            rate: self.judged(normal, young),
+            settled: false,
+        }))
     }
 
     /// The learned normal as a key is judged against it: never so low that the rule
@@ -375,7 +403,7 @@ impl ConversionLimit {
         rule: &str,
         f: &Facts<'_>,
         value: String,
-        normal: Option<f64>,
+        normal: Option<NormalRate>,
         level: f64,
         ok: f64,
     ) -> TrackedKey {
@@ -403,8 +431,9 @@ impl ConversionLimit {
             country: f.country.to_owned(),
             window_ms: self.spec.window_ms,
             baseline_ms,
-            steps: normal.and_then(|n| self.steps(n)),
+            steps: normal.and_then(|n| self.steps(n.rate)),
             pool,
+            settled: normal.is_some_and(|n| n.settled),
         }
     }
 
@@ -459,7 +488,7 @@ impl ConversionLimit {
         let key = self.key_level(cx.rule, &value, cx.counters, cx.now_ms)?;
         let tracked = self.tracked(cx.rule, cx.facts, value.clone(), normal, key, ok);
         cx.pending.tracked.push((tracked, self.complete_after_ms));
-        let Some(normal) = normal else {
+        let Some(NormalRate { rate: normal, .. }) = normal else {
             cx.reading("conversion (no normal rate learned yet)".into(), value, 0.0, *threshold);
             return Ok(false);
         };
