@@ -282,8 +282,8 @@ struct ConversionLimit {
     test: Test,
     complete_after_ms: i64,
     written: String,
-    /// Baseline outcomes (successes, attempts) of each country and of every country, by
-    /// country, read once a minute.
+    /// Baseline outcomes (successes, attempts) of each country, of the settled countries
+    /// and of every country, by country, read once a minute.
     normals: SlowReadings<[(f64, f64); 3]>,
 }
 
