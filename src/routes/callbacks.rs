@@ -530,7 +530,6 @@ async fn report_outcome(
     .await;
 }
 
-/// What the policy learns of a verification that ended.
 /// What the store took out of the outcome book, as the policy is told it.
 fn book_taking(taken: &Option<Option<String>>) -> BookTaking<'_> {
     taken
@@ -538,6 +537,7 @@ fn book_taking(taken: &Option<Option<String>>) -> BookTaking<'_> {
         .map_or(BookTaking::NotAsked, |t| BookTaking::Taken(t.as_deref()))
 }
 
+/// What the policy learns of a verification that ended.
 fn outcome_of<'a>(
     result: &'a VerificationResultEvent,
     decision: &'a DecisionRecord,

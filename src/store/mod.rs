@@ -191,6 +191,13 @@ pub struct HistoryAsk<'a> {
     pub limit: usize,
 }
 
+/// An engine's answer to [`VerificationStore::first_delivery_with_history`]: the first
+/// delivery (or the claim), and the number's history, each with its own outcome.
+pub type DeliveryWithHistory = (
+    Result<Option<FirstDelivery>, StoreError>,
+    Result<Vec<VerificationRecord>, StoreError>,
+);
+
 /// How much retention removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Deleted {
@@ -239,10 +246,7 @@ pub trait VerificationStore: Send + Sync + 'static {
         &self,
         identity: &EventIdentity,
         history: &HistoryAsk<'_>,
-    ) -> (
-        Result<Option<FirstDelivery>, StoreError>,
-        Result<Vec<VerificationRecord>, StoreError>,
-    ) {
+    ) -> DeliveryWithHistory {
         futures_util::future::join(
             self.first_delivery(identity),
             self.recent_of_number(history.number, history.since, history.until, history.limit),

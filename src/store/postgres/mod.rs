@@ -32,9 +32,9 @@ use serde_json::value::RawValue;
 use tokio_postgres::{types::ToSql, NoTls, Row};
 
 use super::{
-    Cursor, Deleted, EventIdentity, EventQuery, FirstDelivery, GroupStats, HistoryAsk, NewEvent,
-    Page, RecordOutcome, StatsQuery, StoreError, StoreHealth, StoredEvent, VerificationFilter,
-    VerificationQuery, VerificationRecord, VerificationStore,
+    Cursor, Deleted, DeliveryWithHistory, EventIdentity, EventQuery, FirstDelivery, GroupStats,
+    HistoryAsk, NewEvent, Page, RecordOutcome, StatsQuery, StoreError, StoreHealth, StoredEvent,
+    VerificationFilter, VerificationQuery, VerificationRecord, VerificationStore,
 };
 
 pub(crate) use pipeline::block_on;
@@ -586,10 +586,7 @@ impl VerificationStore for PostgresStore {
         &self,
         identity: &EventIdentity,
         history: &HistoryAsk<'_>,
-    ) -> (
-        Result<Option<FirstDelivery>, StoreError>,
-        Result<Vec<VerificationRecord>, StoreError>,
-    ) {
+    ) -> DeliveryWithHistory {
         if identity.event != crate::events::REQUEST_EVENT {
             return (
                 Ok(None),
