@@ -177,6 +177,10 @@ pub enum TrackedKey {
         /// at, when it was allowed: its outcome also teaches every country's rate.
         #[serde(default)]
         settled: bool,
+        /// Its rule tells established keys apart: a clean outcome also counts under the
+        /// key's own baseline ([`own_baseline_counters`]).
+        #[serde(default)]
+        established: bool,
     },
     SinchFraud {
         count: CounterKey,
@@ -231,6 +235,12 @@ pub fn pool_level(rule: &str, pool_spec: &str, pool_value: &str) -> CounterKey {
 /// The sequential level of a `surge` key.
 pub fn surge_level(rule: &str, spec: &str, value: &str) -> CounterKey {
     evidence_level(rule, &joined(&["surge:", spec]), value)
+}
+
+/// A key's own clean outcomes over the baseline: how a rule with `established` tells a
+/// block with real users of its own from a fresh one.
+pub fn own_baseline_counters(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
+    baseline_counters(rule, &joined(&["own:", spec]), value)
 }
 
 /// The counters a sequential test learns its normal rate from: a country's, or every
@@ -530,6 +540,7 @@ pub fn count_outcome(
                     steps,
                     pool,
                     settled,
+                    established,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
@@ -562,6 +573,9 @@ pub fn count_outcome(
                     }
                     if *settled {
                         add(baseline_counters(rule, "settled", "*"), *baseline_ms)?;
+                    }
+                    if *established {
+                        add(own_baseline_counters(rule, spec, value), *baseline_ms)?;
                     }
                 }
             }

@@ -22,6 +22,7 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         steps: None,
         pool: None,
         settled: false,
+        established: false,
     }
 }
 

@@ -21,8 +21,8 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
-        wilson_upper, z_for, TrackedKey,
+        baseline_counters, conversion_counters, evidence_level, low_rates, own_baseline_counters,
+        pool_level, steps_at, wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -70,6 +70,11 @@ pub(in crate::policy) struct ConversionFile {
     /// How long a pool that tripped keeps its keys on `pooled_false_alarm`, e.g. 1h.
     #[serde(default = "default_pool_alert_for")]
     pool_alert_for: String,
+    /// A key with at least this many clean successes of its own over `baseline`, beyond
+    /// those of the window, is established (a block real users have long used) and
+    /// never trips: blocking it would turn them away. A `surge` rule surfaces an attack
+    /// hidden in it, and a narrower key still blocks one that concentrates.
+    established: Option<u32>,
 }
 
 fn default_pool_alert_for() -> String {
@@ -115,7 +120,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). With `established`, a key that has at least that many clean successes of its own over the baseline beyond those of its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -153,6 +158,9 @@ impl Condition for Conversion {
                 if f.normal.is_some_and(|n| !(n > 0.0 && n < 1.0)) {
                     return Err("conversion.normal must be a rate between 0 and 1".into());
                 }
+                if f.established.is_some() && (f.normal.is_some() || f.established == Some(0)) {
+                    return Err("conversion.established (successes, e.g. 30) needs a learned normal (no `normal`) and at least 1".into());
+                }
                 let baseline_ms = duration_ms(&f.baseline).ok_or_else(|| {
                     format!("baseline `{}` is not a duration like 24h", f.baseline)
                 })?;
@@ -172,6 +180,7 @@ impl Condition for Conversion {
                     normal: f.normal,
                     baseline_ms,
                     pool,
+                    established: f.established.map(f64::from),
                 }
             }
         };
@@ -189,7 +198,7 @@ impl Condition for Conversion {
                     f.min_samples, f.confidence
                 ),
                 Test::Sequential { normal, pool, .. } => format!(
-                    "sequential, false alarm {}, normal {}{}",
+                    "sequential, false alarm {}, normal {}{}{}",
                     f.false_alarm.unwrap_or_default(),
                     normal.map_or_else(
                         || format!("the country's rate over {}", f.baseline),
@@ -198,6 +207,9 @@ impl Condition for Conversion {
                     pool.as_ref().map_or_else(String::new, |p| format!(
                         ", pooled per {} at false alarm {} for {} after it trips",
                         p.text, f.pooled_false_alarm, f.pool_alert_for
+                    )),
+                    f.established.map_or_else(String::new, |n| format!(
+                        ", established after {n} clean successes"
                     ))
                 ),
             },
@@ -272,6 +284,8 @@ enum Test {
         normal: Option<f64>,
         baseline_ms: i64,
         pool: Option<CounterSpec>,
+        /// Clean successes before the window that make a key established.
+        established: Option<f64>,
     },
 }
 
@@ -409,12 +423,15 @@ impl ConversionLimit {
     ) -> TrackedKey {
         let mut baseline_ms = 0;
         let mut pool = None;
+        let mut established = false;
         if let Test::Sequential {
             baseline_ms: learn_ms,
             pool: pool_spec,
+            established: counted,
             ..
         } = &self.test
         {
+            established = counted.is_some();
             // A key already under suspicion (more than a failure's worth of evidence)
             // would teach the normal rate what the attack looks like.
             if level < std::f64::consts::LN_2 {
@@ -434,6 +451,7 @@ impl ConversionLimit {
             steps: normal.and_then(|n| self.steps(n.rate)),
             pool,
             settled: normal.is_some_and(|n| n.settled),
+            established,
         }
     }
 
@@ -476,6 +494,8 @@ impl ConversionLimit {
             pooled_threshold,
             pool,
             alert_ms,
+            baseline_ms,
+            established,
             ..
         } = &self.test
         else {
@@ -517,7 +537,22 @@ impl ConversionLimit {
         }
         // The evidence says the recent outcomes lean low; the window's rate must be low
         // too, or a streak of failures inside a busy, converting key would trip it.
-        let tripped = low < normal && key >= limit && ok < low * all;
+        let mut tripped = low < normal && key >= limit && ok < low * all;
+        if let Some(enough) = established.filter(|_| tripped) {
+            // Only now, when it would trip: most decisions never read it.
+            let own = own_baseline_counters(cx.rule, &self.spec.text, &value);
+            let (clean_ok, _) = pair_totals(cx.counters, &own, *baseline_ms, cx.now_ms)?;
+            let before_window = (clean_ok - ok).max(0.0);
+            if before_window >= enough {
+                tripped = false;
+                pooled = joined(&[
+                    &pooled,
+                    ", established: ",
+                    &(before_window as u64).to_string(),
+                    " clean successes before the window",
+                ]);
+            }
+        }
         // Integers format several times quicker than floats, on every decision.
         let percent = |rate: f64| ((rate * 100.0).round() as u32).to_string();
         let condition = joined(&[
