@@ -243,6 +243,13 @@ pub fn own_baseline_counters(rule: &str, spec: &str, value: &str) -> (CounterKey
     baseline_counters(rule, &joined(&["own:", spec]), value)
 }
 
+/// A key's own clean successes over its window: those of the baseline before the window
+/// are what makes it established, so that an attack must look clean for longer than a
+/// window before it can pass for a block with users of its own.
+pub fn own_recent_successes(rule: &str, spec: &str, value: &str) -> CounterKey {
+    conversion_counters(rule, &joined(&["recent:own:", spec]), value).0
+}
+
 /// The counters a sequential test learns its normal rate from: a country's, or every
 /// country's (`global`, `*`), over the rule's baseline.
 pub fn baseline_counters(rule: &str, key: &str, value: &str) -> (CounterKey, CounterKey) {
@@ -576,6 +583,8 @@ pub fn count_outcome(
                     }
                     if *established {
                         add(own_baseline_counters(rule, spec, value), *baseline_ms)?;
+                        let recent = own_recent_successes(rule, spec, value);
+                        counters.add(&recent, *window_ms, now_ms, success)?;
                     }
                 }
             }

@@ -515,3 +515,20 @@ fn an_established_block_is_not_blocked_for_an_attack_among_its_users_and_a_fresh
     let now = history_of_gb(&p);
     assert!(shared_block(&p, "+447911", now) > 5);
 }
+
+/// Established means clean successes before the window: a fresh block that looks like
+/// users for a while (an attacker who read the docs) and then pumps is judged as fresh.
+#[test]
+fn a_block_that_converts_well_within_the_window_is_not_established() {
+    let p = policy(&BLOCKS.replace(
+        "complete_after = \"3m\" }",
+        "complete_after = \"3m\", established = 30 }",
+    ));
+    let now = history(&p, 2_100);
+    // Eighty clean successes in 100 minutes, then the attack: 5 % converting. Its
+    // window's rate falls under the bar after about 140 attempts.
+    let (denied, now) = traffic(&p, "+447933", 100, now, 60_000, |i| i % 5 != 0);
+    assert_eq!(denied, 0);
+    let (denied, _) = traffic(&p, "+447934", 300, now, 30_000, |i| i % 20 == 0);
+    assert!(denied > 15, "{denied}");
+}

@@ -22,7 +22,7 @@ use super::{
 use crate::policy::{
     adaptive::{
         baseline_counters, conversion_counters, evidence_level, low_rates, own_baseline_counters,
-        pool_level, steps_at, wilson_upper, z_for, TrackedKey,
+        own_recent_successes, pool_level, steps_at, wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -70,10 +70,10 @@ pub(in crate::policy) struct ConversionFile {
     /// How long a pool that tripped keeps its keys on `pooled_false_alarm`, e.g. 1h.
     #[serde(default = "default_pool_alert_for")]
     pool_alert_for: String,
-    /// A key with at least this many clean successes of its own over `baseline`, beyond
-    /// those of the window, is established (a block real users have long used) and
-    /// never trips: blocking it would turn them away. A `surge` rule surfaces an attack
-    /// hidden in it, and a narrower key still blocks one that concentrates.
+    /// A key with at least this many clean successes of its own over `baseline` before
+    /// the window is established (a block real users have long used) and never trips:
+    /// blocking it would turn them away. A `surge` rule surfaces an attack hidden in
+    /// it, and a narrower key still blocks one that concentrates.
     established: Option<u32>,
 }
 
@@ -120,7 +120,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). With `established`, a key that has at least that many clean successes of its own over the baseline beyond those of its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -542,7 +542,9 @@ impl ConversionLimit {
             // Only now, when it would trip: most decisions never read it.
             let own = own_baseline_counters(cx.rule, &self.spec.text, &value);
             let (clean_ok, _) = pair_totals(cx.counters, &own, *baseline_ms, cx.now_ms)?;
-            let before_window = (clean_ok - ok).max(0.0);
+            let recent = own_recent_successes(cx.rule, &self.spec.text, &value);
+            let recent_ok = cx.counters.total(&recent, self.spec.window_ms, cx.now_ms)?;
+            let before_window = (clean_ok - recent_ok).max(0.0);
             if before_window >= enough {
                 tripped = false;
                 pooled = joined(&[
