@@ -247,6 +247,16 @@ async fn first_reading(r: &Replicas, i: usize, id: &str) -> Value {
     record["decision"]["explanation"]["counters"][0].clone()
 }
 
+/// A request decided on replica 2, which must answer `action`: its first counter reading,
+/// and that reading's condition.
+async fn on_the_third(r: &Replicas, id: &str, number: &str, action: &str) -> (Value, String) {
+    let (_, answer) = r.post(2, request_event(id, "sms", number)).await;
+    assert_eq!(answer["action"], action, "{answer}");
+    let reading = first_reading(r, 2, id).await;
+    let condition = reading["condition"].as_str().unwrap_or_default().to_owned();
+    (reading, condition)
+}
+
 /// A conversion rule per 7-digit prefix that trips on a few failures in a row.
 const SEQUENTIAL: &str = "[[rule]]\nname = \"sequential\"\naction = \"deny\"\n\
     conversion = { per = \"prefix:7\", window = \"1h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"country\", complete_after = \"1h\" }\n";
@@ -278,19 +288,69 @@ async fn sequential_evidence_gathered_on_two_replicas_trips_on_the_third() {
         (6..=9).contains(&allowed),
         "{allowed} allowed before the first denial"
     );
-    let (_, answer) = r
-        .post(2, request_event("s-third", "sms", "+46702000999"))
-        .await;
-    assert_eq!(answer["action"], "deny", "{answer}");
-    let reading = first_reading(&r, 2, "s-third").await;
-    assert!(
-        reading["condition"]
-            .as_str()
-            .is_some_and(|c| c.starts_with("conversion 0/")),
-        "{reading}"
-    );
+    let (reading, condition) = on_the_third(&r, "s-third", "+46702000999", "deny").await;
+    assert!(condition.starts_with("conversion 0/"), "{reading}");
     assert!(
         reading["value"].as_f64() >= reading["max"].as_f64(),
+        "{reading}"
+    );
+}
+
+/// A block with clean successes of its own before the window is established: what makes
+/// it so (its own baseline and its recent successes) lives in the shared counters.
+const ESTABLISHED: &str = "[[rule]]\nname = \"blocks\"\naction = \"deny\"\n\
+    conversion = { per = \"prefix:7\", window = \"3s\", below = 0.3, normal = 0.8, false_alarm = 1e-3, established = 20, complete_after = \"1h\" }\n";
+
+/// Verifications `from..to` of numbers `block` + 4 digits, each decided on replica
+/// `i % 2` and its result sent to the other of the two; the answers of the decisions.
+async fn verified(
+    r: &Replicas,
+    block: &str,
+    range: std::ops::Range<usize>,
+    status: &str,
+) -> Vec<String> {
+    let mut actions = Vec::new();
+    for i in range {
+        let id = format!("{block}-{i}");
+        let (_, answer) = r
+            .post(i % 2, request_event(&id, "sms", &format!("{block}{i:04}")))
+            .await;
+        let action = answer["action"].as_str().unwrap_or_default().to_owned();
+        if action == "allow" {
+            let stored = r.running[(i + 1) % 2]
+                .post_callback(result_event(&id, status))
+                .await;
+            assert_eq!(stored, 200);
+        }
+        actions.push(action);
+    }
+    actions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_established_on_two_replicas_is_spared_on_the_third_and_a_fresh_one_is_not() {
+    let Some(r) = replicas("established", 3, ESTABLISHED).await else {
+        return;
+    };
+    // Sixty clean successes of one Swedish block, then past the window.
+    let history = verified(&r, "+4670300", 0..60, "SUCCESSFUL").await;
+    assert!(history.iter().all(|a| a == "allow"), "{history:?}");
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    // Failures in it and in a fresh block of the same country, side by side.
+    let fresh = verified(&r, "+4670400", 0..12, "FAIL").await;
+    assert!(
+        fresh.iter().any(|a| a == "deny"),
+        "the fresh block: {fresh:?}"
+    );
+    let spared = verified(&r, "+4670300", 100..108, "FAIL").await;
+    assert!(
+        spared.iter().all(|a| a == "allow"),
+        "the established block: {spared:?}"
+    );
+    // The third replica, which decided none of it, spares the block and says why.
+    let (reading, condition) = on_the_third(&r, "third", "+46703009999", "allow").await;
+    assert!(
+        condition.contains("established: 60 clean successes before the window"),
         "{reading}"
     );
 }

@@ -158,8 +158,8 @@ impl Condition for Conversion {
                 if f.normal.is_some_and(|n| !(n > 0.0 && n < 1.0)) {
                     return Err("conversion.normal must be a rate between 0 and 1".into());
                 }
-                if f.established.is_some() && (f.normal.is_some() || f.established == Some(0)) {
-                    return Err("conversion.established (successes, e.g. 30) needs a learned normal (no `normal`) and at least 1".into());
+                if f.established == Some(0) {
+                    return Err("conversion.established is a number of successes: at least 1 (e.g. 30)".into());
                 }
                 let baseline_ms = duration_ms(&f.baseline).ok_or_else(|| {
                     format!("baseline `{}` is not a duration like 24h", f.baseline)
