@@ -177,8 +177,8 @@ pub enum TrackedKey {
         /// at, when it was allowed: its outcome also teaches every country's rate.
         #[serde(default)]
         settled: bool,
-        /// Its rule tells established keys apart: a clean outcome also counts under the
-        /// key's own baseline ([`own_baseline_counters`]).
+        /// Its rule tells established keys apart: a clean success also counts under the
+        /// key's own ([`own_clean_successes`]).
         #[serde(default)]
         established: bool,
     },
@@ -237,17 +237,15 @@ pub fn surge_level(rule: &str, spec: &str, value: &str) -> CounterKey {
     evidence_level(rule, &joined(&["surge:", spec]), value)
 }
 
-/// A key's own clean outcomes over the baseline: how a rule with `established` tells a
-/// block with real users of its own from a fresh one.
-pub fn own_baseline_counters(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
-    baseline_counters(rule, &joined(&["own:", spec]), value)
-}
-
-/// A key's own clean successes over its window: those of the baseline before the window
-/// are what makes it established, so that an attack must look clean for longer than a
-/// window before it can pass for a block with users of its own.
-pub fn own_recent_successes(rule: &str, spec: &str, value: &str) -> CounterKey {
-    conversion_counters(rule, &joined(&["recent:own:", spec]), value).0
+/// A key's own clean successes, over the baseline and over its window: those of the
+/// baseline before the window are how a rule with `established` tells a block with real
+/// users of its own from a fresh one, so that an attack must look clean for longer than
+/// a window before it can pass for one.
+pub fn own_clean_successes(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
+    (
+        baseline_counters(rule, &joined(&["own:", spec]), value).0,
+        conversion_counters(rule, &joined(&["recent:own:", spec]), value).0,
+    )
 }
 
 /// The counters a sequential test learns its normal rate from: a country's, or every
@@ -581,9 +579,9 @@ pub fn count_outcome(
                     if *settled {
                         add(baseline_counters(rule, "settled", "*"), *baseline_ms)?;
                     }
-                    if *established {
-                        add(own_baseline_counters(rule, spec, value), *baseline_ms)?;
-                        let recent = own_recent_successes(rule, spec, value);
+                    if *established && success > 0.0 {
+                        let (baseline, recent) = own_clean_successes(rule, spec, value);
+                        counters.add(&baseline, *baseline_ms, now_ms, success)?;
                         counters.add(&recent, *window_ms, now_ms, success)?;
                     }
                 }

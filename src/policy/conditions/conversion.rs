@@ -21,8 +21,8 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        baseline_counters, conversion_counters, evidence_level, low_rates, own_baseline_counters,
-        own_recent_successes, pool_level, steps_at, wilson_upper, z_for, TrackedKey,
+        baseline_counters, conversion_counters, evidence_level, low_rates, own_clean_successes,
+        pool_level, steps_at, wilson_upper, z_for, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -514,7 +514,8 @@ impl ConversionLimit {
         };
         let low = self.threshold.rate(normal);
         let mut limit = *threshold;
-        let mut pooled = String::new();
+        // What the explanation adds after the evidence: the pool's state, an establishment.
+        let mut remarks = String::new();
         // Only a key that never converted in the window is judged with its pool: one
         // that did is not one of the fresh keys failing together.
         if let Some(pool) = pool.as_ref().filter(|_| ok == 0.0) {
@@ -532,7 +533,7 @@ impl ConversionLimit {
             };
             if alerted {
                 limit = *pooled_threshold;
-                pooled = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
+                remarks = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
             }
         }
         // The evidence says the recent outcomes lean low; the window's rate must be low
@@ -540,15 +541,14 @@ impl ConversionLimit {
         let mut tripped = low < normal && key >= limit && ok < low * all;
         if let Some(enough) = established.filter(|_| tripped) {
             // Only now, when it would trip: most decisions never read it.
-            let own = own_baseline_counters(cx.rule, &self.spec.text, &value);
-            let (clean_ok, _) = pair_totals(cx.counters, &own, *baseline_ms, cx.now_ms)?;
-            let recent = own_recent_successes(cx.rule, &self.spec.text, &value);
+            let (baseline, recent) = own_clean_successes(cx.rule, &self.spec.text, &value);
+            let clean_ok = cx.counters.total(&baseline, *baseline_ms, cx.now_ms)?;
             let recent_ok = cx.counters.total(&recent, self.spec.window_ms, cx.now_ms)?;
             let before_window = (clean_ok - recent_ok).max(0.0);
             if before_window >= enough {
                 tripped = false;
-                pooled = joined(&[
-                    &pooled,
+                remarks = joined(&[
+                    &remarks,
                     ", established: ",
                     &(before_window as u64).to_string(),
                     " clean successes before the window",
@@ -567,7 +567,7 @@ impl ConversionLimit {
             " %, trips below ",
             &percent(low),
             " %: evidence",
-            &pooled,
+            &remarks,
         ]);
         cx.reading(
             condition,
