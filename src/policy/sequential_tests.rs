@@ -304,6 +304,8 @@ fn the_new_knobs_are_checked_where_they_are_written() {
     assert!(short.contains("at least four windows"), "{short}");
     let none = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below_baseline = 0.5, false_alarm = 1e-5, established = 0 }\n");
     assert!(none.contains("at least 1"), "{none}");
+    let wilson = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, established = 30 }\n");
+    assert!(wilson.contains("set `false_alarm` too"), "{wilson}");
 }
 
 #[test]

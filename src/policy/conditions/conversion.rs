@@ -142,8 +142,8 @@ impl Condition for Conversion {
         let spec = CounterSpec::parse(&f.per, &f.window)?;
         let test = match f.false_alarm {
             None => {
-                if f.pool.is_some() || f.normal.is_some() {
-                    return Err("conversion: `pool` and `normal` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
+                if f.pool.is_some() || f.normal.is_some() || f.established.is_some() {
+                    return Err("conversion: `pool`, `normal` and `established` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
                 }
                 Test::Wilson {
                     min_samples: f.min_samples,
