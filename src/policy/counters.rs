@@ -27,8 +27,40 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// policy of one per-number rule, 460 now). Two different keys share an id with a chance
 /// of about n^2 / 2^129 for n keys held (under 10^-26 at a million), and the seeds are
 /// unknown outside the process, so no caller can aim at a collision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct HeldId(u64, u64);
+
+/// An id is already a random hash: its maps use its second half as their hash instead
+/// of hashing it again (the first half picks the shard).
+impl Hash for HeldId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.1);
+    }
+}
+
+/// The hasher of maps keyed by [`HeldId`]: the id's own hash, passed through.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `HeldId` hashes with it, as one u64; any other input still hashes.
+        self.0 = bytes
+            .iter()
+            .fold(self.0, |h, b| h.rotate_left(8) ^ u64::from(*b));
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
+    }
+}
+
+/// A map keyed by [`HeldId`].
+type IdMap<V> = HashMap<HeldId, V, std::hash::BuildHasherDefault<PassThrough>>;
 
 /// The seeds of [`HeldId`]s, and of the tags that [`Counters::forget`] finds keys by.
 #[derive(Default)]
@@ -239,7 +271,7 @@ enum Window {
     /// Distinct numbers (by id) and when each was last seen.
     Distinct {
         window_ms: i64,
-        seen: FastMap<HeldId, i64>,
+        seen: IdMap<i64>,
         /// No number was seen before this: until it leaves the window, nothing does.
         oldest_ms: i64,
     },
@@ -380,16 +412,14 @@ pub trait CounterStore: Send + Sync {
 }
 
 pub struct Counters {
-    shards: Vec<Mutex<FastMap<HeldId, Held>>>,
+    shards: Vec<Mutex<IdMap<Held>>>,
     seeds: Seeds,
 }
 
 impl Default for Counters {
     fn default() -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(FastMap::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(IdMap::default())).collect(),
             seeds: Seeds::default(),
         }
     }
@@ -397,10 +427,7 @@ impl Default for Counters {
 
 impl Counters {
     /// The key's id and its shard, locked.
-    fn locked(
-        &self,
-        key: &CounterKey,
-    ) -> (HeldId, std::sync::MutexGuard<'_, FastMap<HeldId, Held>>) {
+    fn locked(&self, key: &CounterKey) -> (HeldId, std::sync::MutexGuard<'_, IdMap<Held>>) {
         let id = self.seeds.id(key);
         let shard = &self.shards[(id.0 % SHARDS as u64) as usize];
         (id, shard.lock().unwrap_or_else(|e| e.into_inner()))
@@ -454,7 +481,7 @@ impl Counters {
             key,
             || Window::Distinct {
                 window_ms,
-                seen: FastMap::default(),
+                seen: IdMap::default(),
                 oldest_ms: i64::MAX,
             },
             now_ms,
