@@ -266,3 +266,20 @@ fn the_scorecard_names_the_key_a_shadow_rule_first_flagged() {
     assert_eq!(burst.first_flagged_key.as_deref(), Some("+23769912"));
     assert!(card.to_string().contains("(key +23769912)"), "{card}");
 }
+
+/// The sample policy against every attack at three times its rate: the `mimicry` attack
+/// (one fresh operator block, all of its country's traffic, entering 30 % of its codes)
+/// must not become its country's normal and pass under a bar it set itself. Judged
+/// against a normal that included its own outcomes, it was blocked 0 % of its cost.
+#[test]
+fn an_attack_that_is_all_of_its_countrys_traffic_is_not_its_own_normal() {
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let knobs = Knobs {
+        seed: 1,
+        attack_scale: 3.0,
+        ..Knobs::default()
+    };
+    let card = run_synthetic(&policy, &knobs).unwrap();
+    let mimicry = card.by_attack[&AttackKind::Mimicry].cost_share();
+    assert!(mimicry > 0.8, "mimicry: {mimicry}");
+}
