@@ -151,21 +151,25 @@ fn fresh_keys_failing_together_trip_sooner_with_a_pool() {
     );
 }
 
-#[test]
-fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
-    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
-        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
-    let p = policy(pooled);
-    // The pool trips on failing fresh ranges.
+/// Forty minutes of failures across twelve fresh ranges of `+22505`: its pool trips.
+fn trip_the_pool(p: &RulesPolicy) {
     for i in 0..40 {
         verify(
-            &p,
+            p,
             &format!("s{i}"),
             &format!("+22505{:03}{:04}", i % 12, i),
             START + i * MIN,
             false,
         );
     }
+}
+
+#[test]
+fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
+    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
+    let p = policy(pooled);
+    trip_the_pool(&p);
     // A range of the same block that converted once, then fails twice: not denied.
     let t = START + 50 * MIN;
     verify(&p, "c0", "+225059990001", t, true);
@@ -174,6 +178,89 @@ fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
     assert_eq!(
         verify(&p, "c3", "+225059990004", t + 3 * MIN, false).action,
         Action::Allow
+    );
+}
+
+#[test]
+fn a_key_whose_one_success_is_drowned_in_failures_is_judged_with_its_pool() {
+    let p = policy(
+        "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+         conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-12, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n",
+    );
+    trip_the_pool(&p);
+    // A range where one real user converted, then an attack fails on and on: once its
+    // window's rate is surely under the rule's (1 of 13), the pooled bar applies; alone,
+    // the evidence would need 18 failures.
+    let t = START + 50 * MIN;
+    verify(&p, "c0", "+225059990001", t, true);
+    let (failures, denial) = (1..=20)
+        .find_map(|i| {
+            let d = verify(
+                &p,
+                &format!("c{i}"),
+                &format!("+22505999{i:04}"),
+                t + i * MIN,
+                false,
+            );
+            (d.action == Action::Deny).then_some((i - 1, d))
+        })
+        .unwrap();
+    assert_eq!(failures, 12, "{:?}", denial.explanation.counters);
+    assert!(
+        denial.explanation.counters[0].condition.contains("pooled"),
+        "{:?}",
+        denial.explanation.counters
+    );
+}
+
+#[test]
+fn a_key_blocked_at_its_pools_bar_is_judged_at_it_again_when_its_block_ends() {
+    let p = policy(
+        "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+         conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, pool_alert_for = \"30m\", complete_after = \"3m\" }\n\
+         block_for = \"20m\"\n",
+    );
+    // Fresh ranges of one block failing in turn: the pool trips, and a range is blocked
+    // on the pooled bar after a few failures of its own.
+    let (tripped, number) = (0..200)
+        .find_map(|i| {
+            let number = format!("+22505{:03}{:04}", i % 12, i);
+            let d = verify(&p, &format!("s{i}"), &number, START + i * MIN, false);
+            (d.action == Action::Deny).then_some((i, number))
+        })
+        .unwrap();
+    // Real users then convert across the block's other ranges: the pool calms down and
+    // its alert ends; the blocked range's block ends too.
+    let calm = START + (tripped + 1) * MIN;
+    for i in 0..80 {
+        let d = verify(
+            &p,
+            &format!("u{i}"),
+            &format!("+22505{:03}{:04}", 100 + i, i),
+            calm + i * MIN,
+            true,
+        );
+        assert_eq!(d.action, Action::Allow, "{:?}", d.explanation.counters);
+    }
+    // The range comes back still failing: judged at the bar it was blocked at, not at
+    // the full one it would need 10 more failures for.
+    let back = calm + 120 * MIN;
+    let d = verify(&p, "back", &number, back, false);
+    assert_eq!(d.action, Action::Deny, "{:?}", d.explanation.counters);
+    assert!(
+        d.explanation.counters[0]
+            .condition
+            .contains("tripped at its pool's bar before"),
+        "{:?}",
+        d.explanation.counters
+    );
+    // A fresh range of the same block failing once is not denied: the pool is calm.
+    let fresh = verify(&p, "fresh", "+225059990001", back + MIN, false);
+    assert_eq!(
+        fresh.action,
+        Action::Allow,
+        "{:?}",
+        fresh.explanation.counters
     );
 }
 

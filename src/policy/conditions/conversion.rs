@@ -62,7 +62,8 @@ pub(in crate::policy) struct ConversionFile {
     #[serde(default = "default_baseline")]
     baseline: String,
     /// A wider key (prefix:k, country or global) whose keys that never converted are
-    /// judged together: once their pooled outcomes trip, each trips at `pooled_false_alarm`.
+    /// judged together: once their pooled outcomes trip, each trips at `pooled_false_alarm`
+    /// (as does a key whose window's rate is surely under the threshold).
     pool: Option<String>,
     /// The false-alarm rate for a key while its pool has tripped, e.g. 0.05.
     #[serde(default = "default_pooled_false_alarm")]
@@ -98,9 +99,10 @@ const FLOOR: f64 = 0.15;
 /// rate.
 const YOUNG_OUTCOMES: f64 = 2000.0;
 /// From this many outcomes of its own, a country's normal is at most the upper bound of
-/// its own rate (at `THIN_Z`, one-sided 95 %) until it has `BASELINE_SAMPLES`.
+/// its own rate (at `CONFIDENT_Z`) until it has `BASELINE_SAMPLES`.
 const THIN_SAMPLES: f64 = 10.0;
-const THIN_Z: f64 = 1.645;
+/// A rate's bound at one-sided 95 %: where a few outcomes must say something for sure.
+const CONFIDENT_Z: f64 = 1.645;
 const YOUNG_CAP: f64 = 0.25;
 
 /// The normal rate a key is judged against, and whether its country has a normal of its
@@ -120,7 +122,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes; with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h). With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes; with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %) under the threshold, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -370,7 +372,7 @@ impl ConversionLimit {
         };
         let mut normal = (every_ok / every_all).min(1.0);
         if others_all >= THIN_SAMPLES {
-            normal = normal.min(wilson_upper(others_ok, others_all, THIN_Z));
+            normal = normal.min(wilson_upper(others_ok, others_all, CONFIDENT_Z));
         }
         Ok(Some(NormalRate {
             rate: self.judged(normal, young),
@@ -519,9 +521,12 @@ impl ConversionLimit {
         let mut limit = *threshold;
         // What the explanation adds after the evidence: the pool's state, an establishment.
         let mut remarks = String::new();
-        // Only a key that never converted in the window is judged with its pool: one
-        // that did is not one of the fresh keys failing together.
-        if let Some(pool) = pool.as_ref().filter(|_| ok == 0.0) {
+        // A key is judged with its pool when it is one of the keys failing together: it
+        // never converted in the window, or its window's rate is surely under the rule's
+        // (one real user's success among an attack's failures must not spare a range
+        // the attack goes on in). A sparse key that converted a few times is not.
+        let pooled_key = ok == 0.0 || wilson_upper(ok, all, CONFIDENT_Z) < low;
+        if let Some(pool) = pool.as_ref().filter(|_| pooled_key) {
             let pool_value = pool.value(cx.facts);
             let level = pool_level(cx.rule, &pool.text, &pool_value);
             let pool_level = cx.counters.level(&level, self.spec.window_ms, cx.now_ms)?;
@@ -541,7 +546,25 @@ impl ConversionLimit {
         }
         // The evidence says the recent outcomes lean low; the window's rate must be low
         // too, or a streak of failures inside a busy, converting key would trip it.
-        let mut tripped = low < normal && key >= limit && ok < low * all;
+        let low_window = low < normal && ok < low * all;
+        let mut tripped = low_window && key >= limit;
+        // A key that tripped at its pool's bar stays judged at it while the evidence it
+        // tripped on lasts (the window): its block ending is a trial, not a fresh start.
+        // Otherwise a key blocked on pooled evidence comes back needing the full bar once
+        // its pool (whose failing keys are blocked now) has calmed down, and an attack on
+        // many ranges of a busy block gets that difference free after every block.
+        let key_alert = || evidence_level(cx.rule, &joined(&["alert:", &self.spec.text]), &value);
+        if !tripped
+            && pooled_key
+            && low_window
+            && limit > *pooled_threshold
+            && key >= *pooled_threshold
+            && cx.counters.level(&key_alert(), self.spec.window_ms, cx.now_ms)? > 0.0
+        {
+            limit = *pooled_threshold;
+            tripped = true;
+            remarks = ", tripped at its pool's bar before".to_owned();
+        }
         if let Some(enough) = established.filter(|_| tripped) {
             // Only now, when it would trip: most decisions never read it.
             let (baseline, recent) = own_clean_successes(cx.rule, &self.spec.text, &value);
@@ -557,6 +580,9 @@ impl ConversionLimit {
                     " clean successes before the window",
                 ]);
             }
+        }
+        if tripped && limit == *pooled_threshold && pool.is_some() {
+            cx.counters.accumulate(&key_alert(), self.spec.window_ms, cx.now_ms, 1.0)?;
         }
         // Integers format several times quicker than floats, on every decision.
         let percent = |rate: f64| ((rate * 100.0).round() as u32).to_string();
