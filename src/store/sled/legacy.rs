@@ -9,7 +9,10 @@
 //!   stopped when the command runs again;
 //! - only then are the old files deleted.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use serde::Deserialize;
 
@@ -111,6 +114,32 @@ impl Pace {
     }
 }
 
+/// Opens the old store, only to read it. A store this process closed a moment ago (a
+/// migration that stopped, then is run again) can stay locked while sled's background
+/// threads let go of it: a held lock is tried again for a while before it is reported
+/// as another process's.
+fn open_old(path: &Path) -> Result<sled::Db, StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return Ok(db),
+            // sled says so only in its message.
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => {
+                return Err(StoreError::Unavailable(format!(
+                    "cannot open the old store at {} (is verigate running on it?): {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 fn migrate_with(
     path: &Path,
     cache_bytes: u64,
@@ -123,12 +152,7 @@ fn migrate_with(
             ..Default::default()
         });
     }
-    let old = sled::Config::new().path(path).open().map_err(|e| {
-        StoreError::Unavailable(format!(
-            "cannot open the old store at {} (is verigate running on it?): {e}",
-            path.display()
-        ))
-    })?;
+    let old = open_old(path)?;
     let index = Index::open(&path.join(INDEX_DIR), cache_bytes)?;
     let mut report = MigrationReport::default();
     if index.meta(FORMAT)?.is_none() {
