@@ -105,7 +105,9 @@ impl StoredVerification {
 /// always means the same string. `persisted` counts those already in the index.
 #[derive(Debug, Default)]
 pub struct Symbols {
-    numbers: HashMap<Arc<str>, u32>,
+    /// Looked up for every text of every record a checkpoint writes: a quick hash,
+    /// seeded at random per process (as the memtable's maps are).
+    numbers: HashMap<Arc<str>, u32, foldhash::fast::RandomState>,
     texts: Vec<Arc<str>>,
     persisted: usize,
 }
