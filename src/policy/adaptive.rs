@@ -217,7 +217,8 @@ pub fn conversion_counters(rule: &str, spec: &str, value: &str) -> (CounterKey, 
 /// The level of a key's sequential test: its evidence of a low rate since the last
 /// time it looked normal (a CUSUM of [`evidence`] steps). A pool's is under
 /// `pool:{spec}`: the outcomes of the verifications under it whose own key had not
-/// converted once in the window.
+/// converted once in the window. Under `alert:{spec}`: that a pool tripped, or that a key
+/// tripped at its pool's bar, lately.
 pub fn evidence_level(rule: &str, spec: &str, value: &str) -> CounterKey {
     CounterKey {
         rule: rule.to_owned(),
