@@ -519,6 +519,8 @@ impl ConversionLimit {
         };
         let low = self.threshold.rate(normal);
         let mut limit = *threshold;
+        // Whether `limit` is the pool's bar.
+        let mut at_pool_bar = false;
         // What the explanation adds after the evidence: the pool's state, an establishment.
         let mut remarks = String::new();
         // A key is judged with its pool when it is one of the keys failing together: it
@@ -541,6 +543,7 @@ impl ConversionLimit {
             };
             if alerted {
                 limit = *pooled_threshold;
+                at_pool_bar = true;
                 remarks = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
             }
         }
@@ -555,13 +558,14 @@ impl ConversionLimit {
         // many ranges of a busy block gets that difference free after every block.
         let key_alert = || evidence_level(cx.rule, &joined(&["alert:", &self.spec.text]), &value);
         if !tripped
+            && pool.is_some()
             && pooled_key
             && low_window
-            && limit > *pooled_threshold
             && key >= *pooled_threshold
             && cx.counters.level(&key_alert(), self.spec.window_ms, cx.now_ms)? > 0.0
         {
             limit = *pooled_threshold;
+            at_pool_bar = true;
             tripped = true;
             remarks = ", tripped at its pool's bar before".to_owned();
         }
@@ -581,7 +585,7 @@ impl ConversionLimit {
                 ]);
             }
         }
-        if tripped && limit == *pooled_threshold && pool.is_some() {
+        if tripped && at_pool_bar {
             cx.counters.accumulate(&key_alert(), self.spec.window_ms, cx.now_ms, 1.0)?;
         }
         // Integers format several times quicker than floats, on every decision.
