@@ -30,6 +30,7 @@ use approximate::ApproximateCounters;
 use chrono::{DateTime, TimeZone, Utc};
 use deadpool_postgres::{Object, Pool};
 use futures_util::future::LocalBoxFuture;
+use secrecy::ExposeSecret;
 
 pub(crate) use counter_ops::Planner;
 use counter_ops::{
@@ -48,7 +49,8 @@ use super::{
 use crate::{
     store::{
         postgres::{
-            batch::BatchQueue,
+            batch::{self, BatchQueue},
+            claims::{self, ClaimQueue, Claimer},
             pipeline::{self, Pipeline, SharedConnection},
             pool, Cached, PostgresOptions,
         },
@@ -74,8 +76,13 @@ const SIDE_CONNECTIONS: usize = 2;
 /// two cores: three replicas do 2,066 callbacks/s with one worker each, 1,839 with three.
 const COUNTER_WORKERS: usize = 1;
 const JOBS_PER_BATCH: usize = 64;
+/// Claims that may wait for the counters' loop (as many as the store's own queue takes).
+const CLAIMS_QUEUE: usize = 4096;
 
 pub struct SharedState {
+    /// The claims that ride with the counter batches, kept for the stores that open on
+    /// this database (they find it by its URL).
+    _claims: Arc<ClaimQueue>,
     /// Connections with asynchronous commit (counters, outcome book), shared by every
     /// decision at once.
     fast: Arc<Pipeline>,
@@ -159,12 +166,18 @@ impl SharedState {
             COUNTER_WORKERS,
             timeout,
         ));
-        let workers = (0..COUNTER_WORKERS)
-            .map(|_| CounterWorker {
-                connections: Arc::clone(&counter_connection),
-            })
-            .collect();
-        let counters = BatchQueue::start(workers, JOBS_PER_BATCH, 4096, None);
+        let worker = CounterWorker {
+            connections: Arc::clone(&counter_connection),
+        };
+        // Claims of request events go out with the decisions' counters: a request event
+        // is claimed in one round trip and decided in the next, and each round trip
+        // carries both stages of the callbacks in flight (store/postgres/claims.rs).
+        let claimer = Claimer {
+            connections: Arc::clone(&counter_connection),
+        };
+        let (claims, counters) = batch::start_paired(claimer, worker, JOBS_PER_BATCH, CLAIMS_QUEUE);
+        let claims = Arc::new(claims);
+        claims::ride_with_counters(options.url.expose_secret(), &claims);
         let outcome_worker = CounterWorker {
             connections: Arc::new(Pipeline::new(
                 crate::store::postgres::config(options).map_err(PolicyError)?,
@@ -176,6 +189,7 @@ impl SharedState {
         let outcomes = BatchQueue::start(vec![outcome_worker], JOBS_PER_BATCH, 4096, None);
         let exchange = Mutex::new(sharing::Exchange::new(&replica));
         Ok(Arc::new(Self {
+            _claims: claims,
             fast,
             counters,
             outcomes,

@@ -90,6 +90,68 @@ impl<I: Send + 'static, O: Send + 'static> BatchQueue<I, O> {
     }
 }
 
+/// The queue a worker's callers hand their items to.
+pub(crate) type QueueOf<W> = BatchQueue<<W as BatchWorker>::Item, <W as BatchWorker>::Output>;
+
+/// Two queues served by one loop that sends both kinds of batch at once: `a`'s and
+/// `b`'s statements go out together on the one connection both workers share, so each
+/// round trip carries, say, the claims of the callbacks that just arrived and the
+/// counters of those claimed a moment ago. A batch of either kind still fails only its
+/// own items. The loop serves the other queue after one of them is dropped, and stops
+/// once both are dropped and empty.
+pub(crate) fn start_paired<A: BatchWorker, B: BatchWorker>(
+    mut a: A,
+    mut b: B,
+    max_batch: usize,
+    capacity: usize,
+) -> (QueueOf<A>, QueueOf<B>) {
+    let (queue_a, mut waiting_a) = mpsc::channel::<Queued<A::Item, A::Output>>(capacity);
+    let (queue_b, mut waiting_b) = mpsc::channel::<Queued<B::Item, B::Output>>(capacity);
+    pipeline::runtime().spawn(async move {
+        let (mut open_a, mut open_b) = (true, true);
+        while open_a || open_b {
+            let (mut batch_a, mut batch_b) = (Vec::new(), Vec::new());
+            tokio::select! {
+                first = waiting_a.recv(), if open_a => match first {
+                    Some(first) => batch_a.push(first),
+                    None => open_a = false,
+                },
+                first = waiting_b.recv(), if open_b => match first {
+                    Some(first) => batch_b.push(first),
+                    None => open_b = false,
+                },
+            }
+            take_waiting(&mut waiting_a, &mut batch_a, max_batch);
+            take_waiting(&mut waiting_b, &mut batch_b, max_batch);
+            let (items_a, answers_a): (Vec<_>, Vec<_>) = batch_a.into_iter().unzip();
+            let (items_b, answers_b): (Vec<_>, Vec<_>) = batch_b.into_iter().unzip();
+            let run_a = async {
+                match items_a.is_empty() {
+                    true => Vec::new(),
+                    false => a.run(items_a).await,
+                }
+            };
+            let run_b = async {
+                match items_b.is_empty() {
+                    true => Vec::new(),
+                    false => b.run(items_b).await,
+                }
+            };
+            let (outputs_a, outputs_b) = futures_util::future::join(run_a, run_b).await;
+            answer(answers_a, outputs_a);
+            answer(answers_b, outputs_b);
+        }
+    });
+    (BatchQueue { queue: queue_a }, BatchQueue { queue: queue_b })
+}
+
+fn answer<O>(answers: Vec<oneshot::Sender<O>>, outputs: Vec<O>) {
+    for (answer, output) in answers.into_iter().zip(outputs) {
+        // The caller may have given up waiting: nothing to answer then.
+        drop(answer.send(output));
+    }
+}
+
 async fn work<W: BatchWorker>(
     mut worker: W,
     queue: Receiver<W::Item, W::Output>,
@@ -113,11 +175,7 @@ async fn work<W: BatchWorker>(
         }
         last_len = batch.len();
         let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let outputs = worker.run(items).await;
-        for (answer, output) in answers.into_iter().zip(outputs) {
-            // The caller may have given up waiting: nothing to answer then.
-            drop(answer.send(output));
-        }
+        answer(answers, worker.run(items).await);
     }
 }
 
@@ -203,6 +261,75 @@ mod tests {
         let sizes = sizes.lock().unwrap().clone();
         assert_eq!(sizes.iter().sum::<usize>(), 80);
         sizes
+    }
+
+    /// A worker whose batches fail when they hold an odd item; `in_flight` counts the
+    /// batches of both workers running at once, `most` the highest count seen.
+    struct Failing {
+        in_flight: Arc<std::sync::atomic::AtomicUsize>,
+        most: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl BatchWorker for Failing {
+        type Item = u32;
+        type Output = Result<u32, String>;
+
+        async fn run(&mut self, batch: Vec<u32>) -> Vec<Result<u32, String>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.in_flight.fetch_add(1, SeqCst) + 1;
+            self.most.fetch_max(now, SeqCst);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            self.in_flight.fetch_sub(1, SeqCst);
+            let failed = batch.iter().any(|i| i % 2 == 1).then(|| "odd".to_owned());
+            per_item(failed.map_or(Ok(batch.clone()), Err), batch.len())
+        }
+    }
+
+    #[test]
+    fn paired_queues_send_both_kinds_together_and_a_failed_batch_fails_only_its_own_items() {
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let worker = || Failing {
+            in_flight: Arc::clone(&in_flight),
+            most: Arc::clone(&most),
+        };
+        let (a, b) = start_paired(worker(), worker(), 64, 1024);
+        let (a, b) = (Arc::new(a), Arc::new(b));
+        let (from_a, from_b) = pipeline::runtime().block_on(async {
+            let mut waiting = Vec::new();
+            for i in 0..40u32 {
+                let (a, b) = (Arc::clone(&a), Arc::clone(&b));
+                // Even items on `a`; on `b`, 1 (which fails its batch) among evens.
+                let on_b = if i == 5 { 1 } else { 2 * i };
+                waiting.push(tokio::spawn(async move {
+                    tokio::join!(a.submit(2 * i), b.submit(on_b))
+                }));
+                if i % 8 == 7 {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            let mut all = (Vec::new(), Vec::new());
+            for handle in waiting {
+                let (x, y) = handle.await.unwrap();
+                all.0.push(x.unwrap());
+                all.1.push(y.unwrap());
+            }
+            all
+        });
+        assert_eq!(from_a, (0..40).map(|i| Ok(2 * i)).collect::<Vec<_>>());
+        let failed: Vec<usize> = (0..40).filter(|&i| from_b[i].is_err()).collect();
+        assert!(failed.contains(&5), "{from_b:?}");
+        assert!(
+            failed.len() < 40,
+            "only the failed batch's items fail: {failed:?}"
+        );
+        for (i, answer) in from_b.iter().enumerate() {
+            if let Ok(v) = answer {
+                assert_eq!(*v, 2 * i as u32);
+            }
+        }
+        // Batches of both kinds went out together, not one after the other.
+        assert_eq!(most.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

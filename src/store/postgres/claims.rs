@@ -7,12 +7,15 @@
 //! Claims are needed only while an event is decided, so they live in an unlogged table
 //! and commit without waiting for the disk.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError, Weak},
+};
 
 use chrono::{DateTime, Utc};
 
 use super::{
-    batch::{per_item, BatchWorker},
+    batch::{per_item, BatchWorker, QueueOf},
     failed,
     pipeline::Pipeline,
     record_of, seq_of, StoreError,
@@ -21,7 +24,7 @@ use crate::store::{EventIdentity, FirstDelivery, HistoryAsk, VerificationRecord}
 
 /// What a claim found.
 #[derive(Debug, Clone)]
-pub(super) enum ClaimAnswer {
+pub(crate) enum ClaimAnswer {
     /// The event is stored: answer as its first delivery was answered.
     Stored(FirstDelivery),
     /// This replica decides it.
@@ -32,14 +35,14 @@ pub(super) enum ClaimAnswer {
 
 /// An event to claim and, for a decision that reads it, its number's history.
 #[derive(Debug, Clone)]
-pub(super) struct ClaimAsk {
+pub(crate) struct ClaimAsk {
     pub(super) identity: EventIdentity,
     pub(super) history: Option<OwnedHistoryAsk>,
 }
 
 /// A [`HistoryAsk`] that can wait in a queue.
 #[derive(Debug, Clone)]
-pub(super) struct OwnedHistoryAsk {
+pub(crate) struct OwnedHistoryAsk {
     number: String,
     since: DateTime<Utc>,
     until: DateTime<Utc>,
@@ -58,7 +61,7 @@ impl From<&HistoryAsk<'_>> for OwnedHistoryAsk {
 }
 
 /// What a claim found, with the number's history when it was asked for.
-pub(super) type Claimed = (ClaimAnswer, Vec<VerificationRecord>);
+pub(crate) type Claimed = (ClaimAnswer, Vec<VerificationRecord>);
 
 /// Looks up and claims a batch of events in one statement; a claim left by a replica
 /// that died deciding is taken over after ten seconds. The same statement reads the
@@ -96,8 +99,8 @@ const CLAIM: &str = "WITH asked AS (
     ) v";
 
 /// Claims batches of events on the shared connections.
-pub(super) struct Claimer {
-    pub(super) connections: Arc<Pipeline>,
+pub(crate) struct Claimer {
+    pub(crate) connections: Arc<Pipeline>,
 }
 
 impl BatchWorker for Claimer {
@@ -198,4 +201,30 @@ impl Claimer {
             })
             .collect())
     }
+}
+
+/// Where claims are handed in.
+pub(crate) type ClaimQueue = QueueOf<Claimer>;
+
+/// Claim queues whose batches ride with the decisions' counter batches (one round trip
+/// carries both), by database URL. The policy's shared state, which owns the counters'
+/// connection, is built before the store opens, and apart from it: this is where the
+/// store finds the queue. Keyed by the database, so a store only ever claims in its own.
+static RIDING: Mutex<Vec<(String, Weak<ClaimQueue>)>> = Mutex::new(Vec::new());
+
+/// Offers `queue` to stores that open on `url` from now on (while it lives).
+pub(crate) fn ride_with_counters(url: &str, queue: &Arc<ClaimQueue>) {
+    let mut riding = RIDING.lock().unwrap_or_else(PoisonError::into_inner);
+    riding.retain(|(_, queue)| queue.strong_count() > 0);
+    riding.push((url.to_owned(), Arc::downgrade(queue)));
+}
+
+/// The claim queue offered for `url`, if a live one was.
+pub(crate) fn riding(url: &str) -> Option<Arc<ClaimQueue>> {
+    let riding = RIDING.lock().unwrap_or_else(PoisonError::into_inner);
+    riding
+        .iter()
+        .rev()
+        .filter(|(offered, _)| offered == url)
+        .find_map(|(_, queue)| queue.upgrade())
 }

@@ -17,7 +17,7 @@
 //!   what keeps pagination gap-free with writers on several replicas.
 
 pub(crate) mod batch;
-mod claims;
+pub(crate) mod claims;
 mod commit;
 pub(crate) mod pipeline;
 mod schema;
@@ -146,7 +146,9 @@ pub struct PostgresStore {
     /// Shared connections for short statements, with asynchronous commit: what they
     /// write (claims) need not survive a crash.
     shared: Arc<pipeline::Pipeline>,
-    claims: batch::BatchQueue<claims::ClaimAsk, Result<claims::Claimed, StoreError>>,
+    /// Claims, batched on the store's own connections, or riding with the policy's
+    /// counter batches where a policy on this database offered that (claims.rs).
+    claims: Arc<claims::ClaimQueue>,
     commits: commit::GroupCommit,
     health: Arc<Mutex<StoreHealth>>,
     /// Checks the database every second, so readiness follows an outage and its end
@@ -320,12 +322,12 @@ impl PostgresStore {
         let health = Arc::new(Mutex::new(StoreHealth::Ready));
         let commits = commit::GroupCommit::start(config, Arc::clone(&health));
         // One claimer, for the same reason as one group-commit writer (commit.rs).
-        let claimers = (0..1)
-            .map(|_| claims::Claimer {
+        let claims = claims::riding(options.url.expose_secret()).unwrap_or_else(|| {
+            let claimer = claims::Claimer {
                 connections: Arc::clone(&shared),
-            })
-            .collect();
-        let claims = batch::BatchQueue::start(claimers, 256, 4096, None);
+            };
+            Arc::new(batch::BatchQueue::start(vec![claimer], 256, 4096, None))
+        });
         let probe = pipeline::runtime().spawn(probe(Arc::clone(&shared), Arc::clone(&health)));
         Ok(Self {
             pool,
