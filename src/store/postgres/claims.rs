@@ -5,7 +5,9 @@
 //! The claims of concurrent callbacks go to the database together (batch.rs): one
 //! statement looks each event up among those stored and claims the ones that are not.
 //! Claims are needed only while an event is decided, so they live in an unlogged table
-//! and commit without waiting for the disk.
+//! and commit without waiting for the disk. With the rules policy on the same database,
+//! those statements go out together with the decisions' counter batches, one round trip
+//! for both ([`riding`]).
 
 use std::{
     collections::HashMap,

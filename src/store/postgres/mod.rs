@@ -7,7 +7,8 @@
 //!   whichever replica gets each event, so events join whatever replica receives them.
 //! - Every write commits with synchronous commit before the caller acknowledges it, in
 //!   a group commit shared with the callbacks that arrive meanwhile (commit.rs).
-//! - Short statements (claims, lookups) share a few pipelined connections (pipeline.rs);
+//! - Short statements (lookups, and claims unless they ride with the policy's counter
+//!   batches: claims.rs) share a few pipelined connections (pipeline.rs);
 //!   transactions (group commits, pages) have connections of their own.
 //! - Listings are ordered by creation (the first event's sequence number). A page only
 //!   goes up to a sequence number below which every write has committed: each write holds
