@@ -123,30 +123,19 @@ pub(crate) fn start_paired<A: BatchWorker, B: BatchWorker>(
             }
             take_waiting(&mut waiting_a, &mut batch_a, max_batch);
             take_waiting(&mut waiting_b, &mut batch_b, max_batch);
-            let (items_a, answers_a): (Vec<_>, Vec<_>) = batch_a.into_iter().unzip();
-            let (items_b, answers_b): (Vec<_>, Vec<_>) = batch_b.into_iter().unzip();
-            let run_a = async {
-                match items_a.is_empty() {
-                    true => Vec::new(),
-                    false => a.run(items_a).await,
-                }
-            };
-            let run_b = async {
-                match items_b.is_empty() {
-                    true => Vec::new(),
-                    false => b.run(items_b).await,
-                }
-            };
-            let (outputs_a, outputs_b) = futures_util::future::join(run_a, run_b).await;
-            answer(answers_a, outputs_a);
-            answer(answers_b, outputs_b);
+            futures_util::future::join(run(&mut a, batch_a), run(&mut b, batch_b)).await;
         }
     });
     (BatchQueue { queue: queue_a }, BatchQueue { queue: queue_b })
 }
 
-fn answer<O>(answers: Vec<oneshot::Sender<O>>, outputs: Vec<O>) {
-    for (answer, output) in answers.into_iter().zip(outputs) {
+/// Does `batch` (nothing when it is empty) and answers each of its items.
+async fn run<W: BatchWorker>(worker: &mut W, batch: Vec<Queued<W::Item, W::Output>>) {
+    if batch.is_empty() {
+        return;
+    }
+    let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+    for (answer, output) in answers.into_iter().zip(worker.run(items).await) {
         // The caller may have given up waiting: nothing to answer then.
         drop(answer.send(output));
     }
@@ -174,8 +163,7 @@ async fn work<W: BatchWorker>(
             }
         }
         last_len = batch.len();
-        let (items, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        answer(answers, worker.run(items).await);
+        run(&mut worker, batch).await;
     }
 }
 
