@@ -76,8 +76,6 @@ const SIDE_CONNECTIONS: usize = 2;
 /// two cores: three replicas do 2,066 callbacks/s with one worker each, 1,839 with three.
 const COUNTER_WORKERS: usize = 1;
 const JOBS_PER_BATCH: usize = 64;
-/// Claims that may wait for the counters' loop (as many as the store's own queue takes).
-const CLAIMS_QUEUE: usize = 4096;
 
 pub struct SharedState {
     /// The claims that ride with the counter batches, kept for the stores that open on
@@ -175,7 +173,8 @@ impl SharedState {
         let claimer = Claimer {
             connections: Arc::clone(&counter_connection),
         };
-        let (claims, counters) = batch::start_paired(claimer, worker, JOBS_PER_BATCH, CLAIMS_QUEUE);
+        let (claims, counters) =
+            batch::start_paired(claimer, worker, JOBS_PER_BATCH, claims::QUEUE);
         let claims = Arc::new(claims);
         claims::ride_with_counters(options.url.expose_secret(), &claims);
         let outcome_worker = CounterWorker {

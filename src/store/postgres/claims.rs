@@ -208,6 +208,9 @@ impl Claimer {
 /// Where claims are handed in.
 pub(crate) type ClaimQueue = QueueOf<Claimer>;
 
+/// Claims that may wait in a claim queue, whichever loop serves it.
+pub(crate) const QUEUE: usize = 4096;
+
 /// Claim queues whose batches ride with the decisions' counter batches (one round trip
 /// carries both), by database URL. The policy's shared state, which owns the counters'
 /// connection, is built before the store opens, and apart from it: this is where the

@@ -327,7 +327,12 @@ impl PostgresStore {
             let claimer = claims::Claimer {
                 connections: Arc::clone(&shared),
             };
-            Arc::new(batch::BatchQueue::start(vec![claimer], 256, 4096, None))
+            Arc::new(batch::BatchQueue::start(
+                vec![claimer],
+                256,
+                claims::QUEUE,
+                None,
+            ))
         });
         let probe = pipeline::runtime().spawn(probe(Arc::clone(&shared), Arc::clone(&health)));
         Ok(Self {
