@@ -4,10 +4,11 @@
 //!
 //! Why not one sled key per entry: sled's log costs a few hundred bytes on disk per key
 //! inserted, more than a whole verification is worth, while large values cost it little.
-//! A checkpoint writes its new entries as one run; runs written in the same hour are merged
-//! into one (a few per hour at most), so a lookup checks a Bloom filter per run and reads a
-//! chunk only from the runs that may hold the value. Retention drops runs written before
-//! the cutoff and rewrites the one that straddles it.
+//! A checkpoint writes its new entries as one run; the newest runs of the hour are merged
+//! as they pile up ([`tail_to_merge`]) and an hour's runs into one once it is over, so a
+//! lookup checks a Bloom filter per run (under twenty or so) and reads a chunk only from
+//! the runs that may hold the value. Retention drops runs written before the cutoff and
+//! rewrites the one that straddles it.
 //!
 //! An entry is `<tag> <value> 0x00 <stamp>` (keys.rs), so a run is sorted by value and
 //! then by the verification's creation.
@@ -33,8 +34,12 @@ const BLOOM_BITS_PER_ENTRY: usize = 10;
 const BLOOM_PROBES: u32 = 7;
 /// Runs written within one such period are merged together.
 pub const GRANULE_MS: u64 = 3_600_000;
-/// Runs of the current period merged once there are this many.
+/// The current period's newest runs are merged once this many of them are balanced
+/// (none holds more entries than the others together; see [`tail_to_merge`]).
 const MERGE_AT: usize = 8;
+/// Past this many runs in the current period, all of them are merged whatever their
+/// sizes: a lookup checks a Bloom filter per run.
+const MOST_RUNS: usize = 4 * MERGE_AT;
 /// Index writes per sled batch: sled holds a global write lock while it applies a batch.
 const WRITES_PER_BATCH: usize = 64;
 
@@ -281,33 +286,21 @@ impl Runs {
         Ok(())
     }
 
-    /// Merges the runs of each past period into one, and those of the current period
-    /// once there are many. Returns whether anything was merged.
+    /// Merges the runs of each past period into one, and the newest runs of the current
+    /// period when they are due ([`tail_to_merge`]). Returns whether anything was merged.
     pub fn merge(&self, index: &Index, now_ms: u64) -> Result<bool, StoreError> {
-        let runs = self.snapshot();
         let current = now_ms / GRANULE_MS;
         let mut merged = false;
-        let mut start = 0;
-        while start < runs.len() {
-            let granule = runs[start].granule();
-            let end = start
-                + runs[start..]
-                    .iter()
-                    .take_while(|r| r.granule() == granule)
-                    .count();
-            let group = &runs[start..end];
-            let due = if granule < current {
-                group.len() > 1
-            } else {
-                group.len() >= MERGE_AT
+        // A merge of the newest runs can make a merge of larger ones due: each merge
+        // leaves fewer runs, so this ends.
+        loop {
+            let runs = self.snapshot();
+            let Some((start, end)) = group_to_merge(&runs, current) else {
+                return Ok(merged);
             };
-            if due {
-                self.replace(index, group, |_| true)?;
-                merged = true;
-            }
-            start = end;
+            self.replace(index, &runs[start..end], |_| true)?;
+            merged = true;
         }
-        Ok(merged)
     }
 
     /// Drops every entry of a verification created before `cutoff`: whole runs written
@@ -392,6 +385,65 @@ impl Runs {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// The runs (`runs[start..end]`, adjacent, of one period) to merge next, if any: every
+/// run of a past period, or the newest runs of the current one.
+fn group_to_merge(runs: &[Arc<Run>], current: u64) -> Option<(usize, usize)> {
+    let mut start = 0;
+    while start < runs.len() {
+        let granule = runs[start].granule();
+        let end = start
+            + runs[start..]
+                .iter()
+                .take_while(|r| r.granule() == granule)
+                .count();
+        if granule < current {
+            if end - start > 1 {
+                return Some((start, end));
+            }
+        } else {
+            let sizes: Vec<u64> = runs[start..end].iter().map(|r| r.entries).collect();
+            if let Some(from) = tail_to_merge(&sizes) {
+                return Some((start + from, end));
+            }
+        }
+        start = end;
+    }
+    None
+}
+
+/// Where the newest runs to merge start, given the current period's runs' sizes (oldest
+/// first): the longest run of newest runs, at least [`MERGE_AT`] of them, in which no
+/// run holds more entries than the others together; or all of them past [`MOST_RUNS`].
+///
+/// So a merge at least doubles the largest run it rewrites, and an entry is rewritten
+/// about log2(entries of the period / entries of a checkpoint) times. Merging all of the
+/// period's runs every [`MERGE_AT`] checkpoints instead rewrote everything written in
+/// the hour so far each time: at a few thousand verifications a second, more work per
+/// checkpoint as the hour went on than the checkpoint itself.
+fn tail_to_merge(sizes: &[u64]) -> Option<usize> {
+    let n = sizes.len();
+    if n >= MOST_RUNS {
+        return Some(0);
+    }
+    if n < MERGE_AT {
+        return None;
+    }
+    let balanced = |from: usize| {
+        let part = &sizes[from..];
+        let largest = part.iter().copied().max().unwrap_or(0);
+        let total: u64 = part.iter().sum();
+        largest <= total - largest
+    };
+    let mut from = n - MERGE_AT;
+    if !balanced(from) {
+        return None;
+    }
+    while from > 0 && balanced(from - 1) {
+        from -= 1;
+    }
+    Some(from)
 }
 
 /// Writes sorted, deduplicated entries as a run: chunks first, then the header that makes
@@ -578,19 +630,24 @@ mod tests {
         keys::indexed(keys::NUMBER, value, Stamp { ms: seq, seq })
     }
 
+    /// A checkpoint's `count` entries over `numbers` numbers (+4670 and four digits).
+    fn spread_entries(checkpoint: u64, count: u64, numbers: u64) -> Vec<Vec<u8>> {
+        (0..count)
+            .map(|i| {
+                entry(
+                    &format!("+4670{:04}", (i * 7 + checkpoint) % numbers),
+                    checkpoint * 1000 + i,
+                )
+            })
+            .collect()
+    }
+
     #[test]
     fn lookups_find_every_entry_across_runs_merges_and_restarts() {
         let (_dir, index) = index();
         let runs = Runs::default();
         for checkpoint in 0..20u64 {
-            let entries = (0..300u64)
-                .map(|i| {
-                    entry(
-                        &format!("+4670{:04}", (i * 7 + checkpoint) % 500),
-                        checkpoint * 1000 + i,
-                    )
-                })
-                .collect();
+            let entries = spread_entries(checkpoint, 300, 500);
             runs.add(&index, entries, checkpoint * 60_000).unwrap();
         }
         let expected = runs.lookup(&index, keys::NUMBER, "+46700042").unwrap();
@@ -644,5 +701,85 @@ mod tests {
         assert_eq!(left.len(), 50);
         assert_eq!(left.first().map(|s| s.ms), Some(h + 150));
         assert_eq!(Runs::load(&index).unwrap().len(), 1);
+    }
+
+    /// Entries rewritten by merges of the current period over checkpoints of these sizes,
+    /// and the most runs it held after a checkpoint's merges.
+    fn merged_over(checkpoints: &[u64]) -> (u64, usize) {
+        let (mut sizes, mut rewritten, mut most) = (Vec::new(), 0, 0);
+        for &size in checkpoints {
+            sizes.push(size);
+            while let Some(from) = tail_to_merge(&sizes) {
+                let merged: u64 = sizes.drain(from..).sum();
+                rewritten += merged;
+                sizes.push(merged);
+            }
+            most = most.max(sizes.len());
+        }
+        (rewritten, most)
+    }
+
+    #[test]
+    fn an_hour_of_checkpoints_rewrites_each_entry_a_few_times_not_once_per_merge() {
+        // An hour at about 1,000 verifications a second: 1,000 checkpoints of 7,400
+        // entries. Merging every run of the hour every eighth checkpoint rewrote
+        // 7,400 × (8 + 16 + … + 1,000) = 7,400 × 62,500 entries, 62 times what was written.
+        let checkpoints = vec![7_400u64; 1_000];
+        let written: u64 = checkpoints.iter().sum();
+        let (rewritten, most) = merged_over(&checkpoints);
+        assert!(
+            rewritten <= 10 * written,
+            "{rewritten} rewritten of {written}"
+        );
+        assert!(most < MOST_RUNS, "{most} runs");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn merges_stay_logarithmic_whatever_the_checkpoint_sizes(
+            checkpoints in proptest::collection::vec(1u64..20_000, 1..600),
+        ) {
+            let written: u64 = checkpoints.iter().sum();
+            let smallest = checkpoints.iter().copied().min().unwrap_or(1);
+            let (rewritten, most) = merged_over(&checkpoints);
+            // Each merge at least doubles the largest run it rewrites.
+            let bound = (written as f64) * ((written as f64 / smallest as f64).log2() + 1.0);
+            proptest::prop_assert!((rewritten as f64) <= bound, "{} > {}", rewritten, bound);
+            proptest::prop_assert!(most <= MOST_RUNS, "{} runs", most);
+        }
+    }
+
+    #[test]
+    fn the_current_hour_merges_its_newest_runs_and_lookups_still_find_everything() {
+        let (_dir, index) = index();
+        let runs = Runs::default();
+        let mut most = 0;
+        for checkpoint in 0..40u64 {
+            let entries = spread_entries(checkpoint, 50, 90);
+            runs.add(&index, entries, checkpoint * 1_000).unwrap();
+            runs.merge(&index, checkpoint * 1_000).unwrap();
+            most = most.max(runs.len());
+        }
+        assert!(runs.len() < MERGE_AT + 4, "{} runs", runs.len());
+        assert!(most < 2 * MERGE_AT, "{most} runs");
+        // 40 × 50 entries over 90 numbers: each number's every entry, from every run.
+        let found = runs.lookup(&index, keys::NUMBER, "+46700042").unwrap();
+        let mut found_ms: Vec<u64> = found.iter().map(|stamp| stamp.ms).collect();
+        found_ms.sort_unstable();
+        let expected: Vec<u64> = (0..40u64)
+            .flat_map(|c| {
+                (0..50u64)
+                    .filter(move |i| (i * 7 + c) % 90 == 42)
+                    .map(move |i| c * 1000 + i)
+            })
+            .collect();
+        assert_eq!(found_ms, expected);
+        assert_eq!(
+            Runs::load(&index)
+                .unwrap()
+                .lookup(&index, keys::NUMBER, "+46700042")
+                .unwrap(),
+            found
+        );
     }
 }
