@@ -414,7 +414,7 @@ fn group_to_merge(runs: &[Arc<Run>], current: u64) -> Option<(usize, usize)> {
 }
 
 /// Where the newest runs to merge start, given the current period's runs' sizes (oldest
-/// first): the longest run of newest runs, at least [`MERGE_AT`] of them, in which no
+/// first): the longest stretch of newest runs, at least [`MERGE_AT`] of them, in which no
 /// run holds more entries than the others together; or all of them past [`MOST_RUNS`].
 ///
 /// So a merge at least doubles the largest run it rewrites, and an entry is rewritten
