@@ -173,6 +173,11 @@ pub enum TrackedKey {
         /// when it was allowed.
         #[serde(default)]
         pool: Option<(String, String)>,
+        /// Its operator block (the rule's pool when narrower than a country: `spec`,
+        /// value): its baseline outcomes also count under the block, so that keys are
+        /// judged against their country without their block.
+        #[serde(default)]
+        block: Option<(String, String)>,
         /// Its country had a normal of its own, at a rate an honest country converts
         /// at, when it was allowed: its outcome also teaches every country's rate.
         #[serde(default)]
@@ -545,6 +550,7 @@ pub fn count_outcome(
                     baseline_ms,
                     steps,
                     pool,
+                    block,
                     settled,
                     established,
                 },
@@ -576,6 +582,12 @@ pub fn count_outcome(
                 if *baseline_ms > 0 {
                     for (key, value) in [("country", country.as_str()), ("global", "*")] {
                         add(baseline_counters(rule, key, value), *baseline_ms)?;
+                    }
+                    if let Some((block_spec, block_value)) = block {
+                        add(
+                            baseline_counters(rule, block_spec, block_value),
+                            *baseline_ms,
+                        )?;
                     }
                     if *settled {
                         add(baseline_counters(rule, "settled", "*"), *baseline_ms)?;

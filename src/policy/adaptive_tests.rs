@@ -21,6 +21,7 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         baseline_ms: 0,
         steps: None,
         pool: None,
+        block: None,
         settled: false,
         established: false,
     }

@@ -103,6 +103,10 @@ const YOUNG_OUTCOMES: f64 = 2000.0;
 const THIN_SAMPLES: f64 = 10.0;
 /// A rate's bound at one-sided 95 %: where a few outcomes must say something for sure.
 const CONFIDENT_Z: f64 = 1.645;
+/// The bound (one-sided 84 %) that judges a range of an operator block with its pool
+/// although it converted: one user's success among an attack's failures, where a range
+/// holds a handful of users. Keys pooled per country are whole blocks: `CONFIDENT_Z`.
+const BLOCK_Z: f64 = 1.0;
 const YOUNG_CAP: f64 = 0.25;
 
 /// The normal rate a key is judged against, and whether its country has a normal of its
@@ -122,7 +126,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes; with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %) under the threshold, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -224,6 +228,7 @@ impl Condition for Conversion {
             complete_after_ms,
             written,
             normals: Default::default(),
+            blocks: Default::default(),
         })))
     }
 }
@@ -301,6 +306,8 @@ struct ConversionLimit {
     /// Baseline outcomes (successes, attempts) of each country, of the settled countries
     /// and of every country, by country, read once a minute.
     normals: SlowReadings<[(f64, f64); 3]>,
+    /// Baseline outcomes of each operator block ([`Self::block_pool`]), read once a minute.
+    blocks: SlowReadings<(f64, f64)>,
 }
 
 impl ConversionLimit {
@@ -327,6 +334,18 @@ impl ConversionLimit {
                 settled: false,
             }));
         }
+        // The key's operator block, read apart: a block that is most of its country's
+        // traffic, or an attack in a busy block, must not set the bar of its own ranges.
+        let block = match self.block_pool() {
+            Some(pool) => {
+                let value = pool.value(f);
+                Some(self.blocks.get(&value, now_ms, counters, || {
+                    let pair = baseline_counters(rule, &pool.text, &value);
+                    pair_totals(counters, &pair, *baseline_ms, now_ms)
+                })?)
+            }
+            None => None,
+        };
         let scopes = self.normals.get(f.country, now_ms, counters, || {
             let mut totals = [(0.0, 0.0); 3];
             let scopes = [("country", f.country), ("settled", "*"), ("global", "*")];
@@ -339,6 +358,19 @@ impl ConversionLimit {
         let [(country_ok, country_all), (settled_ok, settled_all), (global_ok, global_all)] =
             scopes;
         let young = global_all < YOUNG_OUTCOMES;
+        if let Some((block_ok, block_all)) = block {
+            let (others_ok, others_all) = (
+                (country_ok - block_ok).max(0.0),
+                (country_all - block_all).max(0.0),
+            );
+            if others_all >= BASELINE_SAMPLES {
+                let rate = (others_ok / others_all).min(1.0);
+                return Ok(Some(NormalRate {
+                    rate: self.judged(rate, young),
+                    settled: rate >= FLOOR,
+                }));
+            }
+        }
         // A key is judged against its country without itself: the key's own outcomes
         // (those of its window, inside the baseline) are left out, or an attack that is
         // most of a country's traffic (one operator block of a country with few users)
@@ -378,6 +410,18 @@ impl ConversionLimit {
             rate: self.judged(normal, young),
             settled: false,
         }))
+    }
+
+    /// The rule's pool when it is an operator block (narrower than a country): its keys
+    /// are ranges of one block, judged against their country without that block.
+    fn block_pool(&self) -> Option<&CounterSpec> {
+        let Test::Sequential {
+            pool: Some(pool), ..
+        } = &self.test
+        else {
+            return None;
+        };
+        matches!(pool.key, KeyDef::Prefix(_) | KeyDef::Range(_)).then_some(pool)
     }
 
     /// The learned normal as a key is judged against it: never so low that the rule
@@ -428,15 +472,22 @@ impl ConversionLimit {
     ) -> TrackedKey {
         let mut baseline_ms = 0;
         let mut pool = None;
+        let mut block = None;
         let mut established = false;
         if let Test::Sequential {
             baseline_ms: learn_ms,
             pool: pool_spec,
             established: counted,
+            normal: fixed,
             ..
         } = &self.test
         {
             established = counted.is_some();
+            if fixed.is_none() {
+                block = self
+                    .block_pool()
+                    .map(|p| (p.text.clone(), p.value(f)));
+            }
             // A key already under suspicion (more than a failure's worth of evidence)
             // would teach the normal rate what the attack looks like.
             if level < std::f64::consts::LN_2 {
@@ -455,6 +506,7 @@ impl ConversionLimit {
             baseline_ms,
             steps: normal.and_then(|n| self.steps(n.rate)),
             pool,
+            block,
             settled: normal.is_some_and(|n| n.settled),
             established,
         }
@@ -518,6 +570,14 @@ impl ConversionLimit {
             return Ok(false);
         };
         let low = self.threshold.rate(normal);
+        // The level lasts while failures come within a window of each other, so a sparse
+        // key (a range of a busy block, with a failure now and then) can carry evidence
+        // from long before its window: only what the window's own failures could have
+        // built counts toward a trip.
+        let key = match self.steps(normal) {
+            Some((_, on_failure)) => key.min((all - ok).max(0.0) * on_failure),
+            None => key,
+        };
         let mut limit = *threshold;
         // Whether `limit` is the pool's bar.
         let mut at_pool_bar = false;
@@ -526,8 +586,13 @@ impl ConversionLimit {
         // A key is judged with its pool when it is one of the keys failing together: it
         // never converted in the window, or its window's rate is surely under the rule's
         // (one real user's success among an attack's failures must not spare a range
-        // the attack goes on in). A sparse key that converted a few times is not.
-        let pooled_key = ok == 0.0 || wilson_upper(ok, all, CONFIDENT_Z) < low;
+        // the attack goes on in: `BLOCK_Z`). A sparse key that converted a few times is
+        // not.
+        let sure = match self.block_pool() {
+            Some(_) => BLOCK_Z,
+            None => CONFIDENT_Z,
+        };
+        let pooled_key = ok == 0.0 || wilson_upper(ok, all, sure) < low;
         if let Some(pool) = pool.as_ref().filter(|_| pooled_key) {
             let pool_value = pool.value(cx.facts);
             let level = pool_level(cx.rule, &pool.text, &pool_value);
