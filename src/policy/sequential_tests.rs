@@ -472,7 +472,7 @@ fn policy_check_shows_every_new_knob() {
     for knob in [
         "below 0.5 x the normal rate",
         "false alarm 0.00001",
-        "the country's rate over 2d",
+        "the country's rate over 2d without the key's prefix:5",
         "pooled per prefix:5 at false alarm 0.2 for 3h",
         "complete after 3m",
         "established after 40 clean successes",

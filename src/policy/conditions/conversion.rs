@@ -207,7 +207,13 @@ impl Condition for Conversion {
                     "sequential, false alarm {}, normal {}{}{}",
                     f.false_alarm.unwrap_or_default(),
                     normal.map_or_else(
-                        || format!("the country's rate over {}", f.baseline),
+                        || {
+                            let block = pool
+                                .as_ref()
+                                .filter(|p| is_operator_block(p))
+                                .map_or_else(String::new, |p| format!(" without the key's {}", p.text));
+                            format!("the country's rate over {}{block}", f.baseline)
+                        },
                         |n| n.to_string()
                     ),
                     pool.as_ref().map_or_else(String::new, |p| format!(
@@ -249,6 +255,12 @@ enum Threshold {
     Below(f64),
     /// Below this share of the number's country rate.
     BelowBaseline(f64),
+}
+
+/// Whether a pool is an operator block (narrower than a country): its keys are ranges of
+/// one block.
+fn is_operator_block(pool: &CounterSpec) -> bool {
+    matches!(pool.key, KeyDef::Prefix(_) | KeyDef::Range(_))
 }
 
 /// A pool's key: wider than the rule's own (fewer digits of the number, or the country).
@@ -421,7 +433,7 @@ impl ConversionLimit {
         else {
             return None;
         };
-        matches!(pool.key, KeyDef::Prefix(_) | KeyDef::Range(_)).then_some(pool)
+        is_operator_block(pool).then_some(pool)
     }
 
     /// The learned normal as a key is judged against it: never so low that the rule
