@@ -250,7 +250,7 @@ fn an_operator_block_failing_most_of_its_country_does_not_lower_its_ranges_bar()
         "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
          conversion = { per = \"range:4\", window = \"4h\", below_baseline = 0.5, false_alarm = 1e-5, pool = \"prefix:5\", complete_after = \"3m\" }\n",
     );
-    // Twenty hours of a country's traffic: one block (+44792) converts 9 times in 10,
+    // Twenty hours of a country's traffic: one block (+44792) converts 87 % of the time,
     // another (+44791) takes a quarter of the country's attempts and none converts, each
     // on a range of its own so that every outcome teaches the country's rate.
     let mut at = START;
@@ -265,7 +265,7 @@ fn an_operator_block_failing_most_of_its_country_does_not_lower_its_ranges_bar()
         at += 30_000;
     }
     // A range of the failing block is judged against the country without that block
-    // (about 90 %), not against a rate the block itself dragged down to about 67 %.
+    // (87 %), not against a rate the block itself dragged down to 65 %.
     let d = verify(&p, "probe", "+447919990001", at, false);
     let reading = &d.explanation.counters[0];
     let normal: u32 = reading
