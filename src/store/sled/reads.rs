@@ -46,7 +46,9 @@ impl Shared {
         if let Some(after) = after_cursor(after)? {
             start = start.max(after.successor());
         }
-        Ok((start, Stamp::floor(until)))
+        // A cursor or the retention cutoff past `until` leaves nothing: an empty range,
+        // never one that ends before it starts.
+        Ok((start, Stamp::floor(until).max(start)))
     }
 
     pub fn verification(&self, id: &str) -> Result<Option<VerificationRecord>, StoreError> {
