@@ -370,30 +370,23 @@ impl ConversionLimit {
         let [(country_ok, country_all), (settled_ok, settled_all), (global_ok, global_all)] =
             scopes;
         let young = global_all < YOUNG_OUTCOMES;
-        if let Some((block_ok, block_all)) = block {
-            let (others_ok, others_all) = (
-                (country_ok - block_ok).max(0.0),
-                (country_all - block_all).max(0.0),
-            );
-            if others_all >= BASELINE_SAMPLES {
-                let rate = (others_ok / others_all).min(1.0);
-                return Ok(Some(NormalRate {
-                    rate: self.judged(rate, young),
-                    settled: rate >= FLOOR,
-                }));
-            }
-        }
         // A key is judged against its country without itself: the key's own outcomes
         // (those of its window, inside the baseline) are left out, or an attack that is
         // most of a country's traffic (one operator block of a country with few users)
         // would set its own bar, however well it converts (`mimicry` at 30 %, three
-        // times as fast: 0-16 % of its cost blocked while it was counted in).
-        let (others_ok, others_all) = (
-            (country_ok - own.0).max(0.0),
-            (country_all - own.1).max(0.0),
-        );
-        if others_all >= BASELINE_SAMPLES {
-            let rate = (others_ok / others_all).min(1.0);
+        // times as fast: 0-16 % of its cost blocked while it was counted in). Without
+        // its whole block first, when the rest of the country has enough.
+        let without = |(ok, all): (f64, f64)| {
+            ((country_ok - ok).max(0.0), (country_all - all).max(0.0))
+        };
+        let (others_ok, others_all) = without(own);
+        let enough = |&(_, all): &(f64, f64)| all >= BASELINE_SAMPLES;
+        if let Some((ok, all)) = block
+            .map(without)
+            .filter(enough)
+            .or(Some((others_ok, others_all)).filter(enough))
+        {
+            let rate = (ok / all).min(1.0);
             return Ok(Some(NormalRate {
                 rate: self.judged(rate, young),
                 settled: rate >= FLOOR,
