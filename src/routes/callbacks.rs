@@ -31,7 +31,7 @@ use crate::{
     events::{
         CallbackResponse, VerificationEvent, VerificationRequestEvent, VerificationResultEvent,
     },
-    metrics::Metrics,
+    metrics::{Metrics, RequestStage},
     policy::{history_of, off_async_workers, BookTaking, NumberHistory, Outcome, Policy},
     signature::{Freshness, Keyring, SignedRequest},
     store::{
@@ -186,6 +186,7 @@ async fn answer_request<'a>(
     // decides (and counts) each event once. The number's history, when the policy reads
     // it, comes with the admission.
     let now = state.clock.now();
+    let admitting = Instant::now();
     let (admitted, history) = match history_ask(state, request, now) {
         Some(ask) => {
             let (admitted, records) = store.admit_with_history(incoming, ask).await;
@@ -193,17 +194,21 @@ async fn answer_request<'a>(
         }
         None => (store.admit(incoming).await, NumberHistory::New),
     };
+    let stage = |name, since: Instant| state.metrics.observe_request_stage(name, since.elapsed());
+    stage(RequestStage::Admit, admitting);
     let claim = match admitted {
         Ok(Admission::First(claim)) => claim,
         Ok(Admission::Duplicate(first)) => return duplicate(first.answer),
         Err(err) => return not_recorded(state, event, &err),
     };
+    let deciding = Instant::now();
     let Decided {
         decision,
         on_error,
         settling,
         booked,
     } = decide(state, request, history).await;
+    stage(RequestStage::Decide, deciding);
     let answer = CallbackResponse {
         action: decision.action,
         fields: decision.response.clone(),
@@ -216,6 +221,7 @@ async fn answer_request<'a>(
         state.clock.now(),
         answer.clone(),
     );
+    let recording = Instant::now();
     let recorded = store.record(
         claim,
         IncomingEvent {
@@ -230,6 +236,7 @@ async fn answer_request<'a>(
         Some(settling) => futures_util::future::join(recorded, settling).await,
         None => (recorded.await, Ok(())),
     };
+    stage(RequestStage::Record, recording);
     if let Err(err) = settled {
         // The decision stands (it is recorded as answered); what the policy failed to
         // write after it only costs its counts the undo of a few planned steps or the

@@ -192,6 +192,45 @@ async fn metrics_are_openmetrics_and_every_name_the_dashboard_and_alerts_use_exi
     }
 }
 
+#[tokio::test]
+async fn a_request_events_answer_is_timed_by_stage_and_a_repeat_is_only_admitted() {
+    let app = spawn_app().await;
+    let count =
+        |stage: &str| format!("verigate_request_event_stage_seconds_count{{stage=\"{stage}\"}}");
+    // Every stage is served from the start, so that a dashboard draws each one.
+    let served = app.get("/metrics", None).await.text;
+    for stage in ["admit", "decide", "record"] {
+        assert!(
+            served.contains(&format!("{} 0\n", count(stage))),
+            "{stage}: {served}"
+        );
+    }
+    let request = request_event("stages-1", "sms", "+46700000011");
+    assert_eq!(app.post_callback(&request).await.status, 200);
+    // A result event is no request: it adds to no stage.
+    assert_eq!(
+        app.post_callback(&result_event("stages-1", "SUCCESSFUL"))
+            .await
+            .status,
+        200
+    );
+    for stage in ["admit", "decide", "record"] {
+        assert_eq!(app.metric(&count(stage)).await, 1.0, "{stage}");
+    }
+    // Sinch delivering the request again: found among the stored events and answered as
+    // the first delivery was, without deciding or writing it again.
+    let again = app.post_callback(&request).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(app.metric(&count("admit")).await, 2.0);
+    assert_eq!(app.metric(&count("decide")).await, 1.0);
+    assert_eq!(app.metric(&count("record")).await, 1.0);
+    // The time is in seconds, and a whole answer took more than nothing.
+    let sum =
+        |stage: &str| format!("verigate_request_event_stage_seconds_sum{{stage=\"{stage}\"}}");
+    let record = app.metric(&sum("record")).await;
+    assert!(record > 0.0 && record < 5.0, "{record}");
+}
+
 #[test]
 fn promtool_accepts_the_alert_rules() {
     let Some(promtool) = required("promtool") else {
