@@ -80,15 +80,16 @@ pub mod outcome {
 
 /// A stage of answering a request event, as `verigate_request_event_stage_seconds` labels
 /// it: where the answer spends its time, so that a slow answer shows what to look at.
+/// Each value is the index of its histogram (and its place in `ALL`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestStage {
     /// The check for a delivery already stored or in flight; with replicas, the claim on
     /// the event in the database.
-    Admit,
+    Admit = 0,
     /// The policy's decision; with replicas, its counters' round trips.
-    Decide,
+    Decide = 1,
     /// The durable write of the event and its decision, with what the policy writes for it.
-    Record,
+    Record = 2,
 }
 
 impl RequestStage {
