@@ -6,7 +6,9 @@
 //! that answers the same POST with 200 and does nothing else. The same keep-alive client
 //! sends both the same freshly signed, unique callbacks: request events for every method,
 //! SMS-delivered events and result events. It prints requests/s, latency percentiles, the
-//! ratio verigate / bare, verigate's peak RSS and its store size per million events.
+//! ratio verigate / bare, verigate's peak RSS and its store size per million events, and
+//! where request events spent their time (the mean of each stage of
+//! `verigate_request_event_stage_seconds`: admit, decide, record).
 //!
 //! Knobs (environment): LOAD_CALLBACKS (default 60000), LOAD_CONCURRENCY (comma-separated
 //! list, default "32,64"), LOAD_SERVER_WORKERS (default 0: each server's own default),
@@ -115,6 +117,7 @@ fn main() {
         let sled_cpu = cpu_seconds(verigate.child.id(), false);
         let peak_rss = verigate.peak_rss_kib();
         let commits = verigate.commit_figures();
+        let stages = stage_figures(std::slice::from_ref(&verigate));
         drop(verigate);
         let store_bytes = verigate::store::sled::dir_size(dir.path());
         if let Ok(keep) = std::env::var("LOAD_KEEP_STORE") {
@@ -145,6 +148,7 @@ fn main() {
             while_running
         );
         println!("  {commits}");
+        println!("  {stages}");
         println!(
             "  per callback: verigate {:.0} us CPU",
             sled_cpu * 1e6 / requests.len() as f64
@@ -171,6 +175,7 @@ fn main() {
             println!(
                 "  on_error answers {on_error:.0} ({late:.0} of them for the decision deadline)"
             );
+            println!("  {}", stage_figures(&replicas));
             let ours_cpu: f64 = replicas
                 .iter()
                 .map(|r| cpu_seconds(r.child.id(), false))
@@ -194,6 +199,22 @@ fn main() {
             );
         }
     }
+}
+
+/// Where request events spent their time, over `servers` (the mean per stage, from
+/// `verigate_request_event_stage_seconds`).
+fn stage_figures(servers: &[Server]) -> String {
+    let means: Vec<String> = ["admit", "decide", "record"]
+        .iter()
+        .map(|stage| {
+            let (sum, count) = servers
+                .iter()
+                .map(|s| s.stage_seconds(stage))
+                .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d));
+            format!("{stage} {:.2}", sum * 1e3 / count.max(1.0))
+        })
+        .collect();
+    format!("request events by stage, mean ms: {}", means.join(", "))
 }
 
 /// The test PostgreSQL server's URL (its `postgres` database), started if need be.
@@ -485,6 +506,19 @@ impl Server {
             sum(&|l| l.starts_with("verigate_decisions_total") && l.contains("rule=\"on_error\"")),
             sum(&|l| l.starts_with("verigate_decision_deadline_exceeded_total")),
         )
+    }
+
+    /// The sum and count of a request-event stage's histogram, from /metrics.
+    fn stage_seconds(&self, stage: &str) -> (f64, f64) {
+        let text = self.scrape();
+        let sample = |what: &str| {
+            let name = format!("verigate_request_event_stage_seconds_{what}{{stage=\"{stage}\"}}");
+            text.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (sample("sum"), sample("count"))
     }
 
     /// Group commits: how many, events per commit and sync time, from /metrics.
