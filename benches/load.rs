@@ -204,17 +204,32 @@ fn main() {
 /// Where request events spent their time, over `servers` (the mean per stage, from
 /// `verigate_request_event_stage_seconds`).
 fn stage_figures(servers: &[Server]) -> String {
+    let scraped: Vec<String> = servers.iter().map(Server::scrape).collect();
     let means: Vec<String> = ["admit", "decide", "record"]
         .iter()
         .map(|stage| {
-            let (sum, count) = servers
-                .iter()
-                .map(|s| s.stage_seconds(stage))
-                .fold((0.0, 0.0), |(a, b), (c, d)| (a + c, b + d));
-            format!("{stage} {:.2}", sum * 1e3 / count.max(1.0))
+            let total = |what: &str| -> f64 {
+                let name =
+                    format!("verigate_request_event_stage_seconds_{what}{{stage=\"{stage}\"}}");
+                scraped.iter().map(|text| metric_sample(text, &name)).sum()
+            };
+            format!(
+                "{stage} {:.2}",
+                total("sum") * 1e3 / total("count").max(1.0)
+            )
         })
         .collect();
     format!("request events by stage, mean ms: {}", means.join(", "))
+}
+
+/// The value of the first sample in /metrics `text` whose line starts with `name`
+/// (name and labels), or 0.
+fn metric_sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
 }
 
 /// The test PostgreSQL server's URL (its `postgres` database), started if need be.
@@ -508,32 +523,13 @@ impl Server {
         )
     }
 
-    /// The sum and count of a request-event stage's histogram, from /metrics.
-    fn stage_seconds(&self, stage: &str) -> (f64, f64) {
-        let text = self.scrape();
-        let sample = |what: &str| {
-            let name = format!("verigate_request_event_stage_seconds_{what}{{stage=\"{stage}\"}}");
-            text.lines()
-                .find_map(|l| l.strip_prefix(name.as_str()))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (sample("sum"), sample("count"))
-    }
-
     /// Group commits: how many, events per commit and sync time, from /metrics.
     fn commit_figures(&self) -> String {
         let text = self.scrape();
         if text.is_empty() {
             return "commit figures unavailable".into();
         }
-        let sample = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let sample = |name: &str| metric_sample(&text, name);
         let commits = sample("verigate_store_commit_events_count");
         let events = sample("verigate_store_commit_events_sum");
         let sync_s = sample("verigate_store_flush_seconds_sum");
