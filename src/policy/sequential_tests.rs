@@ -183,12 +183,12 @@ fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
 
 #[test]
 fn a_key_whose_one_success_is_drowned_in_failures_is_judged_with_its_pool() {
-    // A range where one real user converted, then an attack fails on and on: once its
-    // window's rate is surely under the rule's, the pooled bar applies; alone, the
-    // evidence would need 18 failures. "Surely" is one-sided 84 % for a range of an
-    // operator block (1 of 8), where one success is one of a handful of users, and 95 %
-    // for keys pooled per country (1 of 13).
-    for (pool, expected) in [("prefix:5", 7), ("country", 12)] {
+    // A range where one real user converted, then an attack fails on and on: alone, the
+    // evidence would need 18 failures. Pooled per country, the pool's bar applies once
+    // the window's rate is surely (one-sided 95 %) under the rule's: 1 of 13. In an
+    // operator block's pool, once the failures since the success have built the pool's
+    // bar (two) and the window's rate is under the rule's (1 of 4).
+    for (pool, expected) in [("prefix:5", 3), ("country", 12)] {
         let p = policy(&format!(
             "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
              conversion = {{ per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-12, pool = \"{pool}\", pooled_false_alarm = 0.2, complete_after = \"3m\" }}\n"

@@ -126,7 +126,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold (or, when the pool is an operator block, whose evidence alone has reached that bar), needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -592,12 +592,16 @@ impl ConversionLimit {
         // never converted in the window, or its window's rate is surely under the rule's
         // (one real user's success among an attack's failures must not spare a range
         // the attack goes on in: `BLOCK_Z`). A sparse key that converted a few times is
-        // not.
-        let sure = match self.block_pool() {
-            Some(_) => BLOCK_Z,
-            None => CONFIDENT_Z,
+        // not. In an operator block's pool, a key whose evidence has reached the pool's
+        // bar is one of them too: a range where a real user converted hours before an
+        // attack reached it would otherwise wait for the failures that make one success
+        // surely rare (six or more, at five an hour). Its window's rate must still be
+        // under the rule's, as for every trip.
+        let (sure, failing_since_success) = match self.block_pool() {
+            Some(_) => (BLOCK_Z, key >= *pooled_threshold),
+            None => (CONFIDENT_Z, false),
         };
-        let pooled_key = ok == 0.0 || wilson_upper(ok, all, sure) < low;
+        let pooled_key = ok == 0.0 || failing_since_success || wilson_upper(ok, all, sure) < low;
         if let Some(pool) = pool.as_ref().filter(|_| pooled_key) {
             let pool_value = pool.value(cx.facts);
             let level = pool_level(cx.rule, &pool.text, &pool_value);
