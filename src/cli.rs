@@ -141,6 +141,10 @@ pub struct SimulateArgs {
     /// comma-separated: one run each. 0 is a new deployment's first day.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub warmup_days: Vec<u32>,
+    /// Days the attacks run, at the same hours each day: the scored day and the warm-up
+    /// days just before it (at most one more than the warm-up). 1: the scored day alone.
+    #[arg(long, default_value_t = 1)]
+    pub attack_days: u32,
     /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
     /// spread, mimicry, dominant, hidden, low-and-slow), or none; default: all.
     #[arg(long, value_delimiter = ',')]
@@ -428,6 +432,7 @@ async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<Exi
         Some(_) => vec![0],
         None => args.warmup_days.clone(),
     };
+    check_attack_days(args.attack_days, &warmups, stored.is_some())?;
     for &warmup_days in &warmups {
         for &seed in &args.seeds {
             let knobs = Knobs {
@@ -435,12 +440,20 @@ async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<Exi
                 legit_per_minute: args.legit_per_minute,
                 legit_conversion: args.legit_conversion,
                 warmup_days,
+                attack_days: args.attack_days,
                 attacks: attacks.clone(),
                 attack_scale: args.attack_scale,
                 spike: !args.no_spike,
             };
             let card = scorecard(&policy, &knobs, stored.as_deref())?;
-            cards.push((SimulatedRun { seed, warmup_days }, card));
+            cards.push((
+                SimulatedRun {
+                    seed,
+                    warmup_days,
+                    attack_days: args.attack_days,
+                },
+                card,
+            ));
         }
     }
     print_scorecards(&policy, &cards, args.json, stored.is_some())?;
@@ -450,6 +463,24 @@ async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<Exi
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `--attack-days` fits every run: at least the scored day, at most it and every warm-up
+/// day; with the store's own traffic the attacks run on its last day only.
+fn check_attack_days(days: u32, warmups: &[u32], stored: bool) -> anyhow::Result<()> {
+    if days == 0 {
+        anyhow::bail!("--attack-days: at least 1 (the scored day)");
+    }
+    if stored && days > 1 {
+        anyhow::bail!("--attack-days: with --replay-store the attacks run on the last day only");
+    }
+    if let Some(short) = warmups.iter().find(|w| days > **w + 1) {
+        anyhow::bail!(
+            "--attack-days {days}: a run with --warmup-days {short} has {} day(s) to attack",
+            short + 1
+        );
+    }
+    Ok(())
 }
 
 /// The attack kinds `--attacks` names: all by default, none for `none`.
@@ -507,6 +538,7 @@ fn scorecard(
 struct SimulatedRun {
     seed: u64,
     warmup_days: u32,
+    attack_days: u32,
 }
 
 fn print_scorecards(
@@ -523,6 +555,7 @@ fn print_scorecards(
                 serde_json::json!({
                     "seed": run.seed,
                     "warmup_days": warmup,
+                    "attack_days": run.attack_days,
                     "scorecard": card,
                     "missed_targets": card.misses(),
                 })
@@ -535,6 +568,12 @@ fn print_scorecards(
         let seed = run.seed;
         match stored {
             true => println!("{}, seed {seed}:", policy.display()),
+            false if run.attack_days > 1 => println!(
+                "{}, seed {seed}, warm-up {} day(s), attacked {} days running:",
+                policy.display(),
+                run.warmup_days,
+                run.attack_days
+            ),
             false => println!(
                 "{}, seed {seed}, warm-up {} day(s):",
                 policy.display(),

@@ -36,6 +36,39 @@ fn every_attack_kind_runs_on_the_attacked_day_only() {
 }
 
 #[test]
+fn attacks_over_several_days_run_at_the_same_hours_each_day_and_never_before() {
+    let knobs = Knobs {
+        warmup_days: 2,
+        attack_days: 2,
+        attacks: vec![AttackKind::Burst, AttackKind::BusyPrefix],
+        ..Knobs::default()
+    };
+    let traffic = synthetic(&knobs, SYNTHETIC_START_MS);
+    for kind in [AttackKind::Burst, AttackKind::BusyPrefix] {
+        let (from, to) = kind.minutes();
+        let by_day: Vec<usize> = (0..3)
+            .map(|day| {
+                let start = SYNTHETIC_START_MS + day * DAY_MS;
+                traffic
+                    .iter()
+                    .filter(|v| v.truth == Truth::Attack(kind))
+                    .filter(|v| (start..start + DAY_MS).contains(&v.at_ms))
+                    .inspect(|v| {
+                        let at = start + from * 60_000..start + to * 60_000;
+                        assert!(at.contains(&v.at_ms), "{kind} outside its hours");
+                    })
+                    .count()
+            })
+            .collect();
+        // The first warm-up day is clean; the second and the scored day are attacked alike.
+        assert_eq!(by_day[0], 0, "{kind}: {by_day:?}");
+        assert!(by_day[1] > 50 && by_day[2] > 50, "{kind}: {by_day:?}");
+        let (fewer, more) = (by_day[1].min(by_day[2]), by_day[1].max(by_day[2]));
+        assert!(more < fewer * 2, "{kind}: {by_day:?}");
+    }
+}
+
+#[test]
 fn the_low_conversion_country_converts_about_a_third() {
     let traffic = synthetic(&Knobs::default(), SYNTHETIC_START_MS);
     let kenya: Vec<&SimVerification> = traffic

@@ -238,6 +238,10 @@ pub struct Knobs {
     /// Days of legitimate traffic before the attacked day, for the policy to learn what
     /// is normal (not scored).
     pub warmup_days: u32,
+    /// Days the attacks run, at the same hours each day: the scored day and the warm-up
+    /// days just before it (1: the scored day alone). An attack that comes back day
+    /// after day meets what it taught the policy the day before.
+    pub attack_days: u32,
     pub attacks: Vec<AttackKind>,
     /// Multiplies every attack's rate.
     pub attack_scale: f64,
@@ -252,6 +256,7 @@ impl Default for Knobs {
             legit_per_minute: 24.0,
             legit_conversion: 1.0,
             warmup_days: 1,
+            attack_days: 1,
             attacks: AttackKind::ALL.to_vec(),
             attack_scale: 1.0,
             spike: true,
@@ -413,10 +418,11 @@ fn owned((status, reason, after): (&str, Option<&str>, i64)) -> (String, Option<
 }
 
 /// The warm-up days and the attacked day that starts `warmup_days` after `start_ms`, in
-/// time order.
+/// time order; the attacks also run on the last `attack_days - 1` warm-up days.
 pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
     let mut g = Generator::new(knobs, start_ms);
     let attacked_day = i64::from(knobs.warmup_days) * DAY_MINUTES;
+    let attacks_from = attacked_day - i64::from(knobs.attack_days.saturating_sub(1)) * DAY_MINUTES;
     let mut out = Vec::new();
     for minute in 0..attacked_day + DAY_MINUTES {
         for _ in 0..g.rng.count(legit_rate(knobs.legit_per_minute, minute)) {
@@ -433,6 +439,9 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
         }
         let of_day = minute - attacked_day;
         if of_day < 0 {
+            if minute >= attacks_from {
+                g.attacks(knobs, minute.rem_euclid(DAY_MINUTES), minute, &mut out);
+            }
             continue;
         }
         if knobs.spike && (SPIKE.0..SPIKE.1).contains(&of_day) {

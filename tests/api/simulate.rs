@@ -122,6 +122,64 @@ fn a_policy_that_blocks_nothing_misses_its_targets_and_check_says_so() {
     );
 }
 
+#[test]
+fn attacks_run_for_as_many_days_as_asked_and_no_more_than_the_run_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let deny_burst = dir.path().join("deny.toml");
+    // A rule that learns nothing: the scored day's burst is denied whole either way.
+    std::fs::write(
+        &deny_burst,
+        "default = \"allow\"\n[[rule]]\nname = \"burst-range\"\naction = \"deny\"\nprefix = [\"+23769912\"]\n",
+    )
+    .unwrap();
+    let path = deny_burst.to_str().unwrap();
+    let run = |days: &str| {
+        let args = [
+            "simulate",
+            path,
+            "--attacks",
+            "burst",
+            "--warmup-days",
+            "1",
+            "--attack-days",
+            days,
+            "--json",
+        ];
+        let (ok, out) = cli(&args, &[]);
+        assert!(ok, "{out}");
+        let runs: Value = serde_json::from_str(&out).unwrap();
+        runs[0].clone()
+    };
+    let (one, two) = (run("1"), run("2"));
+    assert_eq!(
+        (one["attack_days"].as_u64(), two["attack_days"].as_u64()),
+        (Some(1), Some(2))
+    );
+    for run in [&one, &two] {
+        let burst = &run["scorecard"]["by_attack"]["burst"];
+        assert!(burst["attempts"].as_u64() > Some(100), "{burst}");
+        assert_eq!(burst["denied"], burst["attempts"]);
+    }
+
+    let (ok, out) = cli(
+        &[
+            "simulate",
+            path,
+            "--warmup-days",
+            "1,0",
+            "--attack-days",
+            "2",
+        ],
+        &[],
+    );
+    assert!(
+        !ok && out.contains("--attack-days 2: a run with --warmup-days 0 has 1 day(s) to attack"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["simulate", path, "--attack-days", "0"], &[]);
+    assert!(!ok && out.contains("--attack-days: at least 1"), "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stores_own_traffic_is_replayed_with_attacks_mixed_in() {
     let app = spawn_app().await;
