@@ -14,15 +14,16 @@ fn sample() -> String {
 /// `verigate simulate` of the sample policy with these seeds and warm-ups: its runs.
 fn simulate_sample(seeds: &str, warmup_days: &str) -> Vec<Value> {
     let policy = sample();
-    let args = [
-        "simulate",
-        &policy,
-        "--seeds",
-        seeds,
-        "--warmup-days",
-        warmup_days,
-        "--json",
-    ];
+    simulate_json(&policy, &["--seeds", seeds, "--warmup-days", warmup_days])
+}
+
+/// `verigate simulate POLICY ARGS --json`, which must succeed: its runs.
+fn simulate_json(policy: &str, args: &[&str]) -> Vec<Value> {
+    let args: Vec<&str> = ["simulate", policy]
+        .into_iter()
+        .chain(args.iter().copied())
+        .chain(["--json"])
+        .collect();
     let (ok, out) = cli(&args, &[]);
     assert!(ok, "{out}");
     let runs: Value = serde_json::from_str(&out).unwrap();
@@ -135,20 +136,14 @@ fn attacks_run_for_as_many_days_as_asked_and_no_more_than_the_run_has() {
     let path = deny_burst.to_str().unwrap();
     let run = |days: &str| {
         let args = [
-            "simulate",
-            path,
             "--attacks",
             "burst",
             "--warmup-days",
             "1",
             "--attack-days",
             days,
-            "--json",
         ];
-        let (ok, out) = cli(&args, &[]);
-        assert!(ok, "{out}");
-        let runs: Value = serde_json::from_str(&out).unwrap();
-        runs[0].clone()
+        simulate_json(path, &args)[0].clone()
     };
     let (one, two) = (run("1"), run("2"));
     assert_eq!(
