@@ -568,17 +568,17 @@ fn print_scorecards(
         let seed = run.seed;
         match stored {
             true => println!("{}, seed {seed}:", policy.display()),
-            false if run.attack_days > 1 => println!(
-                "{}, seed {seed}, warm-up {} day(s), attacked {} days running:",
-                policy.display(),
-                run.warmup_days,
-                run.attack_days
-            ),
-            false => println!(
-                "{}, seed {seed}, warm-up {} day(s):",
-                policy.display(),
-                run.warmup_days
-            ),
+            false => {
+                let attacked = match run.attack_days {
+                    1 => String::new(),
+                    days => format!(", attacked {days} days running"),
+                };
+                println!(
+                    "{}, seed {seed}, warm-up {} day(s){attacked}:",
+                    policy.display(),
+                    run.warmup_days
+                );
+            }
         }
         print!("{card}");
         for miss in card.misses() {

@@ -438,12 +438,6 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
             out.push(g.legit(minute, c, false, knobs.legit_conversion));
         }
         let of_day = minute - attacked_day;
-        if of_day < 0 {
-            if minute >= attacks_from {
-                g.attacks(knobs, minute.rem_euclid(DAY_MINUTES), minute, &mut out);
-            }
-            continue;
-        }
         if knobs.spike && (SPIKE.0..SPIKE.1).contains(&of_day) {
             if let Some(france) = COUNTRIES.iter().position(|c| c.block == SPIKE.2) {
                 let share = COUNTRIES[france].share;
@@ -453,7 +447,9 @@ pub fn synthetic(knobs: &Knobs, start_ms: i64) -> Vec<SimVerification> {
                 }
             }
         }
-        g.attacks(knobs, of_day, minute, &mut out);
+        if minute >= attacks_from {
+            g.attacks(knobs, minute.rem_euclid(DAY_MINUTES), minute, &mut out);
+        }
     }
     out.sort_by_key(|v| v.at_ms);
     out
