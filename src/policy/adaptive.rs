@@ -186,6 +186,14 @@ pub enum TrackedKey {
         /// key's own ([`own_clean_successes`]).
         #[serde(default)]
         established: bool,
+        /// Its number was returning (it converted before): its success counts as the
+        /// key's own clean success (over this long, the rule's baseline) even when the
+        /// key was under suspicion. A block that an attack keeps under suspicion for
+        /// longer than the baseline would otherwise lose what established it, although
+        /// the people who return to it go on converting. Zero: it was new, or the rule
+        /// tells no established keys apart.
+        #[serde(default)]
+        returning_ms: i64,
     },
     SinchFraud {
         count: CounterKey,
@@ -553,6 +561,7 @@ pub fn count_outcome(
                     block,
                     settled,
                     established,
+                    returning_ms,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
@@ -592,11 +601,16 @@ pub fn count_outcome(
                     if *settled {
                         add(baseline_counters(rule, "settled", "*"), *baseline_ms)?;
                     }
-                    if *established && success > 0.0 {
-                        let (baseline, recent) = own_clean_successes(rule, spec, value);
-                        counters.add(&baseline, *baseline_ms, now_ms, success)?;
-                        counters.add(&recent, *window_ms, now_ms, success)?;
-                    }
+                }
+                let own_ms = if *baseline_ms > 0 {
+                    *baseline_ms
+                } else {
+                    *returning_ms
+                };
+                if *established && success > 0.0 && own_ms > 0 {
+                    let (baseline, recent) = own_clean_successes(rule, spec, value);
+                    counters.add(&baseline, own_ms, now_ms, success)?;
+                    counters.add(&recent, *window_ms, now_ms, success)?;
                 }
             }
             (

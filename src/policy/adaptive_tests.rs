@@ -24,6 +24,7 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         block: None,
         settled: false,
         established: false,
+        returning_ms: 0,
     }
 }
 

@@ -20,6 +20,18 @@ fn time(ms: i64) -> DateTime<Utc> {
 /// A verification of `number` at `at_ms`: decided, and if allowed ended a minute later
 /// (`converted` or not).
 fn verify(p: &RulesPolicy, id: &str, number: &str, at_ms: i64, converted: bool) -> PolicyDecision {
+    verify_with(p, id, number, NumberHistory::New, at_ms, converted)
+}
+
+/// [`verify`] of a number with `history`.
+fn verify_with(
+    p: &RulesPolicy,
+    id: &str,
+    number: &str,
+    history: NumberHistory,
+    at_ms: i64,
+    converted: bool,
+) -> PolicyDecision {
     let request = VerificationRequestEvent {
         id: id.into(),
         method: VerificationMethod::Sms,
@@ -36,7 +48,7 @@ fn verify(p: &RulesPolicy, id: &str, number: &str, at_ms: i64, converted: bool) 
         custom: None,
         accept_language: None,
     };
-    let d = p.decide(&request, NumberHistory::New, time(at_ms)).unwrap();
+    let d = p.decide(&request, history, time(at_ms)).unwrap();
     if d.action == Action::Allow {
         p.observe_outcome(Outcome {
             id,
@@ -685,4 +697,42 @@ fn a_block_that_converts_well_within_the_window_is_not_established() {
     assert_eq!(denied, 0);
     let (denied, _) = traffic(&p, "+447934", 300, now, 30_000, |i| i % 20 == 0);
     assert!(denied > 15, "{denied}");
+}
+
+/// An attack that stays in an established block for longer than the baseline does not
+/// wear its establishment away while the people who come back to the block go on
+/// converting: their successes count as the block's own although the attack keeps the
+/// block under suspicion. New numbers' successes in a suspicious block do not (an
+/// attack could make those), so a block whose users are all new does lose it.
+#[test]
+fn an_established_block_stays_established_while_its_returning_users_convert() {
+    let rule = BLOCKS.replace(
+        "complete_after = \"3m\" }",
+        "complete_after = \"3m\", established = 30 }",
+    );
+    let users_denied_late = |users: NumberHistory| {
+        let p = policy(&rule);
+        let now = history(&p, 2_100);
+        let (denied, now) = traffic(&p, "+447911", 200, now, 60_000, |i| i % 5 != 0);
+        assert_eq!(denied, 0);
+        // 32 hours of the attack among the block's users (as in `shared_block`), with
+        // Swedish users going on elsewhere so that every country keeps its normal.
+        let ticks = 32 * 60 * 4;
+        (0..ticks)
+            .filter(|&i| {
+                let at = now + i * 15_000;
+                let swede = format!("+467{:02}{:06}", i % 90 + 10, 500_000 + i);
+                verify(&p, &format!("se-late-{i}"), &swede, at, i % 5 != 0);
+                let user = i % 4 == 0;
+                let number = format!("+447911{}{:06}", u8::from(user), i * 7919 % 1_000_000);
+                let converts = user && (i / 4) % 5 != 0;
+                let history = if user { users } else { NumberHistory::New };
+                let d = verify_with(&p, &format!("gb-{i}"), &number, history, at, converts);
+                // The last two hours, when what established the block is long gone.
+                user && i >= ticks - 2 * 60 * 4 && d.action == Action::Deny
+            })
+            .count()
+    };
+    assert_eq!(users_denied_late(NumberHistory::Returning), 0);
+    assert!(users_denied_late(NumberHistory::New) > 20);
 }

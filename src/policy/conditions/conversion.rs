@@ -73,8 +73,11 @@ pub(in crate::policy) struct ConversionFile {
     pool_alert_for: String,
     /// A key with at least this many clean successes of its own over `baseline` before
     /// the window is established (a block real users have long used) and never trips:
-    /// blocking it would turn them away. A `surge` rule surfaces an attack hidden in
-    /// it, and a narrower key still blocks one that concentrates.
+    /// blocking it would turn them away. A success is clean when the key was not under
+    /// suspicion, or when its number had converted before (a returning user), so an
+    /// attack that stays in the block does not wear its users' record away. A `surge`
+    /// rule surfaces an attack hidden in it, and a narrower key still blocks one that
+    /// concentrates.
     established: Option<u32>,
 }
 
@@ -126,7 +129,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used; a success is clean when the key was not under suspicion, or when its number had converted before) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -479,6 +482,7 @@ impl ConversionLimit {
         let mut pool = None;
         let mut block = None;
         let mut established = false;
+        let mut returning_ms = 0;
         if let Test::Sequential {
             baseline_ms: learn_ms,
             pool: pool_spec,
@@ -488,6 +492,9 @@ impl ConversionLimit {
         } = &self.test
         {
             established = counted.is_some();
+            if established && f.returning {
+                returning_ms = *learn_ms;
+            }
             if fixed.is_none() {
                 block = self
                     .block_pool()
@@ -514,6 +521,7 @@ impl ConversionLimit {
             block,
             settled: normal.is_some_and(|n| n.settled),
             established,
+            returning_ms,
         }
     }
 
