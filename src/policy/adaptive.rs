@@ -173,9 +173,10 @@ pub enum TrackedKey {
         /// when it was allowed.
         #[serde(default)]
         pool: Option<(String, String)>,
-        /// Its operator block (the rule's pool when narrower than a country: `spec`,
-        /// value): its baseline outcomes also count under the block, so that keys are
-        /// judged against their country without their block.
+        /// What its key is judged without (`spec`, value): its operator block (the
+        /// rule's pool when narrower than a country), or else the key itself. Its
+        /// baseline outcomes also count under it, so that keys are judged against their
+        /// country without their block, or without themselves over the whole baseline.
         #[serde(default)]
         block: Option<(String, String)>,
         /// Its country had a normal of its own, at a rate an honest country converts

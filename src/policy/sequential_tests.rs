@@ -597,6 +597,51 @@ fn a_country_whose_traffic_is_mostly_an_attack_cannot_lower_its_own_bar() {
     assert!(denied >= 10, "{denied}");
 }
 
+/// A key is judged against its country without its own outcomes over the whole
+/// baseline, not only its window's: an attack that comes back the next day (`mimicry`
+/// in the simulator) would otherwise be judged against the rate it taught its country
+/// the day before.
+#[test]
+fn a_key_is_not_judged_against_what_it_taught_its_country_the_day_before() {
+    let p = policy(BLOCKS);
+    let now = history(&p, 3_000);
+    // A block of a country new to the business, every other attempt converting, one
+    // every two minutes: never tripped, and its clean outcomes (those allowed while it
+    // was not under suspicion: after a success, so mostly failures) teach its country a
+    // rate under the floor.
+    let (denied, now) = traffic(&p, "+99897", 200, now, 2 * MIN, |i| i % 2 == 0);
+    assert_eq!(denied, 0);
+    // Eight hours later (past the window, inside the baseline) it converts at 20 %:
+    // under every country's bar (0.45 x 80 %), above the one it would have set itself.
+    let later = now + 8 * 60 * MIN;
+    let (denied, _) = traffic(&p, "+998971", 80, later, 30_000, |i| i % 5 == 0);
+    assert!(denied > 10, "{denied}");
+}
+
+/// Other attacks' fresh keys in a country convert as no people do: their outcomes (the
+/// first of each fresh key count as clean) do not set the bar of the next key there.
+/// (Too few to be the country's normal, they could only cap every country's rate
+/// at what they plausibly convert, which is the floor.)
+#[test]
+fn failing_fresh_keys_of_a_country_do_not_lower_the_bar_of_its_next_key() {
+    let p = policy(BLOCKS);
+    let mut now = history(&p, 3_000);
+    // Forty fresh blocks of a country new to the business, one failed attempt each.
+    for block in 10..50 {
+        let number = format!("+998{block}1234567");
+        verify(&p, &format!("uz-{block}"), &number, now, false);
+        now += 30_000;
+    }
+    // The next block there is judged by every country's rate, as if they were not
+    // there: the same bar as a first block of the country gets.
+    let d = verify(&p, "uz-next", "+998971234567", now + 30_000, false);
+    let after_failures = d.explanation.counters[0].condition.clone();
+    let p = policy(BLOCKS);
+    let now = history(&p, 3_000);
+    let d = verify(&p, "uz-first", "+998971234567", now, false);
+    assert_eq!(after_failures, d.explanation.counters[0].condition);
+}
+
 /// Traffic follows the day: a key is judged against the same hour of the days before,
 /// so a surge in its quiet hours is seen although it stays under the day's mean.
 #[test]

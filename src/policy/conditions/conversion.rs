@@ -237,7 +237,7 @@ impl Condition for Conversion {
             complete_after_ms,
             written,
             normals: Default::default(),
-            blocks: Default::default(),
+            apart: Default::default(),
         })))
     }
 }
@@ -321,8 +321,9 @@ struct ConversionLimit {
     /// Baseline outcomes (successes, attempts) of each country, of the settled countries
     /// and of every country, by country, read once a minute.
     normals: SlowReadings<[(f64, f64); 3]>,
-    /// Baseline outcomes of each operator block ([`Self::block_pool`]), read once a minute.
-    blocks: SlowReadings<(f64, f64)>,
+    /// Baseline outcomes of what each key is judged without (its operator block,
+    /// [`Self::block_pool`], or else the key itself), read once a minute.
+    apart: SlowReadings<(f64, f64)>,
 }
 
 impl ConversionLimit {
@@ -351,15 +352,20 @@ impl ConversionLimit {
         }
         // The key's operator block, read apart: a block that is most of its country's
         // traffic, or an attack in a busy block, must not set the bar of its own ranges.
-        let block = match self.block_pool() {
-            Some(pool) => {
-                let value = pool.value(f);
-                Some(self.blocks.get(&value, now_ms, counters, || {
-                    let pair = baseline_counters(rule, &pool.text, &value);
-                    pair_totals(counters, &pair, *baseline_ms, now_ms)
-                })?)
-            }
-            None => None,
+        // A key with no block pool is read apart itself, over the whole baseline and
+        // not only its window: an attack that came yesterday (`mimicry` again at the
+        // same hour) would otherwise have taught its country its own rate. (Its clean
+        // outcomes over the baseline, or all of its window's, whichever are more.)
+        let block_pool = self.block_pool();
+        let apart = block_pool.unwrap_or(&self.spec);
+        let apart_value = apart.value(f);
+        let apart_totals = self.apart.get(&apart_value, now_ms, counters, || {
+            let pair = baseline_counters(rule, &apart.text, &apart_value);
+            pair_totals(counters, &pair, *baseline_ms, now_ms)
+        })?;
+        let (block, own) = match block_pool {
+            Some(_) => (Some(apart_totals), own),
+            None => (None, (own.0.max(apart_totals.0), own.1.max(apart_totals.1))),
         };
         let scopes = self.normals.get(f.country, now_ms, counters, || {
             let mut totals = [(0.0, 0.0); 3];
@@ -374,7 +380,7 @@ impl ConversionLimit {
             scopes;
         let young = global_all < YOUNG_OUTCOMES;
         // A key is judged against its country without itself: the key's own outcomes
-        // (those of its window, inside the baseline) are left out, or an attack that is
+        // (over the baseline, and at least its window's) are left out, or an attack that is
         // most of a country's traffic (one operator block of a country with few users)
         // would set its own bar, however well it converts (`mimicry` at 30 %, three
         // times as fast: 0-16 % of its cost blocked while it was counted in). Without
@@ -411,7 +417,10 @@ impl ConversionLimit {
             (global_ok, global_all)
         };
         let mut normal = (every_ok / every_all).min(1.0);
-        if others_all >= THIN_SAMPLES {
+        // Only outcomes that convert as people do can say so: other attacks' fresh keys
+        // in the country (their first outcomes count as clean too) convert under
+        // `FLOOR`, and would set the bar of the next attack there to the floor.
+        if others_all >= THIN_SAMPLES && others_ok >= FLOOR * others_all {
             normal = normal.min(wilson_upper(others_ok, others_all, CONFIDENT_Z));
         }
         Ok(Some(NormalRate {
@@ -496,9 +505,10 @@ impl ConversionLimit {
                 returning_ms = *learn_ms;
             }
             if fixed.is_none() {
-                block = self
-                    .block_pool()
-                    .map(|p| (p.text.clone(), p.value(f)));
+                block = Some(match self.block_pool() {
+                    Some(pool) => (pool.text.clone(), pool.value(f)),
+                    None => (self.spec.text.clone(), value.clone()),
+                });
             }
             // A key already under suspicion (more than a failure's worth of evidence)
             // would teach the normal rate what the attack looks like.
