@@ -863,6 +863,7 @@ impl Quarantine {
         block.requests += 1;
         if spec
             .probe_every
+            .map(|n| n.saturating_mul(u64::from(block.strikes.max(1))))
             .is_some_and(|n| n > 0 && block.requests % n == 0)
         {
             block.probes += 1;

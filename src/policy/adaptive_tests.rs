@@ -192,6 +192,34 @@ fn a_blocked_key_lets_every_nth_request_through_as_a_probe() {
     assert_eq!(q.check("other", "+22507", 1, &spec()), BlockCheck::Free);
 }
 
+/// A key whose probes keep failing is an attack that comes back: each strike makes its
+/// probes rarer (one in 10, then one in 20, one in 30), as each makes its block longer.
+#[test]
+fn a_key_blocked_again_is_probed_more_rarely() {
+    let q = Quarantine::default();
+    let probes_of_next_block = |start_ms: i64| {
+        // The block before is over: the key trips again.
+        assert_eq!(q.check("r", "+22507", start_ms, &spec()), BlockCheck::Free);
+        let block = q.trip("r", "+22507", start_ms, &spec(), "low".into(), vec![]);
+        let probes = (1..=120)
+            .filter(|i| {
+                matches!(
+                    q.check("r", "+22507", start_ms + i, &spec()),
+                    BlockCheck::Probe(_)
+                )
+            })
+            .count();
+        let ended = block.until.map_or(0, |u| u.timestamp_millis());
+        (block.strikes, probes, ended)
+    };
+    let (strikes, probes, ended) = probes_of_next_block(0);
+    assert_eq!((strikes, probes), (1, 12));
+    let (strikes, probes, ended) = probes_of_next_block(ended + 1);
+    assert_eq!((strikes, probes), (2, 6));
+    let (strikes, probes, _) = probes_of_next_block(ended + 1);
+    assert_eq!((strikes, probes), (3, 4));
+}
+
 #[test]
 fn lifting_ends_a_block_and_its_escalation_and_pinning_makes_it_permanent() {
     let q = Quarantine::default();

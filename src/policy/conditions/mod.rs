@@ -533,7 +533,9 @@ macro_rules! registry {
             /// The longest quarantine after doubling, e.g. 24h.
             #[schemars(with = "Option<String>")]
             pub(super) max_block: Option<Spanned<String>>,
-            /// Share of requests let through a quarantine to see whether it still holds (0 to 0.5).
+            /// Share of requests let through a quarantine to see whether it still holds (0 to 0.5),
+            /// divided by the block's strikes: a key blocked for the third time in a row is
+            /// probed a third as often.
             #[schemars(with = "Option<f64>")]
             pub(super) probe: Option<Spanned<f64>>,
             /// A deny rule that lets a returning number (its latest finished verification
