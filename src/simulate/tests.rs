@@ -316,3 +316,27 @@ fn an_attack_that_is_all_of_its_countrys_traffic_is_not_its_own_normal() {
     let mimicry = card.by_attack[&AttackKind::Mimicry].cost_share();
     assert!(mimicry > 0.8, "mimicry: {mimicry}");
 }
+
+/// The sample policy against attacks that come back at the same hours. The next day,
+/// `mimicry` must not be judged against what it taught its country the day before (74.7 %
+/// of its cost blocked on this seed when it was). By the third day, an attack that
+/// stays in the busy block must not get the whole block quarantined: 3.4 % of real
+/// users (22 % of the UK's) were turned away while its keys were judged with their own
+/// earlier outcomes and only successes in a calm block made it established.
+#[test]
+fn the_sample_policy_holds_when_attacks_come_back_for_days() {
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let knobs = |warmup_days, attack_days| Knobs {
+        seed: 8,
+        warmup_days,
+        attack_days,
+        ..Knobs::default()
+    };
+    let card = run_synthetic(&policy, &knobs(1, 2)).unwrap();
+    let mimicry = card.by_attack[&AttackKind::Mimicry].cost_share();
+    assert!(mimicry > 0.8, "mimicry: {mimicry}");
+    let card = run_synthetic(&policy, &knobs(2, 3)).unwrap();
+    assert!(card.legit.denied_share() < 0.003, "{card}");
+    let uk = card.legit_by_country["GB"].denied_share();
+    assert!(uk < 0.015, "{card}");
+}
