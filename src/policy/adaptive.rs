@@ -184,7 +184,7 @@ pub enum TrackedKey {
         #[serde(default)]
         settled: bool,
         /// Its rule tells established keys apart: a clean success also counts under the
-        /// key's own ([`own_clean_successes`]).
+        /// key's own ([`OwnCleanSuccesses`]).
         #[serde(default)]
         established: bool,
         /// Its number was returning (it converted before): its success counts as the
@@ -252,16 +252,37 @@ pub fn surge_level(rule: &str, spec: &str, value: &str) -> CounterKey {
     evidence_level(rule, &joined(&["surge:", spec]), value)
 }
 
-/// A key's own clean successes, over the baseline and over its window: those of the
-/// baseline before the window are how a rule with `established` tells a block with real
-/// users of its own from a fresh one, so that an attack must look clean for longer than
-/// a window before it can pass for one.
-pub fn own_clean_successes(rule: &str, spec: &str, value: &str) -> (CounterKey, CounterKey) {
-    (
-        baseline_counters(rule, &joined(&["own:", spec]), value).0,
-        conversion_counters(rule, &joined(&["recent:own:", spec]), value).0,
-    )
+/// A key's own clean successes: those of the baseline before the window are how a rule
+/// with `established` tells a block with real users of its own from a fresh one, so that
+/// an attack must look clean for longer than a window before it can pass for one; the
+/// clock hours they came in tell people, who convert through the day, from an attacker
+/// who entered a few dozen codes in one sitting to groom a block.
+pub struct OwnCleanSuccesses {
+    /// Counted over the baseline.
+    pub baseline: CounterKey,
+    /// Counted over the window.
+    pub recent: CounterKey,
+    /// The hours (since the epoch, UTC) they came in, seen as distinct members over the
+    /// baseline.
+    pub hours: CounterKey,
 }
+
+impl OwnCleanSuccesses {
+    pub fn of(rule: &str, spec: &str, value: &str) -> Self {
+        Self {
+            baseline: baseline_counters(rule, &joined(&["own:", spec]), value).0,
+            recent: conversion_counters(rule, &joined(&["recent:own:", spec]), value).0,
+            hours: baseline_counters(rule, &joined(&["hours:own:", spec]), value).0,
+        }
+    }
+
+    /// The member of [`Self::hours`] for a success at `at_ms`.
+    pub fn hour(at_ms: i64) -> String {
+        at_ms.div_euclid(HOUR_MS).to_string()
+    }
+}
+
+const HOUR_MS: i64 = 3_600_000;
 
 /// The counters a sequential test learns its normal rate from: a country's, or every
 /// country's (`global`, `*`), over the rule's baseline.
@@ -609,9 +630,10 @@ pub fn count_outcome(
                     *returning_ms
                 };
                 if *established && success > 0.0 && own_ms > 0 {
-                    let (baseline, recent) = own_clean_successes(rule, spec, value);
-                    counters.add(&baseline, own_ms, now_ms, success)?;
-                    counters.add(&recent, *window_ms, now_ms, success)?;
+                    let own = OwnCleanSuccesses::of(rule, spec, value);
+                    counters.add(&own.baseline, own_ms, now_ms, success)?;
+                    counters.add(&own.recent, *window_ms, now_ms, success)?;
+                    counters.see(&own.hours, own_ms, now_ms, &OwnCleanSuccesses::hour(now_ms))?;
                 }
             }
             (

@@ -449,6 +449,9 @@ pub trait CounterStore: Send + Sync {
         now_ms: i64,
         member: &str,
     ) -> Result<usize, PolicyError>;
+    /// How many distinct members `see` recorded under `key` were last seen within
+    /// `span_ms` (at most the key's window) before `now_ms`; records none.
+    fn members(&self, key: &CounterKey, span_ms: i64, now_ms: i64) -> Result<f64, PolicyError>;
     /// Adds `amount` only if the total stays within `cap`, as one step (no other
     /// decision, here or on another replica, can add in between); returns the total
     /// with `amount` and whether it was added.
@@ -561,6 +564,20 @@ impl Counters {
         )
     }
 
+    /// How many distinct members were last seen within `span_ms` before `now_ms`.
+    pub fn members(&self, key: &CounterKey, span_ms: i64, now_ms: i64) -> f64 {
+        let (id, mut shard) = self.locked(key);
+        shard.get_mut(&id).map_or(0.0, |held| {
+            held.window.advance(now_ms);
+            match &held.window {
+                Window::Distinct(d) => {
+                    d.seen.values().filter(|&&at| at > now_ms - span_ms).count() as f64
+                }
+                _ => 0.0,
+            }
+        })
+    }
+
     /// Drops windows idle for longer than their span, from one shard (call often; each
     /// call moves on to the next shard).
     pub fn sweep(&self, shard: usize, now_ms: i64) {
@@ -646,6 +663,10 @@ impl CounterStore for Counters {
         member: &str,
     ) -> Result<usize, PolicyError> {
         Ok(Counters::see(self, key, window_ms, now_ms, member))
+    }
+
+    fn members(&self, key: &CounterKey, span_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
+        Ok(Counters::members(self, key, span_ms, now_ms))
     }
 
     fn add_within(
@@ -769,6 +790,30 @@ mod tests {
         assert_eq!(c.see(&k, 1000, 10, "+1"), 1);
         assert_eq!(c.see(&k, 1000, 20, "+2"), 2);
         assert_eq!(c.see(&k, 1000, 1015, "+3"), 2); // +1 last seen at 10 has left
+    }
+
+    #[test]
+    fn members_are_read_over_a_span_without_seeing_one() {
+        let c = Counters::default();
+        let k = key("range");
+        assert_eq!(CounterStore::members(&c, &k, 1000, 0), Ok(0.0));
+        c.see(&k, 1000, 0, "+1");
+        c.see(&k, 1000, 400, "+2");
+        c.see(&k, 1000, 800, "+3");
+        assert_eq!(CounterStore::members(&c, &k, 1000, 900), Ok(3.0));
+        // Seen within the last 300 ms: +3 only.
+        assert_eq!(CounterStore::members(&c, &k, 300, 900), Ok(1.0));
+        // A member seen again moves into the span; reading added none.
+        c.see(&k, 1000, 850, "+1");
+        assert_eq!(CounterStore::members(&c, &k, 300, 900), Ok(2.0));
+        assert_eq!(
+            CounterStore::members(&c, &k, 1000, 1450),
+            Ok(2.0),
+            "+2 left the window"
+        );
+        // Only distinct counts have members.
+        c.add(&key("sum"), 1000, 0, 5.0);
+        assert_eq!(CounterStore::members(&c, &key("sum"), 1000, 10), Ok(0.0));
     }
 
     fn counter_key(rule: &str, condition: &str, value: &str) -> CounterKey {

@@ -470,13 +470,25 @@ fn the_new_knobs_are_checked_where_they_are_written() {
     assert!(none.contains("at least 1"), "{none}");
     let wilson = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, established = 30 }\n");
     assert!(wilson.contains("set `false_alarm` too"), "{wilson}");
+    let hours = |knobs: &str| {
+        err(&format!("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = {{ per = \"prefix:5\", window = \"6h\", below = 0.3, false_alarm = 1e-5{knobs} }}\n"))
+    };
+    let alone = hours(", established_hours = 4");
+    assert!(alone.contains("needs `established`"), "{alone}");
+    let zero = hours(", established = 15, established_hours = 0");
+    assert!(zero.contains("at least 1"), "{zero}");
+    let unmet = hours(", established = 15, established_hours = 19");
+    assert!(unmet.contains("holds 18 whole hours"), "{unmet}");
+    // The default asks for no more hours than a short baseline holds.
+    assert_eq!(hours(", established = 15, baseline = \"8h\""), "");
+    assert_eq!(hours(", established = 15, established_hours = 18"), "");
 }
 
 #[test]
 fn policy_check_shows_every_new_knob() {
     let p = policy(
         "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
-         conversion = { per = \"range:4\", window = \"6h\", below_baseline = 0.5, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, pool_alert_for = \"3h\", baseline = \"2d\", complete_after = \"3m\", established = 40 }\n\
+         conversion = { per = \"range:4\", window = \"6h\", below_baseline = 0.5, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, pool_alert_for = \"3h\", baseline = \"2d\", complete_after = \"3m\", established = 40, established_hours = 6 }\n\
          [[rule]]\nname = \"surge\"\naction = \"deny\"\nmode = \"shadow\"\n\
          surge = { per = \"prefix:5\", window = \"1h\", baseline = \"24h\", volume_above = 2.0, conversion_below = 0.6, false_alarm = 1e-6, throttle = 2.5, complete_after = \"3m\" }\n",
     );
@@ -487,7 +499,7 @@ fn policy_check_shows_every_new_knob() {
         "the country's rate over 2d without the key's prefix:5",
         "pooled per prefix:5 at false alarm 0.2 for 3h",
         "complete after 3m",
-        "established after 40 clean successes",
+        "established after 40 clean successes in 6 hours",
         "volume at least 2x",
         "conversion below 0.6x",
         "false alarm 0.000001",
@@ -780,4 +792,51 @@ fn an_established_block_stays_established_while_its_returning_users_convert() {
     };
     assert_eq!(users_denied_late(NumberHistory::Returning), 0);
     assert!(users_denied_late(NumberHistory::New) > 20);
+}
+
+/// An attacker who has read the docs grooms a fresh block to look established: enters
+/// the codes of a few dozen verifications in one sitting, waits past the window, then
+/// pumps across the whole block. Real users' successes come through the day; the groom's
+/// come in two hours, so it does not establish the block.
+#[test]
+fn a_block_groomed_in_one_sitting_is_not_established() {
+    let pumped_and_denied = |hours: &str| {
+        let p = policy(&BLOCKS.replace(
+            "complete_after = \"3m\" }",
+            &format!("complete_after = \"3m\", established = 15{hours} }}"),
+        ));
+        let now = history(&p, 3_000);
+        // Sixty verifications over two hours, 80 % converting: 48 clean successes.
+        let (denied, now) = traffic(&p, "+447944", 60, now, 2 * MIN, |i| i % 5 != 0);
+        assert_eq!(denied, 0);
+        // Seven hours later, three attempts a minute for six hours, 5 % converting.
+        let later = now + 7 * 60 * MIN;
+        let (denied, _) = traffic(&p, "+447944", 1_080, later, 20_000, |i| i % 20 == 0);
+        denied
+    };
+    let denied = pumped_and_denied("");
+    assert!(denied > 900, "{denied} of 1,080 denied");
+    // What the hours stop: with one hour enough, the groom establishes the block.
+    assert_eq!(pumped_and_denied(", established_hours = 1"), 0);
+}
+
+/// The hours a block's clean successes came in count when they are before the window
+/// (as the successes do): a groomed block does not become established by an hour of
+/// converting well inside the window, just before it pumps.
+#[test]
+fn hours_inside_the_window_do_not_establish_a_block() {
+    let p = policy(&BLOCKS.replace(
+        "complete_after = \"3m\" }",
+        "complete_after = \"3m\", established = 15 }",
+    ));
+    let now = history(&p, 3_000);
+    // Two hours of grooming (48 clean successes in three clock hours), then, seven hours
+    // later, an hour converting as well (a fourth hour, inside the window), then the pump.
+    let (_, now) = traffic(&p, "+447955", 60, now, 2 * MIN, |i| i % 5 != 0);
+    let (denied, now) = traffic(&p, "+447955", 30, now + 7 * 60 * MIN, 2 * MIN, |i| {
+        i % 5 != 0
+    });
+    assert_eq!(denied, 0);
+    let (denied, _) = traffic(&p, "+447955", 600, now, 20_000, |i| i % 20 == 0);
+    assert!(denied > 400, "{denied} of 600 denied");
 }

@@ -297,9 +297,10 @@ async fn sequential_evidence_gathered_on_two_replicas_trips_on_the_third() {
 }
 
 /// A block with clean successes of its own before the window is established: what makes
-/// it so (its own baseline and its recent successes) lives in the shared counters.
+/// it so (its own baseline, its recent successes and the hours they came in) lives in the
+/// shared counters. One hour is enough here: a test cannot wait for four.
 const ESTABLISHED: &str = "[[rule]]\nname = \"blocks\"\naction = \"deny\"\n\
-    conversion = { per = \"prefix:7\", window = \"3s\", below = 0.3, normal = 0.8, false_alarm = 1e-3, established = 20, complete_after = \"1h\" }\n";
+    conversion = { per = \"prefix:7\", window = \"3s\", below = 0.3, normal = 0.8, false_alarm = 1e-3, established = 20, established_hours = 1, complete_after = \"1h\" }\n";
 
 /// Verifications `from..to` of numbers `block` + 4 digits, each decided on replica
 /// `i % 2` and its result sent to the other of the two; the answers of the decisions.

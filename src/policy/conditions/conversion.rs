@@ -21,8 +21,8 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        baseline_counters, conversion_counters, evidence_level, low_rates, own_clean_successes,
-        pool_level, steps_at, wilson_upper, z_for, TrackedKey,
+        baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
+        wilson_upper, z_for, OwnCleanSuccesses, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -79,7 +79,26 @@ pub(in crate::policy) struct ConversionFile {
     /// rule surfaces an attack hidden in it, and a narrower key still blocks one that
     /// concentrates.
     established: Option<u32>,
+    /// How many distinct clock hours (UTC) those clean successes must have come in
+    /// (default 4, or the whole hours of `baseline` before the window if fewer): real
+    /// users convert through the day, an attacker grooming a fresh block to look
+    /// established enters its codes in one sitting.
+    established_hours: Option<u32>,
 }
+
+/// What makes a key established: clean successes of its own before its window, in
+/// enough distinct hours.
+#[derive(Debug, Clone, Copy)]
+struct Established {
+    successes: f64,
+    hours: f64,
+}
+
+/// The distinct hours an establishment needs unless the policy says otherwise. Two
+/// hours' worth of codes (the groomed block in docs/fraud-defence.md) falls short; six
+/// already quarantines busy blocks on a first day, before their users have spread over
+/// the hours.
+const ESTABLISHED_HOURS: u32 = 4;
 
 fn default_pool_alert_for() -> String {
     "1h".into()
@@ -129,7 +148,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window (a block real users have long used; a success is clean when the key was not under suspicion, or when its number had converted before) never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -151,7 +170,11 @@ impl Condition for Conversion {
         let spec = CounterSpec::parse(&f.per, &f.window)?;
         let test = match f.false_alarm {
             None => {
-                if f.pool.is_some() || f.normal.is_some() || f.established.is_some() {
+                if f.pool.is_some()
+                    || f.normal.is_some()
+                    || f.established.is_some()
+                    || f.established_hours.is_some()
+                {
                     return Err("conversion: `pool`, `normal` and `established` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
                 }
                 Test::Wilson {
@@ -173,6 +196,7 @@ impl Condition for Conversion {
                 let baseline_ms = duration_ms(&f.baseline).ok_or_else(|| {
                     format!("baseline `{}` is not a duration like 24h", f.baseline)
                 })?;
+                let established = established(f, baseline_ms, spec.window_ms)?;
                 let pool = f
                     .pool
                     .as_deref()
@@ -189,7 +213,7 @@ impl Condition for Conversion {
                     normal: f.normal,
                     baseline_ms,
                     pool,
-                    established: f.established.map(f64::from),
+                    established,
                 }
             }
         };
@@ -206,7 +230,12 @@ impl Condition for Conversion {
                     "min {} samples, {} confidence",
                     f.min_samples, f.confidence
                 ),
-                Test::Sequential { normal, pool, .. } => format!(
+                Test::Sequential {
+                    normal,
+                    pool,
+                    established,
+                    ..
+                } => format!(
                     "sequential, false alarm {}, normal {}{}{}",
                     f.false_alarm.unwrap_or_default(),
                     normal.map_or_else(
@@ -223,8 +252,9 @@ impl Condition for Conversion {
                         ", pooled per {} at false alarm {} for {} after it trips",
                         p.text, f.pooled_false_alarm, f.pool_alert_for
                     )),
-                    f.established.map_or_else(String::new, |n| format!(
-                        ", established after {n} clean successes"
+                    established.map_or_else(String::new, |e| format!(
+                        ", established after {} clean successes in {} hours",
+                        e.successes, e.hours
                     ))
                 ),
             },
@@ -240,6 +270,38 @@ impl Condition for Conversion {
             apart: Default::default(),
         })))
     }
+}
+
+/// The establishment `f` asks for: `established_hours` defaults to
+/// [`ESTABLISHED_HOURS`], or to as many whole hours as the baseline holds before the
+/// window if fewer, and may not ask for more than that.
+fn established(
+    f: &ConversionFile,
+    baseline_ms: i64,
+    window_ms: i64,
+) -> Result<Option<Established>, String> {
+    let Some(successes) = f.established else {
+        return match f.established_hours {
+            Some(_) => Err("conversion.established_hours needs `established` (e.g. established = 15)".into()),
+            None => Ok(None),
+        };
+    };
+    let room = u32::try_from((baseline_ms - window_ms).max(0) / 3_600_000).unwrap_or(u32::MAX);
+    let hours = match f.established_hours {
+        None => ESTABLISHED_HOURS.min(room),
+        Some(0) => return Err("conversion.established_hours is a number of hours: at least 1 (e.g. 4)".into()),
+        Some(h) if h > room => {
+            return Err(format!(
+                "conversion.established_hours = {h} cannot be met: the baseline ({}) holds {room} whole hours before the window ({})",
+                f.baseline, f.window
+            ))
+        }
+        Some(h) => h,
+    };
+    Ok(Some(Established {
+        successes: f64::from(successes),
+        hours: f64::from(hours),
+    }))
 }
 
 impl Threshold {
@@ -306,8 +368,8 @@ enum Test {
         normal: Option<f64>,
         baseline_ms: i64,
         pool: Option<CounterSpec>,
-        /// Clean successes before the window that make a key established.
-        established: Option<f64>,
+        /// What makes a key established.
+        established: Option<Established>,
     },
 }
 
@@ -663,18 +725,29 @@ impl ConversionLimit {
         }
         if let Some(enough) = established.filter(|_| tripped) {
             // Only now, when it would trip: most decisions never read it.
-            let (baseline, recent) = own_clean_successes(cx.rule, &self.spec.text, &value);
-            let clean_ok = cx.counters.total(&baseline, *baseline_ms, cx.now_ms)?;
-            let recent_ok = cx.counters.total(&recent, self.spec.window_ms, cx.now_ms)?;
+            let own = OwnCleanSuccesses::of(cx.rule, &self.spec.text, &value);
+            let (baseline_ms, window_ms) = (*baseline_ms, self.spec.window_ms);
+            let clean_ok = cx.counters.total(&own.baseline, baseline_ms, cx.now_ms)?;
+            let recent_ok = cx.counters.total(&own.recent, window_ms, cx.now_ms)?;
             let before_window = (clean_ok - recent_ok).max(0.0);
-            if before_window >= enough {
-                tripped = false;
-                remarks = joined(&[
-                    &remarks,
-                    ", established: ",
-                    &(before_window as u64).to_string(),
-                    " clean successes before the window",
+            if before_window >= enough.successes {
+                let hours = cx.counters.members(&own.hours, baseline_ms, cx.now_ms)?
+                    - cx.counters.members(&own.hours, window_ms, cx.now_ms)?;
+                let (successes, hours) = (before_window as u64, hours.max(0.0) as u64);
+                let counted = joined(&[
+                    &successes.to_string(),
+                    " clean successes before the window, in ",
+                    &hours.to_string(),
+                    " hours",
                 ]);
+                if hours as f64 >= enough.hours {
+                    tripped = false;
+                    remarks = joined(&[&remarks, ", established: ", &counted]);
+                } else {
+                    let needed = (enough.hours as u64).to_string();
+                    let why = joined(&[", not established: ", &counted, " (", &needed, " needed)"]);
+                    remarks = joined(&[&remarks, &why]);
+                }
             }
         }
         if tripped && at_pool_bar {

@@ -389,7 +389,12 @@ impl ApproximateCounters {
     pub(crate) fn covers(&self, op: &CounterOp) -> bool {
         matches!(
             op.kind,
-            OpKind::Add | OpKind::Total | OpKind::See | OpKind::AddWithin | OpKind::Refund
+            OpKind::Add
+                | OpKind::Total
+                | OpKind::Members
+                | OpKind::See
+                | OpKind::AddWithin
+                | OpKind::Refund
         ) && self
             .rules
             .read()
@@ -662,6 +667,23 @@ mod tests {
         // A later sighting moves the member to its bucket; it leaves the window from there.
         assert_eq!(seen.answer(&see(SPAN + 1_000, "+463")).value, 2.0);
         assert_eq!(seen.answer(&see(SPAN + 9_500, "+463")).value, 1.0);
+    }
+
+    #[test]
+    fn members_are_read_over_a_span_to_a_bucket_without_seeing_one() {
+        let c = counters();
+        let members = |now_ms, span_ms| {
+            let op = CounterOp::new(OpKind::Members, &key("SE"), now_ms, span_ms, 0.0);
+            assert!(c.covers(&op));
+            c.answer(&op).value
+        };
+        c.answer(&see(1_000, "+461"));
+        c.take_in(vec![shared_by_another(&[see(30_000, "+462")])]);
+        c.answer(&see(55_000, "+463"));
+        assert_eq!(members(56_000, SPAN), 3.0);
+        // Over the last 20 s, to a bucket (6 s): the buckets from 42 s on.
+        assert_eq!(members(56_000, 20_000), 1.0);
+        assert_eq!(members(56_000, SPAN), 3.0, "reading saw nobody");
     }
 
     #[test]

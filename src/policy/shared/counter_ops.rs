@@ -29,7 +29,7 @@ use tokio_postgres::Row;
 
 use super::SharedState;
 use crate::policy::{
-    counters::{CounterKey, CounterStore},
+    counters::{joined, CounterKey, CounterStore},
     PolicyError,
 };
 
@@ -51,11 +51,16 @@ pub(crate) enum OpKind {
     /// last, holding its rows for the least time.
     TaughtAdd = 8,
     TaughtStep = 9,
+    /// Reads how many distinct members a `See` key holds over a span, seeing none. The
+    /// counter function keeps that number as counts under the key's condition +
+    /// `:latest` (a member in the bucket of its latest sighting), so the database is
+    /// asked for their `Total` ([`OpArrays::of`]).
+    Members = 10,
 }
 
 impl OpKind {
     fn writes(self) -> bool {
-        !matches!(self, OpKind::Total | OpKind::Level)
+        !matches!(self, OpKind::Total | OpKind::Level | OpKind::Members)
     }
 
     /// Whether it runs outside the stages: caps one by one after them, what is taught
@@ -199,6 +204,10 @@ macro_rules! counter_store_by_ops {
                 };
                 let seen = self.answer(op)?.value;
                 Ok(if seen > 0.0 { seen as usize } else { 0 })
+            }
+
+            fn members(&self, key: &CounterKey, span_ms: i64, now_ms: i64) -> Result<f64, PolicyError> {
+                Ok(self.answer(CounterOp::new(OpKind::Members, key, now_ms, span_ms, 0.0))?.value)
             }
 
             fn add_within(
@@ -407,9 +416,14 @@ impl OpArrays {
         for (op, stage) in ops.clone().into_iter().zip(stages(ops)) {
             a.now.push(op.now_ms);
             a.stage.push(stage);
-            a.kind.push(op.kind as i16);
+            if op.kind == OpKind::Members {
+                a.kind.push(OpKind::Total as i16);
+                a.condition.push(joined(&[&op.key.condition, ":latest"]));
+            } else {
+                a.kind.push(op.kind as i16);
+                a.condition.push(op.key.condition.clone());
+            }
             a.rule.push(op.key.rule.clone());
-            a.condition.push(op.key.condition.clone());
             a.value.push(op.key.value.clone());
             a.span.push(op.span_ms);
             a.amount.push(op.amount);
