@@ -312,11 +312,21 @@ impl Prometheus {
     }
 
     /// Polls `check` on `path` until it gives a value, for up to 60 s.
-    async fn until<T>(&self, path: &str, mut check: impl FnMut(&Value) -> Option<T>) -> T {
+    async fn until<T>(&self, path: &str, check: impl FnMut(&Value) -> Option<T>) -> T {
+        self.until_query(path, &[], check).await
+    }
+
+    /// [`Self::until`] with query parameters.
+    async fn until_query<T>(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+        mut check: impl FnMut(&Value) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut last = None;
         while Instant::now() < deadline {
-            if let Some(data) = self.api(path, &[]).await {
+            if let Some(data) = self.api(path, query).await {
                 if let Some(found) = check(&data) {
                     return found;
                 }
@@ -362,11 +372,18 @@ async fn a_real_prometheus_scrapes_verigate_and_evaluates_every_alert_and_panel(
     ] {
         assert_eq!(metadata[family][0]["type"], kind, "{family}: {metadata}");
     }
-    let up = prom
-        .api("/api/v1/query", &[("query", "verigate_callbacks_total")])
-        .await
-        .unwrap();
-    assert!(!up["result"].as_array().unwrap().is_empty(), "{up}");
+    // The scrape's metadata can show before its samples are queryable: wait for them.
+    prom.until_query(
+        "/api/v1/query",
+        &[("query", "verigate_callbacks_total")],
+        |data| {
+            data["result"]
+                .as_array()
+                .filter(|r| !r.is_empty())
+                .map(drop)
+        },
+    )
+    .await;
 
     // Every alert rule evaluated at least once, without error.
     let rules = prom
