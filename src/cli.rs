@@ -146,7 +146,8 @@ pub struct SimulateArgs {
     #[arg(long, default_value_t = 1)]
     pub attack_days: u32,
     /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
-    /// spread, mimicry, dominant, hidden, low-and-slow), or none; default: all.
+    /// spread, mimicry, dominant, hidden, low-and-slow, groomed), all, or none;
+    /// default: every kind but groomed.
     #[arg(long, value_delimiter = ',')]
     pub attacks: Option<Vec<String>>,
     /// Multiplies every attack's rate.
@@ -483,18 +484,20 @@ fn check_attack_days(days: u32, warmups: &[u32], stored: bool) -> anyhow::Result
     Ok(())
 }
 
-/// The attack kinds `--attacks` names: all by default, none for `none`.
+/// The attack kinds `--attacks` names: the scorecard's by default, every kind for
+/// `all`, none for `none`.
 fn attack_kinds(names: Option<&[String]>) -> anyhow::Result<Vec<AttackKind>> {
     match names {
-        None => Ok(AttackKind::ALL.to_vec()),
+        None => Ok(AttackKind::scorecard()),
         Some(names) if names.iter().all(|n| n == "none") => Ok(Vec::new()),
+        Some(names) if names.iter().all(|n| n == "all") => Ok(AttackKind::ALL.to_vec()),
         Some(names) => names
             .iter()
             .map(|n| {
                 AttackKind::parse(n).ok_or_else(|| {
                     let kinds: Vec<&str> = AttackKind::ALL.iter().map(|k| k.name()).collect();
                     anyhow::anyhow!(
-                        "--attacks: `{n}` is not an attack kind ({}, none)",
+                        "--attacks: `{n}` is not an attack kind ({}, all, none)",
                         kinds.join(", ")
                     )
                 })

@@ -200,7 +200,8 @@ impl Ord for Due {
 }
 
 /// Plays `traffic` (time-ordered) against `policy`; verifications from `scored_from_ms`
-/// on are scored. An attack kind's time to first denial counts from its first attempt.
+/// on are scored. An attack kind's time to first denial counts from its first attempt
+/// that pumps.
 pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i64) -> Scorecard {
     let mut card = Scorecard::default();
     let mut due: BinaryHeap<Reverse<Due>> = BinaryHeap::new();
@@ -303,9 +304,13 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
                 if !kind.is_hidden() {
                     card.blockable.add(price, denied, flagged);
                 }
-                let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
                 let tally = card.by_attack.entry(*kind).or_default();
                 tally.add(price, denied, flagged);
+                // Timed from its first attempt that pumps (a groom only prepares).
+                if !kind.pumps_at((v.at_ms - scored_from_ms).div_euclid(60_000)) {
+                    continue;
+                }
+                let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
                 let after_min = (v.at_ms - start) as f64 / 60_000.0;
                 if denied && tally.first_denied_after_min.is_none() {
                     tally.first_denied_after_min = Some(after_min);

@@ -17,7 +17,10 @@ fn the_same_seed_gives_the_same_traffic_and_another_seed_other_traffic() {
 
 #[test]
 fn every_attack_kind_runs_on_the_attacked_day_only() {
-    let knobs = Knobs::default();
+    let knobs = Knobs {
+        attacks: AttackKind::ALL.to_vec(),
+        ..Knobs::default()
+    };
     let traffic = synthetic(&knobs, SYNTHETIC_START_MS);
     let attacked_from = SYNTHETIC_START_MS + DAY_MS;
     for kind in AttackKind::ALL {
@@ -202,6 +205,56 @@ fn the_hidden_attack_is_a_large_share_of_the_busiest_block_on_random_numbers() {
         .map(|v| &v.request.identity.endpoint[..10])
         .collect();
     assert!(ranges.len() * 10 > attack.len() * 9, "{}", ranges.len());
+}
+
+/// An attacker who read docs/fraud-defence.md: two hours of codes entered in a fresh
+/// block to look established, a quiet wait past the window, then six hours of pumping.
+#[test]
+fn the_groomed_attack_grooms_in_one_sitting_then_pumps() {
+    let traffic = attacked_day(AttackKind::Groomed, 7);
+    let minute = |v: &&SimVerification| (v.at_ms - SYNTHETIC_START_MS) / 60_000;
+    let attack: Vec<&SimVerification> = traffic
+        .iter()
+        .filter(|v| v.truth == Truth::Attack(AttackKind::Groomed))
+        .collect();
+    let (groom, rest): (Vec<_>, Vec<_>) = attack.into_iter().partition(|v| minute(v) < 7 * 60);
+    assert!((45..80).contains(&groom.len()), "{} groomed", groom.len());
+    assert!(groom.iter().all(|v| minute(v) >= 5 * 60));
+    assert!(converted(&groom) > 0.65, "{}", converted(&groom));
+    assert!(rest.iter().all(|v| (14 * 60..20 * 60).contains(&minute(v))));
+    assert!((950..1_200).contains(&rest.len()), "{} pumped", rest.len());
+    assert!(converted(&rest) < 0.1, "{}", converted(&rest));
+    // Across the block: no 10,000-number range sees many of them.
+    let mut ranges: HashMap<&str, usize> = HashMap::new();
+    for v in &rest {
+        let number = v.request.identity.endpoint.as_str();
+        *ranges.entry(&number[..number.len() - 4]).or_default() += 1;
+    }
+    assert!(ranges.values().all(|&n| n <= 3), "{ranges:?}");
+    // A kind played on request: the scorecard's runs stay as they were without it.
+    assert!(!Knobs::default().attacks.contains(&AttackKind::Groomed));
+    assert!(!AttackKind::Groomed.pumps_at(7 * 60 - 1) && AttackKind::Groomed.pumps_at(14 * 60));
+}
+
+/// The sample policy against the groomed block: its groom does not establish it (two
+/// hours of codes are not a block's users), so the pump is blocked as any fresh
+/// block's; with one hour enough it passed untouched.
+#[test]
+fn the_sample_policy_blocks_a_block_groomed_to_look_established() {
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let knobs = Knobs {
+        seed: 3,
+        warmup_days: 0,
+        attacks: vec![AttackKind::Groomed],
+        ..Knobs::default()
+    };
+    let card = run_synthetic(&policy, &knobs).unwrap();
+    let groomed = &card.by_attack[&AttackKind::Groomed];
+    assert!(groomed.cost_share() > 0.85, "{card}");
+    assert!(
+        groomed.first_denied_after_min.is_some_and(|m| m < 15.0),
+        "{card}"
+    );
 }
 
 #[test]

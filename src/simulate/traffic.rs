@@ -106,10 +106,16 @@ pub enum AttackKind {
     /// 100,000-number range, so no window sees a burst.
     #[serde(rename = "low-and-slow")]
     LowSlow,
+    /// An attacker who has read docs/fraud-defence.md grooms a fresh Nigerian block to
+    /// look established: from 05:00 to 07:00 it verifies half a number a minute and
+    /// enters 80 % of the codes; from 14:00 to 20:00 it pumps the whole block at 3 a
+    /// minute, entering 5 %. Spread over a hundred million numbers, no range sees a
+    /// second attempt; only the block's history tells it from a block with real users.
+    Groomed,
 }
 
 impl AttackKind {
-    pub const ALL: [AttackKind; 9] = [
+    pub const ALL: [AttackKind; 10] = [
         Self::Burst,
         Self::SlowWide,
         Self::Rotating,
@@ -119,7 +125,18 @@ impl AttackKind {
         Self::Dominant,
         Self::Hidden,
         Self::LowSlow,
+        Self::Groomed,
     ];
+
+    /// What the scorecard plays unless asked otherwise: every kind but `groomed`, which
+    /// re-rolls `mimicry`'s outcome on a few seeds (docs/fraud-defence.md) and is played
+    /// on request (`--attacks groomed`, or `all`).
+    pub fn scorecard() -> Vec<AttackKind> {
+        Self::ALL
+            .into_iter()
+            .filter(|&k| k != Self::Groomed)
+            .collect()
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -132,6 +149,7 @@ impl AttackKind {
             Self::Dominant => "dominant",
             Self::Hidden => "hidden",
             Self::LowSlow => "low-and-slow",
+            Self::Groomed => "groomed",
         }
     }
 
@@ -151,6 +169,26 @@ impl AttackKind {
             Self::Dominant => (9 * 60, 15 * 60),
             Self::Hidden => (10 * 60, 18 * 60),
             Self::LowSlow => (3 * 60, 15 * 60),
+            Self::Groomed => (5 * 60, 20 * 60),
+        }
+    }
+
+    /// Whether it is pumping at `of_day` (minutes into the attacked day): what its time
+    /// to first denial counts from. A groom's verifications convert; they only prepare.
+    pub fn pumps_at(self, of_day: i64) -> bool {
+        match self {
+            Self::Groomed => of_day >= GROOMED_PUMP.0,
+            _ => true,
+        }
+    }
+
+    /// Attempts a minute at `of_day`, within [`Self::minutes`].
+    fn rate_at(self, of_day: i64) -> f64 {
+        match self {
+            Self::Groomed if (GROOMED_PUMP.0..GROOMED_PUMP.1).contains(&of_day) => 3.0,
+            Self::Groomed if of_day < GROOM_ENDS => 0.5,
+            Self::Groomed => 0.0,
+            _ => self.per_minute(),
         }
     }
 
@@ -165,11 +203,13 @@ impl AttackKind {
         self == Self::Hidden
     }
 
-    /// The share of its codes it enters itself, to look like users.
-    fn entered(self) -> f64 {
+    /// The share of its codes it enters itself at `of_day`, to look like users.
+    fn entered(self, of_day: i64) -> f64 {
         match self {
             Self::Mimicry => 0.30,
             Self::Dominant => 0.05,
+            Self::Groomed if self.pumps_at(of_day) => 0.05,
+            Self::Groomed => 0.80,
             _ => 0.0,
         }
     }
@@ -185,6 +225,8 @@ impl AttackKind {
             Self::Dominant => 1.0,
             Self::Hidden => 1.5,
             Self::LowSlow => 1.0,
+            // Its pump's.
+            Self::Groomed => 3.0,
         }
     }
 
@@ -216,9 +258,15 @@ impl AttackKind {
             Self::Dominant => (format!("+22501{}", rng.digits(8)), 0.18),
             Self::Hidden => (format!("+44791{}", rng.digits(7)), 0.035),
             Self::LowSlow => (format!("+2332071{}", rng.digits(5)), 0.19),
+            // Not the block of the business's own Nigerian users (`COUNTRIES`).
+            Self::Groomed => (format!("+23470{}", rng.digits(8)), 0.15),
         }
     }
 }
+
+/// When `groomed` pumps (minutes into the attacked day), and when its groom ends.
+const GROOMED_PUMP: (i64, i64) = (14 * 60, 20 * 60);
+const GROOM_ENDS: i64 = 7 * 60;
 
 impl fmt::Display for AttackKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -257,7 +305,7 @@ impl Default for Knobs {
             legit_conversion: 1.0,
             warmup_days: 1,
             attack_days: 1,
-            attacks: AttackKind::ALL.to_vec(),
+            attacks: AttackKind::scorecard(),
             attack_scale: 1.0,
             spike: true,
         }
@@ -278,6 +326,9 @@ struct Generator {
     start_ms: i64,
     /// Per country: numbers whose latest verification succeeded, and from when.
     succeeded: Vec<Vec<(String, i64)>>,
+    /// What `groomed` draws from: a kind added after the others leaves their traffic,
+    /// and the real users', as it was.
+    groomed_rng: Rng,
 }
 
 impl Generator {
@@ -287,6 +338,7 @@ impl Generator {
             next_id: 0,
             start_ms,
             succeeded: vec![Vec::new(); COUNTRIES.len()],
+            groomed_rng: Rng::seeded(knobs.seed ^ 0x0067_726f_6f6d_6564),
         }
     }
 
@@ -317,8 +369,15 @@ impl Generator {
         for &kind in &knobs.attacks {
             let (from, to) = kind.minutes();
             if (from..to).contains(&of_day) {
-                for _ in 0..self.rng.count(kind.per_minute() * knobs.attack_scale) {
+                let own_stream = kind == AttackKind::Groomed;
+                if own_stream {
+                    std::mem::swap(&mut self.rng, &mut self.groomed_rng);
+                }
+                for _ in 0..self.rng.count(kind.rate_at(of_day) * knobs.attack_scale) {
                     out.push(self.attack(of_day, minute, kind));
+                }
+                if own_stream {
+                    std::mem::swap(&mut self.rng, &mut self.groomed_rng);
                 }
             }
         }
@@ -396,7 +455,7 @@ impl Generator {
         let (number, price) = kind.target(minute_of_day, &mut self.rng);
         let request = self.request(at_ms, number, price);
         let roll = self.rng.unit();
-        let result = if roll < kind.entered() {
+        let result = if roll < kind.entered(minute_of_day) {
             ("SUCCESSFUL", None, 60_000)
         } else if roll > 0.95 {
             // Now and then Sinch flags one itself.
