@@ -473,6 +473,11 @@ fn the_new_knobs_are_checked_where_they_are_written() {
     let hours = |knobs: &str| {
         err(&format!("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = {{ per = \"prefix:5\", window = \"6h\", below = 0.3, false_alarm = 1e-5{knobs} }}\n"))
     };
+    let wilson_hours = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, established_hours = 4 }\n");
+    assert!(
+        wilson_hours.contains("set `false_alarm` too"),
+        "{wilson_hours}"
+    );
     let alone = hours(", established_hours = 4");
     assert!(alone.contains("needs `established`"), "{alone}");
     let zero = hours(", established = 15, established_hours = 0");

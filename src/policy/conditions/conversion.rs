@@ -175,7 +175,7 @@ impl Condition for Conversion {
                     || f.established.is_some()
                     || f.established_hours.is_some()
                 {
-                    return Err("conversion: `pool`, `normal` and `established` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
+                    return Err("conversion: `pool`, `normal`, `established` and `established_hours` belong to the sequential test: set `false_alarm` too (e.g. 1e-5)".into());
                 }
                 Test::Wilson {
                     min_samples: f.min_samples,
