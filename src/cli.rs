@@ -50,9 +50,10 @@ pub enum Command {
     /// Maintain the store.
     #[command(subcommand)]
     Store(StoreCommand),
-    /// Play a synthetic day of verifications with SMS-pumping attacks of every kind
-    /// against a policy, in compressed time, and print how much it blocked of each and
-    /// how many real users it turned away (docs/fraud-defence.md).
+    /// Play a synthetic day of verifications with SMS-pumping attacks of every kind the
+    /// scorecard holds (`--attacks all` adds the groomed block) against a policy, in
+    /// compressed time, and print how much it blocked of each and how many real users
+    /// it turned away (docs/fraud-defence.md).
     Simulate(SimulateArgs),
     /// Print the OpenAPI 3.1 document of the /v1 API (what GET /v1/openapi.json serves).
     Openapi,
