@@ -282,7 +282,8 @@ impl OwnCleanSuccesses {
     }
 }
 
-const HOUR_MS: i64 = 3_600_000;
+/// An hour in ms: the clock hours of clean successes, and of surge's hours of the day.
+pub(crate) const HOUR_MS: i64 = 3_600_000;
 
 /// The counters a sequential test learns its normal rate from: a country's, or every
 /// country's (`global`, `*`), over the rule's baseline.

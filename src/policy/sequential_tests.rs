@@ -466,14 +466,16 @@ fn the_new_knobs_are_checked_where_they_are_written() {
     assert!(per_number.contains("no normal to learn"), "{per_number}");
     let short = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nsurge = { per = \"prefix:5\", window = \"1h\", baseline = \"2h\", conversion_below = 0.6 }\n");
     assert!(short.contains("at least four windows"), "{short}");
-    let none = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below_baseline = 0.5, false_alarm = 1e-5, established = 0 }\n");
-    assert!(none.contains("at least 1"), "{none}");
-    let wilson = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, established = 30 }\n");
-    assert!(wilson.contains("set `false_alarm` too"), "{wilson}");
-    let hours = |knobs: &str| {
-        err(&format!("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = {{ per = \"prefix:5\", window = \"6h\", below = 0.3, false_alarm = 1e-5{knobs} }}\n"))
+    // A conversion rule per block with these knobs.
+    let conversion = |knobs: &str| {
+        err(&format!("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = {{ per = \"prefix:5\", window = \"6h\", {knobs} }}\n"))
     };
-    let wilson_hours = err("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = { per = \"prefix:5\", window = \"6h\", below = 0.3, established_hours = 4 }\n");
+    let none = conversion("below_baseline = 0.5, false_alarm = 1e-5, established = 0");
+    assert!(none.contains("at least 1"), "{none}");
+    let wilson = conversion("below = 0.3, established = 30");
+    assert!(wilson.contains("set `false_alarm` too"), "{wilson}");
+    let hours = |knobs: &str| conversion(&format!("below = 0.3, false_alarm = 1e-5{knobs}"));
+    let wilson_hours = conversion("below = 0.3, established_hours = 4");
     assert!(
         wilson_hours.contains("set `false_alarm` too"),
         "{wilson_hours}"

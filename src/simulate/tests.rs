@@ -138,6 +138,11 @@ fn attacked_day(kind: AttackKind, seed: u64) -> Vec<SimVerification> {
     synthetic(&knobs, SYNTHETIC_START_MS)
 }
 
+/// The sample policy shipped in config/.
+fn sample_policy() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml")
+}
+
 fn converted(traffic: &[&SimVerification]) -> f64 {
     let ok = traffic
         .iter()
@@ -241,7 +246,7 @@ fn the_groomed_attack_grooms_in_one_sitting_then_pumps() {
 /// block's; with one hour enough it passed untouched.
 #[test]
 fn the_sample_policy_blocks_a_block_groomed_to_look_established() {
-    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = sample_policy();
     let knobs = Knobs {
         seed: 3,
         warmup_days: 0,
@@ -359,7 +364,7 @@ fn the_scorecard_names_the_key_a_shadow_rule_first_flagged() {
 /// against a normal that included its own outcomes, it was blocked 0 % of its cost.
 #[test]
 fn an_attack_that_is_all_of_its_countrys_traffic_is_not_its_own_normal() {
-    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = sample_policy();
     let knobs = Knobs {
         seed: 1,
         attack_scale: 3.0,
@@ -378,7 +383,7 @@ fn an_attack_that_is_all_of_its_countrys_traffic_is_not_its_own_normal() {
 /// earlier outcomes and only successes in a calm block made it established.
 #[test]
 fn the_sample_policy_holds_when_attacks_come_back_for_days() {
-    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policy.toml");
+    let policy = sample_policy();
     let knobs = |warmup_days, attack_days| Knobs {
         seed: 8,
         warmup_days,

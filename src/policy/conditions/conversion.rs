@@ -22,7 +22,7 @@ use super::{
 use crate::policy::{
     adaptive::{
         baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
-        wilson_upper, z_for, OwnCleanSuccesses, TrackedKey,
+        wilson_upper, z_for, OwnCleanSuccesses, TrackedKey, HOUR_MS,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -91,7 +91,7 @@ pub(in crate::policy) struct ConversionFile {
 #[derive(Debug, Clone, Copy)]
 struct Established {
     successes: f64,
-    hours: f64,
+    hours: u64,
 }
 
 /// The distinct hours an establishment needs unless the policy says otherwise. Two
@@ -286,7 +286,7 @@ fn established(
             None => Ok(None),
         };
     };
-    let room = u32::try_from((baseline_ms - window_ms).max(0) / 3_600_000).unwrap_or(u32::MAX);
+    let room = u32::try_from((baseline_ms - window_ms).max(0) / HOUR_MS).unwrap_or(u32::MAX);
     let hours = match f.established_hours {
         None => ESTABLISHED_HOURS.min(room),
         Some(0) => return Err("conversion.established_hours is a number of hours: at least 1 (e.g. 4)".into()),
@@ -300,7 +300,7 @@ fn established(
     };
     Ok(Some(Established {
         successes: f64::from(successes),
-        hours: f64::from(hours),
+        hours: u64::from(hours),
     }))
 }
 
@@ -740,11 +740,11 @@ impl ConversionLimit {
                     &hours.to_string(),
                     " hours",
                 ]);
-                if hours as f64 >= enough.hours {
+                if hours >= enough.hours {
                     tripped = false;
                     remarks = joined(&[&remarks, ", established: ", &counted]);
                 } else {
-                    let needed = (enough.hours as u64).to_string();
+                    let needed = enough.hours.to_string();
                     let why = joined(&[", not established: ", &counted, " (", &needed, " needed)"]);
                     remarks = joined(&[&remarks, &why]);
                 }

@@ -21,7 +21,7 @@ use super::{
     Compiled, Condition, CounterContext, Limit,
 };
 use crate::policy::{
-    adaptive::{low_rates, steps_at, surge_counters, surge_level, TrackedKey},
+    adaptive::{low_rates, steps_at, surge_counters, surge_level, TrackedKey, HOUR_MS},
     counters::{joined, CounterKey, CounterSpec, CounterStore, SlowReadings},
     facts::Facts,
     PolicyError,
@@ -74,7 +74,6 @@ fn default_false_alarm() -> f64 {
 /// A key is judged only once its normal rests on this many outcomes.
 const BASELINE_SAMPLES: f64 = 50.0;
 
-const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 24 * HOUR_MS;
 /// Earlier days whose same hour teaches a key its normal volume at that hour.
 const HOURLY_DAYS: i64 = 7;
