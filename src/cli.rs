@@ -51,9 +51,8 @@ pub enum Command {
     #[command(subcommand)]
     Store(StoreCommand),
     /// Play a synthetic day of verifications with SMS-pumping attacks of every kind the
-    /// scorecard holds (`--attacks all` adds the groomed block) against a policy, in
-    /// compressed time, and print how much it blocked of each and how many real users
-    /// it turned away (docs/fraud-defence.md).
+    /// scorecard holds against a policy, in compressed time, and print how much it
+    /// blocked of each and how many real users it turned away (docs/fraud-defence.md).
     Simulate(SimulateArgs),
     /// Print the OpenAPI 3.1 document of the /v1 API (what GET /v1/openapi.json serves).
     Openapi,
@@ -148,7 +147,7 @@ pub struct SimulateArgs {
     pub attack_days: u32,
     /// Attack kinds, comma-separated (burst, slow-wide, rotating, busy-prefix,
     /// spread, mimicry, dominant, hidden, low-and-slow, groomed), all, or none;
-    /// default: every kind but groomed.
+    /// default: all.
     #[arg(long, value_delimiter = ',')]
     pub attacks: Option<Vec<String>>,
     /// Multiplies every attack's rate.
@@ -485,13 +484,13 @@ fn check_attack_days(days: u32, warmups: &[u32], stored: bool) -> anyhow::Result
     Ok(())
 }
 
-/// The attack kinds `--attacks` names: the scorecard's by default, every kind for
-/// `all`, none for `none`.
+/// The attack kinds `--attacks` names: every kind by default and for `all`, none for
+/// `none`.
 fn attack_kinds(names: Option<&[String]>) -> anyhow::Result<Vec<AttackKind>> {
     match names {
-        None => Ok(AttackKind::scorecard()),
-        Some(names) if names.iter().all(|n| n == "none") => Ok(Vec::new()),
+        None => Ok(AttackKind::ALL.to_vec()),
         Some(names) if names.iter().all(|n| n == "all") => Ok(AttackKind::ALL.to_vec()),
+        Some(names) if names.iter().all(|n| n == "none") => Ok(Vec::new()),
         Some(names) => names
             .iter()
             .map(|n| {

@@ -236,8 +236,8 @@ fn the_groomed_attack_grooms_in_one_sitting_then_pumps() {
         *ranges.entry(&number[..number.len() - 4]).or_default() += 1;
     }
     assert!(ranges.values().all(|&n| n <= 3), "{ranges:?}");
-    // A kind played on request: the scorecard's runs stay as they were without it.
-    assert!(!Knobs::default().attacks.contains(&AttackKind::Groomed));
+    // The scorecard plays it by default.
+    assert!(Knobs::default().attacks.contains(&AttackKind::Groomed));
     assert!(!AttackKind::Groomed.pumps_at(7 * 60 - 1) && AttackKind::Groomed.pumps_at(14 * 60));
 }
 
@@ -364,15 +364,33 @@ fn the_scorecard_names_the_key_a_shadow_rule_first_flagged() {
 /// against a normal that included its own outcomes, it was blocked 0 % of its cost.
 #[test]
 fn an_attack_that_is_all_of_its_countrys_traffic_is_not_its_own_normal() {
-    let policy = sample_policy();
-    let knobs = Knobs {
+    let mimicry = mimicry_blocked(&Knobs {
         seed: 1,
         attack_scale: 3.0,
         ..Knobs::default()
-    };
-    let card = run_synthetic(&policy, &knobs).unwrap();
-    let mimicry = card.by_attack[&AttackKind::Mimicry].cost_share();
+    });
     assert!(mimicry > 0.8, "mimicry: {mimicry}");
+}
+
+/// The share of `mimicry`'s cost the sample policy blocks on the run of `knobs`.
+fn mimicry_blocked(knobs: &Knobs) -> f64 {
+    let card = run_synthetic(&sample_policy(), knobs).unwrap();
+    card.by_attack[&AttackKind::Mimicry].cost_share()
+}
+
+/// The sample policy against `mimicry` on a first day whose first outcomes convert
+/// better than its 30 % (44 % of its first 78 on this seed): its block, with no history of
+/// its own, is judged by every country's rate (0.77). With the bar at 0.5 of that (0.39)
+/// the attack's window hovered around it after each block ended, and 75.6 % of its cost
+/// was blocked.
+#[test]
+fn mimicry_that_draws_well_at_first_is_still_blocked_on_a_first_day() {
+    let mimicry = mimicry_blocked(&Knobs {
+        seed: 11,
+        warmup_days: 0,
+        ..Knobs::default()
+    });
+    assert!(mimicry > 0.85, "mimicry: {mimicry}");
 }
 
 /// The sample policy against attacks that come back at the same hours. The next day,
@@ -390,8 +408,7 @@ fn the_sample_policy_holds_when_attacks_come_back_for_days() {
         attack_days,
         ..Knobs::default()
     };
-    let card = run_synthetic(&policy, &knobs(1, 2)).unwrap();
-    let mimicry = card.by_attack[&AttackKind::Mimicry].cost_share();
+    let mimicry = mimicry_blocked(&knobs(1, 2));
     assert!(mimicry > 0.8, "mimicry: {mimicry}");
     let card = run_synthetic(&policy, &knobs(2, 3)).unwrap();
     assert!(card.legit.denied_share() < 0.003, "{card}");

@@ -128,16 +128,6 @@ impl AttackKind {
         Self::Groomed,
     ];
 
-    /// What the scorecard plays unless asked otherwise: every kind but `groomed`, which
-    /// re-rolls `mimicry`'s outcome on a few seeds (docs/fraud-defence.md) and is played
-    /// on request (`--attacks groomed`, or `all`).
-    pub fn scorecard() -> Vec<AttackKind> {
-        Self::ALL
-            .into_iter()
-            .filter(|&k| k != Self::Groomed)
-            .collect()
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Self::Burst => "burst",
@@ -305,7 +295,7 @@ impl Default for Knobs {
             legit_conversion: 1.0,
             warmup_days: 1,
             attack_days: 1,
-            attacks: AttackKind::scorecard(),
+            attacks: AttackKind::ALL.to_vec(),
             attack_scale: 1.0,
             spike: true,
         }

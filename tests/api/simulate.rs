@@ -43,18 +43,21 @@ fn the_sample_policy_blocks_the_attacks_of_a_simulated_day_and_spares_real_users
         );
         let card = &run["scorecard"];
         let kinds = card["by_attack"].as_object().unwrap();
-        assert_eq!(kinds.len(), 9, "{kinds:?}");
-        // Where the sample policy stands (docs/fraud-defence.md has every seed): most of
-        // the attack cost blocked (mimicry is caught late on this seed's first day), the
-        // spike never, returning users never, and the hidden kind scored apart.
-        assert!(share(&card["blockable"]) >= 0.80, "{}", card["blockable"]);
+        assert_eq!(kinds.len(), 10, "{kinds:?}");
+        // Where the sample policy stands (docs/fraud-defence.md has every seed): 90 % of
+        // the attack cost blocked and 85 % of every kind but the hidden one, the spike
+        // never, returning users never, and the hidden kind scored apart.
+        assert!(share(&card["blockable"]) >= 0.90, "{}", card["blockable"]);
         for kind in [
             "burst",
             "slow-wide",
             "rotating",
+            "busy-prefix",
             "spread",
+            "mimicry",
             "dominant",
             "low-and-slow",
+            "groomed",
         ] {
             assert!(share(&kinds[kind]) >= 0.85, "{kind}: {}", kinds[kind]);
         }
