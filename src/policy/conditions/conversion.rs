@@ -148,7 +148,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough; judged without itself alone, never above every country's rate); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 2,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -452,33 +452,44 @@ impl ConversionLimit {
         };
         let (others_ok, others_all) = without(own);
         let enough = |&(_, all): &(f64, f64)| all >= BASELINE_SAMPLES;
+        // Every country's rate is the settled countries' once they have enough: the
+        // first outcomes of each fresh key an attack opens count as clean, and attacks
+        // in several countries with no history of their own (where pumping goes) would
+        // otherwise drag every country's rate down, and with it the bar of the next one.
+        let every = [(settled_ok, settled_all), (global_ok, global_all)]
+            .into_iter()
+            .find(enough)
+            .map(|(ok, all)| (ok / all).min(1.0));
         if let Some((ok, all)) = block
             .map(without)
             .filter(enough)
             .or(Some((others_ok, others_all)).filter(enough))
         {
             let rate = (ok / all).min(1.0);
+            // A whole block is judged against its country's other blocks, never above
+            // what every country converts at: a block an attacker grooms to convert well
+            // (its groom's successes are clean) would otherwise raise the bar of the
+            // country's other blocks over what their honest users convert at (Nigeria's
+            // users turned away on first days of a business converting poorly,
+            // docs/fraud-defence.md). Ranges keep their country's rate without their
+            // block: capped, the busy UK block's ranges (its country's other blocks
+            // convert above every country's rate) let an attack among them through.
+            let judged_on = match (block, every) {
+                (None, Some(every)) => rate.min(every),
+                _ => rate,
+            };
             return Ok(Some(NormalRate {
-                rate: self.judged(rate, young),
+                rate: self.judged(judged_on, young),
                 settled: rate >= FLOOR,
             }));
         }
-        if global_all < BASELINE_SAMPLES {
+        let Some(every) = every else {
             return Ok(None);
-        }
+        };
         // A country whose other keys' history is still thin borrows every country's
         // rate, but never above what those outcomes say it plausibly converts: an honest
         // country that converts poorly must not be judged by the others' rate.
-        // Every country's rate is the settled countries' once they have enough: the
-        // first outcomes of each fresh key an attack opens count as clean, and attacks
-        // in several countries with no history of their own (where pumping goes) would
-        // otherwise drag every country's rate down, and with it the bar of the next one.
-        let (every_ok, every_all) = if settled_all >= BASELINE_SAMPLES {
-            (settled_ok, settled_all)
-        } else {
-            (global_ok, global_all)
-        };
-        let mut normal = (every_ok / every_all).min(1.0);
+        let mut normal = every;
         // Only outcomes that convert as people do can say so: other attacks' fresh keys
         // in the country (their first outcomes count as clean too) convert under
         // `FLOOR`, and would set the bar of the next attack there to the floor.
