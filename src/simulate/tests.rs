@@ -393,6 +393,21 @@ fn mimicry_that_draws_well_at_first_is_still_blocked_on_a_first_day() {
     assert!(mimicry > 0.85, "mimicry: {mimicry}");
 }
 
+/// A business with a quarter of the simulator's traffic, on its first day: it allows its
+/// thousandth verification at 10:01 and its two thousandth at 13:09 (seed 1). While
+/// every country together had fewer than 2,000 outcomes, keys were only judged under
+/// 25 %, and `mimicry` (30 %, from noon) passed: 38.1 % of its cost blocked.
+#[test]
+fn a_small_business_is_past_its_first_hours_by_noon_of_its_first_day() {
+    let mimicry = mimicry_blocked(&Knobs {
+        seed: 1,
+        warmup_days: 0,
+        legit_per_minute: 6.0,
+        ..Knobs::default()
+    });
+    assert!(mimicry > 0.85, "mimicry: {mimicry}");
+}
+
 /// The sample policy against attacks that come back at the same hours. The next day,
 /// `mimicry` must not be judged against what it taught its country the day before (74.7 %
 /// of its cost blocked on this seed when it was). By the third day, an attack that
