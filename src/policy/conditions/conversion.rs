@@ -469,14 +469,16 @@ impl ConversionLimit {
             .or(Some((others_ok, others_all)).filter(enough))
         {
             let rate = (ok / all).min(1.0);
-            // A whole block is judged against its country's other blocks, never above
+            // A key judged against its country without itself (no operator-block pool:
+            // the sample's prefix rule, whose keys are whole blocks) is never judged above
             // what every country converts at: a block an attacker grooms to convert well
             // (its groom's successes are clean) would otherwise raise the bar of the
             // country's other blocks over what their honest users convert at (Nigeria's
             // users turned away on first days of a business converting poorly,
-            // docs/fraud-defence.md). Ranges keep their country's rate without their
-            // block: capped, the busy UK block's ranges (its country's other blocks
-            // convert above every country's rate) let an attack among them through.
+            // docs/fraud-defence.md). Keys judged without their operator block keep
+            // their country's rate: capped, the busy UK block's ranges (its country's
+            // other blocks convert above every country's rate) let an attack among them
+            // through.
             let judged_on = match (block, every) {
                 (None, Some(every)) => rate.min(every),
                 _ => rate,
