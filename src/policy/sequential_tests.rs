@@ -542,9 +542,14 @@ fn traffic(
 
 /// Swedish users converting at 80 %, spread over many blocks: every country's normal.
 fn history(p: &RulesPolicy, outcomes: i64) -> i64 {
+    history_in_blocks(p, outcomes, |i| i % 90)
+}
+
+/// [`history`] with outcome `i` in Swedish block `block(i)` (0 to 89).
+fn history_in_blocks(p: &RulesPolicy, outcomes: i64, block: impl Fn(i64) -> i64) -> i64 {
     (0..outcomes)
         .map(|i| {
-            let number = format!("+467{:02}{:06}", i % 90 + 10, i);
+            let number = format!("+467{:02}{:06}", block(i) + 10, i);
             verify(
                 p,
                 &format!("se-{i}"),
@@ -587,20 +592,7 @@ fn a_block_groomed_to_convert_well_does_not_raise_its_countrys_bar_over_every_co
     // Every country's normal: 3,000 Swedish outcomes over 90 blocks, each block
     // converting 80 % with its failures apart (`history` gives some blocks only failures,
     // which are not clean, and so every country 99 %).
-    let now = (0..3_000)
-        .map(|i| {
-            let number = format!("+467{:02}{i:06}", (i / 5) % 90 + 10);
-            verify(
-                &p,
-                &format!("se-{i}"),
-                &number,
-                START + i * 2_000,
-                i % 5 != 0,
-            );
-        })
-        .count() as i64
-        * 2_000
-        + START;
+    let now = history_in_blocks(&p, 3_000, |i| (i / 5) % 90);
     // A hundred verifications in a fresh Nigerian block, 95 % converting.
     let (denied, now) = traffic(&p, "+234701", 100, now, 60_000, |i| i % 20 != 0);
     assert_eq!(denied, 0);
