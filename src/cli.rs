@@ -156,6 +156,12 @@ pub struct SimulateArgs {
     /// Leave out the marketing spike (five times the French traffic for an hour).
     #[arg(long)]
     pub no_spike: bool,
+    /// Multiplies every duration, the policy's and the traffic's timeline, comma-separated:
+    /// one run each (0.1: a day passes in 2.4 hours and a 1h window lasts 6 minutes).
+    /// A defence that holds at 1 and not at 0.1 depends on the clock, not on the
+    /// policy's own durations.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub time_scale: Vec<f64>,
     /// Instead of synthetic users, replay the store's own verifications since this
     /// time ("7d" or RFC 3339), with the attacks mixed into their last day. The
     /// service must be stopped.
@@ -434,27 +440,32 @@ async fn simulate(settings: &Settings, args: SimulateArgs) -> anyhow::Result<Exi
         None => args.warmup_days.clone(),
     };
     check_attack_days(args.attack_days, &warmups, stored.is_some())?;
-    for &warmup_days in &warmups {
-        for &seed in &args.seeds {
-            let knobs = Knobs {
-                seed,
-                legit_per_minute: args.legit_per_minute,
-                legit_conversion: args.legit_conversion,
-                warmup_days,
-                attack_days: args.attack_days,
-                attacks: attacks.clone(),
-                attack_scale: args.attack_scale,
-                spike: !args.no_spike,
-            };
-            let card = scorecard(&policy, &knobs, stored.as_deref())?;
-            cards.push((
-                SimulatedRun {
+    let scales = time_scales(&args.time_scale, stored.is_some())?;
+    for &time_scale in &scales {
+        for &warmup_days in &warmups {
+            for &seed in &args.seeds {
+                let knobs = Knobs {
                     seed,
+                    legit_per_minute: args.legit_per_minute,
+                    legit_conversion: args.legit_conversion,
                     warmup_days,
                     attack_days: args.attack_days,
-                },
-                card,
-            ));
+                    attacks: attacks.clone(),
+                    attack_scale: args.attack_scale,
+                    spike: !args.no_spike,
+                    time_scale,
+                };
+                let card = scorecard(&policy, &knobs, stored.as_deref())?;
+                cards.push((
+                    SimulatedRun {
+                        seed,
+                        warmup_days,
+                        attack_days: args.attack_days,
+                        time_scale,
+                    },
+                    card,
+                ));
+            }
         }
     }
     print_scorecards(&policy, &cards, args.json, stored.is_some())?;
@@ -482,6 +493,18 @@ fn check_attack_days(days: u32, warmups: &[u32], stored: bool) -> anyhow::Result
         );
     }
     Ok(())
+}
+
+/// The scales `--time-scale` asks for: each above zero; the store's own traffic plays
+/// on its own clock.
+fn time_scales(scales: &[f64], stored: bool) -> anyhow::Result<Vec<f64>> {
+    if let Some(bad) = scales.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        anyhow::bail!("--time-scale: above zero (0.1 runs a day in 2.4 hours), not {bad}");
+    }
+    if stored && scales.iter().any(|s| *s != 1.0) {
+        anyhow::bail!("--time-scale: with --replay-store the traffic keeps its own clock");
+    }
+    Ok(scales.to_vec())
 }
 
 /// The attack kinds `--attacks` names: every kind by default and for `all`, none for
@@ -542,6 +565,7 @@ struct SimulatedRun {
     seed: u64,
     warmup_days: u32,
     attack_days: u32,
+    time_scale: f64,
 }
 
 fn print_scorecards(
@@ -559,6 +583,7 @@ fn print_scorecards(
                     "seed": run.seed,
                     "warmup_days": warmup,
                     "attack_days": run.attack_days,
+                    "time_scale": run.time_scale,
                     "scorecard": card,
                     "missed_targets": card.misses(),
                 })
@@ -576,8 +601,12 @@ fn print_scorecards(
                     1 => String::new(),
                     days => format!(", attacked {days} days running"),
                 };
+                let clock = match run.time_scale {
+                    1.0 => String::new(),
+                    scale => format!(", every duration x {scale}"),
+                };
                 println!(
-                    "{}, seed {seed}, warm-up {} day(s){attacked}:",
+                    "{}, seed {seed}, warm-up {} day(s){attacked}{clock}:",
                     policy.display(),
                     run.warmup_days
                 );

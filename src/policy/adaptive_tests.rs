@@ -323,3 +323,11 @@ fn false_alarms_stay_under_the_designed_rate_over_many_looks() {
         "{alarms} alarms, designed for at most {designed}"
     );
 }
+
+#[test]
+fn an_establishment_hour_is_a_clock_hour_or_a_sixth_of_a_shorter_window() {
+    assert_eq!(establishment_hour_ms(6 * HOUR_MS), HOUR_MS);
+    assert_eq!(establishment_hour_ms(24 * HOUR_MS), HOUR_MS);
+    assert_eq!(establishment_hour_ms(36 * 60_000), 6 * 60_000);
+    assert_eq!(establishment_hour_ms(3), 1);
+}

@@ -166,12 +166,83 @@ pub(super) fn load(
     path: &Path,
     stats: &HashMap<String, Arc<RuleStats>>,
 ) -> Result<Snapshot, PolicyLoadError> {
+    let (text, base) = read(path)?;
+    compile(&text, &path.display().to_string(), Some(&base), stats)
+}
+
+/// The policy file's text, and the folder its list files are relative to.
+fn read(path: &Path) -> Result<(String, PathBuf), PolicyLoadError> {
     let text = std::fs::read_to_string(path).map_err(|e| PolicyLoadError::Read {
         path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    compile(&text, &path.display().to_string(), Some(&base), stats)
+    Ok((
+        text,
+        path.parent().map(Path::to_path_buf).unwrap_or_default(),
+    ))
+}
+
+/// The policy's fields that hold a duration, wherever they appear (a rule, its
+/// condition, the file's top level).
+const DURATION_FIELDS: [&str; 7] = [
+    "window",
+    "baseline",
+    "complete_after",
+    "pool_alert_for",
+    "block_for",
+    "max_block",
+    "returning_within",
+];
+
+/// The policy text with every duration multiplied by `factor`, written in
+/// milliseconds: the same policy on a faster (or slower) clock. `verigate simulate
+/// --time-scale` plays it against traffic whose timeline is scaled alike, to show
+/// whether a defence depends on the clock rather than on the policy's own durations.
+pub fn scale_durations(text: &str, factor: f64) -> Result<String, String> {
+    fn walk(value: &mut toml::Value, factor: f64) -> Result<(), String> {
+        match value {
+            toml::Value::Table(table) => {
+                for (key, v) in table.iter_mut() {
+                    match v {
+                        toml::Value::String(text) if DURATION_FIELDS.contains(&key.as_str()) => {
+                            let ms = duration_ms(text).ok_or_else(|| {
+                                format!("{key} `{text}` is not a duration like 1h")
+                            })?;
+                            *text = format!("{}ms", ((ms as f64 * factor).round() as i64).max(1));
+                        }
+                        _ => walk(v, factor)?,
+                    }
+                }
+            }
+            toml::Value::Array(items) => {
+                for item in items {
+                    walk(item, factor)?;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+    if !(factor.is_finite() && factor > 0.0) {
+        return Err(format!("a time scale must be above zero, not {factor}"));
+    }
+    let mut value: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
+    walk(&mut value, factor)?;
+    toml::to_string(&value).map_err(|e| e.to_string())
+}
+
+/// Reads the policy at `path` with every duration multiplied by `factor`
+/// ([`scale_durations`]); its list files are read as they are.
+pub(super) fn load_scaled(path: &Path, factor: f64) -> Result<Snapshot, PolicyLoadError> {
+    let (text, base) = read(path)?;
+    let origin = format!("{} (durations x {factor})", path.display());
+    let scaled = scale_durations(&text, factor).map_err(|message| PolicyLoadError::Invalid {
+        path: origin.clone(),
+        line: 1,
+        column: 1,
+        message,
+    })?;
+    compile(&scaled, &origin, Some(&base), &HashMap::new())
 }
 
 pub(super) struct Located<'a> {
@@ -504,3 +575,50 @@ pub(super) fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 #[path = "schema_tests.rs"]
 mod schema_tests;
+
+#[cfg(test)]
+mod scale_tests {
+    use super::scale_durations;
+
+    #[test]
+    fn every_duration_is_scaled_wherever_it_is_written_and_nothing_else() {
+        let text = r#"
+returning_within = "90d"
+[[rule]]
+name = "r"
+action = "deny"
+conversion = { per = "prefix:5", window = "6h", baseline = "24h", complete_after = "3m", pool_alert_for = "1h", below = 0.5 }
+block_for = "2h"
+max_block = "24h"
+[[rule]]
+name = "burst"
+action = "deny"
+rate_limit = { key = "number", max = 5, window = "10m" }
+"#;
+        let scaled: toml::Value = toml::from_str(&scale_durations(text, 0.1).unwrap()).unwrap();
+        assert_eq!(scaled["returning_within"].as_str(), Some("777600000ms"));
+        let rule = &scaled["rule"][0];
+        let conversion = &rule["conversion"];
+        assert_eq!(conversion["window"].as_str(), Some("2160000ms"));
+        assert_eq!(conversion["baseline"].as_str(), Some("8640000ms"));
+        assert_eq!(conversion["complete_after"].as_str(), Some("18000ms"));
+        assert_eq!(conversion["pool_alert_for"].as_str(), Some("360000ms"));
+        assert_eq!(rule["block_for"].as_str(), Some("720000ms"));
+        assert_eq!(rule["max_block"].as_str(), Some("8640000ms"));
+        assert_eq!(conversion["per"].as_str(), Some("prefix:5"));
+        assert_eq!(conversion["below"].as_float(), Some(0.5));
+        assert_eq!(
+            scaled["rule"][1]["rate_limit"]["window"].as_str(),
+            Some("60000ms")
+        );
+        assert_eq!(scaled["rule"][1]["rate_limit"]["max"].as_integer(), Some(5));
+    }
+
+    #[test]
+    fn a_scale_must_be_above_zero_and_a_duration_field_must_hold_one() {
+        assert!(scale_durations("", 0.0).is_err());
+        assert!(scale_durations("", f64::NAN).is_err());
+        let err = scale_durations("[[rule]]\nwindow = \"soon\"\n", 0.5).unwrap_err();
+        assert!(err.contains("window `soon`"), "{err}");
+    }
+}

@@ -80,6 +80,12 @@ impl RulesPolicy {
         Ok(Self::new(Some(path.to_path_buf()), snapshot))
     }
 
+    /// The policy at `path` with every duration multiplied by `factor` (the simulator's
+    /// `--time-scale`). Cannot be reloaded.
+    pub fn load_scaled(path: &Path, factor: f64) -> Result<Self, PolicyLoadError> {
+        Ok(Self::new(None, super::file::load_scaled(path, factor)?))
+    }
+
     /// A policy from text; `origin` names it in error messages. Cannot be reloaded.
     pub fn parse(text: &str, origin: &str) -> Result<Self, PolicyLoadError> {
         Ok(Self::new(

@@ -201,8 +201,14 @@ impl Ord for Due {
 
 /// Plays `traffic` (time-ordered) against `policy`; verifications from `scored_from_ms`
 /// on are scored. An attack kind's time to first denial counts from its first attempt
-/// that pumps.
-pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i64) -> Scorecard {
+/// that pumps. `scale` is how fast the traffic's clock runs (`Knobs::time_scale`):
+/// minutes are reported as the simulated day's.
+pub fn play(
+    policy: &RulesPolicy,
+    traffic: &[SimVerification],
+    scored_from_ms: i64,
+    scale: f64,
+) -> Scorecard {
     let mut card = Scorecard::default();
     let mut due: BinaryHeap<Reverse<Due>> = BinaryHeap::new();
     let mut first_attempt: BTreeMap<AttackKind, i64> = BTreeMap::new();
@@ -307,11 +313,12 @@ pub fn play(policy: &RulesPolicy, traffic: &[SimVerification], scored_from_ms: i
                 let tally = card.by_attack.entry(*kind).or_default();
                 tally.add(price, denied, flagged);
                 // Timed from its first attempt that pumps (a groom only prepares).
-                if !kind.pumps_at((v.at_ms - scored_from_ms).div_euclid(60_000)) {
+                let of_day_min = (v.at_ms - scored_from_ms) as f64 / scale / 60_000.0;
+                if !kind.pumps_at(of_day_min.floor() as i64) {
                     continue;
                 }
                 let start = *first_attempt.entry(*kind).or_insert(v.at_ms);
-                let after_min = (v.at_ms - start) as f64 / 60_000.0;
+                let after_min = (v.at_ms - start) as f64 / scale / 60_000.0;
                 if denied && tally.first_denied_after_min.is_none() {
                     tally.first_denied_after_min = Some(after_min);
                 }
@@ -358,15 +365,51 @@ const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 pub const SYNTHETIC_START_MS: i64 = 1_795_392_000_000;
 
 /// Plays the knobs' synthetic days against a fresh policy from `policy`; the day with
-/// the attacks is scored.
+/// the attacks is scored. With a `time_scale`, the policy's durations and the traffic's
+/// timeline are scaled alike.
 pub fn run_synthetic(
     policy: &std::path::Path,
     knobs: &Knobs,
 ) -> Result<Scorecard, crate::policy::PolicyLoadError> {
-    let policy = RulesPolicy::load(policy)?;
-    let traffic = synthetic(knobs, SYNTHETIC_START_MS);
-    let scored_from = SYNTHETIC_START_MS + i64::from(knobs.warmup_days) * DAY_MS;
-    Ok(play(&policy, &traffic, scored_from))
+    let scale = knobs.time_scale;
+    let policy = if scale == 1.0 {
+        RulesPolicy::load(policy)?
+    } else {
+        RulesPolicy::load_scaled(policy, scale)?
+    };
+    let traffic = on_scaled_clock(
+        synthetic(knobs, SYNTHETIC_START_MS),
+        SYNTHETIC_START_MS,
+        scale,
+    );
+    let scored_from = SYNTHETIC_START_MS + scaled(i64::from(knobs.warmup_days) * DAY_MS, scale);
+    Ok(play(&policy, &traffic, scored_from, scale))
+}
+
+fn scaled(ms: i64, scale: f64) -> i64 {
+    (ms as f64 * scale).round() as i64
+}
+
+/// `traffic` with every time since `start_ms` (and every result's delay) multiplied by
+/// `scale`.
+fn on_scaled_clock(
+    traffic: Vec<SimVerification>,
+    start_ms: i64,
+    scale: f64,
+) -> Vec<SimVerification> {
+    if scale == 1.0 {
+        return traffic;
+    }
+    traffic
+        .into_iter()
+        .map(|mut v| {
+            v.at_ms = start_ms + scaled(v.at_ms - start_ms, scale);
+            if let Some((_, _, after)) = &mut v.result {
+                *after = scaled(*after, scale);
+            }
+            v
+        })
+        .collect()
 }
 
 /// Plays stored verifications with the knobs' attacks mixed into their last day against
@@ -384,7 +427,7 @@ pub fn run_with_stored(
     };
     let day_start = (last.at_ms - DAY_MS).max(first.at_ms);
     let traffic = merge(stored, attacks_only(knobs, day_start));
-    Ok(Some(play(&policy, &traffic, day_start)))
+    Ok(Some(play(&policy, &traffic, day_start, 1.0)))
 }
 
 fn time(ms: i64) -> DateTime<Utc> {

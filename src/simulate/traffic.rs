@@ -285,6 +285,10 @@ pub struct Knobs {
     pub attack_scale: f64,
     /// Whether the marketing spike runs on the attacked day.
     pub spike: bool,
+    /// Multiplies every duration: the policy's and the traffic's timeline (0.1: a day
+    /// passes in 2.4 hours, a policy window of 1h lasts 6 minutes). Rates per simulated
+    /// minute stay as they are, so the same verifications come, faster.
+    pub time_scale: f64,
 }
 
 impl Default for Knobs {
@@ -298,6 +302,7 @@ impl Default for Knobs {
             attacks: AttackKind::ALL.to_vec(),
             attack_scale: 1.0,
             spike: true,
+            time_scale: 1.0,
         }
     }
 }

@@ -22,7 +22,7 @@ use super::{
 use crate::policy::{
     adaptive::{
         baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
-        wilson_upper, z_for, OwnCleanSuccesses, TrackedKey, HOUR_MS,
+        establishment_hour_ms, wilson_upper, z_for, OwnCleanSuccesses, TrackedKey,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -82,7 +82,9 @@ pub(in crate::policy) struct ConversionFile {
     /// How many distinct clock hours (UTC) those clean successes must have come in
     /// (default 4, or the whole hours of `baseline` before the window if fewer): real
     /// users convert through the day, an attacker grooming a fresh block to look
-    /// established enters its codes in one sitting.
+    /// established enters its codes in one sitting. With a window under 6h an hour is a
+    /// sixth of the window, so a policy with every duration scaled down asks for the
+    /// same spread.
     established_hours: Option<u32>,
 }
 
@@ -151,7 +153,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough; judged without itself alone, never above every country's rate); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 1,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough; judged without itself alone, never above every country's rate); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 1,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours, or sixths of the window when it is under 6h (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -276,8 +278,8 @@ impl Condition for Conversion {
 }
 
 /// The establishment `f` asks for: `established_hours` defaults to
-/// [`ESTABLISHED_HOURS`], or to as many whole hours as the baseline holds before the
-/// window if fewer, and may not ask for more than that.
+/// [`ESTABLISHED_HOURS`], or to as many whole hours (`establishment_hour_ms`) as the
+/// baseline holds before the window if fewer, and may not ask for more than that.
 fn established(
     f: &ConversionFile,
     baseline_ms: i64,
@@ -289,7 +291,8 @@ fn established(
             None => Ok(None),
         };
     };
-    let room = u32::try_from((baseline_ms - window_ms).max(0) / HOUR_MS).unwrap_or(u32::MAX);
+    let hour_ms = establishment_hour_ms(window_ms);
+    let room = u32::try_from((baseline_ms - window_ms).max(0) / hour_ms).unwrap_or(u32::MAX);
     let hours = match f.established_hours {
         None => ESTABLISHED_HOURS.min(room),
         Some(0) => return Err("conversion.established_hours is a number of hours: at least 1 (e.g. 4)".into()),
