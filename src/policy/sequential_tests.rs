@@ -489,6 +489,17 @@ fn the_new_knobs_are_checked_where_they_are_written() {
     // The default asks for no more hours than a short baseline holds.
     assert_eq!(hours(", established = 15, baseline = \"8h\""), "");
     assert_eq!(hours(", established = 15, established_hours = 18"), "");
+    // Under a 6h window an hour is a sixth of it: a 1h window over 2h of baseline holds
+    // six of ten minutes before it.
+    let short = |knobs: &str| {
+        err(&format!("[[rule]]\nname = \"r\"\naction = \"deny\"\nconversion = {{ per = \"prefix:5\", window = \"1h\", baseline = \"2h\", below = 0.3, false_alarm = 1e-5, established = 15{knobs} }}\n"))
+    };
+    assert_eq!(short(", established_hours = 6"), "");
+    let unmet = short(", established_hours = 7");
+    assert!(
+        unmet.contains("holds 6 whole hours of 10m (a sixth of the window)"),
+        "{unmet}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use super::{
 use crate::policy::{
     adaptive::{
         baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
-        establishment_hour_ms, wilson_upper, z_for, OwnCleanSuccesses, TrackedKey,
+        establishment_hour_ms, wilson_upper, z_for, OwnCleanSuccesses, TrackedKey, HOUR_MS,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
     facts::Facts,
@@ -297,10 +297,20 @@ fn established(
         None => ESTABLISHED_HOURS.min(room),
         Some(0) => return Err("conversion.established_hours is a number of hours: at least 1 (e.g. 4)".into()),
         Some(h) if h > room => {
+            // With a window under 6h an "hour" is a sixth of it: say how long.
+            let hour = match hour_ms < HOUR_MS {
+                true => format!(
+                    " of {} (a sixth of the window)",
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        hour_ms.unsigned_abs()
+                    ))
+                ),
+                false => String::new(),
+            };
             return Err(format!(
-                "conversion.established_hours = {h} cannot be met: the baseline ({}) holds {room} whole hours before the window ({})",
+                "conversion.established_hours = {h} cannot be met: the baseline ({}) holds {room} whole hours{hour} before the window ({})",
                 f.baseline, f.window
-            ))
+            ));
         }
         Some(h) => h,
     };
