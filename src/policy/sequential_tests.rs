@@ -697,43 +697,109 @@ fn failing_fresh_keys_of_a_country_do_not_lower_the_bar_of_its_next_key() {
     assert_eq!(after_failures, d.explanation.counters[0].condition);
 }
 
-/// Traffic follows the day: a key is judged against the same hour of the days before,
+/// One operator block's traffic under a plain `surge` rule (an hour's window, 1.5 x
+/// volume, conversion under 0.6 x), each request a new number.
+struct SurgeBlock {
+    policy: RulesPolicy,
+    rng: crate::rng::Rng,
+    asked: u32,
+}
+
+impl SurgeBlock {
+    fn new(seed: u64) -> Self {
+        Self {
+            policy: policy(
+                "[[rule]]\nname = \"surge\"\naction = \"deny\"\n\
+                 surge = { per = \"prefix:5\", window = \"1h\", volume_above = 1.5, conversion_below = 0.6, complete_after = \"3m\" }\n",
+            ),
+            rng: crate::rng::Rng::seeded(seed),
+            asked: 0,
+        }
+    }
+
+    /// Plays real users (80 % convert) and attempts that never convert, in time order;
+    /// how many of the users and how many of those attempts were denied.
+    fn play(
+        &mut self,
+        users: impl IntoIterator<Item = i64>,
+        attack: impl IntoIterator<Item = i64>,
+    ) -> (usize, usize) {
+        let mut times: Vec<(i64, bool)> = users.into_iter().map(|at| (at, true)).collect();
+        times.extend(attack.into_iter().map(|at| (at, false)));
+        times.sort_unstable();
+        let mut denied = (0, 0);
+        for (at, user) in times {
+            self.asked += 1;
+            let converts = user && self.rng.unit() < 0.8;
+            let number = format!("+4479{:07}", self.asked);
+            let d = verify(
+                &self.policy,
+                &format!("v{}", self.asked),
+                &number,
+                at,
+                converts,
+            );
+            if d.action == Action::Deny {
+                match user {
+                    true => denied.0 += 1,
+                    false => denied.1 += 1,
+                }
+            }
+        }
+        denied
+    }
+}
+
+/// `per_hour(hour)` requests evenly spread over each of `hours` (from `START`).
+fn evenly(hours: std::ops::Range<i64>, per_hour: fn(i64) -> i64) -> impl Iterator<Item = i64> {
+    hours.flat_map(move |hour| {
+        let n = per_hour(hour);
+        (0..n).map(move |k| START + hour * 60 * MIN + k * (60 * MIN / n))
+    })
+}
+
+/// Traffic follows the day: a key is judged against the same hours of the days before,
 /// so a surge in its quiet hours is seen although it stays under the day's mean.
 #[test]
 fn a_surge_in_a_quiet_hour_is_judged_against_that_hour_of_the_day_before() {
-    let p = policy(
-        "[[rule]]\nname = \"surge\"\naction = \"deny\"\n\
-         surge = { per = \"prefix:5\", window = \"1h\", volume_above = 1.5, conversion_below = 0.6, complete_after = \"3m\" }\n",
-    );
-    let mut rng = crate::rng::Rng::seeded(3);
-    let mut id = 0;
-    let mut ask = |at_ms: i64, converted: bool| {
-        id += 1;
-        verify(
-            &p,
-            &format!("v{id}"),
-            &format!("+4479{id:07}"),
-            at_ms,
-            converted,
-        )
-    };
-    // A day: 60 an hour, but 10 an hour from 02:00 to 05:00; 80 % convert.
-    for hour in 0..24 {
-        let per_hour = if (2..5).contains(&hour) { 10 } else { 60 };
-        for k in 0..per_hour {
-            let at = START + hour * 60 * MIN + k * (60 * MIN / per_hour);
-            let d = ask(at, rng.unit() < 0.8);
-            assert_eq!(d.action, Action::Allow, "day one, {hour}:00");
+    // A day and the next night: 60 an hour, but 10 an hour from 02:00 to 05:00.
+    let per_hour = |hour: i64| {
+        if (2..5).contains(&(hour % 24)) {
+            10
+        } else {
+            60
         }
-    }
-    // The next night at 02:00: 40 an hour (under the day's mean of 54 an hour, four
-    // times this hour's normal), none converting.
+    };
+    let mut block = SurgeBlock::new(3);
+    assert_eq!(block.play(evenly(0..26, per_hour), []), (0, 0));
+    // From 02:00 of the next night, beside its users, 40 an hour more that never
+    // convert, for two hours: 50 an hour, under the day's mean of 54 an hour, four to
+    // five times the night's normal.
     let night = START + (24 + 2) * 60 * MIN;
-    let denied = (0..40)
-        .map(|k| ask(night + k * (60 * MIN / 40), false))
-        .filter(|d| d.action == Action::Deny)
-        .count();
+    let attack = (0..80).map(|k| night + k * (60 * MIN / 40));
+    let (_, denied) = block.play(evenly(26..28, per_hour), attack);
     assert!(denied >= 10, "{denied} of the night's surge denied");
+}
+
+/// A window is compared with the same stretch of the day before, not with the clock
+/// hour it ends in: where traffic climbs at 10:00, the last hour at 10:10 is mostly the
+/// quiet 09:00-10:00, and an attack of that first half hour must not hide under the
+/// busy hour's volume.
+#[test]
+fn a_surge_as_traffic_climbs_is_judged_against_the_same_stretch_of_the_day_before() {
+    // A day and the next morning: 10 an hour until 10:00, 100 an hour after.
+    let per_hour = |hour: i64| if hour % 24 < 10 { 10 } else { 100 };
+    let mut block = SurgeBlock::new(5);
+    assert_eq!(block.play(evenly(0..34, per_hour), []), (0, 0));
+    // From 10:00 of the second day the real users keep coming, and 150 an hour more that
+    // never convert, for half an hour. Against the hour of 10:00 the day before (100),
+    // the last hour stays under 1.5 x (at 10:30, 55 real and 75 of the attack); against
+    // the same stretch of the day before (25 at 10:10, 55 at 10:30) it is twice that.
+    let from = START + 34 * 60 * MIN;
+    let users = evenly(34..35, per_hour).filter(|at| *at < from + 30 * MIN);
+    let attack = (0..75).map(|k| from + k * (60 * MIN / 150));
+    let (_, denied) = block.play(users, attack);
+    assert!(denied >= 10, "{denied} of the attack's 75 denied");
 }
 
 /// Real users and an attack sharing one operator block: 1 user a minute converting at

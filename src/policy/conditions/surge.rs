@@ -6,8 +6,8 @@
 //! Each key learns its normal volume (requests per window) and conversion over
 //! `baseline`, volume only while it is not surging and conversion only while its
 //! evidence does not lean low, so an attack that lasts does not become the normal.
-//! Volume is judged against the same hour of the days before (up to a week), since
-//! traffic follows the day; a key without a day behind it, against its mean. Conversion is judged by the same sequential test as
+//! Volume is judged against the same stretch of the clock on the days before (up to a
+//! week), since traffic follows the day; a key without a day behind it, against its mean. Conversion is judged by the same sequential test as
 //! `conversion` (a CUSUM against the key's own normal rate), volume by its ratio to
 //! normal. With `throttle`, the key is not denied outright: requests pass up to
 //! `throttle` × its normal volume in the window and only the excess is denied, so the
@@ -75,13 +75,13 @@ fn default_false_alarm() -> f64 {
 const BASELINE_SAMPLES: f64 = 50.0;
 
 const DAY_MS: i64 = 24 * HOUR_MS;
-/// Earlier days whose same hour teaches a key its normal volume at that hour.
+/// Earlier days whose same stretch of the clock teaches a key its normal volume then.
 const HOURLY_DAYS: i64 = 7;
 /// How long one day's hour is kept.
 const HOURLY_MS: i64 = (HOURLY_DAYS + 1) * DAY_MS;
 
 impl Condition for Surge {
-    const HOLDS_WHEN: &'static str = "the key departs from its own normal, learned over `baseline` (24h) while it was not surging: at least `volume_above` (1.5) × its normal requests in the `window` (the same hour of the day on up to seven days before, UTC; until a key has a day behind it, its mean over the baseline), and its conversion leaning below `conversion_below` × its normal rate by a sequential test at `false_alarm` (1e-5). With `throttle`, only the requests beyond `throttle` × its normal volume in the window match";
+    const HOLDS_WHEN: &'static str = "the key departs from its own normal, learned over `baseline` (24h) while it was not surging: at least `volume_above` (1.5) × its normal requests in the `window` (what came in the same stretch of the day, the window's, on up to seven days before, UTC; until a key has a day behind it, its mean over the baseline), and its conversion leaning below `conversion_below` × its normal rate by a sequential test at `false_alarm` (1e-5). With `throttle`, only the requests beyond `throttle` × its normal volume in the window match";
     const EXAMPLE: &'static str = r#"surge = { per = "prefix:5", window = "1h", volume_above = 1.5, conversion_below = 0.6, throttle = 1.2 }"#;
     type File = SurgeFile;
 
@@ -210,9 +210,14 @@ impl SurgeLimit {
         }
     }
 
-    /// Normal requests per window at this time of day: the mean of the same hour on the
-    /// earlier days (up to a week) the key was counted through (`None` before a whole
-    /// such hour). Today's own traffic never counts, so a surge cannot raise its bar.
+    /// Normal requests per window at this time of day: the mean over the earlier days (up
+    /// to a week) the key was counted through of what came in the same window of the
+    /// day (`None` before a whole such window). A window is compared with the same
+    /// stretch of the clock, not with the hour it ends in: at 10:05 the last hour is
+    /// mostly 09:00-10:00, and where traffic climbs in the morning the hour of 10:00 held
+    /// far more, which hid an attack's first half hour. Hours are counted whole, so each
+    /// counts by the share of it the window covers. Today's own traffic never counts, so
+    /// a surge cannot raise its bar.
     fn hourly_volume(
         &self,
         rule: &str,
@@ -225,18 +230,24 @@ impl SurgeLimit {
         if first == 0 {
             return Ok(None);
         }
-        let this_hour = now_ms.div_euclid(HOUR_MS);
         let (mut requests, mut days) = (0.0, 0.0);
         for back in 1..=HOURLY_DAYS {
-            let hour = this_hour - 24 * back;
+            let end = now_ms - back * DAY_MS;
+            let start = end - self.spec.window_ms;
+            let mut hour = start.div_euclid(HOUR_MS);
             if hour * HOUR_MS < first {
-                break; // not counted through that hour: the key was not seen yet
+                break; // not counted through that window: the key was not seen yet
             }
-            let key = Self::hour_key(rule, &self.spec.text, value, hour);
-            requests += counters.total(&key, HOURLY_MS, now_ms)?;
+            while hour * HOUR_MS < end {
+                let covered = end.min((hour + 1) * HOUR_MS) - start.max(hour * HOUR_MS);
+                let key = Self::hour_key(rule, &self.spec.text, value, hour);
+                requests += counters.total(&key, HOURLY_MS, now_ms)? * covered as f64
+                    / HOUR_MS as f64;
+                hour += 1;
+            }
             days += 1.0;
         }
-        Ok((days > 0.0).then(|| requests / days * self.spec.window_ms as f64 / HOUR_MS as f64))
+        Ok((days > 0.0).then(|| requests / days))
     }
 
     /// The key's normal and recent state; `None` until it has a normal to judge by.
@@ -263,7 +274,7 @@ impl SurgeLimit {
             let span = (now_ms as f64 - since)
                 .clamp(self.spec.window_ms as f64, self.baseline_ms as f64);
             let requests = counters.total(&keys.normal, self.baseline_ms, now_ms)?;
-            // The same hour of the days before where they are known: traffic follows
+            // The same stretch of the days before where they are known: traffic follows
             // the day, and an attack in a quiet hour must not hide under the day's mean.
             let volume = match self.hourly_volume(rule, value, keys, counters, now_ms)? {
                 Some(hourly) => hourly,
