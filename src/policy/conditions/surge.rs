@@ -7,11 +7,12 @@
 //! `baseline`, volume only while it is not surging and conversion only while its
 //! evidence does not lean low, so an attack that lasts does not become the normal.
 //! Volume is judged against the same stretch of the clock on the days before (up to a
-//! week), since traffic follows the day; a key without a day behind it, against its mean. Conversion is judged by the same sequential test as
-//! `conversion` (a CUSUM against the key's own normal rate), volume by its ratio to
-//! normal. With `throttle`, the key is not denied outright: requests pass up to
-//! `throttle` × its normal volume in the window and only the excess is denied, so the
-//! usual traffic keeps going while the attacker's surplus is cut.
+//! week), since traffic follows the day; a key without a day behind it, against its
+//! mean. Conversion is judged by the same sequential test as `conversion` (a CUSUM
+//! against the key's own normal rate), volume by its ratio to normal. With `throttle`,
+//! the key is not denied outright: requests pass up to `throttle` × its normal volume
+//! in the window and only the excess is denied, so the usual traffic keeps going while
+//! the attacker's surplus is cut.
 
 use schemars::JsonSchema;
 use serde::Deserialize;
