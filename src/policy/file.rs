@@ -17,7 +17,7 @@ use toml::Spanned;
 use super::{
     adaptive::BlockSpec,
     compiled::{Rule, RuleError, RuleStats, Snapshot},
-    conditions::{duration_ms, Anchor, CompileContext, CompiledConditions, RuleFile},
+    conditions::{duration_ms, written_ms, Anchor, CompileContext, CompiledConditions, RuleFile},
     Counting, Mode,
 };
 use crate::events::{Action, ResponseFields};
@@ -425,8 +425,8 @@ pub(super) fn compile_rule(
     if let Some(b) = &block {
         summary.push(format!(
             "quarantine {} (doubling, at most {}){}",
-            humantime::format_duration(std::time::Duration::from_millis(b.for_ms.unsigned_abs())),
-            humantime::format_duration(std::time::Duration::from_millis(b.max_ms.unsigned_abs())),
+            written_ms(b.for_ms),
+            written_ms(b.max_ms),
             b.probe_every
                 .map_or_else(String::new, |n| format!(", probe 1 in {n}"))
         ));

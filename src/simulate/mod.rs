@@ -397,9 +397,6 @@ fn on_scaled_clock(
     start_ms: i64,
     scale: f64,
 ) -> Vec<SimVerification> {
-    if scale == 1.0 {
-        return traffic;
-    }
     traffic
         .into_iter()
         .map(|mut v| {

@@ -16,7 +16,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 
 use super::{
-    default_baseline, default_complete_after, duration_ms, pair_totals, CompileContext,
+    default_baseline, default_complete_after, duration_ms, pair_totals, written_ms, CompileContext,
     Compiled, Condition, CounterContext, Limit,
 };
 use crate::policy::{
@@ -299,12 +299,7 @@ fn established(
         Some(h) if h > room => {
             // With a window under 6h an "hour" is a sixth of it: say how long.
             let hour = match hour_ms < HOUR_MS {
-                true => format!(
-                    " of {} (a sixth of the window)",
-                    humantime::format_duration(std::time::Duration::from_millis(
-                        hour_ms.unsigned_abs()
-                    ))
-                ),
+                true => format!(" of {} (a sixth of the window)", written_ms(hour_ms)),
                 false => String::new(),
             };
             return Err(format!(

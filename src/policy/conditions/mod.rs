@@ -381,6 +381,12 @@ pub(super) fn duration_ms(text: &str) -> Option<i64> {
         .and_then(|d| i64::try_from(d.as_millis()).ok())
 }
 
+/// A duration in milliseconds as a policy writes it (`1h 30m`): the reverse of
+/// [`duration_ms`], for summaries and messages.
+pub(super) fn written_ms(ms: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms.unsigned_abs())).to_string()
+}
+
 /// A `policy test` case's fields beyond name, number, time and expectation.
 pub(super) type CaseFields = BTreeMap<String, toml::Value>;
 
