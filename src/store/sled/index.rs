@@ -6,6 +6,7 @@
 use std::{
     ops::ControlFlow,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -114,18 +115,40 @@ fn corrupt(err: codec::CodecError) -> StoreError {
     StoreError::Corrupt(err.to_string())
 }
 
+/// Opens a sled database, waiting out a lock this process let go of a moment ago: a
+/// closed sled database stays locked while its background threads finish, so a store
+/// reopened at once (a migration run again after it stopped, a restart in the same
+/// process) would otherwise be refused as if another process held it. A lock still held
+/// after a few seconds is reported.
+pub fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match config.open() {
+            // sled says so only in its message.
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            opened => return opened,
+        }
+    }
+}
+
 impl Index {
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            // The index is flushed at each checkpoint; the write-ahead log makes events
-            // durable before that, so sled's timer flush would only add I/O.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                StoreError::Unavailable(format!("cannot open the index at {}: {e}", path.display()))
-            })?;
+        let db = open_sled(
+            &sled::Config::new()
+                .path(path)
+                .cache_capacity(cache_bytes)
+                // The index is flushed at each checkpoint; the write-ahead log makes events
+                // durable before that, so sled's timer flush would only add I/O.
+                .flush_every_ms(None),
+        )
+        .map_err(|e| {
+            StoreError::Unavailable(format!("cannot open the index at {}: {e}", path.display()))
+        })?;
         let tree = db.open_tree("verigate").map_err(failed)?;
         Ok(Self { db, tree })
     }

@@ -9,16 +9,13 @@
 //!   stopped when the command runs again;
 //! - only then are the old files deleted.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
 use serde::Deserialize;
 
 use super::{
     codec::{self, Accepted, LoggedEvent, StoredVerification, Symbols},
-    index::{failed, Index, CHECKPOINT, FORMAT, FORMAT_VERSION, LAST_MS},
+    index::{failed, open_sled, Index, CHECKPOINT, FORMAT, FORMAT_VERSION, LAST_MS},
     keys::{self, Stamp},
     runs::Runs,
     INDEX_DIR, STATE_PREFIX,
@@ -114,30 +111,14 @@ impl Pace {
     }
 }
 
-/// Opens the old store, only to read it. A store this process closed a moment ago (a
-/// migration that stopped, then is run again) can stay locked while sled's background
-/// threads let go of it: a held lock is tried again for a while before it is reported
-/// as another process's.
+/// Opens the old store, only to read it.
 fn open_old(path: &Path) -> Result<sled::Db, StoreError> {
-    let deadline = Instant::now() + Duration::from_secs(3);
-    loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
-            Ok(db) => return Ok(db),
-            // sled says so only in its message.
-            Err(e)
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => {
-                return Err(StoreError::Unavailable(format!(
-                    "cannot open the old store at {} (is verigate running on it?): {e}",
-                    path.display()
-                )))
-            }
-        }
-    }
+    open_sled(&sled::Config::new().path(path).flush_every_ms(None)).map_err(|e| {
+        StoreError::Unavailable(format!(
+            "cannot open the old store at {} (is verigate running on it?): {e}",
+            path.display()
+        ))
+    })
 }
 
 fn migrate_with(
