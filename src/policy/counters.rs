@@ -584,7 +584,11 @@ impl Counters {
         let mut map = self.shards[shard % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, held| now_ms - held.window.idle_since() <= held.window.span_ms());
+        // A distinct window whose members have all left it is idle since ever
+        // (`i64::MIN`): the difference saturates and the window goes.
+        map.retain(|_, held| {
+            now_ms.saturating_sub(held.window.idle_since()) <= held.window.span_ms()
+        });
     }
 
     /// Forgets every counter of `rule` under key value `value` (a lifted quarantine starts
@@ -814,6 +818,19 @@ mod tests {
         // Only distinct counts have members.
         c.add(&key("sum"), 1000, 0, 5.0);
         assert_eq!(CounterStore::members(&c, &key("sum"), 1000, 10), Ok(0.0));
+    }
+
+    #[test]
+    fn a_distinct_window_whose_members_all_left_is_swept() {
+        let c = Counters::default();
+        let k = key("range");
+        c.see(&k, 1000, 0, "+1");
+        // Reading it after its window moves the member out and leaves it empty.
+        assert_eq!(CounterStore::members(&c, &k, 1000, 5000), Ok(0.0));
+        for shard in 0..SHARDS {
+            c.sweep(shard, 5000);
+        }
+        assert_eq!(c.keys(), 0);
     }
 
     fn counter_key(rule: &str, condition: &str, value: &str) -> CounterKey {
