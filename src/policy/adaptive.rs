@@ -195,6 +195,10 @@ pub enum TrackedKey {
         /// tells no established keys apart.
         #[serde(default)]
         returning_ms: i64,
+        /// Its rule pools per operator block (`spec`, value): a failure counts the key
+        /// among the block's failing keys ([`failing_keys`]), converted or not.
+        #[serde(default)]
+        sprayed: Option<(String, String)>,
     },
     SinchFraud {
         count: CounterKey,
@@ -245,6 +249,72 @@ pub fn evidence_level(rule: &str, spec: &str, value: &str) -> CounterKey {
 /// converted in the window.
 pub fn pool_level(rule: &str, pool_spec: &str, pool_value: &str) -> CounterKey {
     evidence_level(rule, &joined(&["pool:", pool_spec]), pool_value)
+}
+
+/// The keys of an operator block that failed in the window, as distinct members: how
+/// widely the block's failures are spread (see [`failures_to_stand_out`]).
+pub fn failing_keys(rule: &str, pool_spec: &str, pool_value: &str) -> CounterKey {
+    evidence_level(rule, &joined(&["failing:", pool_spec]), pool_value)
+}
+
+/// The numbers that failed under a key in the window, as distinct members: a person who
+/// tries again and again is one of them, an attack's random numbers are many.
+pub fn failing_numbers(rule: &str, spec: &str, value: &str) -> CounterKey {
+    evidence_level(rule, &joined(&["failing-numbers:", spec]), value)
+}
+
+/// How many keys of its length an operator block holds: `10^d`, where `d` is how many
+/// more digits the key has than the block (a `range:4` of a 12-digit number under a
+/// `prefix:5` block: 1,000). `None` when the key is not longer than the block.
+pub fn keys_in_block(key: &str, block: &str) -> Option<f64> {
+    let digits = |s: &str| s.bytes().filter(u8::is_ascii_digit).count();
+    let extra = digits(key).checked_sub(digits(block)).filter(|d| *d > 0)?;
+    Some(10f64.powi(i32::try_from(extra).ok()?))
+}
+
+/// The chance that a key which only gets its share of failures sprayed evenly over its
+/// block has this many or more: below it, a key's failures are what a spray gives some
+/// keys by chance, not an attack on the key.
+pub const SPRAY_CHANCE: f64 = 0.01;
+
+/// The same chance for a key to be judged at its pool's bar while the pool has not
+/// tripped: a key whose failing numbers a block's spread would give one key in ten
+/// thousand is attacked itself (an attack on a few ranges of a busy block, whose real
+/// users keep the pool's own evidence from building).
+pub const OUTLIER_CHANCE: f64 = 1e-4;
+
+/// The failing numbers a key needs in its window to stand out from failures spread
+/// evenly over its operator block, when `failing` of the block's `keys` had a failure in
+/// the window, at `chance` ([`SPRAY_CHANCE`], [`OUTLIER_CHANCE`]).
+///
+/// Under an even spray each key's failures are Poisson with mean λ, and a share
+/// 1 - e^-λ of the keys has at least one: so λ = -ln(1 - failing / keys), read from how
+/// widely the failures are spread rather than from their number, which an attack on a
+/// few keys would inflate. The answer is the least k with P(X >= k) under `chance`; at
+/// [`SPRAY_CHANCE`]: 1 while under a hundredth of the keys fail, 2 up to about a
+/// seventh (a block with real failures here and there, or attacked on a few ranges), 3
+/// up to about a third, 5 at three fifths. An attack hidden among a busy
+/// block's users with random numbers fails a little everywhere: judging each range that
+/// met two of its failures at the pool's bar turned the block's real users away, range
+/// by range, while blocking almost none of the attack (docs/fraud-defence.md).
+pub fn failures_to_stand_out(failing: f64, keys: f64, chance: f64) -> f64 {
+    if keys <= 0.0 || failing <= 0.0 {
+        return 1.0;
+    }
+    let spread = (failing / keys).min(0.999);
+    let mean = -(1.0 - spread).ln();
+    // P(X >= k) = 1 - P(X < k), summing the terms of P(X < k) as k grows.
+    let mut term = (-mean).exp();
+    let mut below = 0.0;
+    let mut k = 0u32;
+    loop {
+        below += term;
+        k += 1;
+        if 1.0 - below < chance || k >= 64 {
+            return f64::from(k);
+        }
+        term *= mean / f64::from(k);
+    }
 }
 
 /// The sequential level of a `surge` key.
@@ -598,6 +668,7 @@ pub fn count_outcome(
                     settled,
                     established,
                     returning_ms,
+                    sprayed,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
@@ -623,6 +694,13 @@ pub fn count_outcome(
                         let level = pool_level(rule, pool_spec, pool_value);
                         counters.accumulate(&level, *window_ms, now_ms, step)?;
                     }
+                }
+                if let Some((block_spec, block_value)) = sprayed.as_ref().filter(|_| success == 0.0)
+                {
+                    let failing = failing_keys(rule, block_spec, block_value);
+                    counters.see(&failing, *window_ms, now_ms, value)?;
+                    let numbers = failing_numbers(rule, spec, value);
+                    counters.see(&numbers, *window_ms, now_ms, &tracked.number)?;
                 }
                 if *baseline_ms > 0 {
                     for (key, value) in [("country", country.as_str()), ("global", "*")] {

@@ -25,6 +25,7 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         settled: false,
         established: false,
         returning_ms: 0,
+        sprayed: None,
     }
 }
 
@@ -330,4 +331,52 @@ fn an_establishment_hour_is_a_clock_hour_or_a_sixth_of_a_shorter_window() {
     assert_eq!(establishment_hour_ms(24 * HOUR_MS), HOUR_MS);
     assert_eq!(establishment_hour_ms(36 * 60_000), 6 * 60_000);
     assert_eq!(establishment_hour_ms(3), 1);
+}
+
+#[test]
+fn a_block_holds_ten_to_the_digits_its_keys_add() {
+    assert_eq!(keys_in_block("+44791867", "+44791"), Some(1000.0));
+    assert_eq!(keys_in_block("+4670123", "+46701"), Some(100.0));
+    assert_eq!(keys_in_block("+44791", "+44791"), None);
+    assert_eq!(keys_in_block("GB", "+44791"), None);
+}
+
+#[test]
+fn a_key_stands_out_from_a_spray_by_what_the_spray_gives_the_unluckiest_keys() {
+    // A quiet block, or an attack on a few of its 1,000 ranges: one failure is enough.
+    assert_eq!(failures_to_stand_out(0.0, 1000.0, SPRAY_CHANCE), 1.0);
+    assert_eq!(failures_to_stand_out(5.0, 1000.0, SPRAY_CHANCE), 1.0);
+    // Real users' failures here and there.
+    assert_eq!(failures_to_stand_out(50.0, 1000.0, SPRAY_CHANCE), 2.0);
+    // An attack hidden in the block with random numbers: a third of the ranges failed.
+    assert_eq!(failures_to_stand_out(300.0, 1000.0, SPRAY_CHANCE), 3.0);
+    assert_eq!(failures_to_stand_out(600.0, 1000.0, SPRAY_CHANCE), 5.0);
+    // Every range failed: the estimate is capped, not infinite.
+    let all = failures_to_stand_out(1000.0, 1000.0, SPRAY_CHANCE);
+    assert!((5.0..64.0).contains(&all), "{all}");
+    assert_eq!(failures_to_stand_out(10.0, 0.0, SPRAY_CHANCE), 1.0);
+}
+
+proptest::proptest! {
+    /// Under an even spray of the measured width, a key reaches the answer with a chance
+    /// under `SPRAY_CHANCE` (and one failure fewer would not do), and a wider spray never
+    /// asks for fewer.
+    #[test]
+    fn the_failures_to_stand_out_are_the_spray_s_tail_and_grow_with_its_width(
+        failing in 0.0f64..1000.0,
+        more in 0.0f64..500.0,
+    ) {
+        let keys = 1000.0;
+        let k = failures_to_stand_out(failing, keys, SPRAY_CHANCE);
+        let mean = -(1.0 - (failing / keys).min(0.999)).ln();
+        let at_least = |k: f64| {
+            let below: f64 = (0..k as u32)
+                .map(|i| (-mean).exp() * mean.powi(i as i32) / (1..=i).map(f64::from).product::<f64>())
+                .sum();
+            1.0 - below
+        };
+        proptest::prop_assert!(at_least(k) < SPRAY_CHANCE + 1e-12);
+        proptest::prop_assert!(k == 1.0 || at_least(k - 1.0) >= SPRAY_CHANCE - 1e-12);
+        proptest::prop_assert!(failures_to_stand_out(failing + more, keys, SPRAY_CHANCE) >= k);
+    }
 }

@@ -66,6 +66,10 @@ fn verify_with(
 const RANGE: &str = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
     conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, complete_after = \"3m\" }\n";
 
+/// [`RANGE`] with its operator block (`prefix:5`) as its pool.
+const POOLED_RANGE: &str = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
+    conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
+
 #[test]
 fn a_key_where_every_attempt_fails_trips_after_a_handful() {
     let p = policy(RANGE);
@@ -144,8 +148,6 @@ fn a_busy_key_whose_window_rate_is_above_the_rule_is_not_tripped_by_a_streak() {
 
 #[test]
 fn fresh_keys_failing_together_trip_sooner_with_a_pool() {
-    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
-        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
     // Twelve fresh ranges of one block, one attempt each in turn: no range alone sees
     // enough failures for a while.
     let first_denial = |text: &str| {
@@ -156,7 +158,7 @@ fn fresh_keys_failing_together_trip_sooner_with_a_pool() {
         })
     };
     let alone = first_denial(RANGE).unwrap();
-    let together = first_denial(pooled).unwrap();
+    let together = first_denial(POOLED_RANGE).unwrap();
     assert!(
         together * 2 < alone,
         "pooled first denial {together}, alone {alone}"
@@ -178,9 +180,7 @@ fn trip_the_pool(p: &RulesPolicy) {
 
 #[test]
 fn a_pool_never_lowers_the_bar_for_a_key_that_converted() {
-    let pooled = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
-        conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
-    let p = policy(pooled);
+    let p = policy(POOLED_RANGE);
     trip_the_pool(&p);
     // A range of the same block that converted once, then fails twice: not denied.
     let t = START + 50 * MIN;
@@ -230,6 +230,105 @@ fn a_key_whose_one_success_is_drowned_in_failures_is_judged_with_its_pool() {
             "{:?}",
             denial.explanation.counters
         );
+    }
+}
+
+#[test]
+fn a_range_meeting_no_more_failures_than_a_spray_over_its_block_gives_is_judged_alone() {
+    let p = policy(POOLED_RANGE);
+    trip_the_pool(&p);
+    // Then an attack with random numbers over the whole block: one failure in each of
+    // 400 of its 1,000 ranges, a few seconds apart.
+    let mut t = START + 41 * MIN;
+    for i in 0..400 {
+        let number = format!("+22505{:03}{:04}", 100 + i, i);
+        verify(&p, &format!("r{i}"), &number, t, false);
+        t += 5_000;
+    }
+    // A range of the block whose second failure is in: what such a spray gives some
+    // ranges by chance. At the pool's bar it would be denied now; it is judged alone.
+    let range = |digits: &str, n: i64, t: i64| -> Vec<PolicyDecision> {
+        (0..n)
+            .map(|i| {
+                let number = format!("+22505{digits}{i:04}");
+                verify(&p, &format!("{digits}-{i}"), &number, t + i * MIN, false)
+            })
+            .collect()
+    };
+    let sprayed = range("700", 3, t);
+    let last = &sprayed[2];
+    assert_eq!(
+        last.action,
+        Action::Allow,
+        "{:?}",
+        last.explanation.counters
+    );
+    let reading = &last.explanation.counters[0];
+    assert!(
+        reading.condition.contains("not above its block's spread")
+            && reading.condition.contains("of its 1000 ranges"),
+        "{reading:?}"
+    );
+    // A range the attack concentrates on stands out of the spray, and meets the pool's
+    // bar a few failures in.
+    let concentrated = range("800", 8, t + 10 * MIN);
+    let denied = concentrated
+        .iter()
+        .position(|d| d.action == Action::Deny)
+        .unwrap_or_else(|| panic!("{:?}", concentrated[7].explanation.counters));
+    assert!((3..=5).contains(&denied), "denied after {denied} failures");
+    assert!(
+        concentrated[denied].explanation.counters[0]
+            .condition
+            .contains("pooled"),
+        "{:?}",
+        concentrated[denied].explanation.counters
+    );
+}
+
+#[test]
+fn a_range_far_beyond_its_blocks_spread_meets_the_pools_bar_before_the_pool_trips() {
+    let p = policy(POOLED_RANGE);
+    // A busy block's real users over 300 of its ranges: nine in ten convert, so its pool
+    // stays calm, and its failures are spread thin.
+    let mut t = START;
+    for i in 0..300 {
+        let number = format!("+44791{i:03}{i:04}");
+        verify(&p, &format!("u{i}"), &number, t, i % 10 != 0);
+        t += 20_000;
+    }
+    // An attack works one range with fresh numbers: its third failing number is far
+    // beyond what the block's spread gives a range, and the next request is denied at
+    // the pool's bar (alone, the key would need ten failures).
+    let attacked: Vec<PolicyDecision> = (0..6)
+        .map(|i| {
+            let number = format!("+44791900{i:04}");
+            verify(&p, &format!("a{i}"), &number, t + i * MIN, false)
+        })
+        .collect();
+    let denied = attacked
+        .iter()
+        .position(|d| d.action == Action::Deny)
+        .unwrap_or_else(|| panic!("{:?}", attacked[5].explanation.counters));
+    assert_eq!(denied, 3, "{:?}", attacked[denied].explanation.counters);
+    let reading = &attacked[denied].explanation.counters[0];
+    assert!(
+        reading
+            .condition
+            .contains("stands out of its block's spread (3 failing numbers"),
+        "{reading:?}"
+    );
+    // One person trying again and again in another range is one failing number: judged
+    // alone, not denied.
+    for i in 0..6 {
+        let d = verify(
+            &p,
+            &format!("r{i}"),
+            "+447919500001",
+            t + (10 + i) * MIN,
+            false,
+        );
+        assert_eq!(d.action, Action::Allow, "{:?}", d.explanation.counters);
     }
 }
 

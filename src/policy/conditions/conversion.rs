@@ -21,7 +21,9 @@ use super::{
 };
 use crate::policy::{
     adaptive::{
-        baseline_counters, conversion_counters, evidence_level, low_rates, pool_level, steps_at,
+        baseline_counters, conversion_counters, evidence_level, failing_keys, failing_numbers,
+        failures_to_stand_out, keys_in_block, low_rates, pool_level, steps_at, OUTLIER_CHANCE,
+        SPRAY_CHANCE,
         establishment_hour_ms, wilson_upper, z_for, OwnCleanSuccesses, TrackedKey, HOUR_MS,
     },
     counters::{joined, CounterSpec, CounterStore, KeyDef, SlowReadings},
@@ -153,7 +155,7 @@ fn default_confidence() -> f64 {
 }
 
 impl Condition for Conversion {
-    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough; judged without itself alone, never above every country's rate); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 1,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours, or sixths of the window when it is under 6h (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
+    const HOLDS_WHEN: &'static str = "the verifications verigate **allowed** under the key convert too rarely. With `false_alarm`, a sequential test: the key's evidence (each failure adds to it, each success takes away, balanced so that a key converting at exactly `below`, or `below_baseline` × the normal rate, neither gains nor loses) reaches ln(1/`false_alarm`), counting no more than the window's own failures could have built, and its rate over the window is under that threshold. The normal rate is `normal`, or the country's over `baseline` (24h) without the key's own outcomes over it (without its whole operator block when `pool` is one, `prefix:` or `range:`, and the rest of the country has enough; judged without itself alone, never above every country's rate); with `below_baseline` a learned one always trips keys under 15 %, and while every country has fewer than 1,000 outcomes (a new deployment) only keys under 25 %. With a `pool`, a key that never converted in the window, or whose window's rate is surely (one-sided 95 %; 84 % when the pool is an operator block) under the threshold, or (when the pool is an operator block) whose evidence has reached the pool's bar, needs only ln(1/`pooled_false_alarm`) (0.05) while the pool's unconverted keys have tripped together within `pool_alert_for` (1h); in an operator block's pool only when its distinct failing numbers of the window are more than an even spray over the block's ranges gives one range in a hundred (the spray's width read from how many ranges failed), and even before the pool trips when they are more than it gives one in ten thousand; a key that tripped so keeps that bar while its evidence lasts, so its block ending does not reset it. With `established`, a key that has at least that many clean successes of its own over the baseline before its window, in at least `established_hours` (4) distinct clock hours, or sixths of the window when it is under 6h (a block real users have long used, not one groomed in a sitting; a success is clean when the key was not under suspicion, or when its number had converted before), never trips: a `surge` rule surfaces an attack hidden among its users. Without `false_alarm`: at least `min_samples` (20) finished and the upper bound of their Wilson interval at `confidence` (0.95) is under the threshold. A verification with no result `complete_after` (10m) after it was allowed counts as failed";
     const EXAMPLE: &'static str = r#"conversion = { per = "prefix:5", window = "6h", below_baseline = 0.45, false_alarm = 1e-5, pool = "country", complete_after = "3m" }"#;
     type File = ConversionFile;
 
@@ -515,6 +517,48 @@ impl ConversionLimit {
         }))
     }
 
+    /// How the key's failing numbers in the window compare with what an even spray over
+    /// its operator block gives a key by chance, at `chance` ([`failures_to_stand_out`]):
+    /// whether it stands out, and the explanation's remark. `None` when the rule's pool
+    /// is not an operator block.
+    fn spread(
+        &self,
+        cx: &mut CounterContext<'_>,
+        value: &str,
+        pool_value: &str,
+        chance: f64,
+    ) -> Result<Option<(bool, String)>, PolicyError> {
+        let Some(block) = self.block_pool() else {
+            return Ok(None);
+        };
+        let Some(keys) = keys_in_block(value, pool_value) else {
+            return Ok(None);
+        };
+        let window_ms = self.spec.window_ms;
+        let failing = failing_keys(cx.rule, &block.text, pool_value);
+        let failing = cx.counters.members(&failing, window_ms, cx.now_ms)?;
+        let numbers = failing_numbers(cx.rule, &self.spec.text, value);
+        let numbers = cx.counters.members(&numbers, window_ms, cx.now_ms)?;
+        let needed = failures_to_stand_out(failing, keys, chance);
+        let stands_out = numbers >= needed;
+        let remark = joined(&[
+            if stands_out {
+                ", stands out of its block's spread ("
+            } else {
+                ", not above its block's spread ("
+            },
+            &(numbers as u64).to_string(),
+            " failing numbers, ",
+            &(needed as u64).to_string(),
+            " needed; failures in ",
+            &(failing as u64).to_string(),
+            " of its ",
+            &(keys as u64).to_string(),
+            " ranges)",
+        ]);
+        Ok(Some((stands_out, remark)))
+    }
+
     /// The rule's pool when it is an operator block (narrower than a country): its keys
     /// are ranges of one block, judged against their country without that block.
     fn block_pool(&self) -> Option<&CounterSpec> {
@@ -578,6 +622,7 @@ impl ConversionLimit {
         let mut block = None;
         let mut established = false;
         let mut returning_ms = 0;
+        let mut sprayed = None;
         if let Test::Sequential {
             baseline_ms: learn_ms,
             pool: pool_spec,
@@ -604,6 +649,7 @@ impl ConversionLimit {
             if ok == 0.0 {
                 pool = pool_spec.as_ref().map(|p| (p.text.clone(), p.value(f)));
             }
+            sprayed = self.block_pool().map(|p| (p.text.clone(), p.value(f)));
         }
         TrackedKey::Conversion {
             rule: rule.to_owned(),
@@ -618,6 +664,7 @@ impl ConversionLimit {
             settled: normal.is_some_and(|n| n.settled),
             established,
             returning_ms,
+            sprayed,
         }
     }
 
@@ -720,9 +767,15 @@ impl ConversionLimit {
                 cx.counters.level(&alert, *alert_ms, cx.now_ms)? > 0.0
             };
             if alerted {
-                limit = *pooled_threshold;
-                at_pool_bar = true;
                 remarks = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
+                // A key that no more than shares a spray over its block is judged alone.
+                match self.spread(cx, &value, &pool_value, SPRAY_CHANCE)? {
+                    Some((false, within)) => remarks.push_str(&within),
+                    _ => {
+                        limit = *pooled_threshold;
+                        at_pool_bar = true;
+                    }
+                }
             }
         }
         // The evidence says the recent outcomes lean low; the window's rate must be low
@@ -741,11 +794,32 @@ impl ConversionLimit {
             && low_window
             && key >= *pooled_threshold
             && cx.counters.level(&key_alert(), self.spec.window_ms, cx.now_ms)? > 0.0
+            && pool.as_ref().map_or(Ok(None), |p| {
+                self.spread(cx, &value, &p.value(cx.facts), SPRAY_CHANCE)
+            })?
+            .is_none_or(|(stands_out, _)| stands_out)
         {
             limit = *pooled_threshold;
             at_pool_bar = true;
             tripped = true;
             remarks = ", tripped at its pool's bar before".to_owned();
+        }
+        // A key whose failing numbers are far beyond what its block's spread gives any key
+        // is attacked itself, although its pool has not tripped: the real users of a busy
+        // block keep the pool's evidence from building while an attack works a few of its
+        // ranges (`busy-prefix` in docs/fraud-defence.md).
+        if !tripped && !at_pool_bar && low_window && key >= *pooled_threshold {
+            if let Some(pool) = pool.as_ref() {
+                let pool_value = pool.value(cx.facts);
+                if let Some((true, outlier)) =
+                    self.spread(cx, &value, &pool_value, OUTLIER_CHANCE)?
+                {
+                    limit = *pooled_threshold;
+                    at_pool_bar = true;
+                    tripped = true;
+                    remarks = outlier;
+                }
+            }
         }
         if let Some(enough) = established.filter(|_| tripped) {
             // Only now, when it would trip: most decisions never read it.
