@@ -66,6 +66,12 @@ fn verify_with(
 const RANGE: &str = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
     conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, complete_after = \"3m\" }\n";
 
+/// The decision's first reading, once it is `action`.
+fn expect(d: &PolicyDecision, action: Action) -> &crate::decision::CounterReading {
+    assert_eq!(d.action, action, "{:?}", d.explanation.counters);
+    &d.explanation.counters[0]
+}
+
 /// [`RANGE`] with its operator block (`prefix:5`) as its pool.
 const POOLED_RANGE: &str = "[[rule]]\nname = \"range\"\naction = \"deny\"\n\
     conversion = { per = \"range:4\", window = \"6h\", below = 0.3, normal = 0.8, false_alarm = 1e-5, pool = \"prefix:5\", pooled_false_alarm = 0.2, complete_after = \"3m\" }\n";
@@ -256,14 +262,7 @@ fn a_range_meeting_no_more_failures_than_a_spray_over_its_block_gives_is_judged_
             .collect()
     };
     let sprayed = range("700", 3, t);
-    let last = &sprayed[2];
-    assert_eq!(
-        last.action,
-        Action::Allow,
-        "{:?}",
-        last.explanation.counters
-    );
-    let reading = &last.explanation.counters[0];
+    let reading = expect(&sprayed[2], Action::Allow);
     assert!(
         reading.condition.contains("not above its block's spread")
             && reading.condition.contains("of its 1000 ranges"),
@@ -283,6 +282,49 @@ fn a_range_meeting_no_more_failures_than_a_spray_over_its_block_gives_is_judged_
             .contains("pooled"),
         "{:?}",
         concentrated[denied].explanation.counters
+    );
+}
+
+#[test]
+fn a_range_that_stood_out_keeps_its_pools_bar_after_its_block_while_the_spray_widens() {
+    let p = policy(&format!("{POOLED_RANGE}block_for = \"20m\"\n"));
+    trip_the_pool(&p);
+    let spray = |from: i64, to: i64, mut t: i64| {
+        for i in from..to {
+            let number = format!("+22505{:03}{i:04}", 100 + i);
+            verify(&p, &format!("r{i}"), &number, t, false);
+            t += 2_000;
+        }
+    };
+    let t = START + 41 * MIN;
+    spray(0, 400, t);
+    // The range the attack works stands out and is blocked.
+    let t = t + 15 * MIN;
+    let tripped = (0..8)
+        .map(|i| {
+            verify(
+                &p,
+                &format!("a{i}"),
+                &format!("+22505050{i:04}"),
+                t + i * MIN,
+                false,
+            )
+        })
+        .position(|d| d.action == Action::Deny);
+    assert_eq!(tripped, Some(4));
+    // Meanwhile the spray goes on to two thirds of the block's ranges: a range now
+    // needs more failing numbers than this one has to stand out. When its block ends it
+    // is judged at the pool's bar again all the same.
+    let t = t + 10 * MIN;
+    spray(400, 800, t);
+    let back = t + 30 * MIN;
+    let d = verify(&p, "again", "+225050509999", back, false);
+    let reading = expect(&d, Action::Deny);
+    assert!(
+        reading
+            .condition
+            .contains("tripped at its pool's bar before"),
+        "{reading:?}"
     );
 }
 

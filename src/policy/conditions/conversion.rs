@@ -786,7 +786,9 @@ impl ConversionLimit {
         // tripped on lasts (the window): its block ending is a trial, not a fresh start.
         // Otherwise a key blocked on pooled evidence comes back needing the full bar once
         // its pool (whose failing keys are blocked now) has calmed down, and an attack on
-        // many ranges of a busy block gets that difference free after every block.
+        // many ranges of a busy block gets that difference free after every block. It
+        // stood out of its block's spread when it tripped; blocked, its failures stop
+        // while a spray over the block widens, so that is not asked again.
         let key_alert = || evidence_level(cx.rule, &joined(&["alert:", &self.spec.text]), &value);
         if !tripped
             && pool.is_some()
@@ -794,10 +796,6 @@ impl ConversionLimit {
             && low_window
             && key >= *pooled_threshold
             && cx.counters.level(&key_alert(), self.spec.window_ms, cx.now_ms)? > 0.0
-            && pool.as_ref().map_or(Ok(None), |p| {
-                self.spread(cx, &value, &p.value(cx.facts), SPRAY_CHANCE)
-            })?
-            .is_none_or(|(stands_out, _)| stands_out)
         {
             limit = *pooled_threshold;
             at_pool_bar = true;
