@@ -177,6 +177,9 @@ pub enum TrackedKey {
         /// rule's pool when narrower than a country), or else the key itself. Its
         /// baseline outcomes also count under it, so that keys are judged against their
         /// country without their block, or without themselves over the whole baseline.
+        /// A rule pooled per operator block always has its block here (another spec
+        /// than the key's own), and a failure counts the key among the block's failing
+        /// keys ([`failing_keys`]).
         #[serde(default)]
         block: Option<(String, String)>,
         /// Its country had a normal of its own, at a rate an honest country converts
@@ -195,10 +198,6 @@ pub enum TrackedKey {
         /// tells no established keys apart.
         #[serde(default)]
         returning_ms: i64,
-        /// Its rule pools per operator block (`spec`, value): a failure counts the key
-        /// among the block's failing keys ([`failing_keys`]), converted or not.
-        #[serde(default)]
-        sprayed: Option<(String, String)>,
     },
     SinchFraud {
         count: CounterKey,
@@ -668,7 +667,6 @@ pub fn count_outcome(
                     settled,
                     established,
                     returning_ms,
-                    sprayed,
                 },
                 Resolution::Success | Resolution::Failure,
             ) => {
@@ -695,8 +693,10 @@ pub fn count_outcome(
                         counters.accumulate(&level, *window_ms, now_ms, step)?;
                     }
                 }
-                if let Some((block_spec, block_value)) = sprayed.as_ref().filter(|_| success == 0.0)
-                {
+                // The key's block is another spec than its own only when the rule pools
+                // per operator block.
+                let operator_block = block.as_ref().filter(|(b, _)| b != spec);
+                if let Some((block_spec, block_value)) = operator_block.filter(|_| success == 0.0) {
                     let failing = failing_keys(rule, block_spec, block_value);
                     counters.see(&failing, *window_ms, now_ms, value)?;
                     let numbers = failing_numbers(rule, spec, value);

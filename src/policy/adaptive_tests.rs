@@ -25,7 +25,6 @@ fn conversion(range: &str, country: &str) -> TrackedKey {
         settled: false,
         established: false,
         returning_ms: 0,
-        sprayed: None,
     }
 }
 

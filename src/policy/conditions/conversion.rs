@@ -622,7 +622,6 @@ impl ConversionLimit {
         let mut block = None;
         let mut established = false;
         let mut returning_ms = 0;
-        let mut sprayed = None;
         if let Test::Sequential {
             baseline_ms: learn_ms,
             pool: pool_spec,
@@ -635,12 +634,12 @@ impl ConversionLimit {
             if established && f.returning {
                 returning_ms = *learn_ms;
             }
-            if fixed.is_none() {
-                block = Some(match self.block_pool() {
-                    Some(pool) => (pool.text.clone(), pool.value(f)),
-                    None => (self.spec.text.clone(), value.clone()),
-                });
-            }
+            // An operator block also counts its failing keys, whatever the normal.
+            block = match self.block_pool() {
+                Some(pool) => Some((pool.text.clone(), pool.value(f))),
+                None if fixed.is_none() => Some((self.spec.text.clone(), value.clone())),
+                None => None,
+            };
             // A key already under suspicion (more than a failure's worth of evidence)
             // would teach the normal rate what the attack looks like.
             if level < std::f64::consts::LN_2 {
@@ -649,7 +648,6 @@ impl ConversionLimit {
             if ok == 0.0 {
                 pool = pool_spec.as_ref().map(|p| (p.text.clone(), p.value(f)));
             }
-            sprayed = self.block_pool().map(|p| (p.text.clone(), p.value(f)));
         }
         TrackedKey::Conversion {
             rule: rule.to_owned(),
@@ -664,7 +662,6 @@ impl ConversionLimit {
             settled: normal.is_some_and(|n| n.settled),
             established,
             returning_ms,
-            sprayed,
         }
     }
 
@@ -737,6 +734,8 @@ impl ConversionLimit {
         let mut limit = *threshold;
         // Whether `limit` is the pool's bar.
         let mut at_pool_bar = false;
+        // Whether the key was judged against its block's spread at the pool's bar.
+        let mut spread_judged = false;
         // What the explanation adds after the evidence: the pool's state, an establishment.
         let mut remarks = String::new();
         // A key is judged with its pool when it is one of the keys failing together: it
@@ -767,6 +766,7 @@ impl ConversionLimit {
                 cx.counters.level(&alert, *alert_ms, cx.now_ms)? > 0.0
             };
             if alerted {
+                spread_judged = true;
                 remarks = format!(", pooled: {pool_value}'s unconverted keys at {pool_level:.1}");
                 // A key that no more than shares a spray over its block is judged alone.
                 match self.spread(cx, &value, &pool_value, SPRAY_CHANCE)? {
@@ -806,7 +806,8 @@ impl ConversionLimit {
         // is attacked itself, although its pool has not tripped: the real users of a busy
         // block keep the pool's evidence from building while an attack works a few of its
         // ranges (`busy-prefix` in docs/fraud-defence.md).
-        if !tripped && !at_pool_bar && low_window && key >= *pooled_threshold {
+        // (Where the pool's bar was refused for the spread, it cannot stand out further.)
+        if !tripped && !spread_judged && low_window && key >= *pooled_threshold {
             if let Some(pool) = pool.as_ref() {
                 let pool_value = pool.value(cx.facts);
                 if let Some((true, outlier)) =
